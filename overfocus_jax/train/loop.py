@@ -1,0 +1,225 @@
+"""``train_and_evaluate``: the whole run — data, model, sharded jitted step, per-epoch evaluation, logs and
+checkpoints — resuming from ``WORKDIR/checkpoints`` when there is one.
+
+Workdir layout: ``checkpoints/`` (orbax), ``config.json``, ``metrics.jsonl`` (one object per epoch), TensorBoard
+event files, ``summary.json`` at the end.
+"""
+
+import dataclasses
+import json
+import math
+import pathlib
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+
+from overfocus_jax import config as config_lib
+from overfocus_jax import parallel
+from overfocus_jax.data import pipeline
+from overfocus_jax.data.sources import ImageDataset, load_dataset
+from overfocus_jax.errors import UserError
+from overfocus_jax.models import Model, build_model
+from overfocus_jax.train import checkpoint as checkpoint_lib
+from overfocus_jax.train import state as state_lib
+from overfocus_jax.train.step import Regularizer, make_eval_step, make_train_step, no_regularizer
+
+
+def prepare_workdir(workdir: str | pathlib.Path) -> pathlib.Path:
+  """Creates ``workdir`` and proves it writable before any work starts."""
+  path = pathlib.Path(workdir).expanduser().resolve()
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / ".write_test"
+    probe.write_text("ok")
+    probe.unlink()
+  except OSError as e:
+    raise UserError(f"workdir {str(path)!r} is not writable ({e.strerror or type(e).__name__})",
+                    "pass a --workdir in a directory you can write to") from None
+  return path
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Everything built from a config, before any step runs: shared by train, eval and bench."""
+
+  config: ml_collections.ConfigDict
+  dataset: ImageDataset
+  model: Model
+  mesh: jax.sharding.Mesh
+  steps_per_epoch: int
+  schedule: Callable
+  tx: Any
+  state: state_lib.TrainState  # freshly initialised, replicated over the mesh
+
+
+def build_experiment(config: ml_collections.ConfigDict, *, dataset: ImageDataset | None = None,
+                     mesh: jax.sharding.Mesh | None = None) -> Experiment:
+  dataset = dataset or load_dataset(config.dataset, data_dir=config.data_dir or None)
+  mesh = mesh or parallel.make_mesh()
+  parallel.check_batch_size(config.batch_size, mesh)
+  parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+  model = build_model(config, dataset.num_classes)
+  state_lib.check_input_shape(model, dataset.image_shape)
+  steps = pipeline.steps_per_epoch(dataset, config.batch_size)
+  schedule = state_lib.make_schedule(config, steps)
+  tx = state_lib.make_optimizer(config, schedule)
+  state = state_lib.create_train_state(model, tx, seed=config.seed, input_shape=dataset.image_shape)
+  return Experiment(config, dataset, model, mesh, steps, schedule, tx, parallel.replicate(state, mesh))
+
+
+def jit_train_step(exp: Experiment, regularizer: Regularizer = no_regularizer):
+  """The train step compiled once for the mesh: state replicated, batch sharded, state buffers donated."""
+  step = make_train_step(exp.model, exp.tx, schedule=exp.schedule, regularizer=regularizer,
+                         label_smoothing=exp.config.label_smoothing, steps_per_epoch=exp.steps_per_epoch)
+  rep, data = parallel.replicated(exp.mesh), parallel.data_sharded(exp.mesh)
+  return jax.jit(step, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=0)
+
+
+def evaluate(exp: Experiment, state: state_lib.TrainState, source, eval_step=None) -> dict:
+  """Loss and accuracy of ``state`` on every example of ``source`` (padded batches, masked)."""
+  if eval_step is None:
+    rep, data = parallel.replicated(exp.mesh), parallel.data_sharded(exp.mesh)
+    eval_step = jax.jit(make_eval_step(exp.model), in_shardings=(rep, data), out_shardings=rep)
+  totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+  for batch in pipeline.eval_batches(source, batch_size=exp.config.eval_batch_size, mean=exp.dataset.mean,
+                                     std=exp.dataset.std):
+    sums = eval_step(state, parallel.shard_batch(batch, exp.mesh))
+    totals = jax.tree.map(lambda a, b: a + b, totals, sums)
+  totals = jax.device_get(totals)
+  n = float(totals["count"])
+  return {"loss": float(totals["loss_sum"]) / n, "accuracy": float(totals["correct"]) / n, "n": int(n)}
+
+
+def restore_or_init(exp: Experiment, checkpointer: checkpoint_lib.Checkpointer, train_iter=None):
+  """The latest checkpoint's state (and iterator position) if there is one, else the fresh state."""
+  if checkpointer.latest_step() is None:
+    return exp.state
+  abstract = checkpoint_lib.abstract_like(exp.state, parallel.replicated(exp.mesh))
+  state, data_state = checkpointer.restore(abstract)
+  if train_iter is not None:
+    train_iter.set_state(data_state)
+  return state
+
+
+def _check_finite(metrics: dict, step: int) -> None:
+  for name, value in metrics.items():
+    if not math.isfinite(value):
+      raise UserError(f"train {name} became {value} by step {step}",
+                      "lower --config.learning_rate (or raise warmup_epochs); the last good checkpoint is kept")
+
+
+def _mean_metrics(sums: dict, count: int) -> dict:
+  return {k: float(v) / count for k, v in jax.device_get(sums).items()}
+
+
+class MetricWriter:
+  """One JSON object per epoch in ``metrics.jsonl`` and the same scalars as TensorBoard events."""
+
+  def __init__(self, workdir: pathlib.Path):
+    from tensorboardX import SummaryWriter  # imported here: only training writes events
+    self.jsonl = workdir / "metrics.jsonl"
+    self.tensorboard = SummaryWriter(str(workdir))
+
+  def write(self, step: int, record: dict) -> None:
+    with self.jsonl.open("a") as f:
+      f.write(json.dumps(record) + "\n")
+    for name, value in record.items():
+      if isinstance(value, (int, float)) and name not in ("epoch", "step"):
+        self.tensorboard.add_scalar(name, value, step)
+    self.tensorboard.flush()
+
+  def close(self) -> None:
+    self.tensorboard.close()
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+                       regularizer: Regularizer = no_regularizer, progress: bool | None = None) -> dict:
+  """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint) and returns the summary."""
+  config_lib.validate(config)
+  workdir = prepare_workdir(workdir)
+  exp = build_experiment(config)
+  train_iter = pipeline.make_train_iterator(exp.dataset, batch_size=config.batch_size, seed=config.seed,
+                                            augment=config.augment)
+  checkpointer = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
+  try:
+    state = restore_or_init(exp, checkpointer, train_iter)
+    (workdir / "config.json").write_text(config_lib.config_to_json(config))
+    return _run_epochs(exp, state, train_iter, checkpointer, workdir, regularizer, progress)
+  finally:
+    checkpointer.close()
+
+
+def _run_epochs(exp, state, train_iter, checkpointer, workdir, regularizer, progress) -> dict:
+  config, steps = exp.config, exp.steps_per_epoch
+  train_step = jit_train_step(exp, regularizer)
+  rep, data = parallel.replicated(exp.mesh), parallel.data_sharded(exp.mesh)
+  eval_step = jax.jit(make_eval_step(exp.model), in_shardings=(rep, data), out_shardings=rep)
+  writer = MetricWriter(workdir)
+  start_epoch = int(jax.device_get(state.step)) // steps
+  run_start, trained_images, trained_time = time.perf_counter(), 0, 0.0
+  record = {}
+  try:
+    for epoch in range(start_epoch, config.num_epochs):
+      state, train_metrics, epoch_time, timed_images = _train_epoch(exp, state, train_iter, train_step, epoch,
+                                                                   progress)
+      trained_images, trained_time = trained_images + timed_images, trained_time + epoch_time
+      test = evaluate(exp, state, exp.dataset.test, eval_step)
+      step = int(jax.device_get(state.step))
+      record = {"epoch": epoch + 1, "step": step,
+                **{f"train_{k}": v for k, v in train_metrics.items()},
+                "test_loss": test["loss"], "test_accuracy": test["accuracy"],
+                "images_per_s": timed_images / max(epoch_time, 1e-9), "epoch_time_s": epoch_time}
+      record["learning_rate"] = record.pop("train_learning_rate")
+      checkpointer.save(step, state, train_iter.get_state())
+      writer.write(step, record)
+      print(f"epoch {epoch + 1}/{config.num_epochs}: train loss {record['train_loss']:.4f} "
+            f"acc {record['train_accuracy']:.4f} | test loss {test['loss']:.4f} acc {test['accuracy']:.4f} | "
+            f"{record['images_per_s']:.0f} img/s", flush=True)
+  finally:
+    writer.close()
+  if not record:  # nothing left to train: report the checkpoint as it is
+    test = evaluate(exp, state, exp.dataset.test, eval_step)
+    record = {"epoch": start_epoch, "step": int(jax.device_get(state.step)), "test_loss": test["loss"],
+              "test_accuracy": test["accuracy"]}
+  summary = {
+      "dataset": config.dataset, "model": config.model, "regularizer": config.regularizer.name,
+      "epochs": record["epoch"], "steps": record["step"], "devices": exp.mesh.devices.size,
+      "test_accuracy": record["test_accuracy"], "test_loss": record["test_loss"],
+      "train_accuracy": record.get("train_accuracy"), "train_loss": record.get("train_loss"),
+      "images_per_s": trained_images / trained_time if trained_time else None,
+      "wall_time_s": time.perf_counter() - run_start,
+  }
+  (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+  return summary
+
+
+def _train_epoch(exp, state, train_iter, train_step, epoch, progress):
+  """One epoch of steps. Throughput excludes the first step of the run (compilation)."""
+  steps, config = exp.steps_per_epoch, exp.config
+  sums, timed_images, start = None, 0, None
+  bar = tqdm.tqdm(total=steps, desc=f"epoch {epoch + 1}/{config.num_epochs}", unit="step", leave=False,
+                  disable=(not progress) if progress is not None else None, dynamic_ncols=True)
+  with bar:
+    for i in range(steps):
+      batch = parallel.shard_batch(next(train_iter), exp.mesh)
+      state, metrics = train_step(state, batch)
+      sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
+      if start is None:  # the first step compiles: start the clock once it is done
+        jax.block_until_ready(state)
+        start = time.perf_counter()
+      else:
+        timed_images += config.batch_size
+      if (i + 1) % 10 == 0 or i + 1 == steps:
+        means = _mean_metrics(sums, i + 1)
+        _check_finite(means, int(jax.device_get(state.step)))
+        elapsed = time.perf_counter() - start
+        bar.set_postfix(loss=f"{means['loss']:.3f}", acc=f"{means['accuracy']:.3f}",
+                        img_s=f"{timed_images / elapsed:.0f}" if elapsed > 0 else "-")
+      bar.update(1)
+  jax.block_until_ready(state)
+  return state, _mean_metrics(sums, steps), time.perf_counter() - start, timed_images

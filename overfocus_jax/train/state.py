@@ -1,0 +1,75 @@
+"""The train state: every array a run needs to continue exactly, as one pytree (checkpointed whole)."""
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from overfocus_jax.errors import UserError
+from overfocus_jax.models import Model
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array          # int32 scalar: optimizer steps taken
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array           # uint32[2]: split each step for the regularizer's random choices
+  extra: Any               # regularizer state (e.g. EMA variables); {} when it keeps none
+
+  @property
+  def variables(self) -> dict:
+    return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def make_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
+  """Learning rate per step: linear warm-up, then cosine to 0, step decay, or constant."""
+  total = config.num_epochs * steps_per_epoch
+  warmup = min(config.warmup_epochs * steps_per_epoch, max(total - 1, 0))
+  base = config.learning_rate
+  if config.schedule == "cosine":
+    main = optax.cosine_decay_schedule(base, decay_steps=max(total - warmup, 1))
+  elif config.schedule == "step":
+    boundaries = {int(e * steps_per_epoch) - warmup: config.step_decay_factor for e in config.step_decay_epochs
+                  if e * steps_per_epoch > warmup}
+    main = optax.piecewise_constant_schedule(base, boundaries)
+  else:
+    main = optax.constant_schedule(base)
+  if warmup == 0:
+    return main
+  return optax.join_schedules([optax.linear_schedule(base / warmup, base, warmup), main], [warmup])
+
+
+def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
+  """SGD with momentum and coupled weight decay (as torch.optim.SGD), Adam (L2 in the gradient) or AdamW."""
+  if config.optimizer == "sgd":
+    return optax.chain(optax.add_decayed_weights(config.weight_decay),
+                       optax.sgd(schedule, momentum=config.momentum or None))
+  if config.optimizer == "adam":
+    return optax.chain(optax.add_decayed_weights(config.weight_decay), optax.adam(schedule))
+  if config.optimizer == "adamw":
+    return optax.adamw(schedule, weight_decay=config.weight_decay)
+  raise ValueError(f"unknown optimizer {config.optimizer=}")
+
+
+def create_train_state(model: Model, tx: optax.GradientTransformation, *, seed: int,
+                       input_shape: tuple[int, ...], extra: Any = None) -> TrainState:
+  init_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
+  variables = model.init(init_key, input_shape)
+  params = variables["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
+                    opt_state=tx.init(params), rng=train_key, extra={} if extra is None else extra)
+
+
+def check_input_shape(model: Model, input_shape: tuple[int, ...]) -> None:
+  """Fails clearly when an image is too small for the network (a stage would get an empty feature map)."""
+  try:
+    out = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), input_shape))
+  except (ValueError, TypeError) as e:
+    raise UserError(f"the {model.name} model cannot take {input_shape} images ({str(e).splitlines()[0]})",
+                    "use larger images or fewer stride-2 stages (--config.resnet.stage_strides)") from None
+  del out
