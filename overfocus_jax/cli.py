@@ -63,11 +63,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args, overrides) -> None:
-  from overfocus_jax import challenge, config as config_lib
+  from overfocus_jax import config as config_lib
   from overfocus_jax.train import loop
   config = config_lib.build_config(args.config, overrides)
-  summary = loop.train_and_evaluate(config, args.workdir, regularizer=challenge.build_regularizer(config),
-                                    progress=False if args.no_progress else None)
+  summary = loop.train_and_evaluate(config, args.workdir, progress=False if args.no_progress else None)
   print(json.dumps(summary))
 
 
@@ -115,7 +114,7 @@ def cmd_eval(args, overrides) -> None:
 def cmd_bench(args, overrides) -> None:
   import jax
   import numpy as np
-  from overfocus_jax import challenge, config as config_lib, parallel
+  from overfocus_jax import config as config_lib, parallel
   from overfocus_jax.data import pipeline
   from overfocus_jax.train import loop
   for name in ("steps", "repeats"):
@@ -123,7 +122,7 @@ def cmd_bench(args, overrides) -> None:
       raise UserError(f"--{name}={getattr(args, name)} must be at least 1", f"pass --{name}=20")
   config = config_lib.build_config(args.config, overrides)
   exp = loop.build_experiment(config)
-  train_step = loop.jit_train_step(exp, challenge.build_regularizer(config))
+  train_step = loop.jit_train_step(exp)
   batch = parallel.shard_batch(next(pipeline.make_train_iterator(
       exp.dataset, batch_size=config.batch_size, seed=config.seed, augment=config.augment)), exp.mesh)
   state = exp.state

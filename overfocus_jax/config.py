@@ -19,7 +19,9 @@ PACKAGE_ROOT = pathlib.Path(__file__).resolve().parent
 DEFAULT_CONFIG_NAME = "default.py"
 
 MODELS = ("resnet", "resnet18")
-REGULARIZERS = ("none",)
+REGULARIZERS = ("none", "sgdrop", "rsc", "rsc_domainbed")
+GRANULARITIES = ("element", "spatial", "channel")
+TARGETS = ("true", "predicted")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 STEM_POOLS = ("none", "max", "avg")
@@ -165,6 +167,30 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(isinstance(arch[field], int) and arch[field] > 0, f"config.resnet.{field}={arch[field]!r} must be a "
              "positive integer", f"set --config.resnet.{field}")
   _require_choice(arch.stem_pool, STEM_POOLS, "resnet.stem_pool")
+  _validate_regularizer(config.regularizer)
+
+
+def _require_fraction(value, field: str, *, upper_inclusive: bool = False) -> None:
+  ok = isinstance(value, (int, float)) and (0 <= value <= 1 if upper_inclusive else 0 <= value < 1)
+  bounds = "[0, 1]" if upper_inclusive else "[0, 1)"
+  _require(ok, f"config.{field}={value!r} must be in {bounds}", f"set --config.{field} to a value in {bounds}")
+
+
+def _validate_regularizer(reg: ml_collections.ConfigDict) -> None:
+  sgdrop, rsc, domainbed = reg.sgdrop, reg.rsc, reg.rsc_domainbed
+  _require_fraction(sgdrop.rate, "regularizer.sgdrop.rate")
+  _require_choice(sgdrop.granularity, GRANULARITIES, "regularizer.sgdrop.granularity")
+  _require_choice(sgdrop.target, TARGETS, "regularizer.sgdrop.target")
+  _require(0 < sgdrop.batch_fraction <= 1, f"config.regularizer.sgdrop.batch_fraction={sgdrop.batch_fraction!r} "
+           "must be in (0, 1]", "set --config.regularizer.sgdrop.batch_fraction, e.g. 1.0")
+  _require_fraction(sgdrop.ema_decay, "regularizer.sgdrop.ema_decay")
+  _require_fraction(rsc.spatial_fraction, "regularizer.rsc.spatial_fraction")
+  _require_fraction(rsc.channel_fraction, "regularizer.rsc.channel_fraction")
+  _require_fraction(rsc.spatial_probability, "regularizer.rsc.spatial_probability", upper_inclusive=True)
+  _require(rsc.batch_percent < 1, f"config.regularizer.rsc.batch_percent={rsc.batch_percent!r} must be below 1",
+           "set a value in [0, 1), or -1 for the official curriculum")
+  _require_fraction(domainbed.feature_drop, "regularizer.rsc_domainbed.feature_drop")
+  _require_fraction(domainbed.batch_drop, "regularizer.rsc_domainbed.batch_drop")
 
 
 def config_to_json(config: ml_collections.ConfigDict) -> str:

@@ -29,8 +29,28 @@ def get_config() -> ml_collections.ConfigDict:
       stem_pool="none",  # none | max | avg
   ))
 
-  # Regularizer applied to the latent map z = encode(x) inside the train step.
-  config.regularizer = ml_collections.ConfigDict(dict(name="none"))
+  # Regularizer applied to the latent map z = encode(x) inside the train step: none | sgdrop | rsc | rsc_domainbed.
+  config.regularizer = ml_collections.ConfigDict(dict(
+      name="none",
+      sgdrop=dict(
+          rate=0.1,                # ρ: share of units dropped per sample, in [0, 1)
+          granularity="element",   # element | spatial | channel
+          target="true",           # attribute the true class or the predicted one
+          rescale=False,           # multiply the kept units by 1/(1-ρ)
+          batch_fraction=1.0,      # share of each batch that is masked
+          ema_decay=0.0,           # > 0: attribution from an EMA teacher with this decay (the paper's Fig. 2)
+      ),
+      rsc=dict(
+          spatial_fraction=1 / 3,  # share of positions dropped in spatial mode
+          channel_fraction=1 / 3.2,  # share of channels dropped in channel mode
+          spatial_probability=0.5,   # chance of spatial mode at each step
+          batch_percent=-1.0,        # share of the batch masked; < 0 follows the 0.3 + 0.2·⌊epoch/10⌋ curriculum
+      ),
+      rsc_domainbed=dict(
+          feature_drop=1 / 3,      # f: share of pooled features dropped per sample
+          batch_drop=1 / 3,        # b: share of the batch masked
+      ),
+  ))
 
   # Optimisation.
   config.num_epochs = 8

@@ -21,11 +21,12 @@ import zlib
 
 import numpy as np
 
+from overfocus_jax.data import shifts
 from overfocus_jax.errors import UserError
 
 DEFAULT_SPEC = 'mnist5k'
 VALID_SPECS = (
-    "'mnist5k' (default), 'digits', 'tfds:NAME' (e.g. tfds:fashion_mnist), "
+    "'mnist5k' (default), 'mnist5k_shortcut[:P]', 'digits', 'tfds:NAME' (e.g. tfds:fashion_mnist), "
     "'idx:DIR' (a directory of MNIST IDX files), "
     "'npz:FILE' (a .npz with x_train, y_train, x_test, y_test)"
 )
@@ -119,7 +120,8 @@ def load_dataset(spec: str, *, data_dir: str | None = None) -> ImageDataset:
   """Loads and validates the dataset named by `spec`.
 
   Args:
-    spec: 'mnist5k', 'digits', 'tfds:NAME', 'idx:DIR' or 'npz:FILE'.
+    spec: 'mnist5k', 'mnist5k_shortcut[:P]' (see shifts.py), 'digits', 'tfds:NAME',
+      'idx:DIR' or 'npz:FILE'.
     data_dir: TFDS data directory for 'tfds:' specs (default: TFDS_DATA_DIR or
       ~/tensorflow_datasets); ignored by the other forms.
 
@@ -132,6 +134,9 @@ def load_dataset(spec: str, *, data_dir: str | None = None) -> ImageDataset:
   if spec == 'digits':
     return _load_digits(spec)
   kind, separator, arg = spec.partition(':')
+  if kind == 'mnist5k_shortcut':
+    correlation = shifts.parse_correlation(spec, arg.strip())
+    return shifts.with_shortcut(_load_mnist5k('mnist5k'), correlation, name=spec)
   if not separator or kind not in ('tfds', 'idx', 'npz'):
     raise UserError(f'unknown dataset {spec!r}', f'use one of {VALID_SPECS}')
   arg = arg.strip()

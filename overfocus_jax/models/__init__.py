@@ -1,9 +1,11 @@
 """Models as pure functions over explicit variables.
 
     variables = model.init(key, input_shape)                  # {'params': ..., 'batch_stats': ...}
-    z, state = model.encode(variables, x, train=...)          # the last feature map
+    z, state = model.encode(variables, x, train=...)          # the last feature map (B, H, W, C)
     logits, state = model.classify(variables, z, train=...)   # the head ψ; jax.grad w.r.t. z goes through it alone
     logits, state = model.apply(variables, x, train=...)      # == classify(encode(x))
+
+``model.split("pooled")`` gives the same pair one step later, at the pooled feature vector (B, C).
 
 ``state`` holds the updated batch-norm statistics of the part that ran — the ``encoder`` sub-tree for ``encode``,
 the ``head`` sub-tree for ``classify``, both for ``apply`` — and ``{}`` when ``train=False``: nothing is hidden in
@@ -52,6 +54,18 @@ class Model:
 
   def classify(self, variables: Variables, z: jax.Array, *, train: bool = False):
     return self._run(self.module.classify, variables, z, train, ("head",))
+
+  def split(self, level: str):
+    """``(encode_fn, classify_fn)`` at a split point: ``latent`` (the feature map) or ``pooled`` (the vector)."""
+    if level == "latent":
+      return self.encode, self.classify
+    if level == "pooled":
+      embed = lambda variables, x, *, train=False: self._run(self.module.embed, variables, x, train,
+                                                             ("encoder", "head"))
+      classify = lambda variables, p, *, train=False: self._run(self.module.classify_embedding, variables, p,
+                                                                train, ())
+      return embed, classify
+    raise ValueError(f"unknown split level {level=}; use 'latent' or 'pooled'")
 
 
 def merge_batch_stats(old: Any, *updates: Variables) -> Any:

@@ -9,7 +9,9 @@ The network is split where the overfocus regularizers need it:
     z      = encode(x)  = stages(stem(x))                  # the last feature map, (B, H', W', C)
     logits = classify(z) = dense(mean_hw(relu(bn(z))))     # the head ψ
 
-so that ``jax.grad`` of a class score with respect to ``z`` runs through the head alone.
+so that ``jax.grad`` of a class score with respect to ``z`` runs through the head alone. A second split,
+``embed(x) = mean_hw(relu(bn(z)))`` and ``classify_embedding(p) = dense(p)``, serves methods that work on the
+pooled feature vector.
 ``PreActResNet`` is the seeds' residual CNN (three stages, widths 16→32/64/128); ``ResNet18`` the RSC
 papers' backbone (four stages of two blocks, widths 64→512).
 """
@@ -75,16 +77,23 @@ class Encoder(nn.Module):
 
 
 class Head(nn.Module):
-  """The classifier ψ: BN → ReLU → global average pool → dense."""
+  """The classifier ψ: BN → ReLU → global average pool (``pool``) → dense (``linear``)."""
 
   num_classes: int
   dtype: Any = jnp.float32
 
-  @nn.compact
+  def setup(self):
+    self.bn = nn.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=self.dtype)
+    self.dense = nn.Dense(self.num_classes, dtype=self.dtype)
+
+  def pool(self, z, train: bool):
+    return jnp.mean(nn.relu(self.bn(z, use_running_average=not train)), axis=(1, 2))
+
+  def linear(self, pooled):
+    return self.dense(pooled).astype(jnp.float32)
+
   def __call__(self, z, train: bool):
-    z = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name="bn")(z)
-    pooled = jnp.mean(nn.relu(z), axis=(1, 2))
-    return nn.Dense(self.num_classes, dtype=self.dtype, name="dense")(pooled).astype(jnp.float32)
+    return self.linear(self.pool(z, train))
 
 
 class PreActResNet(nn.Module):
@@ -114,6 +123,14 @@ class PreActResNet(nn.Module):
 
   def classify(self, z, train: bool = False):
     return self.head(z, train)
+
+  # The second split point, on the pooled feature vector (DomainBed's RSC works there).
+  def embed(self, x, train: bool = False):
+    return self.head.pool(self.encoder(x, train), train)
+
+  def classify_embedding(self, pooled, train: bool = False):
+    del train  # the linear layer has no train-mode behaviour
+    return self.head.linear(pooled)
 
 
 ResNet18 = functools.partial(PreActResNet, stem_features=64, stage_widths=(64, 128, 256, 512),

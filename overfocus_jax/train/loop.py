@@ -26,7 +26,8 @@ from overfocus_jax.errors import UserError
 from overfocus_jax.models import Model, build_model
 from overfocus_jax.train import checkpoint as checkpoint_lib
 from overfocus_jax.train import state as state_lib
-from overfocus_jax.train.step import Regularizer, make_eval_step, make_train_step, no_regularizer
+from overfocus_jax.challenge import Challenge, build_challenge
+from overfocus_jax.train.step import init_ema, make_eval_step, make_train_step
 
 
 def prepare_workdir(workdir: str | pathlib.Path) -> pathlib.Path:
@@ -55,6 +56,7 @@ class Experiment:
   schedule: Callable
   tx: Any
   state: state_lib.TrainState  # freshly initialised, replicated over the mesh
+  challenge: Challenge
 
 
 def build_experiment(config: ml_collections.ConfigDict, *, dataset: ImageDataset | None = None,
@@ -69,13 +71,21 @@ def build_experiment(config: ml_collections.ConfigDict, *, dataset: ImageDataset
   schedule = state_lib.make_schedule(config, steps)
   tx = state_lib.make_optimizer(config, schedule)
   state = state_lib.create_train_state(model, tx, seed=config.seed, input_shape=dataset.image_shape)
-  return Experiment(config, dataset, model, mesh, steps, schedule, tx, parallel.replicate(state, mesh))
+  challenge = build_challenge(config)
+  if challenge.teacher_ema_decay is not None:
+    state = init_ema(state)
+  return Experiment(config, dataset, model, mesh, steps, schedule, tx, parallel.replicate(state, mesh), challenge)
 
 
-def jit_train_step(exp: Experiment, regularizer: Regularizer = no_regularizer):
-  """The train step compiled once for the mesh: state replicated, batch sharded, state buffers donated."""
-  step = make_train_step(exp.model, exp.tx, schedule=exp.schedule, regularizer=regularizer,
-                         label_smoothing=exp.config.label_smoothing, steps_per_epoch=exp.steps_per_epoch)
+def jit_train_step(exp: Experiment, challenge: Challenge | None = None):
+  """The train step compiled once for the mesh: state replicated, batch sharded, state buffers donated.
+
+  ``challenge`` defaults to the one the config names; pass your own to train with a custom regularizer.
+  """
+  challenge = challenge or exp.challenge
+  step = make_train_step(exp.model, exp.tx, schedule=exp.schedule, regularizer=challenge.regularizer,
+                         label_smoothing=exp.config.label_smoothing, steps_per_epoch=exp.steps_per_epoch,
+                         split=challenge.split, teacher_ema_decay=challenge.teacher_ema_decay)
   rep, data = parallel.replicated(exp.mesh), parallel.data_sharded(exp.mesh)
   return jax.jit(step, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=0)
 
@@ -138,8 +148,11 @@ class MetricWriter:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
-                       regularizer: Regularizer = no_regularizer, progress: bool | None = None) -> dict:
-  """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint) and returns the summary."""
+                       challenge: Challenge | None = None, progress: bool | None = None) -> dict:
+  """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint) and returns the summary.
+
+  ``challenge`` overrides the regularizer the config names (e.g. ``Challenge(my_regularizer)``).
+  """
   config_lib.validate(config)
   workdir = prepare_workdir(workdir)
   exp = build_experiment(config)
@@ -149,14 +162,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   try:
     state = restore_or_init(exp, checkpointer, train_iter)
     (workdir / "config.json").write_text(config_lib.config_to_json(config))
-    return _run_epochs(exp, state, train_iter, checkpointer, workdir, regularizer, progress)
+    return _run_epochs(exp, state, train_iter, checkpointer, workdir, challenge, progress)
   finally:
     checkpointer.close()
 
 
-def _run_epochs(exp, state, train_iter, checkpointer, workdir, regularizer, progress) -> dict:
+def _run_epochs(exp, state, train_iter, checkpointer, workdir, challenge, progress) -> dict:
   config, steps = exp.config, exp.steps_per_epoch
-  train_step = jit_train_step(exp, regularizer)
+  train_step = jit_train_step(exp, challenge)
   rep, data = parallel.replicated(exp.mesh), parallel.data_sharded(exp.mesh)
   eval_step = jax.jit(make_eval_step(exp.model), in_shardings=(rep, data), out_shardings=rep)
   writer = MetricWriter(workdir)

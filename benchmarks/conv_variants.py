@@ -1,0 +1,139 @@
+"""Drop-in replacements for ``lax.conv_general_dilated`` that compute the *same* convolution and the same
+gradients, with another formulation of the weight gradient (the part XLA CPU is slow at).
+
+    conv = conv_with_dw("chunks4")
+    y = conv(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))   # as lax's
+    nn.Conv(features, (3, 3), conv_general_dilated=conv)                              # as flax's hook
+
+The forward pass and the input gradient are XLA's own; only dL/dkernel changes, as a sum of the same products in
+another order (so it agrees to float rounding). Formulations (``dw_impl``):
+
+  xla        XLA's own transpose rule: one convolution with the whole H×W map as its window (the baseline).
+  chunksK    XLA's rule applied to K slices of the batch, summed: K independent, smaller convolutions that the
+             thunk runtime can run concurrently.
+  shift      one matmul per kernel tap: dW[i, j] = X[:, i::s, j::s]ᵀ · G over the (padded) input, contracting
+             batch × H × W (kh·kw dots, no transposes of the activations).
+  im2col     the kh·kw shifted copies of the input concatenated on the channel axis, then one matmul.
+
+Supports what the package's models use: NHWC inputs, HWIO kernels, any stride, "SAME"/"VALID"/explicit padding,
+no dilation, one feature group. Anything else falls back to ``lax.conv_general_dilated`` unchanged.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _is_nhwc(dimension_numbers) -> bool:
+  if dimension_numbers is None:
+    return False
+  if isinstance(dimension_numbers, lax.ConvDimensionNumbers):
+    return tuple(dimension_numbers) == tuple(lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), NHWC))
+  return tuple(dimension_numbers) == NHWC
+
+
+def _forward(x, kernel, strides, pads):
+  return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=NHWC)
+
+
+def _dw_xla(x, g, kernel_shape, strides, pads):
+  kernel = jnp.zeros(kernel_shape, x.dtype)
+  return jax.vjp(lambda k: _forward(x, k, strides, pads), kernel)[1](g)[0]
+
+
+def _dw_chunks(x, g, kernel_shape, strides, pads, chunks):
+  b = x.shape[0]
+  if b % chunks:
+    return _dw_xla(x, g, kernel_shape, strides, pads)
+  xs = x.reshape(chunks, b // chunks, *x.shape[1:])
+  gs = g.reshape(chunks, b // chunks, *g.shape[1:])
+  total = _dw_xla(xs[0], gs[0], kernel_shape, strides, pads)
+  for i in range(1, chunks):
+    total = total + _dw_xla(xs[i], gs[i], kernel_shape, strides, pads)
+  return total
+
+
+def _taps(x, g, kernel_shape, strides, pads):
+  """The input window seen by each kernel tap (i, j): (B, Ho, Wo, C) slices of the padded input."""
+  kh, kw = kernel_shape[:2]
+  (sh, sw), ho, wo = strides, g.shape[1], g.shape[2]
+  xp = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
+  return [[lax.slice(xp, (0, i, j, 0), (xp.shape[0], i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, xp.shape[3]),
+                     (1, sh, sw, 1)) for j in range(kw)] for i in range(kh)]
+
+
+def _dw_shift(x, g, kernel_shape, strides, pads):
+  o = g.shape[-1]
+  g2 = g.reshape(-1, o)
+  taps = _taps(x, g, kernel_shape, strides, pads)
+  contract = (((0,), (0,)), ((), ()))
+  rows = [jnp.stack([lax.dot_general(t.reshape(-1, t.shape[-1]), g2, contract) for t in row]) for row in taps]
+  return jnp.stack(rows).astype(x.dtype)
+
+
+def _dw_im2col(x, g, kernel_shape, strides, pads):
+  kh, kw, c, o = kernel_shape
+  taps = [t for row in _taps(x, g, kernel_shape, strides, pads) for t in row]
+  patches = jnp.concatenate(taps, axis=-1).reshape(-1, kh * kw * c)
+  dw = lax.dot_general(patches, g.reshape(-1, o), (((0,), (0,)), ((), ())))
+  return dw.reshape(kh, kw, c, o).astype(x.dtype)
+
+
+def _dw_function(impl: str):
+  if impl == "xla":
+    return _dw_xla
+  if impl.startswith("chunks"):
+    return functools.partial(_dw_chunks, chunks=int(impl[len("chunks"):]))
+  if impl == "shift":
+    return _dw_shift
+  if impl == "im2col":
+    return _dw_im2col
+  raise ValueError(f"unknown weight-gradient formulation {impl!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _custom_conv(impl: str):
+  dw_fn = _dw_function(impl)
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+  def conv(x, kernel, strides, pads):
+    return _forward(x, kernel, strides, pads)
+
+  def fwd(x, kernel, strides, pads):
+    return _forward(x, kernel, strides, pads), (x, kernel)
+
+  def bwd(strides, pads, residuals, g):
+    x, kernel = residuals
+    dx = jax.vjp(lambda x: _forward(x, kernel, strides, pads), x)[1](g)[0]
+    return dx, dw_fn(x, g, kernel.shape, strides, pads)
+
+  conv.defvjp(fwd, bwd)
+  return conv
+
+
+def conv_with_dw(impl: str):
+  """A ``lax.conv_general_dilated``-compatible function whose kernel gradient uses formulation ``impl``."""
+
+  def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                           dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
+                           preferred_element_type=None):
+    plain = (not lhs_dilation or all(d == 1 for d in lhs_dilation)) and \
+            (not rhs_dilation or all(d == 1 for d in rhs_dilation))
+    if not (plain and feature_group_count == 1 and batch_group_count == 1 and _is_nhwc(dimension_numbers)
+            and preferred_element_type is None):
+      return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                      dimension_numbers, feature_group_count, batch_group_count, precision,
+                                      preferred_element_type)
+    strides = tuple(int(s) for s in window_strides)
+    if isinstance(padding, str):
+      pads = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
+    else:
+      pads = padding
+    pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+    return _custom_conv(impl)(lhs, rhs, strides, pads)
+
+  return conv_general_dilated

@@ -1,0 +1,138 @@
+"""Interleaved timing of benchmark cases that live in separate worker processes.
+
+Each case (a JAX train step under some XLA flags, a torch train step, one convolution gradient, ...) is built
+once in its own Python process: XLA flags must be set before JAX starts, and the two frameworks' thread pools
+then never share a process. The parent asks the workers for timed blocks in turn — case A, case B, case C,
+case A, ... — so every case sees the same machine load, and the ratios of their medians are meaningful on a
+noisy shared machine even when the absolute numbers drift.
+
+    workers = [Worker("jax", {"kind": "jax_step", ...}), Worker("torch", {"kind": "torch_step", ...})]
+    seconds = interleave(workers, steps=10, repeats=5)   # {"jax": [s/step, ...], "torch": [...]}
+
+Protocol: the worker reads one JSON spec from stdin, builds the case (compiling and warming it up), answers
+``@@{"ready": ..., "info": {...}}``; then each ``{"steps": N}`` line is answered ``@@{"seconds": per_step}``.
+Only lines starting with ``@@`` are protocol; anything else the libraries print goes to stderr.
+"""
+
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+PROTOCOL = "@@"
+
+
+class Worker:
+  """One benchmark case in its own process (see the module docstring)."""
+
+  def __init__(self, name: str, spec: dict, *, env: dict | None = None, cpus: list[int] | None = None):
+    self.name, self.spec = name, spec
+    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu", **(env or {})}
+    cmd = [sys.executable, str(HERE / "cases.py")]
+    if cpus is not None:
+      cmd = ["taskset", "-c", ",".join(map(str, cpus))] + cmd
+    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=full_env, text=True,
+                                 cwd=str(HERE.parent))
+    self._send(spec)
+    self.info = self._receive().get("info", {})
+
+  def _send(self, message: dict) -> None:
+    self.proc.stdin.write(json.dumps(message) + "\n")
+    self.proc.stdin.flush()
+
+  def _receive(self) -> dict:
+    while True:
+      line = self.proc.stdout.readline()
+      if not line:
+        raise RuntimeError(f"worker {self.name!r} ({self.spec}) died; exit code {self.proc.wait()}")
+      if line.startswith(PROTOCOL):
+        message = json.loads(line[len(PROTOCOL):])
+        if "error" in message:
+          raise RuntimeError(f"worker {self.name!r}: {message['error']}")
+        return message
+
+  def time(self, steps: int) -> float:
+    """Seconds per call over ``steps`` consecutive calls (results awaited)."""
+    self._send({"steps": steps})
+    return self._receive()["seconds"]
+
+  def close(self) -> None:
+    if self.proc.poll() is None:
+      self.proc.stdin.close()
+      try:
+        self.proc.wait(timeout=30)
+      except subprocess.TimeoutExpired:
+        self.proc.kill()
+
+
+def start(cases: dict[str, dict], *, log=print) -> dict[str, Worker]:
+  """Starts one worker per case ({name: spec, with optional "env" and "cpus"}); closes all on failure."""
+  workers = {}
+  try:
+    for name, spec in cases.items():
+      spec = dict(spec)
+      env, cpus = spec.pop("env", None), spec.pop("cpus", None)
+      t = time.perf_counter()
+      workers[name] = Worker(name, spec, env=env, cpus=cpus)
+      log(f"  started {name} ({time.perf_counter() - t:.0f} s)")
+  except BaseException:
+    for worker in workers.values():
+      worker.close()
+    raise
+  return workers
+
+
+def interleave(workers: dict[str, Worker], *, steps: int, repeats: int, log=None) -> dict[str, list[float]]:
+  """``repeats`` rounds; in each, every worker times ``steps`` calls, one worker after the other."""
+  seconds = {name: [] for name in workers}
+  for r in range(repeats):
+    order = list(workers.items())
+    if r % 2:  # alternate the order so that neither case always follows the other
+      order.reverse()
+    for name, worker in order:
+      seconds[name].append(worker.time(steps))
+    if log:
+      log(f"  round {r + 1}/{repeats}: " + ", ".join(f"{n} {s[-1] * 1e3:.1f} ms" for n, s in seconds.items()))
+  return seconds
+
+
+def close(workers: dict[str, Worker]) -> None:
+  for worker in workers.values():
+    worker.close()
+
+
+def median_ms(values: list[float]) -> float:
+  return statistics.median(values) * 1e3
+
+
+def machine() -> dict:
+  """What the numbers were measured on."""
+  info = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
+  try:
+    load = os.getloadavg()
+    info["load_average_at_start"] = [round(x, 2) for x in load]
+  except OSError:
+    pass
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        info["cpu_model"] = line.split(":", 1)[1].strip()
+        break
+  except OSError:
+    pass
+  return info
+
+
+def versions() -> dict:
+  from importlib import metadata
+  out = {}
+  for package in ("jax", "jaxlib", "flax", "optax", "torch"):
+    try:
+      out[package] = metadata.version(package)
+    except metadata.PackageNotFoundError:
+      out[package] = None
+  return out

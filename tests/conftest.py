@@ -1,0 +1,117 @@
+"""Shared fixtures for the core tests: a tiny residual CNN on scikit-learn's 8x8 digits, and CLI helpers.
+
+Everything here is sized for 2 CPU cores: the model has two stages of one block (widths 8 and 16), so a whole
+epoch of ``digits`` (1,438 training images) takes a fraction of a second once compiled.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from overfocus_jax import cli
+from overfocus_jax import config as config_lib
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+# The tiny architecture, as --config.FIELD=VALUE pairs.
+TINY_FIELDS = (
+    ("dataset", "digits"),
+    ("resnet.stem_features", "8"),
+    ("resnet.stage_widths", "(8,16)"),
+    ("resnet.stage_sizes", "(1,1)"),
+    ("resnet.stage_strides", "(1,2)"),
+    ("batch_size", "64"),
+    ("eval_batch_size", "64"),
+)
+TINY_ARGS = tuple(f"--config.{field}={value}" for field, value in TINY_FIELDS)
+DIGITS_TRAIN, DIGITS_TEST = 1438, 359  # sources.py splits 1,797 digits 80/20 with a fixed permutation
+
+
+def tiny_config(**fields):
+  """The default config with the tiny architecture and ``fields`` (as strings or values) applied, validated."""
+  overrides = list(TINY_FIELDS) + [(k.replace("__", "."), v if isinstance(v, str) else repr(v))
+                                   for k, v in fields.items()]
+  return config_lib.build_config(None, overrides)
+
+
+def run_cli(capsys, *argv):
+  """``overfocus ARGV`` in this process: (exit code, stdout, stderr)."""
+  capsys.readouterr()  # drop anything printed before
+  code = cli.main([str(a) for a in argv])
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def run_cli_subprocess(*argv, env=None, timeout=300):
+  """``python -m overfocus_jax ARGV`` in a fresh interpreter (for exit codes and what reaches the terminal)."""
+  return subprocess.run([sys.executable, "-m", "overfocus_jax", *map(str, argv)], capture_output=True, text=True,
+                        env=subprocess_env(env), timeout=timeout, cwd=REPO_ROOT)
+
+
+def subprocess_env(extra=None):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update({"JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"})
+  env.update(extra or {})
+  return env
+
+
+def assert_one_line_error(code, err, *fragments):
+  """A user error: exit code 2, exactly one stderr line naming the problem, no traceback."""
+  lines = err.strip().splitlines()
+  assert code == 2, f"exit code {code}, stderr: {err}"
+  assert len(lines) == 1, f"stderr is not one line: {err!r}"
+  assert "Traceback" not in err
+  assert lines[0].startswith("overfocus: error: "), lines[0]
+  for fragment in fragments:
+    assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+
+
+def last_json_line(out):
+  return json.loads(out.strip().splitlines()[-1])
+
+
+def read_metrics(workdir):
+  return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def snapshot(directory):
+  """Every file under ``directory`` with its bytes (and every folder), to prove nothing was touched."""
+  directory = pathlib.Path(directory)
+  return {str(p.relative_to(directory)): (p.read_bytes() if p.is_file() else "<dir>")
+          for p in sorted(directory.rglob("*"))}
+
+
+def restore_final_state(workdir):
+  """The latest checkpoint of a CLI run, restored with the config it saved."""
+  from overfocus_jax import parallel
+  from overfocus_jax.train import checkpoint as checkpoint_lib
+  from overfocus_jax.train import loop
+  workdir = pathlib.Path(workdir)
+  config = config_lib.config_from_json((workdir / "config.json").read_text())
+  exp = loop.build_experiment(config)
+  checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
+  try:
+    state, data_state = checkpointer.restore(checkpoint_lib.abstract_like(exp.state, parallel.replicated(exp.mesh)))
+  finally:
+    checkpointer.close()
+  return state, data_state
+
+
+# A one-epoch run with a schedule that does not depend on num_epochs, so that extending it to two epochs must
+# reproduce an uninterrupted two-epoch run (see test_checkpoint.py).
+BASE_RUN_ARGS = (*TINY_ARGS, "--config.schedule=constant", "--config.warmup_epochs=0", "--no-progress")
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(tmp_path_factory):
+  """A finished one-epoch CLI training run. Read-only for tests: copy it before changing anything."""
+  assert jax.device_count() == 1, "the in-process tests expect one device (XLA_FLAGS leaked in?)"
+  workdir = tmp_path_factory.mktemp("trained") / "run"
+  code = cli.main(["train", "--workdir", str(workdir), *BASE_RUN_ARGS, "--config.num_epochs=1"])
+  assert code == 0
+  return workdir

@@ -1,0 +1,277 @@
+"""SGDrop and RSC: exact masks, hand-built examples, gradients, EMA teacher, jit, bad input."""
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from overfocus_jax import config as config_lib
+from overfocus_jax.challenge import attribution, build_challenge, masks, rsc, sgdrop
+from overfocus_jax.cli import main as cli_main
+from overfocus_jax.models import build_model
+from overfocus_jax.train import state as state_lib, step as step_lib
+
+
+def linear_pool_head(weights):
+  """ψ(z) = mean_hw(z) @ W: ∂ψ_c/∂z = W[:, c] / HW at every position (a closed form for the tests)."""
+  return lambda z: jnp.mean(z, axis=(1, 2)) @ weights
+
+
+# ------------------------------------------------------------------------------------------------ masks
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.03, 0.1, 0.3, 1 / 3, 0.5, 0.99])
+@pytest.mark.parametrize("size", [1, 7, 10, 49, 100])
+def test_top_k_drop_mask_drops_exactly_ceil(fraction, size):
+  scores = jax.random.normal(jax.random.PRNGKey(size), (5, size))
+  mask = masks.top_k_drop_mask(scores, fraction)
+  expected = min(size, math.ceil(round(fraction * size, 9)))
+  np.testing.assert_array_equal(np.sum(np.asarray(mask) == 0, axis=1), expected)
+  # the dropped entries are the highest-scoring ones
+  if expected:
+    kth = np.sort(np.asarray(scores), axis=1)[:, ::-1][:, expected - 1]
+    np.testing.assert_array_equal(np.asarray(mask) == 0, np.asarray(scores) >= kth[:, None])
+
+
+def test_drop_count_is_robust_to_float_noise():
+  assert masks.drop_count(0.3, 10) == 3  # 0.3 * 10 == 3.0000000000000004 in binary
+  assert masks.drop_count(1 / 3, 49) == 17  # the official ⌈HW/3⌉ on a 7×7 map
+  assert masks.drop_count(1 / 3.2, 512) == 160  # the official ⌈C/3.2⌉ on ResNet-18
+  with pytest.raises(ValueError, match="fraction"):
+    masks.drop_count(1.0, 10)
+
+
+def test_ties_are_broken_towards_the_lower_index():
+  mask = masks.top_k_drop_mask(jnp.array([[1.0, 5.0, 5.0, 5.0, 0.0]]), 0.4)  # k = 2 of three tied fives
+  np.testing.assert_array_equal(mask, [[1, 0, 0, 1, 1]])
+
+
+# ------------------------------------------------------------------------------------------------ SGDrop
+
+
+def test_attribution_is_relu_of_gradient_times_activation():
+  weights = jnp.array([[1.0, -2.0], [3.0, 0.5]])  # C=2 channels, 2 classes
+  z = jnp.array([[[[1.0, 2.0], [-1.0, 1.0]]]])  # (1, 1, 2, 2): HW = 2
+  got = attribution.gradient_times_activation(linear_pool_head(weights), z, jnp.array([1]))
+  grad = weights[:, 1] / 2  # [-1, 0.25]
+  np.testing.assert_allclose(got, np.maximum(np.asarray(z) * np.asarray(grad), 0))
+
+
+def test_sgdrop_drops_the_most_salient_units_hand_built():
+  # one channel, 2×2 positions; the head weights every position equally, so A = ReLU(z / 4)
+  weights = jnp.array([[1.0, -1.0]])
+  z = jnp.array([[[[0.1], [4.0]], [[2.0], [-3.0]]]])  # (1, 2, 2, 1)
+  out, metrics = sgdrop.sgdrop(rate=0.5)(linear_pool_head(weights), z, jnp.array([0]), jax.random.PRNGKey(0), {})
+  np.testing.assert_allclose(out[0, :, :, 0], [[0.1, 0.0], [0.0, -3.0]])  # 4.0 and 2.0 dropped
+  assert float(metrics["sgdrop_dropped_fraction"]) == 0.5
+
+
+@pytest.mark.parametrize("granularity,shape", [("element", (4, 3, 3, 8)), ("spatial", (4, 3, 3, 1)),
+                                                ("channel", (4, 1, 1, 8))])
+def test_sgdrop_granularity_mask_shapes_and_counts(granularity, shape):
+  attr = jax.random.uniform(jax.random.PRNGKey(1), (4, 3, 3, 8))
+  mask = sgdrop.saliency_mask(attr, 0.25, granularity)
+  chex.assert_shape(mask, shape)
+  units = int(np.prod(shape[1:]))
+  np.testing.assert_array_equal(np.sum(np.asarray(mask).reshape(4, -1) == 0, axis=1), math.ceil(0.25 * units))
+
+
+def test_sgdrop_spatial_sums_attribution_over_channels():
+  attr = jnp.zeros((1, 2, 2, 3)).at[0, 1, 0, :].set(1.0).at[0, 0, 1, 0].set(2.5)  # sums: (1,0)=3, (0,1)=2.5
+  mask = sgdrop.saliency_mask(attr, 0.25, "spatial")
+  np.testing.assert_array_equal(mask[0, :, :, 0], [[1, 1], [0, 1]])
+
+
+def test_no_gradient_flows_through_the_mask():
+  weights = jax.random.normal(jax.random.PRNGKey(2), (8, 10))
+  z = jax.random.normal(jax.random.PRNGKey(3), (4, 3, 3, 8))
+  labels = jnp.array([0, 1, 2, 3])
+  reg = sgdrop.sgdrop(rate=0.3, granularity="element")
+  cotangent = jax.random.normal(jax.random.PRNGKey(4), z.shape)
+  out, _ = reg(linear_pool_head(weights), z, labels, jax.random.PRNGKey(0), {})
+  grad = jax.grad(lambda zz: jnp.sum(reg(linear_pool_head(weights), zz, labels, jax.random.PRNGKey(0), {})[0]
+                                     * cotangent))(z)
+  mask = (np.asarray(out) != 0).astype(np.float32)
+  np.testing.assert_allclose(grad, np.asarray(cotangent) * mask, rtol=1e-6)  # exactly the mask: nothing else
+
+
+def test_sgdrop_rescale_and_batch_fraction():
+  weights = jax.random.normal(jax.random.PRNGKey(2), (8, 10))
+  z = jnp.abs(jax.random.normal(jax.random.PRNGKey(3), (8, 2, 2, 8))) + 0.1
+  labels = jnp.arange(8)
+  out, metrics = sgdrop.sgdrop(rate=0.25, rescale=True, batch_fraction=0.5)(
+      linear_pool_head(weights), z, labels, jax.random.PRNGKey(5), {})
+  touched = np.any(np.asarray(out) != np.asarray(z), axis=(1, 2, 3))
+  assert touched.sum() == 4 and float(metrics["sgdrop_batch_fraction"]) == 0.5
+  kept = (np.asarray(out) != 0) & touched[:, None, None, None]
+  np.testing.assert_allclose(np.asarray(out)[kept], np.asarray(z)[kept] / 0.75, rtol=1e-6)
+
+
+def test_sgdrop_uses_the_teacher_when_given():
+  weights = jnp.array([[1.0], [1.0]])  # 2 channels, 1 class
+  z = jnp.ones((1, 1, 1, 2))
+  teacher_z = jnp.array([[[[0.0, 5.0]]]])  # the teacher finds channel 1 salient
+  out, _ = sgdrop.sgdrop(rate=0.5)(linear_pool_head(weights), z, jnp.array([0]), jax.random.PRNGKey(0),
+                                   {"teacher": {"z": teacher_z, "classify_fn": linear_pool_head(weights)}})
+  np.testing.assert_array_equal(out.ravel(), [1.0, 0.0])
+
+
+def test_sgdrop_predicted_target_attributes_the_argmax():
+  weights = jnp.array([[1.0, 0.0], [0.0, 1.0]])  # class c reads channel c
+  z = jnp.array([[[[3.0, 1.0]]]])  # predicted class 0, true label 1
+  out, _ = sgdrop.sgdrop(rate=0.5, target="predicted")(linear_pool_head(weights), z, jnp.array([1]),
+                                                       jax.random.PRNGKey(0), {})
+  np.testing.assert_array_equal(out.ravel(), [0.0, 1.0])
+  out, _ = sgdrop.sgdrop(rate=0.5, target="true")(linear_pool_head(weights), z, jnp.array([1]),
+                                                  jax.random.PRNGKey(0), {})
+  np.testing.assert_array_equal(out.ravel(), [3.0, 0.0])
+
+
+@pytest.mark.parametrize("kwargs", [dict(rate=1.0), dict(rate=-0.1), dict(granularity="pixel"),
+                                    dict(target="other"), dict(batch_fraction=0.0)])
+def test_sgdrop_rejects_bad_arguments(kwargs):
+  with pytest.raises(ValueError):
+    sgdrop.sgdrop(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ RSC
+
+
+def test_rsc_spatial_and_channel_masks_hand_built():
+  weights = jnp.array([[2.0], [1.0], [-1.0]])  # 3 channels, 1 class: mean_hw(grad) = W / HW
+  z = jnp.zeros((1, 3, 1, 3)).at[0, 0, 0, 0].set(1.0).at[0, 1, 0, 1].set(5.0).at[0, 2, 0, 2].set(4.0)
+  _, grad = attribution.class_score_gradient(linear_pool_head(weights), z, jnp.array([0]))
+  # spatial scores Σ_c z·W/3: positions (0)=2/3, (1)=5/3, (2)=-4/3 → ⌈3/3⌉ = 1 dropped: position 1
+  np.testing.assert_array_equal(rsc.spatial_mask(z, grad, 1 / 3)[0, :, 0, 0], [1, 0, 1])
+  # channel scores W/3: channel 0 highest → ⌈3/3.2⌉ = 1 dropped
+  np.testing.assert_array_equal(rsc.channel_mask(grad, 1 / 3.2)[0, 0, 0], [0, 1, 1])
+
+
+def test_rsc_batch_selection_hand_built():
+  p_before = jnp.array([0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9])
+  p_after = jnp.array([0.1, 0.8, 0.5, 0.9, 0.95, 0.2, 0.85, 0.7, 0.3, 0.6])
+  # changes (− 1e-4, clamped): .8 .1 .4 0 0 .7 .05 .2 .6 .3; sorted desc: .8 .7 .6 .4 .3 .2 .1 .05 0 0
+  # percent 0.3 → position 3 → threshold 0.4 → strictly above: samples 0 (.8), 5 (.7), 8 (.6)
+  chosen = rsc.most_challenged(p_before, p_after, 0.3)
+  np.testing.assert_array_equal(np.flatnonzero(chosen), [0, 5, 8])
+  assert not np.any(rsc.most_challenged(p_before, p_before, 0.5))  # no drop in confidence: nobody masked
+
+
+def test_rsc_curriculum():
+  np.testing.assert_allclose(rsc.curriculum_percent(jnp.array([0, 9, 10, 19, 20, 30, 45])),
+                             [0.3, 0.3, 0.5, 0.5, 0.7, 0.9, 0.9], rtol=1e-6)
+
+
+def test_rsc_coin_gives_both_modes_and_only_challenged_samples_are_masked():
+  weights = jax.random.normal(jax.random.PRNGKey(0), (16, 10))
+  z = jax.nn.relu(jax.random.normal(jax.random.PRNGKey(1), (32, 4, 4, 16)))
+  labels = jax.random.randint(jax.random.PRNGKey(2), (32,), 0, 10)
+  reg = jax.jit(lambda key: rsc.rsc(batch_percent=0.5)(linear_pool_head(weights), z, labels, key,
+                                                       {"epoch": jnp.array(0)}))
+  modes = []
+  for i in range(20):
+    out, metrics = reg(jax.random.PRNGKey(i))
+    modes.append(float(metrics["rsc_spatial"]))
+    touched = np.any(np.asarray(out) != np.asarray(z), axis=(1, 2, 3))
+    assert touched.mean() <= 0.5 + 1e-6 and np.isclose(touched.mean(), float(metrics["rsc_batch_masked_fraction"]),
+                                                        atol=1 / 32)
+  assert set(modes) == {0.0, 1.0}
+
+
+def test_rsc_domainbed_masks_top_gradient_features_of_most_changed_samples():
+  weights = jnp.array([[3.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # D=3, 2 classes
+  features = jnp.array([[1.0, 1.0, 1.0], [0.1, 0.1, 5.0], [2.0, 2.0, 0.0]])
+  labels = jnp.array([0, 0, 0])
+  out, metrics = rsc.rsc_domainbed(feature_drop=1 / 3, batch_drop=1 / 3)(
+      lambda f: f @ weights, features, labels, jax.random.PRNGKey(0), {})
+  # every sample's top-gradient feature is 0 (weight 3). True-class probability before → after masking it:
+  # sample 0 σ(3) = .953 → σ(0) = .5 (Δ .45); sample 1 σ(−4.6) → σ(−4.9) (Δ .003); sample 2 σ(8) → σ(2) (Δ .12)
+  np.testing.assert_allclose(out, [[0.0, 1.0, 1.0], [0.1, 0.1, 5.0], [2.0, 2.0, 0.0]])
+  assert np.isclose(float(metrics["rsc_batch_masked_fraction"]), 1 / 3)
+
+
+# ------------------------------------------------------------------------------------------------ in the step
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  config = config_lib.load_config_file(config_lib.default_config_path())
+  config.resnet.update(dict(stem_features=8, stage_widths=(8, 16), stage_sizes=(1, 1), stage_strides=(1, 2)))
+  model = build_model(config, 10)
+  schedule = state_lib.make_schedule(config, 10)
+  tx = state_lib.make_optimizer(config, schedule)
+  state = state_lib.create_train_state(model, tx, seed=0, input_shape=(8, 8, 1))
+  rng = np.random.default_rng(0)
+  batch = {"image": jnp.asarray(rng.normal(size=(16, 8, 8, 1)), jnp.float32),
+           "label": jnp.asarray(rng.integers(0, 10, 16), jnp.int32)}
+  return config, model, tx, schedule, state, batch
+
+
+def _challenge(config, **overrides):
+  config = config.copy_and_resolve_references()
+  for dotted, value in overrides.items():
+    config_lib.apply_override(config, dotted, value)
+  return build_challenge(config)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"regularizer.name": "sgdrop"},
+    {"regularizer.name": "sgdrop", "regularizer.sgdrop.granularity": "channel", "regularizer.sgdrop.ema_decay": "0.9"},
+    {"regularizer.name": "rsc"},
+    {"regularizer.name": "rsc_domainbed"},
+])
+def test_regularized_step_jit_equals_no_jit(tiny, overrides):
+  config, model, tx, schedule, state, batch = tiny
+  challenge = _challenge(config, **overrides)
+  if challenge.teacher_ema_decay is not None:
+    state = step_lib.init_ema(state)
+  train_step = step_lib.make_train_step(model, tx, schedule=schedule, regularizer=challenge.regularizer,
+                                        split=challenge.split, teacher_ema_decay=challenge.teacher_ema_decay)
+  eager_state, eager_metrics = train_step(state, batch)
+  jit_state, jit_metrics = jax.jit(train_step)(state, batch)
+  chex.assert_trees_all_close(jit_state, eager_state, rtol=2e-5, atol=2e-6)
+  chex.assert_trees_all_close(jit_metrics, eager_metrics, rtol=2e-5, atol=2e-6)
+  assert any(k.startswith(("sgdrop_", "rsc_")) for k in jit_metrics)
+
+
+def test_ema_teacher_moves_by_the_decay(tiny):
+  config, model, tx, schedule, state, batch = tiny
+  decay = 0.9
+  state = step_lib.init_ema(state)
+  # make the teacher differ from the online network so the update is visible
+  state = state.replace(extra={"ema": jax.tree.map(lambda a: a + 1.0, state.extra["ema"])})
+  challenge = _challenge(config, **{"regularizer.name": "sgdrop"})
+  train_step = jax.jit(step_lib.make_train_step(model, tx, schedule=schedule, regularizer=challenge.regularizer,
+                                                teacher_ema_decay=decay))
+  new_state, _ = train_step(state, batch)
+  expected = jax.tree.map(lambda e, o: decay * e + (1 - decay) * o, state.extra["ema"], new_state.variables)
+  chex.assert_trees_all_close(new_state.extra["ema"], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_compose_two_regularizers_in_the_step(tiny):
+  config, model, tx, schedule, state, batch = tiny
+  composed = step_lib.compose(sgdrop.sgdrop(rate=0.1), rsc.rsc(batch_percent=0.5))
+  train_step = jax.jit(step_lib.make_train_step(model, tx, schedule=schedule, regularizer=composed))
+  _, metrics = train_step(state, batch)
+  assert {"sgdrop_dropped_fraction", "rsc_spatial"} <= set(metrics)
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("--config.regularizer.sgdrop.rate=1.0", "regularizer.sgdrop.rate"),
+    ("--config.regularizer.sgdrop.rate=-0.2", "regularizer.sgdrop.rate"),
+    ("--config.regularizer.rsc.spatial_fraction=1.5", "regularizer.rsc.spatial_fraction"),
+    ("--config.regularizer.rsc_domainbed.feature_drop=1", "regularizer.rsc_domainbed.feature_drop"),
+    ("--config.regularizer.sgdrop.granularity=pixels", "granularity"),
+    ("--config.regularizer.name=dropblock", "regularizer.name"),
+])
+def test_bad_regularizer_config_is_a_one_line_error(override, fragment, tmp_path, capsys):
+  code = cli_main(["train", "--workdir", str(tmp_path / "wd"), override])
+  err = capsys.readouterr().err.strip()
+  assert code == 2 and len(err.splitlines()) == 1 and fragment in err, err
+  assert not (tmp_path / "wd").exists()
