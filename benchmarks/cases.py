@@ -89,7 +89,8 @@ def _patch_conv(spec):
   nn.Conv = functools.partial(original, **kwargs)  # this worker process only; the package is untouched
 
 
-def build_jax_step(spec):
+def make_jax_step(spec):
+  """(jitted step, experiment, device batch) — the package's own train step for this spec."""
   import jax
   from overfocus_jax.train import loop
   _patch_conv(spec)
@@ -97,15 +98,19 @@ def build_jax_step(spec):
     jax.config.update("jax_default_matmul_precision", spec["matmul_precision"])
   config = _jax_config(spec)
   exp = loop.build_experiment(config, dataset=_jax_dataset(spec))
-  step = loop.jit_train_step(exp)
   images, labels = _batch(spec)
-  batch = {"image": jax.device_put(images), "label": jax.device_put(labels)}
+  return loop.jit_train_step(exp), exp, {"image": jax.device_put(images), "label": jax.device_put(labels)}
+
+
+def build_jax_step(spec, made=None):
+  import jax
+  step, exp, batch = made or make_jax_step(spec)
   holder = {"state": exp.state}
   t = time.perf_counter()
   holder["state"], _ = step(holder["state"], batch)
   jax.block_until_ready(holder["state"])
   compile_s = time.perf_counter() - t
-  n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(exp.state.params)))
+  n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(holder["state"].params)))
 
   def run():
     holder["state"], metrics = step(holder["state"], batch)
@@ -193,7 +198,8 @@ def build_torch_step(spec):
   torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
   images, labels = _batch(spec)
   step = torch_peer.TorchStep(spec.get("model", "resnet"), spec["batch_size"], tuple(spec["image_shape"]),
-                              channels_last=spec.get("channels_last", False), images=images, labels=labels)
+                              channels_last=spec.get("channels_last", False), images=images, labels=labels,
+                              bf16_autocast=spec.get("dtype") == "bfloat16")
   for _ in range(3):
     step()
   return step, (lambda out: None), {"params": torch_peer.torch_param_count(step.model),
@@ -285,12 +291,13 @@ def serve() -> None:
   _reply({"ready": True, "info": info})
   for line in sys.stdin:
     steps = json.loads(line)["steps"]
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     out = None
     for _ in range(steps):
       out = run()
     finish(out)
-    _reply({"seconds": (time.perf_counter() - start) / steps})
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    _reply({"seconds": wall / steps, "cpu_per_wall": cpu / wall})
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ gradients, with another formulation of the weight gradient (the part XLA CPU is 
     nn.Conv(features, (3, 3), conv_general_dilated=conv)                              # as flax's hook
 
 The forward pass and the input gradient are XLA's own; only dL/dkernel changes, as a sum of the same products in
-another order (so it agrees to float rounding). Formulations (``dw_impl``):
+another order (so it agrees to float rounding). Formulations of the weight gradient:
 
   xla        XLA's own transpose rule: one convolution with the whole H×W map as its window (the baseline).
   chunksK    XLA's rule applied to K slices of the batch, summed: K independent, smaller convolutions that the
@@ -14,6 +14,10 @@ another order (so it agrees to float rounding). Formulations (``dw_impl``):
   shift      one matmul per kernel tap: dW[i, j] = X[:, i::s, j::s]ᵀ · G over the (padded) input, contracting
              batch × H × W (kh·kw dots, no transposes of the activations).
   im2col     the kh·kw shifted copies of the input concatenated on the channel axis, then one matmul.
+
+``impl`` may also split the forward convolution and the input gradient over batch slices (``fwdK``, ``dxK``:
+K independent convolutions whose results are concatenated — exactly the same numbers, since every example is
+convolved on its own); combine with ``+``, e.g. ``"fwd2+dx2+chunks16"``.
 
 Supports what the package's models use: NHWC inputs, HWIO kernels, any stride, "SAME"/"VALID"/explicit padding,
 no dilation, one feature group. Anything else falls back to ``lax.conv_general_dilated`` unchanged.
@@ -83,6 +87,28 @@ def _dw_im2col(x, g, kernel_shape, strides, pads):
   return dw.reshape(kh, kw, c, o).astype(x.dtype)
 
 
+def _batch_split(fn, k, *arrays):
+  """fn applied to k slices of the batch, concatenated back (per-example ops only)."""
+  b = arrays[0].shape[0]
+  if k <= 1 or b % k:
+    return fn(*arrays)
+  n = b // k
+  return jnp.concatenate([fn(*(a[i * n:(i + 1) * n] for a in arrays)) for i in range(k)], axis=0)
+
+
+def _parse(impl: str):
+  """'fwd2+dx2+chunks16' → (2, 2, 'chunks16')."""
+  fwd_k, dx_k, dw = 1, 1, "xla"
+  for part in impl.split("+"):
+    if part.startswith("fwd"):
+      fwd_k = int(part[3:])
+    elif part.startswith("dx"):
+      dx_k = int(part[2:])
+    else:
+      dw = part
+  return fwd_k, dx_k, dw
+
+
 def _dw_function(impl: str):
   if impl == "xla":
     return _dw_xla
@@ -97,18 +123,25 @@ def _dw_function(impl: str):
 
 @functools.lru_cache(maxsize=None)
 def _custom_conv(impl: str):
-  dw_fn = _dw_function(impl)
+  fwd_k, dx_k, dw = _parse(impl)
+  dw_fn = _dw_function(dw)
+
+  def forward(x, kernel, strides, pads):
+    return _batch_split(lambda x: _forward(x, kernel, strides, pads), fwd_k, x)
 
   @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
   def conv(x, kernel, strides, pads):
-    return _forward(x, kernel, strides, pads)
+    return forward(x, kernel, strides, pads)
 
   def fwd(x, kernel, strides, pads):
-    return _forward(x, kernel, strides, pads), (x, kernel)
+    return forward(x, kernel, strides, pads), (x, kernel)
+
+  def input_grad(x, g, kernel, strides, pads):
+    return jax.vjp(lambda x: _forward(x, kernel, strides, pads), x)[1](g)[0]
 
   def bwd(strides, pads, residuals, g):
     x, kernel = residuals
-    dx = jax.vjp(lambda x: _forward(x, kernel, strides, pads), x)[1](g)[0]
+    dx = _batch_split(lambda x, g: input_grad(x, g, kernel, strides, pads), dx_k, x, g)
     return dx, dw_fn(x, g, kernel.shape, strides, pads)
 
   conv.defvjp(fwd, bwd)

@@ -31,6 +31,7 @@ class Worker:
 
   def __init__(self, name: str, spec: dict, *, env: dict | None = None, cpus: list[int] | None = None):
     self.name, self.spec = name, spec
+    self.cpu_per_wall = []  # process CPU time / wall time of each timed block: ~threads kept busy
     full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu", **(env or {})}
     cmd = [sys.executable, str(HERE / "cases.py")]
     if cpus is not None:
@@ -58,7 +59,9 @@ class Worker:
   def time(self, steps: int) -> float:
     """Seconds per call over ``steps`` consecutive calls (results awaited)."""
     self._send({"steps": steps})
-    return self._receive()["seconds"]
+    reply = self._receive()
+    self.cpu_per_wall.append(reply.get("cpu_per_wall"))
+    return reply["seconds"]
 
   def close(self) -> None:
     if self.proc.poll() is None:

@@ -214,7 +214,7 @@ class TorchStep:
   that yields channels-last arrays would need)."""
 
   def __init__(self, model_name: str, batch_size: int, image_shape, *, channels_last: bool, seed: int = 0,
-               images: np.ndarray | None = None, labels: np.ndarray | None = None):
+               images: np.ndarray | None = None, labels: np.ndarray | None = None, bf16_autocast: bool = False):
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     h, w, c = image_shape
@@ -229,12 +229,14 @@ class TorchStep:
                                      weight_decay=WEIGHT_DECAY)
     self.images_nhwc = torch.from_numpy(np.ascontiguousarray(images, np.float32))
     self.labels = torch.from_numpy(np.asarray(labels, np.int64))
+    self.bf16_autocast = bf16_autocast  # convolutions and the dense layer in bfloat16 (an experiment, not the peer)
 
   def __call__(self):
     x = self.images_nhwc.permute(0, 3, 1, 2).contiguous(memory_format=self.memory_format)
     self.optimizer.zero_grad(set_to_none=True)
-    logits = self.model(x)
-    loss = F.cross_entropy(logits, self.labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16_autocast):
+      logits = self.model(x)
+    loss = F.cross_entropy(logits.float(), self.labels)
     loss.backward()
     self.optimizer.step()
     accuracy = (logits.detach().argmax(-1) == self.labels).float().mean()

@@ -198,7 +198,8 @@ def config_to_json(config: ml_collections.ConfigDict) -> str:
 
 
 def config_from_json(text: str) -> ml_collections.ConfigDict:
-  """Rebuilds a saved config; lists become tuples again so overrides keep their types."""
+  """Rebuilds a saved config on top of today's defaults, so a run saved before a field existed still loads
+  (the new field takes its default); lists become tuples again so overrides keep their types."""
 
   def tuples(node):
     if isinstance(node, dict):
@@ -207,4 +208,14 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
       return tuple(tuples(v) for v in node)
     return node
 
-  return ml_collections.ConfigDict(tuples(json.loads(text)))
+  def overlay(base: ml_collections.ConfigDict, saved: dict) -> None:
+    for key, value in saved.items():
+      if isinstance(value, dict) and isinstance(base.get(key), ml_collections.ConfigDict):
+        overlay(base[key], value)
+      else:
+        with base.unlocked():
+          base[key] = value
+
+  config = load_config_file(default_config_path())
+  overlay(config, tuples(json.loads(text)))
+  return config

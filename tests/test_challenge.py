@@ -262,6 +262,26 @@ def test_compose_two_regularizers_in_the_step(tiny):
 # ------------------------------------------------------------------------------------------------ bad input
 
 
+def test_regularizer_on_a_model_without_a_split_is_a_user_error():
+  import flax.linen as nn
+  from overfocus_jax.challenge import Challenge
+  from overfocus_jax.errors import UserError
+  from overfocus_jax.models import Model
+  from overfocus_jax.train import loop
+
+  class Plain(nn.Module):  # logits only: no encode/classify
+    @nn.compact
+    def __call__(self, x, train=False):
+      return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+  model = Model(Plain(), "plain")
+  assert not model.supports_split("latent") and not model.supports_split("pooled")
+  with pytest.raises(UserError, match="encode/classify split"):
+    loop.check_challenge_fits(model, Challenge(step_lib.no_regularizer), "sgdrop")
+  loop.check_challenge_fits(build_model(config_lib.load_config_file(config_lib.default_config_path()), 10),
+                            Challenge(step_lib.no_regularizer, split="pooled"), "rsc_domainbed")
+
+
 @pytest.mark.parametrize("override,fragment", [
     ("--config.regularizer.sgdrop.rate=1.0", "regularizer.sgdrop.rate"),
     ("--config.regularizer.sgdrop.rate=-0.2", "regularizer.sgdrop.rate"),

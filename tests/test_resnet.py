@@ -147,17 +147,6 @@ def test_output_shapes(name, input_shape, z_shape):
   assert variables["params"]["head"]["dense"]["kernel"].shape == (z_shape[-1], 7)
 
 
-def test_real_forward_on_rgb_images():
-  model = make_model()
-  input_shape = (32, 32, 3)
-  variables = init(model, input_shape)
-  x = jax.random.normal(jax.random.PRNGKey(1), (2, *input_shape))
-  chex.assert_shape(model.encode(variables, x)[0], (2, 16, 16, 16))
-  logits, state = model.apply(variables, x, train=True)
-  chex.assert_shape(logits, (2, NUM_CLASSES))
-  chex.assert_tree_all_finite((logits, state))
-
-
 def expected_param_count(c_in, stem, widths, sizes, strides, classes, stem_kernel=3):
   """Hand count for the pre-activation ResNet: bias-free convs, BN scale+bias, a projection on width/stride change."""
   count = stem_kernel * stem_kernel * c_in * stem

@@ -53,9 +53,9 @@ def get_config() -> ml_collections.ConfigDict:
   ))
 
   # Optimisation.
-  config.num_epochs = 8
+  config.num_epochs = 10
   config.batch_size = 128
-  config.eval_batch_size = 250
+  config.eval_batch_size = 256  # divisible by 8 devices; the last batch is padded
   config.optimizer = "sgd"  # sgd (with momentum) | adam | adamw
   config.learning_rate = 0.1
   config.momentum = 0.9

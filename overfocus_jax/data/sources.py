@@ -204,6 +204,10 @@ def _check_arrays(spec, split, images, labels, num_classes) -> None:
   if images.ndim != 4:
     raise UserError(
         f'{split} images of {spec!r} have shape {images.shape}, not (N, H, W, C)', _UINT8_FIX)
+  if 0 in images.shape[1:]:
+    raise UserError(
+        f'{split} images of {spec!r} have an empty dimension: shape {images.shape}',
+        'save images with height, width and channels of at least 1 (N, H, W, C)')
   if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
     raise UserError(
         f'{split} labels of {spec!r} are {labels.dtype} with shape {labels.shape}, '

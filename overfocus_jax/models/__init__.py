@@ -55,6 +55,11 @@ class Model:
   def classify(self, variables: Variables, z: jax.Array, *, train: bool = False):
     return self._run(self.module.classify, variables, z, train, ("head",))
 
+  def supports_split(self, level: str) -> bool:
+    """Whether the module has the methods ``split(level)`` needs."""
+    needed = {"latent": ("encode", "classify"), "pooled": ("embed", "classify_embedding")}.get(level, ("?",))
+    return all(callable(getattr(self.module, name, None)) for name in needed)
+
   def split(self, level: str):
     """``(encode_fn, classify_fn)`` at a split point: ``latent`` (the feature map) or ``pooled`` (the vector)."""
     if level == "latent":

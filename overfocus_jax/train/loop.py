@@ -72,9 +72,18 @@ def build_experiment(config: ml_collections.ConfigDict, *, dataset: ImageDataset
   tx = state_lib.make_optimizer(config, schedule)
   state = state_lib.create_train_state(model, tx, seed=config.seed, input_shape=dataset.image_shape)
   challenge = build_challenge(config)
+  check_challenge_fits(model, challenge, config.regularizer.name)
   if challenge.teacher_ema_decay is not None:
     state = init_ema(state)
   return Experiment(config, dataset, model, mesh, steps, schedule, tx, parallel.replicate(state, mesh), challenge)
+
+
+def check_challenge_fits(model: Model, challenge: Challenge, name: str) -> None:
+  """A regularizer needs the model's encode/classify split at its level."""
+  if not model.supports_split(challenge.split):
+    raise UserError(f"regularizer {name!r} needs a model with an encode/classify split at the {challenge.split} "
+                    f"level, and {model.name!r} has none", "use --config.model=resnet or resnet18, or "
+                    "--config.regularizer.name=none")
 
 
 def jit_train_step(exp: Experiment, challenge: Challenge | None = None):

@@ -66,7 +66,11 @@ def create_train_state(model: Model, tx: optax.GradientTransformation, *, seed: 
 
 
 def check_input_shape(model: Model, input_shape: tuple[int, ...]) -> None:
-  """Fails clearly when an image is too small for the network (a stage would get an empty feature map)."""
+  """Fails clearly when the model cannot be built for these images (a backbone that needs larger inputs).
+
+  The residual CNNs use SAME padding, so any size of at least 1×1 works for them; empty dimensions are rejected
+  when the data is loaded.
+  """
   try:
     out = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), input_shape))
   except (ValueError, TypeError) as e:

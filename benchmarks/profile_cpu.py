@@ -1,0 +1,333 @@
+r"""Where the JAX CPU train step spends its time, and what changes it — every comparison measured in one run.
+
+    python benchmarks/profile_cpu.py                         # all sections → benchmarks/results/profile_cpu.json
+    python benchmarks/profile_cpu.py --sections ops conv     # some of them
+
+Sections (the default model: the seeds' residual CNN, batch 128, 28×28×1, unless said otherwise):
+  ops        per-HLO-op time of the compiled train step from a jax.profiler trace, grouped into convolution
+             forward / input gradient / weight gradient, layout copies, elementwise fusions and reductions; for
+             the package's step and for the step with the proposed convolution change.
+  parts      forward (train-mode BN + loss), forward+backward, full step (with the optimizer), JAX vs torch.
+  conv       the biggest convolution alone (128×28×28×32 → 32, 3×3): forward, input gradient, weight gradient
+             in JAX (XLA's rule; other formulations of the weight gradient; NCHW/OIHW dimension numbers) and in
+             torch (NCHW, channels-last), plus JAX pinned to one core and torch with one thread.
+  flags      the full step under XLA CPU flags (YNNPACK convolutions off, XNNPACK graph fusion, Eigen
+             single-threaded, oneDNN, ...), JAX pinned to one core, default matmul precision, vs torch.
+  proposals  the full step with other formulations of the convolution gradients (benchmarks/conv_variants.py).
+  batch      batch 64 and 256: JAX as is, JAX with the proposal, torch.
+  bf16       convolutions in bfloat16 (JAX: nn.Conv dtype; torch: CPU autocast) vs float32 — not the same
+             math, reported because this CPU has AMX-BF16.
+Each section starts one worker process per case (benchmarks/harness.py) and times them interleaved.
+"""
+
+import argparse
+import collections
+import datetime
+import glob
+import json
+import os
+import pathlib
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+DEFAULT = {"model": "resnet", "batch_size": 128, "image_shape": [28, 28, 1], "dataset": "mnist5k"}
+BIG_CONV = {"input_shape": [128, 28, 28, 32], "features": 32}
+PROPOSAL = "chunks16"
+YNN_CONV_OFF = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+
+
+def _flags(value: str) -> dict:
+  return {"XLA_FLAGS": value}
+
+
+def section_parts():
+  cases = {}
+  for part in ("forward", "grad"):
+    cases[f"jax {part}"] = {"kind": "jax_part", "part": part, **DEFAULT}
+    cases[f"torch {part}"] = {"kind": "torch_part", "part": part, "channels_last": True, **DEFAULT}
+  cases["jax step"] = {"kind": "jax_step", **DEFAULT}
+  cases["torch step"] = {"kind": "torch_step", "channels_last": True, **DEFAULT}
+  return cases, "torch step"
+
+
+def section_conv():
+  cases = {}
+  for op in ("fwd", "dx", "dw"):
+    cases[f"jax {op}"] = {"kind": "jax_conv", "op": op, **BIG_CONV}
+    cases[f"jax {op} NCHW/OIHW"] = {"kind": "jax_conv", "op": op, "dimension_numbers": "NCHW", **BIG_CONV}
+    cases[f"torch {op}"] = {"kind": "torch_conv", "op": op, **BIG_CONV}
+    cases[f"torch {op} channels_last"] = {"kind": "torch_conv", "op": op, "channels_last": True, **BIG_CONV}
+  for impl in ("chunks4", "chunks16", "shift", "im2col"):
+    cases[f"jax dw {impl}"] = {"kind": "jax_conv", "op": "dw", "dw_impl": impl, **BIG_CONV}
+  cases["jax dw, YNNPACK conv off (Eigen)"] = {"kind": "jax_conv", "op": "dw", "env": _flags(YNN_CONV_OFF),
+                                                **BIG_CONV}
+  cases["jax fwd, YNNPACK conv off (Eigen)"] = {"kind": "jax_conv", "op": "fwd", "env": _flags(YNN_CONV_OFF),
+                                                 **BIG_CONV}
+  for op in ("fwd", "dw"):
+    cases[f"jax {op} 1 core"] = {"kind": "jax_conv", "op": op, "cpus": [0], **BIG_CONV}
+    cases[f"torch {op} 1 thread"] = {"kind": "torch_conv", "op": op, "threads": 1, "channels_last": True,
+                                     "cpus": [0], **BIG_CONV}
+  return cases, "torch dw channels_last"
+
+
+def section_flags():
+  variants = {
+      "jax (no flags)": None,
+      "YNNPACK convolutions off (Eigen)": YNN_CONV_OFF,
+      "YNNPACK only for dots": "--xla_cpu_experimental_ynn_fusion_type=individual_dot",
+      "XNNPACK graph fusion greedy": "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",
+      "xla_cpu_multi_thread_eigen=false": "--xla_cpu_multi_thread_eigen=false",
+      "xla_cpu_use_onednn=true": "--xla_cpu_use_onednn=true",
+      "xla_cpu_enable_fast_math=true": "--xla_cpu_enable_fast_math=true",
+  }
+  cases = {}
+  for name, value in variants.items():
+    cases[name] = {"kind": "jax_step", **DEFAULT, **({"env": _flags(value)} if value else {})}
+  cases["jax, default_matmul_precision=highest"] = {"kind": "jax_step", "matmul_precision": "highest", **DEFAULT}
+  cases["jax pinned to 1 core"] = {"kind": "jax_step", "cpus": [0], **DEFAULT}
+  cases["torch (channels_last)"] = {"kind": "torch_step", "channels_last": True, **DEFAULT}
+  cases["torch 1 thread, 1 core"] = {"kind": "torch_step", "channels_last": True, "threads": 1, "cpus": [0],
+                                     **DEFAULT}
+  return cases, "torch (channels_last)"
+
+
+def section_proposals():
+  cases = {"jax (XLA's gradients)": {"kind": "jax_step", **DEFAULT}}
+  for impl in ("chunks4", "chunks8", "chunks16", "chunks32", "fwd2+dx2+chunks16", "shift"):
+    cases[f"jax conv_impl={impl}"] = {"kind": "jax_step", "conv_impl": impl, **DEFAULT}
+  cases["jax conv_impl=chunks16 + YNNPACK conv off"] = {"kind": "jax_step", "conv_impl": "chunks16",
+                                                        "env": _flags(YNN_CONV_OFF), **DEFAULT}
+  cases["torch (channels_last)"] = {"kind": "torch_step", "channels_last": True, **DEFAULT}
+  return cases, "torch (channels_last)"
+
+
+def section_batch(batch_size):
+  config = {**DEFAULT, "batch_size": batch_size}
+  cases = {f"jax b{batch_size}": {"kind": "jax_step", **config},
+           f"jax {PROPOSAL} b{batch_size}": {"kind": "jax_step", "conv_impl": PROPOSAL, **config},
+           f"torch b{batch_size}": {"kind": "torch_step", "channels_last": True, **config},
+           f"torch nchw b{batch_size}": {"kind": "torch_step", "channels_last": False, **config}}
+  return cases, f"torch b{batch_size}"
+
+
+def section_bf16():
+  cases = {"jax float32": {"kind": "jax_step", **DEFAULT},
+           "jax bf16 convs": {"kind": "jax_step", "dtype": "bfloat16", **DEFAULT},
+           f"jax bf16 convs + {PROPOSAL}": {"kind": "jax_step", "dtype": "bfloat16", "conv_impl": PROPOSAL,
+                                            **DEFAULT},
+           "torch float32": {"kind": "torch_step", "channels_last": True, **DEFAULT},
+           "torch bf16 autocast": {"kind": "torch_step", "channels_last": True, "dtype": "bfloat16", **DEFAULT}}
+  return cases, "torch float32"
+
+
+# ------------------------------------------------------------------------------------- per-op profile (ops)
+
+
+def _parse_hlo(text: str):
+  """{instruction name: (shape, opcode, op_name metadata, called computation body)} for the entry computation."""
+  bodies = {m.group(1): m.group(2) for m in re.finditer(r"\n%(\S+) \(.*?\) -> .*? \{\n(.*?)\n\}", text, re.S)}
+  entry = text[text.index("\nENTRY"):]
+  info = {}
+  for line in entry.splitlines():
+    m = re.match(r"\s*(?:ROOT )?%(\S+) = (\S+) ([\w-]+)\(", line)
+    if not m:
+      continue
+    calls = re.search(r"calls=%([^,\s}]+)", line)
+    meta = re.search(r'op_name="([^"]+)"', line)
+    body = bodies.get(calls.group(1), "") if calls else ""
+    if not meta and body:
+      meta = re.search(r'op_name="([^"]+)"', body)
+    info[m.group(1)] = (m.group(2), m.group(3), meta.group(1) if meta else "", body, line)
+  return info
+
+
+def _category(info, batch: int) -> str:
+  """A coarse kind for one entry instruction (a fusion is classified by the ops it contains)."""
+  del batch
+  shape, opcode, op_name, body, line = info
+  text = body or line
+  has = lambda op: re.search(rf"= \S+ {op}\(", text) is not None  # noqa: E731
+  if has("convolution"):
+    window = re.search(r"window=\{size=([\dx]+)", text)
+    sizes = [int(v) for v in window.group(1).split("x")] if window else []
+    if any(v not in (1, 3) for v in sizes):  # the model's kernels are 1×1 and 3×3; a larger window is dL/dW
+      return "conv weight gradient"
+    if "lhs_dilate" in text:
+      return "conv input gradient (stride 2, lhs-dilated)"
+    if "transpose(" in op_name:
+      return "conv input gradient"
+    return "conv forward"
+  if has("dot"):
+    return "dense (dot)"
+  if has("reduce"):
+    return "reductions (BN statistics, bias/scale grads)"
+  if has("transpose") or opcode in ("copy", "transpose") or (has("copy") and not has("add")):
+    return "layout copies (transpose/copy)"
+  if has("concatenate") or has("slice") or has("pad"):
+    return "slice / pad / concatenate"
+  return "elementwise fusions (BN, ReLU, optimizer)"
+
+
+def op_profile_worker(spec: dict) -> dict:
+  """Runs in a subprocess: traces a few steps of the package's train step, returns time per category."""
+  import time
+  import jax
+  from jax.profiler import ProfileData
+  import cases as cases_lib
+  made = cases_lib.make_jax_step(spec)
+  step, exp, device_batch = made
+  # The optimized HLO of the same jitted step: its instruction names are the thunk names in the trace.
+  info = _parse_hlo(step.lower(exp.state, device_batch).compile().as_text())
+  run, finish, _ = cases_lib.build_jax_step(spec, made)
+  batch = spec["batch_size"]
+  for _ in range(2):
+    finish(run())
+  steps = spec.get("steps", 5)
+  trace_dir = tempfile.mkdtemp(prefix="overfocus_trace_")
+  jax.profiler.start_trace(trace_dir)
+  start = time.perf_counter()
+  out = None
+  for _ in range(steps):
+    out = run()
+  finish(out)
+  wall = (time.perf_counter() - start) / steps
+  jax.profiler.stop_trace()
+  path = max(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
+  per_op = collections.Counter()
+  for plane in ProfileData.from_file(path).planes:
+    for line in plane.lines:
+      for event in line.events:
+        if event.name in info:
+          per_op[event.name] += event.duration_ns / 1e6 / steps
+  per_category = collections.Counter()
+  for name, ms in per_op.items():
+    per_category[_category(info[name], batch)] += ms
+  top = [{"op": name, "ms": round(ms, 2), "category": _category(info[name], batch), "shape": info[name][0]}
+         for name, ms in per_op.most_common(15)]
+  return {"wall_ms_per_step": wall * 1e3, "op_ms_per_step_summed_over_threads": sum(per_op.values()),
+          "categories_ms": dict(per_category.most_common()), "top_ops": top}
+
+
+def section_ops(log):
+  out = {}
+  for name, spec in {"jax (package as is)": {**DEFAULT},
+                     f"jax conv_impl={PROPOSAL}": {**DEFAULT, "conv_impl": PROPOSAL}}.items():
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_cpu_enable_xprof_traceme=true"}
+    log(f"  op profile: {name}")
+    proc = subprocess.run([sys.executable, __file__, "--op-profile-worker", json.dumps(spec)], env=env,
+                          capture_output=True, text=True, cwd=str(pathlib.Path(__file__).parent.parent))
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("@@")]
+    if proc.returncode or not lines:
+      raise RuntimeError(f"op profile failed: {proc.stderr[-2000:]}")
+    out[name] = json.loads(lines[-1][2:])
+  return out
+
+
+def thunk_runtime_flag() -> str:
+  """Whether --xla_cpu_use_thunk_runtime=false still does anything in this jaxlib."""
+  env = {**os.environ, "XLA_FLAGS": "--xla_cpu_use_thunk_runtime=false", "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-c", "import jax, jax.numpy as jnp; jax.jit(lambda x: x + 1)(jnp.ones(2))"],
+                        env=env, capture_output=True, text=True)
+  warning = [l for l in proc.stderr.splitlines() if "thunk_runtime" in l]
+  return warning[0].split("] ", 1)[-1] if warning else f"accepted silently (exit {proc.returncode})"
+
+
+# ----------------------------------------------------------------------------------------------- reporting
+
+
+def run_section(name, cases, reference, args, log):
+  log(f"[{name}] starting {len(cases)} workers")
+  workers = harness.start(cases, log=log)
+  try:
+    seconds = harness.interleave(workers, steps=args.steps, repeats=args.repeats, log=log)
+  finally:
+    harness.close(workers)
+  ref = statistics.median(seconds[reference])
+  rows = {}
+  for case, values in seconds.items():
+    spec = cases[case]
+    rows[case] = {"ms": harness.median_ms(values), "ms_min": min(values) * 1e3,
+                  "ms_all": [v * 1e3 for v in values], "relative_to_reference": statistics.median(values) / ref,
+                  "cpu_per_wall": statistics.median(workers[case].cpu_per_wall), "spec": spec}
+    if "batch_size" in spec and spec["kind"].endswith("step"):
+      rows[case]["images_per_s"] = spec["batch_size"] / statistics.median(values)
+  return {"reference": reference, "rows": rows}
+
+
+def markdown_section(name, section) -> str:
+  if name == "ops":
+    lines = []
+    for case, prof in section.items():
+      lines.append(f"**{case}**: {prof['wall_ms_per_step']:.0f} ms/step wall, "
+                   f"{prof['op_ms_per_step_summed_over_threads']:.0f} ms of op time (summed over threads)\n")
+      lines.append("| category | ms/step | share |")
+      lines.append("|---|---|---|")
+      total = prof["op_ms_per_step_summed_over_threads"]
+      for cat, ms in prof["categories_ms"].items():
+        lines.append(f"| {cat} | {ms:.0f} | {ms / total:.0%} |")
+      lines.append("")
+    return "\n".join(lines)
+  lines = [f"| case | ms | × {section['reference']} | img/s | CPU time / wall |", "|---|---|---|---|---|"]
+  for case, row in section["rows"].items():
+    ips = f"{row['images_per_s']:.0f}" if "images_per_s" in row else ""
+    lines.append(f"| {case} | {row['ms']:.1f} | {row['relative_to_reference']:.2f} | {ips} | "
+                 f"{row['cpu_per_wall']:.2f} |")
+  return "\n".join(lines)
+
+
+SECTIONS = ("ops", "parts", "conv", "flags", "proposals", "batch", "bf16")
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+  parser.add_argument("--steps", type=int, default=3, help="calls per timed block")
+  parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds; medians are reported")
+  parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "profile_cpu.json"))
+  parser.add_argument("--op-profile-worker", help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args.op_profile_worker:
+    result = op_profile_worker(json.loads(args.op_profile_worker))
+    print("@@" + json.dumps(result), flush=True)
+    return 0
+
+  log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+  record = {"command": "python benchmarks/profile_cpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": harness.machine(), "versions": harness.versions(), "steps": args.steps,
+            "repeats": args.repeats, "sections": {}}
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  if "flags" in args.sections:
+    record["xla_cpu_use_thunk_runtime=false"] = thunk_runtime_flag()
+  for name in args.sections:
+    if name == "ops":
+      record["sections"]["ops"] = section_ops(log)
+    elif name == "batch":
+      for batch_size in (64, 256):
+        cases, reference = section_batch(batch_size)
+        record["sections"][f"batch{batch_size}"] = run_section(f"batch{batch_size}", cases, reference, args, log)
+    else:
+      cases, reference = globals()[f"section_{name}"]()
+      record["sections"][name] = run_section(name, cases, reference, args, log)
+    record["load_average_now"] = [round(x, 2) for x in os.getloadavg()]
+    out.write_text(json.dumps(record, indent=2) + "\n")  # after every section: partial results survive
+  for name, section in record["sections"].items():
+    print(f"\n### {name}\n")
+    print(markdown_section(name, section))
+  if "xla_cpu_use_thunk_runtime=false" in record:
+    print(f"\n--xla_cpu_use_thunk_runtime=false: {record['xla_cpu_use_thunk_runtime=false']}")
+  print(f"\nload average {record['machine'].get('load_average_at_start')} at start, "
+        f"{record['load_average_now']} at end (2 cores); results in {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,75 @@
+"""Step time of each regularizer relative to plain ERM, measured in one process with interleaved rounds.
+
+    python benchmarks/regularizer_overhead.py                       # default model, mnist5k, batch 128
+    python benchmarks/regularizer_overhead.py --config.batch_size=256 --rounds 5
+
+Every regularizer's train step is compiled for the same model, batch and mesh; then each round times `--steps`
+steps of every step function in turn, so machine noise hits all of them alike. Prints one JSON line per
+regularizer (median step time over rounds and the ratio to `none`) and a markdown table.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import jax
+
+from overfocus_jax import config as config_lib, parallel
+from overfocus_jax.cli import _split_overrides
+from overfocus_jax.data import pipeline
+from overfocus_jax.train import loop
+
+VARIANTS = {
+    "none": [],
+    "sgdrop (element)": [("regularizer.name", "sgdrop")],
+    "sgdrop (spatial)": [("regularizer.name", "sgdrop"), ("regularizer.sgdrop.granularity", "spatial")],
+    "sgdrop + EMA teacher": [("regularizer.name", "sgdrop"), ("regularizer.sgdrop.ema_decay", "0.99")],
+    "rsc": [("regularizer.name", "rsc")],
+    "rsc_domainbed": [("regularizer.name", "rsc_domainbed")],
+}
+
+
+def main() -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--config", default=None)
+  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--rounds", type=int, default=5)
+  args, extra = parser.parse_known_args()
+  overrides = _split_overrides(extra)
+  steps, states, batch = {}, {}, None
+  for name, variant in VARIANTS.items():
+    config = config_lib.build_config(args.config, overrides + variant)
+    exp = loop.build_experiment(config)
+    if batch is None:
+      batch = parallel.shard_batch(next(pipeline.make_train_iterator(
+          exp.dataset, batch_size=config.batch_size, seed=0, augment=False)), exp.mesh)
+    steps[name] = loop.jit_train_step(exp)
+    state, _ = steps[name](exp.state, batch)  # compile
+    for _ in range(3):
+      state, _ = steps[name](state, batch)
+    states[name] = jax.block_until_ready(state)
+  times = {name: [] for name in VARIANTS}
+  for _ in range(args.rounds):
+    for name, step in steps.items():
+      state = states[name]
+      start = time.perf_counter()
+      for _ in range(args.steps):
+        state, _ = step(state, batch)
+      states[name] = jax.block_until_ready(state)
+      times[name].append((time.perf_counter() - start) / args.steps)
+  base = statistics.median(times["none"])
+  print(f"| regularizer | step ms (median of {args.rounds}) | × none |\n|---|---|---|")
+  for name, values in times.items():
+    ms = 1e3 * statistics.median(values)
+    print(f"| {name} | {ms:.1f} | {ms / 1e3 / base:.3f} |")
+  for name, values in times.items():
+    print(json.dumps({"regularizer": name, "step_ms": 1e3 * statistics.median(values),
+                      "ratio_to_none": statistics.median(values) / base, "backend": jax.default_backend(),
+                      "batch_size": int(batch["label"].shape[0])}))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

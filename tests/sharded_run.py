@@ -1,0 +1,60 @@
+"""Helper for test_sharding.py (not a test): a few train steps on every device this process sees.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_run.py OUT.npz 8
+
+Runs 4 steps of a one-stage residual CNN (few distinct weight shapes: eager init compiles per shape) with
+batch 16, no augmentation and fixed batches, through the real sharded, jitted step
+of ``overfocus_jax.train.loop``, then evaluates on the test split, and saves the losses, the evaluation, the final
+variables (flattened, one array per path) and facts about the sharding in ``OUT.npz``.
+"""
+
+import sys
+
+import jax
+import numpy as np
+
+from overfocus_jax import config as config_lib
+from overfocus_jax import parallel
+from overfocus_jax.data import pipeline
+from overfocus_jax.errors import UserError
+from overfocus_jax.train import loop
+
+STEPS, BATCH = 4, 16
+FIELDS = [("dataset", "digits"), ("resnet.stem_features", "8"), ("resnet.stage_widths", "(8,)"),
+          ("resnet.stage_sizes", "(1,)"), ("resnet.stage_strides", "(1,)"), ("batch_size", str(BATCH)),
+          ("eval_batch_size", str(BATCH)), ("augment", "false"), ("schedule", "constant"), ("warmup_epochs", "0"),
+          ("learning_rate", "0.1")]
+
+
+def main(out_path: str, expected_devices: int) -> None:
+  assert jax.device_count() == expected_devices, (jax.device_count(), expected_devices)
+  config = config_lib.build_config(None, FIELDS)
+  exp = loop.build_experiment(config)
+  assert exp.mesh.devices.size == expected_devices
+  train_step = loop.jit_train_step(exp)
+  iterator = pipeline.make_train_iterator(exp.dataset, batch_size=BATCH, seed=0, augment=False)
+  state, losses, accuracies, shards, rows = exp.state, [], [], [], []
+  for _ in range(STEPS):
+    batch = parallel.shard_batch(next(iterator), exp.mesh)
+    shards.append(len(batch["image"].addressable_shards))
+    rows.append(batch["image"].addressable_shards[0].data.shape[0])
+    state, metrics = train_step(state, batch)
+    losses.append(float(metrics["loss"]))
+    accuracies.append(float(metrics["accuracy"]))
+  test = loop.evaluate(exp, state, exp.dataset.test)
+  leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(state.variables))[0]
+  variables = {"var:" + jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+  replicated = all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(state.params))
+  try:
+    parallel.check_batch_size(12, exp.mesh)
+    rejects_12 = False
+  except UserError as e:
+    rejects_12 = "12" in str(e)
+  np.savez(out_path, losses=np.array(losses), accuracies=np.array(accuracies), shards=np.array(shards),
+           rows=np.array(rows), device_count=jax.device_count(), params_replicated=replicated,
+           test_loss=test["loss"], test_accuracy=test["accuracy"], test_n=test["n"], step=int(state.step),
+           rejects_12=rejects_12, **variables)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1], int(sys.argv[2]))

@@ -1,0 +1,91 @@
+"""Data parallelism: the same short training on 1 device and on 8 simulated CPU devices gives the same numbers.
+
+The device count is fixed when JAX starts, so the 8-device run is its own process (``tests/sharded_run.py``,
+started first so that it overlaps with the 1-device run of the same script in this process).
+"""
+
+import pathlib
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from overfocus_jax import parallel
+from overfocus_jax.configs.default import get_config
+from overfocus_jax.errors import UserError
+
+import sharded_run
+from conftest import DIGITS_TEST, TINY_ARGS, assert_one_line_error, subprocess_env
+
+HELPER = pathlib.Path(__file__).with_name("sharded_run.py")
+EIGHT = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """The 8-device run and an 8-device CLI call with batch_size=12 in subprocesses; the 1-device run here."""
+  tmp = tmp_path_factory.mktemp("sharding")
+  procs = {
+      8: subprocess.Popen([sys.executable, str(HELPER), str(tmp / "eight.npz"), "8"], env=subprocess_env(EIGHT),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
+      "cli": subprocess.Popen([sys.executable, "-m", "overfocus_jax", "train", "--workdir", str(tmp / "wd"),
+                               *TINY_ARGS, "--config.batch_size=12", "--config.eval_batch_size=16"],
+                              env=subprocess_env(EIGHT), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+  }
+  try:
+    sharded_run.main(str(tmp / "one.npz"), 1)
+  finally:
+    outputs = {name: proc.communicate(timeout=300) for name, proc in procs.items()}
+  results = {name: (procs[name].returncode, *outputs[name]) for name in procs}
+  assert results[8][0] == 0, f"8-device run failed:\n{results[8][1]}"
+  return {"one": dict(np.load(tmp / "one.npz")), "eight": dict(np.load(tmp / "eight.npz")), "cli": results["cli"]}
+
+
+def test_eight_devices_really_shard_the_batch(runs):
+  one, eight = runs["one"], runs["eight"]
+  assert int(one["device_count"]) == 1 and int(eight["device_count"]) == 8
+  np.testing.assert_array_equal(eight["shards"], [8] * 4)
+  np.testing.assert_array_equal(eight["rows"], [2] * 4)   # 16 rows / 8 devices
+  np.testing.assert_array_equal(one["rows"], [16] * 4)
+  assert bool(eight["params_replicated"]) and bool(one["params_replicated"])
+  assert int(eight["step"]) == int(one["step"]) == 4
+
+
+def test_one_and_eight_devices_train_the_same(runs):
+  one, eight = runs["one"], runs["eight"]
+  np.testing.assert_allclose(eight["losses"], one["losses"], rtol=1e-4)
+  np.testing.assert_allclose(eight["accuracies"], one["accuracies"], atol=1e-6)
+  assert one["losses"][-1] != one["losses"][0]  # it trained
+  names = sorted(k for k in one if k.startswith("var:"))
+  assert names == sorted(k for k in eight if k.startswith("var:"))
+  assert any("batch_stats" in k for k in names) and any("params" in k for k in names)
+  for name in names:
+    # Parameters and the batch-norm statistics (computed over the global batch on both).
+    np.testing.assert_allclose(eight[name], one[name], atol=1e-5, rtol=1e-4, err_msg=name)
+  assert int(eight["test_n"]) == int(one["test_n"]) == DIGITS_TEST
+  np.testing.assert_allclose(eight["test_loss"], one["test_loss"], rtol=1e-4)
+  np.testing.assert_allclose(eight["test_accuracy"], one["test_accuracy"], atol=1e-6)
+
+
+def test_batch_not_divisible_by_devices_is_a_user_error(runs):
+  assert bool(runs["eight"]["rejects_12"])
+  mesh = types.SimpleNamespace(devices=np.empty(8))  # check_batch_size needs only the device count
+  with pytest.raises(UserError, match=r"batch_size=12 does not divide evenly over 8 devices.*batch_size=8"):
+    parallel.check_batch_size(12, mesh)
+  with pytest.raises(UserError, match="eval_batch_size"):
+    parallel.check_batch_size(250, mesh, "eval_batch_size")
+  parallel.check_batch_size(16, mesh)
+
+
+def test_cli_rejects_batch_size_12_on_8_devices(runs):
+  code, _, err = runs["cli"]
+  assert_one_line_error(code, err, "batch_size=12", "8 devices")
+
+
+def test_default_config_batch_sizes_fit_eight_devices():
+  config = get_config()
+  mesh = types.SimpleNamespace(devices=np.empty(8))
+  parallel.check_batch_size(config.batch_size, mesh)
+  parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
