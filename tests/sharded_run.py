@@ -1,6 +1,9 @@
 """Helper for test_sharding.py (not a test): a few train steps on every device this process sees.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_run.py OUT.npz 8
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_run.py OUT.npz 8 regularized
+
+With ``regularized``, the same run is repeated for every entry of ``REGULARIZED`` and saved as ``OUT-NAME.npz``.
 
 Runs 4 steps of a one-stage residual CNN (few distinct weight shapes: eager init compiles per shape) with
 batch 16, no augmentation and fixed batches, through the real sharded, jitted step
@@ -26,20 +29,34 @@ FIELDS = [("dataset", "digits"), ("resnet.stem_features", "8"), ("resnet.stage_w
           ("learning_rate", "0.1")]
 
 
-def main(out_path: str, expected_devices: int) -> None:
+REGULARIZED = {
+    "sgdrop": [("regularizer.name", "sgdrop"), ("regularizer.sgdrop.granularity", "spatial"),
+               ("regularizer.sgdrop.rate", "0.3"), ("regularizer.sgdrop.ema_decay", "0.9")],
+    "rsc": [("regularizer.name", "rsc"), ("regularizer.rsc.batch_percent", "0.5")],
+    "rsc_domainbed": [("regularizer.name", "rsc_domainbed")],
+}
+
+
+def main_regularized(out_path: str, expected_devices: int) -> None:
+  for name, fields in REGULARIZED.items():
+    main(out_path.replace(".npz", f"-{name}.npz"), expected_devices, fields)
+
+
+def main(out_path: str, expected_devices: int, extra_fields=()) -> None:
   assert jax.device_count() == expected_devices, (jax.device_count(), expected_devices)
-  config = config_lib.build_config(None, FIELDS)
+  config = config_lib.build_config(None, FIELDS + list(extra_fields))
   exp = loop.build_experiment(config)
   assert exp.mesh.devices.size == expected_devices
   train_step = loop.jit_train_step(exp)
   iterator = pipeline.make_train_iterator(exp.dataset, batch_size=BATCH, seed=0, augment=False)
-  state, losses, accuracies, shards, rows = exp.state, [], [], [], []
+  state, losses, accuracies, shards, rows, regularizer_metrics = exp.state, [], [], [], [], []
   for _ in range(STEPS):
     batch = parallel.shard_batch(next(iterator), exp.mesh)
     shards.append(len(batch["image"].addressable_shards))
     rows.append(batch["image"].addressable_shards[0].data.shape[0])
     state, metrics = train_step(state, batch)
     losses.append(float(metrics["loss"]))
+    regularizer_metrics.append([float(v) for k, v in sorted(metrics.items()) if k.startswith(("sgdrop", "rsc"))])
     accuracies.append(float(metrics["accuracy"]))
   test = loop.evaluate(exp, state, exp.dataset.test)
   leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(state.variables))[0]
@@ -53,8 +70,11 @@ def main(out_path: str, expected_devices: int) -> None:
   np.savez(out_path, losses=np.array(losses), accuracies=np.array(accuracies), shards=np.array(shards),
            rows=np.array(rows), device_count=jax.device_count(), params_replicated=replicated,
            test_loss=test["loss"], test_accuracy=test["accuracy"], test_n=test["n"], step=int(state.step),
-           rejects_12=rejects_12, **variables)
+           rejects_12=rejects_12, regularizer_metrics=np.array(regularizer_metrics), **variables)
 
 
 if __name__ == "__main__":
-  main(sys.argv[1], int(sys.argv[2]))
+  if sys.argv[3:] == ["regularized"]:
+    main_regularized(sys.argv[1], int(sys.argv[2]))
+  else:
+    main(sys.argv[1], int(sys.argv[2]))

@@ -89,3 +89,30 @@ def test_default_config_batch_sizes_fit_eight_devices():
   mesh = types.SimpleNamespace(devices=np.empty(8))
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+
+
+@pytest.fixture(scope="module")
+def regularized_runs(tmp_path_factory):
+  """SGDrop (spatial, EMA teacher), RSC and RSC-DomainBed: 8 devices in a subprocess, 1 device here."""
+  tmp = tmp_path_factory.mktemp("sharding_regularized")
+  proc = subprocess.Popen([sys.executable, str(HELPER), str(tmp / "eight.npz"), "8", "regularized"],
+                          env=subprocess_env(EIGHT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  try:
+    sharded_run.main_regularized(str(tmp / "one.npz"), 1)
+  finally:
+    output, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, f"8-device regularized runs failed:\n{output}"
+  return {name: (dict(np.load(tmp / f"one-{name}.npz")), dict(np.load(tmp / f"eight-{name}.npz")))
+          for name in sharded_run.REGULARIZED}
+
+
+@pytest.mark.parametrize("name", list(sharded_run.REGULARIZED))
+def test_regularized_training_is_the_same_on_one_and_eight_devices(regularized_runs, name):
+  one, eight = regularized_runs[name]
+  assert int(eight["device_count"]) == 8 and int(one["device_count"]) == 1
+  assert one["regularizer_metrics"].size > 0  # the regularizer really ran and reported
+  np.testing.assert_allclose(eight["losses"], one["losses"], rtol=1e-4)
+  np.testing.assert_allclose(eight["regularizer_metrics"], one["regularizer_metrics"], atol=1e-5)
+  for key in one:
+    if key.startswith("var:"):
+      np.testing.assert_allclose(eight[key], one[key], atol=2e-5, err_msg=key)
