@@ -4,7 +4,8 @@ A spec is a JSON object with a ``kind``:
 
   jax_step      the package's compiled train step (``loop.build_experiment`` + ``loop.jit_train_step``, exactly what
                 ``overfocus train``/``overfocus bench`` run), on a fixed batch. Optional ``conv_impl``: swaps the
-                convolution flax uses for one with another weight-gradient formulation (see ``conv_variants``).
+                convolution flax uses for one with another weight-gradient formulation (see ``conv_variants``);
+                ``compiler_options``: the same step jitted with these XLA options; ``matmul_precision``.
   jax_part      forward (train-mode BN, loss), or forward+backward (``jax.value_and_grad``) of the same model.
   torch_step    the torch peer's train step (torch_peer.TorchStep); ``channels_last`` picks the memory format.
   torch_part    forward (no autograd graph) or forward+backward of the torch peer.
@@ -12,7 +13,8 @@ A spec is a JSON object with a ``kind``:
                 gradients), NHWC/HWIO by default or other ``dimension_numbers``; ``dw_impl`` picks the formulation.
   torch_conv    the same with torch (``aten.convolution_backward`` for the gradients).
 
-Common fields: model, batch_size, image_shape [H, W, C], dtype (float32 | bfloat16, JAX only), seed.
+Common fields: model, batch_size, image_shape [H, W, C], dtype (float32 | bfloat16: JAX convolutions, torch
+autocast), seed, threads (torch); the harness also takes env (e.g. XLA_FLAGS) and cpus (taskset) per case.
 """
 
 import functools
@@ -99,7 +101,23 @@ def make_jax_step(spec):
   config = _jax_config(spec)
   exp = loop.build_experiment(config, dataset=_jax_dataset(spec))
   images, labels = _batch(spec)
-  return loop.jit_train_step(exp), exp, {"image": jax.device_put(images), "label": jax.device_put(labels)}
+  batch = {"image": jax.device_put(images), "label": jax.device_put(labels)}
+  if spec.get("compiler_options"):
+    return _jit_train_step_with_options(exp, spec["compiler_options"]), exp, batch
+  return loop.jit_train_step(exp), exp, batch
+
+
+def _jit_train_step_with_options(exp, compiler_options):
+  """``loop.jit_train_step`` with XLA compiler options for this one executable (``jax.jit(compiler_options=)``):
+  what the package would do to apply an XLA CPU option without touching the process-wide XLA_FLAGS."""
+  import jax
+  from overfocus_jax import parallel
+  from overfocus_jax.train.step import make_train_step, no_regularizer
+  step = make_train_step(exp.model, exp.tx, schedule=exp.schedule, regularizer=no_regularizer,
+                         label_smoothing=exp.config.label_smoothing, steps_per_epoch=exp.steps_per_epoch)
+  rep, data = parallel.replicated(exp.mesh), parallel.data_sharded(exp.mesh)
+  return jax.jit(step, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=0,
+                 compiler_options=compiler_options)
 
 
 def build_jax_step(spec, made=None):

@@ -12,8 +12,10 @@ Cases per configuration:
   jax                the package as it is: ``loop.build_experiment`` + ``loop.jit_train_step`` (what ``overfocus
                      train``/``bench`` run), timed after compilation and warm-up, ``jax.block_until_ready`` on the
                      state after each block of steps; the batch is a fixed device array.
-  jax_proposal       the same step with the convolution change proposed in BENCHMARKS.md (``--proposal``;
-                     weight gradient summed over 16 batch slices — same math); leave out with ``--no-proposal``.
+  jax+eigen_conv     the same step compiled with ``compiler_options={"xla_cpu_experimental_ynn_fusion_type":
+                     "LIBRARY_FUSION_TYPE_REDUCE"}``: XLA runs the convolutions with Eigen instead of YNNPACK.
+  jax+eigen_conv+dw16  that, plus the convolution weight gradient summed over 16 batch slices (same math up to
+                     float summation order; benchmarks/conv_variants.py). ``--no-proposal`` leaves both out.
   torch_nchw         benchmarks/torch_peer.py's step, contiguous NCHW (input converted from NHWC inside the step).
   torch_cl           the same with ``torch.channels_last``.
   torch_cl_1t        channels-last with one intra-op thread: on a loaded 2-core machine OpenMP's two threads can be
@@ -34,7 +36,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
 DEFAULT_CONFIGS = ("resnet:28x28x1:128:mnist5k", "resnet:32x32x3:128:synthetic")
-DEFAULT_PROPOSAL = "chunks16"
+# The changes proposed in BENCHMARKS.md, timed next to the package as it is (same model, same math).
+EIGEN_CONV = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+PROPOSALS = {
+    # jax.jit(..., compiler_options=...): XLA CPU convolutions through Eigen instead of YNNPACK.
+    "eigen_conv": {"compiler_options": EIGEN_CONV},
+    # the same + the kernel gradient summed over 16 batch slices (benchmarks/conv_variants.py, "chunks16").
+    "eigen_conv+dw16": {"compiler_options": EIGEN_CONV, "conv_impl": "chunks16"},
+}
+DEFAULT_PROPOSALS = ("eigen_conv", "eigen_conv+dw16")
 
 
 def parse_config(text: str) -> dict:
@@ -48,8 +58,8 @@ def parse_config(text: str) -> dict:
 
 def cases_for(config: dict, args) -> dict:
   cases = {"jax": {"kind": "jax_step", **config}}
-  if args.proposal:
-    cases["jax_proposal"] = {"kind": "jax_step", "conv_impl": args.proposal, **config}
+  for name in args.proposals:
+    cases[f"jax+{name}"] = {"kind": "jax_step", **PROPOSALS[name], **config}
   threads = {"threads": args.threads} if args.threads else {}
   cases["torch_nchw"] = {"kind": "torch_step", "channels_last": False, **threads, **config}
   cases["torch_cl"] = {"kind": "torch_step", "channels_last": True, **threads, **config}
@@ -69,29 +79,31 @@ def summarize(config: dict, seconds: dict, workers: dict) -> dict:
   torch_best = min(("torch_nchw", "torch_cl"), key=lambda n: cases[n]["step_ms"])
   out = {"config": config, "cases": cases, "torch_best": torch_best,
          "jax_over_torch": cases["jax"]["images_per_s"] / cases[torch_best]["images_per_s"]}
-  if "jax_proposal" in cases:
-    out["jax_proposal_over_torch"] = cases["jax_proposal"]["images_per_s"] / cases[torch_best]["images_per_s"]
-    out["jax_proposal_over_jax"] = cases["jax_proposal"]["images_per_s"] / cases["jax"]["images_per_s"]
+  for name in cases:
+    if name.startswith("jax+"):
+      out[f"{name}_over_torch"] = cases[name]["images_per_s"] / cases[torch_best]["images_per_s"]
+      out[f"{name}_over_jax"] = cases[name]["images_per_s"] / cases["jax"]["images_per_s"]
   return out
 
 
-def markdown(results: list[dict], proposal: str | None) -> str:
-  head = ("| model | input | batch | JAX img/s | PyTorch img/s (format) | JAX / PyTorch | "
-          "PyTorch 1 thread img/s |")
-  rule = "|---|---|---|---|---|---|---|"
-  if proposal:
-    head += f" JAX + `{proposal}` img/s | its ratio to PyTorch |"
-    rule += "---|---|"
+def markdown(results: list[dict], proposals) -> str:
+  head = "| model | input | batch | JAX img/s | PyTorch img/s (format) | JAX / PyTorch |"
+  rule = "|---|---|---|---|---|---|"
+  for name in proposals:
+    head += f" JAX + {name} img/s (/ PyTorch) |"
+    rule += "---|"
+  head += " PyTorch 1 thread img/s |"
+  rule += "---|"
   lines = [head, rule]
   for r in results:
     c, cases = r["config"], r["cases"]
     torch = cases[r["torch_best"]]
     fmt = "channels_last" if r["torch_best"] == "torch_cl" else "NCHW"
     line = (f"| {c['model']} | {'×'.join(map(str, c['image_shape']))} | {c['batch_size']} | "
-            f"{cases['jax']['images_per_s']:.0f} | {torch['images_per_s']:.0f} ({fmt}) | {r['jax_over_torch']:.2f} | "
-            f"{cases['torch_cl_1t']['images_per_s']:.0f} |")
-    if proposal:
-      line += f" {cases['jax_proposal']['images_per_s']:.0f} | {r['jax_proposal_over_torch']:.2f} |"
+            f"{cases['jax']['images_per_s']:.0f} | {torch['images_per_s']:.0f} ({fmt}) | {r['jax_over_torch']:.2f} |")
+    for name in proposals:
+      line += f" {cases['jax+' + name]['images_per_s']:.0f} ({r['jax+' + name + '_over_torch']:.2f}) |"
+    line += f" {cases['torch_cl_1t']['images_per_s']:.0f} |"
     lines.append(line)
   return "\n".join(lines)
 
@@ -103,17 +115,19 @@ def main(argv=None) -> int:
   parser.add_argument("--steps", type=int, default=4, help="steps per timed block")
   parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds; the median block is reported")
   parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-  parser.add_argument("--proposal", default=DEFAULT_PROPOSAL,
-                      help="conv_variants formulation timed as jax_proposal (default %(default)s)")
-  parser.add_argument("--no-proposal", dest="proposal", action="store_const", const=None)
+  parser.add_argument("--proposal", action="append", dest="proposals", choices=sorted(PROPOSALS),
+                      help=f"repeatable; default {' and '.join(DEFAULT_PROPOSALS)}")
+  parser.add_argument("--no-proposal", dest="proposals", action="store_const", const=[])
   parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "cpu.json"))
   args = parser.parse_args(argv)
+  if args.proposals is None:
+    args.proposals = list(DEFAULT_PROPOSALS)
 
   log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
   record = {"command": "python benchmarks/step_time.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": harness.machine(), "versions": harness.versions(), "steps": args.steps,
-            "repeats": args.repeats, "proposal": args.proposal, "results": []}
+            "repeats": args.repeats, "proposals": {n: PROPOSALS[n] for n in args.proposals}, "results": []}
   for text in args.configs or DEFAULT_CONFIGS:
     config = parse_config(text)
     log(f"{text}: starting workers")
@@ -133,7 +147,7 @@ def main(argv=None) -> int:
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(record, indent=2) + "\n")
-  print(markdown(record["results"], args.proposal))
+  print(markdown(record["results"], args.proposals))
   print(f"\nload average {record['machine'].get('load_average_at_start')} at start, "
         f"{record['load_average_at_end']} at end (2 cores); results in {out}")
   return 0

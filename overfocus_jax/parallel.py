@@ -7,9 +7,11 @@ No ``pmap``. On several hosts, call :func:`initialize_distributed` first; each p
 part of the batch and :func:`shard_batch` assembles the global array.
 """
 
+import functools
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -52,3 +54,31 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
 
 def replicate(tree, mesh: Mesh):
   return jax.device_put(tree, replicated(mesh))
+
+
+# jaxlib 0.10's CPU backend sends convolutions to YNNPACK, which runs them on one core; Eigen's convolutions use
+# every core and made the whole train step 1.8x faster on 2 cores with the same results up to float rounding
+# (benchmarks/profile_cpu.py, BENCHMARKS.md). YNNPACK is kept for reductions, where it is the faster one.
+_CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+@functools.cache
+def _cpu_options_supported() -> bool:
+  """The option is experimental: probe it once, and compile without it where this jaxlib does not know it."""
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=_CPU_COMPILER_OPTIONS)(jnp.ones((1,), jnp.float32))
+    return True
+  except Exception:  # pylint: disable=broad-except  # an unknown option fails compilation (INVALID_ARGUMENT)
+    return False
+
+
+def compiler_options(mesh: Mesh) -> dict | None:
+  """Per-``jax.jit`` XLA options for the mesh's platform (``None``: the defaults)."""
+  if mesh.devices.flat[0].platform == "cpu" and _cpu_options_supported():
+    return dict(_CPU_COMPILER_OPTIONS)
+  return None
+
+
+def jit_for_mesh(fun, mesh: Mesh, **kwargs):
+  """``jax.jit`` with this module's compiler options for the mesh's platform."""
+  return jax.jit(fun, compiler_options=compiler_options(mesh), **kwargs)

@@ -96,14 +96,15 @@ def jit_train_step(exp: Experiment, challenge: Challenge | None = None):
                          label_smoothing=exp.config.label_smoothing, steps_per_epoch=exp.steps_per_epoch,
                          split=challenge.split, teacher_ema_decay=challenge.teacher_ema_decay)
   rep, data = parallel.replicated(exp.mesh), parallel.data_sharded(exp.mesh)
-  return jax.jit(step, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=0)
+  return parallel.jit_for_mesh(step, exp.mesh, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=0)
 
 
 def evaluate(exp: Experiment, state: state_lib.TrainState, source, eval_step=None) -> dict:
   """Loss and accuracy of ``state`` on every example of ``source`` (padded batches, masked)."""
   if eval_step is None:
     rep, data = parallel.replicated(exp.mesh), parallel.data_sharded(exp.mesh)
-    eval_step = jax.jit(make_eval_step(exp.model), in_shardings=(rep, data), out_shardings=rep)
+    eval_step = parallel.jit_for_mesh(make_eval_step(exp.model), exp.mesh, in_shardings=(rep, data),
+                                      out_shardings=rep)
   totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
   for batch in pipeline.eval_batches(source, batch_size=exp.config.eval_batch_size, mean=exp.dataset.mean,
                                      std=exp.dataset.std):
@@ -180,7 +181,8 @@ def _run_epochs(exp, state, train_iter, checkpointer, workdir, challenge, progre
   config, steps = exp.config, exp.steps_per_epoch
   train_step = jit_train_step(exp, challenge)
   rep, data = parallel.replicated(exp.mesh), parallel.data_sharded(exp.mesh)
-  eval_step = jax.jit(make_eval_step(exp.model), in_shardings=(rep, data), out_shardings=rep)
+  eval_step = parallel.jit_for_mesh(make_eval_step(exp.model), exp.mesh, in_shardings=(rep, data),
+                                    out_shardings=rep)
   writer = MetricWriter(workdir)
   start_epoch = int(jax.device_get(state.step)) // steps
   run_start, trained_images, trained_time = time.perf_counter(), 0, 0.0
