@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from overfocus_jax import cli
@@ -115,3 +116,21 @@ def trained_workdir(tmp_path_factory):
   code = cli.main(["train", "--workdir", str(workdir), *BASE_RUN_ARGS, "--config.num_epochs=1"])
   assert code == 0
   return workdir
+
+
+@pytest.fixture(scope="module")
+def tiny_model_setup():
+  """(config, model, tx, schedule, state, batch): a two-stage residual CNN on random 8×8×1 images, batch 16."""
+  import jax.numpy as jnp
+  from overfocus_jax.models import build_model
+  from overfocus_jax.train import state as state_lib
+  config = config_lib.load_config_file(config_lib.default_config_path())
+  config.resnet.update(dict(stem_features=8, stage_widths=(8, 16), stage_sizes=(1, 1), stage_strides=(1, 2)))
+  model = build_model(config, 10)
+  schedule = state_lib.make_schedule(config, 10)
+  tx = state_lib.make_optimizer(config, schedule)
+  state = state_lib.create_train_state(model, tx, seed=0, input_shape=(8, 8, 1))
+  rng = np.random.default_rng(0)
+  batch = {"image": jnp.asarray(rng.normal(size=(16, 8, 8, 1)), jnp.float32),
+           "label": jnp.asarray(rng.integers(0, 10, 16), jnp.int32)}
+  return config, model, tx, schedule, state, batch

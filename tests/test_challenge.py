@@ -12,7 +12,7 @@ from overfocus_jax import config as config_lib
 from overfocus_jax.challenge import attribution, build_challenge, masks, rsc, sgdrop
 from overfocus_jax.cli import main as cli_main
 from overfocus_jax.models import build_model
-from overfocus_jax.train import state as state_lib, step as step_lib
+from overfocus_jax.train import step as step_lib
 
 
 def linear_pool_head(weights):
@@ -197,17 +197,8 @@ def test_rsc_domainbed_masks_top_gradient_features_of_most_changed_samples():
 
 
 @pytest.fixture(scope="module")
-def tiny():
-  config = config_lib.load_config_file(config_lib.default_config_path())
-  config.resnet.update(dict(stem_features=8, stage_widths=(8, 16), stage_sizes=(1, 1), stage_strides=(1, 2)))
-  model = build_model(config, 10)
-  schedule = state_lib.make_schedule(config, 10)
-  tx = state_lib.make_optimizer(config, schedule)
-  state = state_lib.create_train_state(model, tx, seed=0, input_shape=(8, 8, 1))
-  rng = np.random.default_rng(0)
-  batch = {"image": jnp.asarray(rng.normal(size=(16, 8, 8, 1)), jnp.float32),
-           "label": jnp.asarray(rng.integers(0, 10, 16), jnp.int32)}
-  return config, model, tx, schedule, state, batch
+def tiny(tiny_model_setup):
+  return tiny_model_setup
 
 
 def _challenge(config, **overrides):

@@ -76,6 +76,12 @@ def test_help_exits_zero(capsys):
 # ----------------------------------------------------------------------------- bad input, in process
 
 
+def train_on_npz(capsys, tmp_path, path):
+  """``overfocus train`` on the tiny config with the npz file ``path`` as the dataset (batch 8)."""
+  return run_cli(capsys, "train", "--workdir", tmp_path / "wd", *TRAIN_TINY, "--config.batch_size=8",
+                 "--config.eval_batch_size=8", f"--config.dataset=npz:{path}")
+
+
 def write_npz(path, *, shape=(8, 8, 1), test_shape=None, train_labels=None, test_labels=None, **extra):
   rng = np.random.default_rng(0)
   train_labels = np.arange(16) % 2 if train_labels is None else np.asarray(train_labels)
@@ -182,15 +188,13 @@ def test_eval_of_a_run_saved_before_a_config_field_existed(trained_workdir, tmp_
 
 def test_labels_out_of_range_are_one_line(tmp_path, capsys):
   path = write_npz(tmp_path / "labels.npz", train_labels=np.arange(16) % 3, num_classes=2)
-  code, _, err = run_cli(capsys, "train", "--workdir", tmp_path / "wd", *TRAIN_TINY, "--config.batch_size=8",
-                         "--config.eval_batch_size=8", f"--config.dataset=npz:{path}")
+  code, _, err = train_on_npz(capsys, tmp_path, path)
   assert_one_line_error(code, err, "train labels", "outside [0, 2)")
 
 
 def test_train_and_test_image_shapes_differ_is_one_line(tmp_path, capsys):
   path = write_npz(tmp_path / "shapes.npz", test_shape=(9, 8, 1))
-  code, _, err = run_cli(capsys, "train", "--workdir", tmp_path / "wd", *TRAIN_TINY, "--config.batch_size=8",
-                         "--config.eval_batch_size=8", f"--config.dataset=npz:{path}")
+  code, _, err = train_on_npz(capsys, tmp_path, path)
   assert_one_line_error(code, err, "(8, 8, 1)", "(9, 8, 1)")
 
 
@@ -201,15 +205,13 @@ def test_batch_larger_than_the_training_set_is_one_line(tmp_path, capsys):
 
 def test_images_with_zero_channels_are_one_line(tmp_path, capsys):
   path = write_npz(tmp_path / "empty.npz", shape=(8, 8, 0))
-  code, _, err = run_cli(capsys, "train", "--workdir", tmp_path / "wd", *TRAIN_TINY, "--config.batch_size=8",
-                         "--config.eval_batch_size=8", f"--config.dataset=npz:{path}")
+  code, _, err = train_on_npz(capsys, tmp_path, path)
   assert_one_line_error(code, err, "empty dimension", "(16, 8, 8, 0)")
 
 
 def test_images_of_height_zero_are_reported_as_such(tmp_path, capsys):
   path = write_npz(tmp_path / "flat.npz", shape=(0, 8, 1))
-  code, _, err = run_cli(capsys, "train", "--workdir", tmp_path / "wd", *TRAIN_TINY, "--config.batch_size=8",
-                         "--config.eval_batch_size=8", f"--config.dataset=npz:{path}")
+  code, _, err = train_on_npz(capsys, tmp_path, path)
   assert_one_line_error(code, err, "empty dimension", "(16, 0, 8, 1)")
 
 
