@@ -59,6 +59,9 @@ def replicate(tree, mesh: Mesh):
 # jaxlib 0.10's CPU backend sends convolutions to YNNPACK, which runs them on one core; Eigen's convolutions use
 # every core and made the whole train step 1.8x faster on 2 cores with the same results up to float rounding
 # (benchmarks/profile_cpu.py, BENCHMARKS.md). YNNPACK is kept for reductions, where it is the faster one.
+# Only on a one-device CPU mesh: with several (simulated) CPU devices, Eigen's convolutions share the intra-op
+# thread pool with the device threads that block in the all-reduce rendezvous, and under load a device can miss
+# XLA's collective deadline (seen in CI with 8 simulated devices on 2 cores).
 _CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
 
 
@@ -74,7 +77,7 @@ def _cpu_options_supported() -> bool:
 
 def compiler_options(mesh: Mesh) -> dict | None:
   """Per-``jax.jit`` XLA options for the mesh's platform (``None``: the defaults)."""
-  if mesh.devices.flat[0].platform == "cpu" and _cpu_options_supported():
+  if mesh.devices.size == 1 and mesh.devices.flat[0].platform == "cpu" and _cpu_options_supported():
     return dict(_CPU_COMPILER_OPTIONS)
   return None
 
