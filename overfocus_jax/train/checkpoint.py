@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 
 from overfocus_jax.errors import UserError
 
@@ -26,7 +27,14 @@ class Checkpointer:
                                            enable_async_checkpointing=False)
     # Handlers named up front so item_metadata() can read shapes before any restore is tried.
     handlers = {STATE: ocp.StandardCheckpointHandler(), DATA: ocp.JsonCheckpointHandler()}
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    # A read-only manager makes orbax warn three times that it will not save: expected here, so kept quiet.
+    verbosity = absl_logging.get_verbosity()
+    if read_only:
+      absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+      self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    finally:
+      absl_logging.set_verbosity(verbosity)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
