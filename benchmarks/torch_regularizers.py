@@ -15,7 +15,6 @@ import json
 import math
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F

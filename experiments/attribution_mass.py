@@ -14,7 +14,6 @@ import pathlib
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from overfocus_jax.challenge.attribution import gradient_times_activation

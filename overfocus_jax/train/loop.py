@@ -15,7 +15,6 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import tqdm
 
 from overfocus_jax import config as config_lib
@@ -99,12 +98,15 @@ def jit_train_step(exp: Experiment, challenge: Challenge | None = None):
   return parallel.jit_for_mesh(step, exp.mesh, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=0)
 
 
+def jit_eval_step(exp: Experiment):
+  """The eval step compiled once for the mesh: state replicated, batch sharded, sums replicated."""
+  rep, data = parallel.replicated(exp.mesh), parallel.data_sharded(exp.mesh)
+  return parallel.jit_for_mesh(make_eval_step(exp.model), exp.mesh, in_shardings=(rep, data), out_shardings=rep)
+
+
 def evaluate(exp: Experiment, state: state_lib.TrainState, source, eval_step=None) -> dict:
   """Loss and accuracy of ``state`` on every example of ``source`` (padded batches, masked)."""
-  if eval_step is None:
-    rep, data = parallel.replicated(exp.mesh), parallel.data_sharded(exp.mesh)
-    eval_step = parallel.jit_for_mesh(make_eval_step(exp.model), exp.mesh, in_shardings=(rep, data),
-                                      out_shardings=rep)
+  eval_step = eval_step or jit_eval_step(exp)
   totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
   for batch in pipeline.eval_batches(source, batch_size=exp.config.eval_batch_size, mean=exp.dataset.mean,
                                      std=exp.dataset.std):
@@ -180,9 +182,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 def _run_epochs(exp, state, train_iter, checkpointer, workdir, challenge, progress) -> dict:
   config, steps = exp.config, exp.steps_per_epoch
   train_step = jit_train_step(exp, challenge)
-  rep, data = parallel.replicated(exp.mesh), parallel.data_sharded(exp.mesh)
-  eval_step = parallel.jit_for_mesh(make_eval_step(exp.model), exp.mesh, in_shardings=(rep, data),
-                                    out_shardings=rep)
+  eval_step = jit_eval_step(exp)
   writer = MetricWriter(workdir)
   start_epoch = int(jax.device_get(state.step)) // steps
   run_start, trained_images, trained_time = time.perf_counter(), 0, 0.0
