@@ -18,10 +18,9 @@ import numpy as np
 
 from overfocus_jax.challenge.attribution import gradient_times_activation
 from overfocus_jax.challenge.masks import drop_count
-from overfocus_jax.cli import _training_config
 from overfocus_jax.data import pipeline
 from overfocus_jax.data.sources import load_dataset
-from overfocus_jax.train import checkpoint as checkpoint_lib, loop
+from overfocus_jax.train import loop
 
 RATES = (0.03, 0.1, 0.3)
 
@@ -39,11 +38,8 @@ def main() -> int:
   parser.add_argument("--dataset", default=None)
   args = parser.parse_args()
   workdir = pathlib.Path(args.workdir).resolve()
-  config = _training_config(workdir)
-  exp = loop.build_experiment(config)
-  checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
-  state = loop.restore_or_init(exp, checkpointer)
-  checkpointer.close()
+  run = loop.load_trained(workdir)
+  exp, state = run.exp, run.state
   dataset = load_dataset(args.dataset) if args.dataset else exp.dataset
 
   @jax.jit

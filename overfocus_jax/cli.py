@@ -2,16 +2,16 @@
 
     overfocus train --workdir DIR [--config FILE] [--config.FIELD=VALUE ...]
     overfocus eval  --workdir DIR [--dataset SOURCE]
+    overfocus explain --workdir DIR [--dataset SOURCE] [--out DIR] [--n N] [--methods a,b] [--compare DIR]
     overfocus bench [--config FILE] [--config.FIELD=VALUE ...] [--steps N]
 
-Bad input ends in one line on stderr naming the problem and the fix, exit code 2, no traceback. ``eval`` and
-``bench`` print one JSON object as their last stdout line.
+Bad input ends in one line on stderr naming the problem and the fix, exit code 2, no traceback. ``eval``,
+``explain`` and ``bench`` print one JSON object as their last stdout line.
 """
 
 import argparse
 import json
 import os
-import pathlib
 import sys
 import time
 
@@ -54,6 +54,19 @@ def _parser() -> argparse.ArgumentParser:
   evaluate = sub.add_parser("eval", help="evaluate the latest checkpoint on a test split", allow_abbrev=False)
   evaluate.add_argument("--workdir", required=True)
   evaluate.add_argument("--dataset", help="test on this source instead of the training dataset")
+  explain = sub.add_parser("explain", help="attribution maps, overfocus metrics and figures of a trained run",
+                           allow_abbrev=False)
+  explain.add_argument("--workdir", required=True, help="a run made by 'overfocus train'")
+  explain.add_argument("--dataset", help="explain this source's test split instead of the training dataset's")
+  explain.add_argument("--out", help="where figures and explain.json go (default: WORKDIR/explain)")
+  explain.add_argument("--n", type=int, default=8, help="test images drawn")
+  explain.add_argument("--images", type=int, default=128, help="test images measured (the first ones)")
+  explain.add_argument("--methods", help="comma-separated: latent, grad_cam, input_gradient, smoothgrad, "
+                       "integrated_gradients (default: all the model supports)")
+  explain.add_argument("--layer", default="encoder", help="Grad-CAM layer, a module path (default: encoder = z)")
+  explain.add_argument("--target", default="true", help="attribute the true or the predicted class")
+  explain.add_argument("--compare", help="a second run's workdir, drawn beside this one")
+  explain.add_argument("--no-progress", action="store_true", help="no progress bar")
   bench = sub.add_parser("bench", help="time the compiled train step", allow_abbrev=False)
   bench.add_argument("--config", help="ml_collections config file")
   bench.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
@@ -70,45 +83,29 @@ def cmd_train(args, overrides) -> None:
   print(json.dumps(summary))
 
 
-def _training_config(workdir: pathlib.Path):
-  from overfocus_jax import config as config_lib
-  path = workdir / "config.json"
-  if not path.is_file():
-    raise UserError(f"no config.json in {str(workdir)!r}", "pass the --workdir of a run made by 'overfocus train'")
-  try:
-    config = config_lib.config_from_json(path.read_text())
-  except (ValueError, OSError) as e:
-    raise UserError(f"{path} is unreadable ({e})", "restore it or retrain in a new --workdir") from None
-  config_lib.validate(config)
-  return config
-
-
 def cmd_eval(args, overrides) -> None:
-  from overfocus_jax.data.sources import load_dataset
-  from overfocus_jax.train import checkpoint as checkpoint_lib, loop
+  from overfocus_jax.train import loop
   if overrides:
     raise UserError("eval takes no --config.FIELD overrides", "it uses the config saved in the workdir")
-  workdir = pathlib.Path(args.workdir).expanduser().resolve()
-  config = _training_config(workdir)
-  exp = loop.build_experiment(config)
-  source, name = exp.dataset.test, config.dataset
-  if args.dataset:
-    other = load_dataset(args.dataset, data_dir=config.data_dir or None)
-    if other.image_shape != exp.dataset.image_shape or other.num_classes > exp.dataset.num_classes:
-      raise UserError(f"dataset {args.dataset!r} has {other.image_shape} images and {other.num_classes} classes; "
-                      f"the model was trained on {exp.dataset.image_shape} and {exp.dataset.num_classes}",
-                      "evaluate on a dataset of the same image shape and label set")
-    source, name = other.test, args.dataset
-  checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
-  try:
-    step = checkpointer.latest_step()
-    if step is None:
-      raise UserError(f"no checkpoint in {workdir / 'checkpoints'}", "train first: overfocus train --workdir DIR")
-    state = loop.restore_or_init(exp, checkpointer)
-  finally:
-    checkpointer.close()
-  result = loop.evaluate(exp, state, source)
-  print(json.dumps({**result, "dataset": name, "step": int(step)}))
+  run = loop.load_trained(args.workdir)
+  source, name = loop.evaluation_split(run, args.dataset)
+  result = loop.evaluate(run.exp, run.state, source)
+  print(json.dumps({**result, "dataset": name, "step": run.step}))
+
+
+def cmd_explain(args, overrides) -> None:
+  from overfocus_jax.explain import report
+  if overrides:
+    raise UserError("explain takes no --config.FIELD overrides", "it uses the config saved in the workdir")
+  methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods is not None else None
+  if methods == []:
+    raise UserError("--methods is empty", f"name one or more of {', '.join(report.METHODS)}")
+  options = report.Options(n=args.n, images=args.images, methods=methods, layer=args.layer, target=args.target)
+  summary = report.explain(args.workdir, dataset=args.dataset, out=args.out, compare=args.compare, options=options,
+                           progress=False if args.no_progress else None)
+  for name, path in summary["figures"].items():
+    print(f"{name}: {path}")
+  print(json.dumps(summary))
 
 
 def cmd_bench(args, overrides) -> None:
@@ -150,7 +147,7 @@ def cmd_bench(args, overrides) -> None:
   }))
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "explain": cmd_explain, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,12 @@ Concentration metrics take non-negative maps of any shape ``(B, ...)``, flatten 
   :math:`G = \sum_{i=1}^{N} (2i - N - 1)\, a_{[i]} / (N \sum_i a_i)`; 0 for a uniform map, :math:`(N-1)/N` for a
   one-hot one. A zero map gives 0.
 
+Coverage over a set of maps ``(B, ...)`` (the neuron coverage of Pei et al. 2017, DeepXplore, arXiv 1705.06640,
+applied to attributions): each map is scaled by its own maximum, and a unit (an entry of the map: a latent
+neuron, a position or a pixel) is covered when its scaled attribution exceeds a threshold :math:`\tau` (default
+0.1) on at least one of the ``B`` inputs; coverage is the covered fraction, a scalar in [0, 1]. An overfocused
+model reuses the same few units on every input and covers little.
+
 Faithfulness: deletion and insertion curves (Petsiuk et al. 2018, RISE, arXiv 1806.07421). Pixels are ranked by
 decreasing attribution; deletion replaces the top :math:`\lfloor tP/T \rfloor` pixels by a baseline, insertion
 starts from the baseline and reveals them, for :math:`t = 0..T`, recording the true-class probability. A faithful
@@ -79,6 +85,21 @@ def gini(maps: jax.Array) -> jax.Array:
   total = jnp.sum(flat, axis=-1)
   safe_total = jnp.where(total > 0, total, 1.0)
   return jnp.where(total > 0, jnp.sum(weights * ascending, axis=-1) / (n * safe_total), 0.0)
+
+
+def covered_units(maps: jax.Array, threshold: float = 0.1, mask: jax.Array | None = None) -> jax.Array:
+  """``(N,)`` booleans: units whose max-scaled attribution exceeds ``threshold`` on some (unmasked) input."""
+  flat = _flatten_nonnegative(maps)
+  peak = jnp.max(flat, axis=-1, keepdims=True)
+  passes = flat / jnp.where(peak > 0, peak, 1.0) > threshold
+  if mask is not None:  # padded rows of an evaluation batch cover nothing
+    passes = passes & (mask[:, None] > 0)
+  return jnp.any(passes, axis=0)
+
+
+def coverage(maps: jax.Array, threshold: float = 0.1) -> jax.Array:
+  """The fraction of units whose max-scaled attribution exceeds ``threshold`` on some input, a scalar."""
+  return jnp.mean(covered_units(maps, threshold).astype(jnp.float32))
 
 
 def deletion_insertion_curves(prob_fn: ProbFn, x: jax.Array, maps: jax.Array, labels: jax.Array, *,

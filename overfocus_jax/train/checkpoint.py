@@ -23,8 +23,6 @@ class Checkpointer:
 
   def __init__(self, workdir: str | pathlib.Path, *, max_to_keep: int = 3, read_only: bool = False):
     self.directory = pathlib.Path(workdir).resolve() / "checkpoints"
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
-                                           enable_async_checkpointing=False)
     # Handlers named up front so item_metadata() can read shapes before any restore is tried.
     handlers = {STATE: ocp.StandardCheckpointHandler(), DATA: ocp.JsonCheckpointHandler()}
     # A read-only manager makes orbax warn three times that it will not save: expected here, so kept quiet.
@@ -32,6 +30,8 @@ class Checkpointer:
     if read_only:
       absl_logging.set_verbosity(absl_logging.ERROR)
     try:
+      options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
+                                             enable_async_checkpointing=False)
       self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
     finally:
       absl_logging.set_verbosity(verbosity)

@@ -3,6 +3,11 @@ checkpoints — resuming from ``WORKDIR/checkpoints`` when there is one.
 
 Workdir layout: ``checkpoints/`` (orbax), ``config.json``, ``metrics.jsonl`` (one object per epoch), TensorBoard
 event files, ``summary.json`` at the end.
+
+Besides loss and accuracy, each epoch's record holds the overfocus measurements of :mod:`overfocus_jax.explain.latent`
+(``attribution_ratio``, ``attribution_entropy``, ``attribution_gini``) on a fixed batch of the first
+:data:`ATTRIBUTION_IMAGES` test images, and ``generalization_gap`` = train accuracy − test accuracy, so the SGDrop
+paper's Fig. 1 can be drawn for any run (``overfocus explain``).
 """
 
 import dataclasses
@@ -26,6 +31,7 @@ from overfocus_jax.models import Model, build_model
 from overfocus_jax.train import checkpoint as checkpoint_lib
 from overfocus_jax.train import state as state_lib
 from overfocus_jax.challenge import Challenge, build_challenge
+from overfocus_jax.explain import latent as latent_lib
 from overfocus_jax.train.step import init_ema, make_eval_step, make_train_step
 
 
@@ -104,6 +110,25 @@ def jit_eval_step(exp: Experiment):
   return parallel.jit_for_mesh(make_eval_step(exp.model), exp.mesh, in_shardings=(rep, data), out_shardings=rep)
 
 
+ATTRIBUTION_IMAGES = 64
+
+
+def attribution_batch(exp: Experiment) -> dict | None:
+  """The fixed batch the per-epoch attribution metrics use: the first test images (None without a latent split)."""
+  if not exp.model.supports_split("latent"):
+    return None
+  count = min(ATTRIBUTION_IMAGES, len(exp.dataset.test))
+  batch = next(pipeline.eval_batches(exp.dataset.test, batch_size=count, mean=exp.dataset.mean, std=exp.dataset.std))
+  return {"image": batch["image"], "label": batch["label"]}
+
+
+def jit_concentration(exp: Experiment):
+  """``(state, batch) -> {attribution_ratio, attribution_entropy, attribution_gini}``, everything replicated."""
+  rep = parallel.replicated(exp.mesh)
+  fn = lambda state, batch: latent_lib.concentration(exp.model, state.variables, batch["image"], batch["label"])
+  return parallel.jit_for_mesh(fn, exp.mesh, in_shardings=(rep, rep), out_shardings=rep)
+
+
 def evaluate(exp: Experiment, state: state_lib.TrainState, source, eval_step=None) -> dict:
   """Loss and accuracy of ``state`` on every example of ``source`` (padded batches, masked)."""
   eval_step = eval_step or jit_eval_step(exp)
@@ -126,6 +151,59 @@ def restore_or_init(exp: Experiment, checkpointer: checkpoint_lib.Checkpointer, 
   if train_iter is not None:
     train_iter.set_state(data_state)
   return state
+
+
+@dataclasses.dataclass
+class TrainedRun:
+  """A finished (or interrupted) run read back from its workdir: its config, experiment and latest state."""
+
+  workdir: pathlib.Path
+  config: ml_collections.ConfigDict
+  exp: Experiment
+  state: state_lib.TrainState
+  step: int
+
+
+def saved_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
+  """The validated ``config.json`` of a run made by ``overfocus train``."""
+  path = workdir / "config.json"
+  if not path.is_file():
+    raise UserError(f"no config.json in {str(workdir)!r}", "pass the --workdir of a run made by 'overfocus train'")
+  try:
+    config = config_lib.config_from_json(path.read_text())
+  except (ValueError, OSError) as e:
+    raise UserError(f"{path} is unreadable ({e})", "restore it or retrain in a new --workdir") from None
+  config_lib.validate(config)
+  return config
+
+
+def load_trained(workdir: str | pathlib.Path) -> TrainedRun:
+  """The latest checkpoint of ``workdir`` (read only); a clear error when there is none."""
+  workdir = pathlib.Path(workdir).expanduser().resolve()
+  config = saved_config(workdir)
+  exp = build_experiment(config)
+  checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
+  try:
+    step = checkpointer.latest_step()
+    if step is None:
+      raise UserError(f"no checkpoint in {workdir / 'checkpoints'}", "train first: overfocus train --workdir DIR")
+    state = restore_or_init(exp, checkpointer)
+  finally:
+    checkpointer.close()
+  return TrainedRun(workdir, config, exp, state, int(step))
+
+
+def evaluation_split(run: TrainedRun, dataset: str | None):
+  """``(source, name)``: the run's own test split, or that of ``dataset`` when it fits the model."""
+  if not dataset:
+    return run.exp.dataset.test, run.config.dataset
+  trained = run.exp.dataset
+  other = load_dataset(dataset, data_dir=run.config.data_dir or None)
+  if other.image_shape != trained.image_shape or other.num_classes > trained.num_classes:
+    raise UserError(f"dataset {dataset!r} has {other.image_shape} images and {other.num_classes} classes; "
+                    f"the model was trained on {trained.image_shape} and {trained.num_classes}",
+                    "use a dataset of the same image shape and label set")
+  return other.test, dataset
 
 
 def _check_finite(metrics: dict, step: int) -> None:
@@ -184,6 +262,8 @@ def _run_epochs(exp, state, train_iter, checkpointer, workdir, challenge, progre
   train_step = jit_train_step(exp, challenge)
   eval_step = jit_eval_step(exp)
   writer = MetricWriter(workdir)
+  probe_batch = attribution_batch(exp)
+  probe = jit_concentration(exp) if probe_batch is not None else None
   start_epoch = int(jax.device_get(state.step)) // steps
   run_start, trained_images, trained_time = time.perf_counter(), 0, 0.0
   record = {}
@@ -199,6 +279,9 @@ def _run_epochs(exp, state, train_iter, checkpointer, workdir, challenge, progre
                 "test_loss": test["loss"], "test_accuracy": test["accuracy"],
                 "images_per_s": timed_images / max(epoch_time, 1e-9), "epoch_time_s": epoch_time}
       record["learning_rate"] = record.pop("train_learning_rate")
+      record["generalization_gap"] = record["train_accuracy"] - test["accuracy"]
+      if probe is not None:
+        record.update({k: float(v) for k, v in jax.device_get(probe(state, probe_batch)).items()})
       checkpointer.save(step, state, train_iter.get_state())
       writer.write(step, record)
       print(f"epoch {epoch + 1}/{config.num_epochs}: train loss {record['train_loss']:.4f} "

@@ -1,0 +1,283 @@
+"""``overfocus explain``: attribution maps, overfocus metrics and figures for a trained run.
+
+For the first ``images`` test images (the same ones every time) and each attribution method, it measures
+
+- ``attribution_ratio``, ``entropy`` (normalised to [0, 1]), ``gini``: the mean over images of the concentration
+  metrics of :mod:`overfocus_jax.explain.metrics`, on the map at the method's own resolution (the latent map
+  ``(h, w, C)`` element by element for ``latent``, ``(h, w)`` for Grad-CAM, pixels for the input-space methods);
+- ``coverage``: the fraction of those units covered on some image (threshold 0.1 of each map's maximum);
+- ``deletion_auc``, ``insertion_auc``: the deletion/insertion curves of the map upsampled to pixels, with removed
+  pixels set to the dataset mean (0 after normalisation);
+
+and draws, for the first ``n`` of them, the maps over the images (``attributions.png``), attention maps and
+keypoints when the model has them, the per-epoch attribution ratio and generalization gap from ``metrics.jsonl``
+(``training_curves.png``) and the per-channel feature usage (``feature_usage.png``), each beside a second run
+when ``compare`` is given.
+"""
+
+import dataclasses
+import json
+import pathlib
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from overfocus_jax.data import pipeline
+from overfocus_jax.errors import UserError
+from overfocus_jax.explain import attributions, figures, latent, layers, metrics
+
+METHODS = ("latent", "grad_cam", "input_gradient", "smoothgrad", "integrated_gradients")
+# Methods that read a feature map aligned with the image; the focus models' latent is one vector per patch.
+FEATURE_MAP_METHODS = ("latent", "grad_cam")
+DEFAULT_LAYER = "encoder"
+TARGETS = ("true", "predicted")
+CHUNK = 64  # images per compiled batch
+DELETION_STEPS = 16
+COVERAGE_THRESHOLD = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  n: int = 8                      # images drawn
+  images: int = 128               # images measured (at least n)
+  methods: Sequence[str] | None = None  # None: every method the model supports
+  layer: str = DEFAULT_LAYER      # Grad-CAM layer (a Flax module path)
+  target: str = "true"            # attribute the true or the predicted class
+  smoothgrad_samples: int = 16
+  ig_steps: int = 32
+  seed: int = 0
+
+
+def _has_feature_map(model) -> bool:
+  return model.supports_split("latent") and not callable(getattr(model.module, "keypoints", None))
+
+
+def resolve_methods(requested: Sequence[str] | None, model) -> tuple[str, ...]:
+  """The methods to run: all that fit the model by default; an unknown or unfit one is a :class:`UserError`."""
+  fit = tuple(m for m in METHODS if m not in FEATURE_MAP_METHODS or _has_feature_map(model))
+  if requested is None:
+    return fit
+  for method in requested:
+    if method not in METHODS:
+      raise UserError(f"unknown attribution method {method!r}", f"use one or more of {', '.join(METHODS)} "
+                      "(--methods a,b)")
+    if method not in fit:
+      raise UserError(f"method {method!r} needs a feature map aligned with the image, and the {model.name} model "
+                      "has none", f"use {', '.join(fit)}")
+  return tuple(dict.fromkeys(requested))
+
+
+def check_options(options: Options) -> None:
+  if options.n < 1:
+    raise UserError(f"--n={options.n} must be at least 1", "pass --n 8")
+  if options.images < 1:
+    raise UserError(f"--images={options.images} must be at least 1", "pass --images 256")
+  if options.target not in TARGETS:
+    raise UserError(f"unknown --target {options.target!r}", f"use one of {', '.join(TARGETS)}")
+
+
+def check_layer(layer: str, model, variables, input_shape) -> None:
+  available = layers.feature_layers(model, variables, input_shape)
+  if layer not in available:
+    names = ", ".join(available) or "none"
+    raise UserError(f"layer {layer!r} is not a feature map of the {model.name} model",
+                    f"pass --layer with one of: {names}")
+
+
+def _method_fn(method: str, model, options: Options):
+  """``(variables, x, labels, key) -> (native map, pixel map (B, H, W))``, both non-negative."""
+
+  def fn(variables, x, labels, key):
+    logits_fn = lambda inputs: model.apply(variables, inputs, train=False)[0]
+    height, width = x.shape[1:3]
+    if method == "latent":
+      _, native = latent.latent_attribution(model, variables, x, labels, options.target)
+      return native, attributions.upsample_to(native.sum(-1), height, width)
+    if method == "grad_cam":
+      native = layers.layer_grad_cam(model, variables, x, labels, options.layer, options.target)
+      return native, attributions.upsample_to(native, height, width)
+    if method == "input_gradient":
+      grad = attributions.input_gradient(logits_fn, x, labels, options.target)
+    elif method == "smoothgrad":
+      grad = attributions.smoothgrad(logits_fn, x, labels, key, samples=options.smoothgrad_samples,
+                                     target=options.target)
+    else:
+      grad = attributions.integrated_gradients(logits_fn, x, labels, steps=options.ig_steps, target=options.target)
+    native = attributions.to_heatmap(grad)
+    return native, native
+
+  return jax.jit(fn)
+
+
+def _metric_sums_fn(model):
+  """``(variables, x, labels, mask, native, pixel) -> (sums, covered units)``, sums weighted by ``mask``."""
+
+  def fn(variables, x, labels, mask, native, pixel):
+    prob_fn = lambda inputs: jax.nn.softmax(model.apply(variables, inputs, train=False)[0])
+    deletion, insertion = metrics.deletion_insertion_curves(prob_fn, x, pixel, labels, steps=DELETION_STEPS)
+    per_image = {"attribution_ratio": metrics.attribution_ratio(native), "entropy": metrics.normalised_entropy(native),
+                 "gini": metrics.gini(native), "deletion_auc": metrics.auc(deletion),
+                 "insertion_auc": metrics.auc(insertion)}
+    sums = {k: jnp.sum(v * mask) for k, v in per_image.items()}
+    return sums, metrics.covered_units(native, COVERAGE_THRESHOLD, mask)
+
+  return jax.jit(fn)
+
+
+def _batches(source, count: int, dataset):
+  """The first ``count`` examples in fixed-size batches; rows past ``count`` are masked out."""
+  size = min(CHUNK, count)
+  seen = 0
+  for batch in pipeline.eval_batches(source, batch_size=size, mean=dataset.mean, std=dataset.std):
+    if seen >= count:
+      return
+    batch["mask"] = batch["mask"] * (seen + np.arange(size) < count)
+    seen += size
+    yield batch
+
+
+def _display(images: np.ndarray) -> np.ndarray:
+  """Images scaled to [0, 1] per image for drawing (datasets differ in range: digits run 0–16)."""
+  axes = tuple(range(1, images.ndim))
+  low, high = images.min(axis=axes, keepdims=True), images.max(axis=axes, keepdims=True)
+  return (images - low) / np.where(high > low, high - low, 1.0)
+
+
+def measure_methods(run, source, methods, options: Options, progress: bool | None = None):
+  """``(per-method metrics, first-n pixel maps per method, first-n batch, accuracy)`` over the measured images."""
+  model, variables, dataset = run.exp.model, run.state.variables, run.exp.dataset
+  count = min(max(options.images, options.n), len(source))
+  sums_fn = _metric_sums_fn(model)
+  batches = list(_batches(source, count, dataset))
+  key = jax.random.PRNGKey(options.seed)
+  results, shown = {}, {}
+  bar = tqdm.tqdm(total=len(methods) * len(batches), desc="explain", unit="batch", leave=False,
+                  disable=(not progress) if progress is not None else None)
+  with bar:
+    for method in methods:
+      fn = _method_fn(method, model, options)
+      totals, covered, pixels, native_shape = None, None, [], None
+      for batch in batches:
+        native, pixel = fn(variables, batch["image"], batch["label"], key)
+        sums, units = sums_fn(variables, batch["image"], batch["label"], batch["mask"], native, pixel)
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+        covered = units if covered is None else covered | units
+        pixels.append(np.asarray(pixel))
+        native_shape = native.shape[1:]
+        bar.update(1)
+      totals = jax.device_get(totals)
+      results[method] = {k: float(v) / count for k, v in totals.items()}
+      results[method]["coverage"] = float(np.mean(np.asarray(covered)))
+      results[method]["resolution"] = list(native_shape)
+      shown[method] = np.concatenate(pixels)[:options.n]
+  first = {k: np.concatenate([b[k] for b in batches])[:options.n] for k in ("image", "label")}
+  accuracy = _accuracy(model, variables, batches)
+  return results, shown, first, accuracy, count
+
+
+def _accuracy(model, variables, batches) -> float:
+  predict = jax.jit(lambda v, x: jnp.argmax(model.apply(v, x, train=False)[0], axis=-1))
+  correct = sum(float(np.sum((np.asarray(predict(variables, b["image"])) == b["label"]) * b["mask"]))
+                for b in batches)
+  return correct / sum(float(np.sum(b["mask"])) for b in batches)
+
+
+def feature_usage(run, source, count: int) -> dict:
+  """Per-channel activation and latent attribution over the first ``count`` images (see ``latent.py``)."""
+  model, dataset = run.exp.model, run.exp.dataset
+  fn = jax.jit(lambda v, x, y, m: latent.channel_sums(model, v, x, y, m))
+  totals = None
+  for batch in _batches(source, count, dataset):
+    sums = fn(run.state.variables, batch["image"], batch["label"], batch["mask"])
+    totals = sums if totals is None else {k: (v if k == "positions" else totals[k] + v) for k, v in sums.items()}
+  return latent.usage_from_sums(jax.device_get(totals))
+
+
+def _read_metrics(workdir: pathlib.Path) -> list[dict]:
+  path = workdir / "metrics.jsonl"
+  if not path.is_file():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _label(run) -> str:
+  reg = run.config.regularizer.name
+  return f"{run.workdir.name} ({run.config.model}, {reg})"
+
+
+def _predictions(model, variables, images) -> np.ndarray:
+  return np.asarray(jnp.argmax(model.apply(variables, jnp.asarray(images), train=False)[0], axis=-1))
+
+
+def _model_figures(run, first, out: pathlib.Path, predictions) -> dict:
+  """Attention maps and keypoints, when the model has them."""
+  model, variables = run.exp.model, run.state.variables
+  images = _display(first["image"])
+  height, width = images.shape[1:3]
+  written = {}
+  attention = model.attention_maps(variables, jnp.asarray(first["image"])) if hasattr(model, "attention_maps") \
+      else None
+  if attention is not None:
+    maps = {f"attention {i + 1} ({a.shape[1]}×{a.shape[2]})": np.asarray(attributions.upsample_to(a, height, width))
+            for i, a in enumerate(attention)}
+    written["attention"] = figures.map_overlays(out / "attention.png", images, maps, first["label"], predictions,
+                                                title=f"attention maps — {_label(run)}")
+  keypoints = model.keypoints(variables, jnp.asarray(first["image"])) if hasattr(model, "keypoints") else None
+  if keypoints is not None:
+    columns, rows, patch_px = model.keypoints_to_pixels(np.asarray(keypoints), (height, width))
+    written["keypoints"] = figures.keypoint_overlays(out / "keypoints.png", images, np.stack([columns, rows], -1),
+                                                     patch_px, first["label"], predictions,
+                                                     title=f"keypoints and patches — {_label(run)}")
+  return written
+
+
+def explain(workdir, *, dataset: str | None = None, out=None, compare=None, options: Options = Options(),
+            progress: bool | None = None) -> dict:
+  """Runs everything in the module docstring; returns (and writes to ``OUT/explain.json``) the summary."""
+  from overfocus_jax.train import loop  # the train loop imports explain.latent: import it late
+  check_options(options)
+  run = loop.load_trained(workdir)
+  source, name = loop.evaluation_split(run, dataset)
+  model = run.exp.model
+  methods = resolve_methods(options.methods, model)
+  if "grad_cam" in methods:
+    check_layer(options.layer, model, run.state.variables, run.exp.dataset.image_shape)
+  other = loop.load_trained(compare) if compare else None
+  if other is not None and other.exp.dataset.image_shape != run.exp.dataset.image_shape:
+    raise UserError(f"--compare run {str(other.workdir)!r} was trained on {other.exp.dataset.image_shape} images, "
+                    f"this one on {run.exp.dataset.image_shape}", "compare two runs on the same data")
+  out = loop.prepare_workdir(out or run.workdir / "explain")
+
+  results, shown, first, accuracy, count = measure_methods(run, source, methods, options, progress)
+  predictions = _predictions(model, run.state.variables, first["image"])
+  images = _display(first["image"])
+  written = {"attributions": figures.map_overlays(out / "attributions.png", images, shown, first["label"],
+                                                  predictions, title=f"{_label(run)} — target: {options.target}")}
+  written.update(_model_figures(run, first, out, predictions))
+  runs = {_label(run): _read_metrics(run.workdir)}
+  usage = {}
+  if model.supports_split("latent"):
+    usage[_label(run)] = feature_usage(run, source, count)
+  if other is not None:
+    runs[_label(other)] = _read_metrics(other.workdir)
+    if other.exp.model.supports_split("latent"):
+      usage[_label(other)] = feature_usage(other, source, count)
+  if any(runs.values()):
+    written["training_curves"] = figures.training_curves(out / "training_curves.png", runs)
+  if usage:
+    written["feature_usage"] = figures.feature_usage(out / "feature_usage.png", usage)
+    (out / "feature_usage.json").write_text(json.dumps(usage, indent=1))
+
+  summary = {
+      "workdir": str(run.workdir), "dataset": name, "step": run.step, "model": run.config.model,
+      "regularizer": run.config.regularizer.name, "images": count, "accuracy": accuracy, "target": options.target,
+      "layer": options.layer if "grad_cam" in methods else None, "methods": results,
+      "feature_usage": {label: {k: u[k] for k in ("effective_channels", "channels", "top10pct_share")}
+                        for label, u in usage.items()},
+      "figures": {k: str(v) for k, v in written.items()}, "out": str(out),
+  }
+  (out / "explain.json").write_text(json.dumps(summary, indent=2))
+  return summary
