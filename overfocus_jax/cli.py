@@ -108,6 +108,25 @@ def cmd_explain(args, overrides) -> None:
   print(json.dumps(summary))
 
 
+def parameter_count(params) -> int:
+  import jax
+  return int(sum(leaf.size for leaf in jax.tree.leaves(params)))
+
+
+def inference_flops_per_image(exp) -> float | None:
+  """FLOPs of one image's inference forward pass, from XLA's cost analysis of the compiled computation
+  (a multiply-add counts 2); None where the backend reports none."""
+  import jax
+  import jax.numpy as jnp
+  variables = jax.device_get(exp.state.variables)
+  forward = jax.jit(lambda v, x: exp.model.apply(v, x, train=False)[0])
+  analysis = forward.lower(variables, jnp.zeros((1, *exp.dataset.image_shape), jnp.float32)).compile().cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # older jaxlibs return one dict per computation
+    analysis = analysis[0] if analysis else {}
+  flops = (analysis or {}).get("flops")
+  return float(flops) if flops is not None and flops >= 0 else None
+
+
 def cmd_bench(args, overrides) -> None:
   import jax
   import numpy as np
@@ -122,6 +141,7 @@ def cmd_bench(args, overrides) -> None:
   train_step = loop.jit_train_step(exp)
   batch = parallel.shard_batch(next(pipeline.make_train_iterator(
       exp.dataset, batch_size=config.batch_size, seed=config.seed, augment=config.augment)), exp.mesh)
+  params, flops = parameter_count(exp.state.params), inference_flops_per_image(exp)  # before donation frees them
   state = exp.state
   start = time.perf_counter()
   state, _ = train_step(state, batch)
@@ -141,6 +161,7 @@ def cmd_bench(args, overrides) -> None:
   device = jax.devices()[0]
   print(json.dumps({
       "step_ms": step_s * 1e3, "images_per_s": config.batch_size / step_s, "devices": exp.mesh.devices.size,
+      "params": params, "flops_per_image": flops,
       "batch_size": config.batch_size, "model": config.model, "regularizer": config.regularizer.name,
       "dataset": config.dataset, "image_shape": list(exp.dataset.image_shape), "backend": jax.default_backend(),
       "device_kind": device.device_kind, "compile_s": compile_s, "step_ms_repeats": [t * 1e3 for t in per_step],

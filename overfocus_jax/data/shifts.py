@@ -57,12 +57,18 @@ def parse_correlation(spec: str, argument: str) -> float:
   return value
 
 
+def shortcut_position_plan(train_labels: np.ndarray, num_test: int, correlation: float):
+  """``(train_ids, test_ids)``: where the patch goes in each image, from the fixed seed (the same every call)."""
+  rng = np.random.default_rng(_SHORTCUT_SEED)
+  train_ids = shortcut_position_ids(train_labels, correlation, rng)
+  test_ids = rng.integers(0, NUM_POSITIONS, size=num_test)
+  return train_ids, test_ids
+
+
 def with_shortcut(dataset, correlation: float, *, name: str):
   """``dataset`` (an ImageDataset of ArraySources) with the patch planted as described in the module docstring."""
   from overfocus_jax.data.sources import ArraySource  # avoid a cycle: sources imports this module
-  rng = np.random.default_rng(_SHORTCUT_SEED)
-  train_ids = shortcut_position_ids(dataset.train.labels, correlation, rng)
-  test_ids = rng.integers(0, NUM_POSITIONS, size=len(dataset.test.labels))
+  train_ids, test_ids = shortcut_position_plan(dataset.train.labels, len(dataset.test.labels), correlation)
   train = ArraySource(stamp_patches(dataset.train.images, train_ids), dataset.train.labels)
   test = ArraySource(stamp_patches(dataset.test.images, test_ids), dataset.test.labels)
   return dataclasses.replace(dataset, name=name, train=train, test=test)
