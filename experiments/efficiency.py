@@ -1,0 +1,96 @@
+r"""The efficiency table: parameters, FLOPs per image, training images/s and test accuracy for every model.
+
+    python experiments/efficiency.py                       # all models on mnist5k and digits (resumable)
+    python experiments/efficiency.py --models focus corner --datasets mnist5k
+    python experiments/efficiency.py --table-only
+
+For each model (its config file in ``experiments/configs/``) and dataset it runs
+
+    overfocus train --workdir runs/efficiency/MODEL_DATASET --config CONFIG --config.dataset=DATASET --no-progress
+    overfocus bench --config CONFIG --config.dataset=DATASET
+
+and records the test accuracy of the finished run and the bench line: ``params``, ``flops_per_image`` (XLA's cost
+analysis of the compiled inference forward pass for one image; a multiply-add is 2 FLOPs) and ``images_per_s`` of
+the compiled train step (median of 3 repeats after warm-up). One JSON line per (model, dataset) goes to
+``experiments/results/efficiency.jsonl``; finished pairs are skipped; a markdown table is printed. Throughput on a
+shared machine is noisy: compare models measured in the same session.
+"""
+
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+
+HERE = pathlib.Path(__file__).resolve().parent
+CONFIGS = {
+    "resnet": HERE / "configs" / "default.py",
+    "resnet18": HERE / "configs" / "resnet18.py",
+    "attention": HERE / "configs" / "attention.py",
+    "focus": HERE / "configs" / "focus.py",
+    "corner": HERE / "configs" / "corner.py",
+}
+DATASETS = ("mnist5k", "digits")
+
+
+def _overfocus(*args: str) -> dict:
+  """Runs ``overfocus ARGS`` and returns its last stdout line as JSON."""
+  done = subprocess.run([sys.executable, "-m", "overfocus_jax", *args], capture_output=True, text=True)
+  if done.returncode != 0:
+    raise SystemExit(f"overfocus {' '.join(args)} failed:\n{done.stderr[-2000:]}")
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure(model: str, dataset: str, runs_dir: pathlib.Path) -> dict:
+  config = str(CONFIGS[model])
+  workdir = runs_dir / f"{model}_{dataset}"
+  summary = _overfocus("train", "--workdir", str(workdir), "--config", config, f"--config.dataset={dataset}",
+                       "--no-progress")
+  bench = _overfocus("bench", "--config", config, f"--config.dataset={dataset}")
+  return {"model": model, "dataset": dataset, "test_accuracy": summary["test_accuracy"], "epochs": summary["epochs"],
+          "train_wall_time_s": summary["wall_time_s"], "params": bench["params"],
+          "flops_per_image": bench["flops_per_image"], "images_per_s": bench["images_per_s"],
+          "batch_size": bench["batch_size"], "device_kind": bench["device_kind"], "workdir": str(workdir)}
+
+
+def table(results: list[dict], models, datasets) -> str:
+  header = "| model | params | MFLOPs / image (28×28) | train img/s (28×28) | " + \
+      " | ".join(f"{d} test acc. (epochs)" for d in datasets) + " |"
+  lines = [header, "|" + "---|" * (4 + len(datasets))]
+  for model in models:
+    rows = {r["dataset"]: r for r in results if r["model"] == model}
+    if not rows:
+      continue
+    ref = rows.get("mnist5k") or next(iter(rows.values()))
+    flops = f"{ref['flops_per_image'] / 1e6:.2f}" if ref["flops_per_image"] is not None else "–"
+    accs = [f"{100 * rows[d]['test_accuracy']:.1f} ({rows[d]['epochs']})" if d in rows else "–" for d in datasets]
+    lines.append(f"| {model} | {ref['params']:,} | {flops} | {ref['images_per_s']:.0f} | " + " | ".join(accs) + " |")
+  return "\n".join(lines)
+
+
+def main() -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+  parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
+  parser.add_argument("--out", default=str(HERE / "results" / "efficiency.jsonl"))
+  parser.add_argument("--runs-dir", default="runs/efficiency")
+  parser.add_argument("--table-only", action="store_true")
+  args = parser.parse_args()
+  out = pathlib.Path(args.out)
+  results = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+  if not args.table_only:
+    for model in args.models:
+      for dataset in args.datasets:
+        if any(r["model"] == model and r["dataset"] == dataset for r in results):
+          continue
+        result = measure(model, dataset, pathlib.Path(args.runs_dir))
+        results.append(result)
+        with out.open("a") as f:
+          f.write(json.dumps(result) + "\n")
+        print(json.dumps(result), flush=True)
+  print(table(results, args.models, args.datasets))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

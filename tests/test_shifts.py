@@ -1,0 +1,45 @@
+"""The shortcut dataset: where the patch goes, how often it follows the label, and that the plan reproduces it."""
+
+import numpy as np
+import pytest
+
+from overfocus_jax.data import shifts
+from overfocus_jax.data.sources import load_dataset
+from overfocus_jax.errors import UserError
+
+
+def test_patch_positions_are_ten_distinct_border_squares():
+  positions = shifts.patch_positions(28, 28)
+  assert positions.shape == (10, 2) and len({tuple(p) for p in positions}) == 10
+  rows = positions[:, 0]
+  assert set(rows[:5]) == {0} and set(rows[5:]) == {28 - shifts.PATCH_SIZE}
+  assert np.all(positions[:, 1] >= 0) and np.all(positions[:, 1] + shifts.PATCH_SIZE <= 28)
+  # No two patches overlap along a row.
+  cols = np.sort(positions[:5, 1])
+  assert np.all(np.diff(cols) >= shifts.PATCH_SIZE)
+
+
+def test_stamp_patches_sets_exactly_the_square():
+  images = np.zeros((2, 28, 28, 1), np.uint8)
+  out = shifts.stamp_patches(images, np.asarray([0, 7]))
+  assert images.sum() == 0  # the input is copied, not changed
+  for image, (row, col) in zip(out, shifts.patch_positions(28, 28)[[0, 7]]):
+    assert np.all(image[row:row + 3, col:col + 3] == shifts.PATCH_VALUE)
+    assert image.sum() == 9 * shifts.PATCH_VALUE
+
+
+def test_shortcut_dataset_follows_its_plan():
+  clean = load_dataset("mnist5k")
+  shortcut = load_dataset("mnist5k_shortcut")
+  train_ids, test_ids = shifts.shortcut_position_plan(clean.train.labels, len(clean.test), 0.95)
+  np.testing.assert_array_equal(shortcut.train.images, shifts.stamp_patches(clean.train.images, train_ids))
+  np.testing.assert_array_equal(shortcut.test.images, shifts.stamp_patches(clean.test.images, test_ids))
+  follows = np.mean(train_ids == clean.train.labels % 10)
+  assert 0.94 < follows < 0.97  # 95% by construction, plus the 1-in-10 random draws that land on the label
+  assert abs(np.mean(test_ids == clean.test.labels % 10) - 0.1) < 0.03  # independent of the label in test
+
+
+@pytest.mark.parametrize("spec", ["mnist5k_shortcut:1.5", "mnist5k_shortcut:abc"])
+def test_bad_correlation_is_a_user_error(spec):
+  with pytest.raises(UserError, match="correlation must be a number in"):
+    load_dataset(spec)
