@@ -18,13 +18,15 @@ from overfocus_jax.errors import UserError
 PACKAGE_ROOT = pathlib.Path(__file__).resolve().parent
 DEFAULT_CONFIG_NAME = "default.py"
 
-MODELS = ("resnet", "resnet18")
+MODELS = ("resnet", "resnet18", "attention", "focus", "corner")
 REGULARIZERS = ("none", "sgdrop", "rsc", "rsc_domainbed")
 GRANULARITIES = ("element", "spatial", "channel")
 TARGETS = ("true", "predicted")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 STEM_POOLS = ("none", "max", "avg")
+COMPATIBILITIES = ("pc", "dp")          # models/attention.py
+NORMALISATIONS = ("softmax", "sigmoid")
 
 
 def default_config_path() -> pathlib.Path:
@@ -167,7 +169,62 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(isinstance(arch[field], int) and arch[field] > 0, f"config.resnet.{field}={arch[field]!r} must be a "
              "positive integer", f"set --config.resnet.{field}")
   _require_choice(arch.stem_pool, STEM_POOLS, "resnet.stem_pool")
+  _validate_attention(config.attention)
+  _validate_focus(config.focus, config.corner)
   _validate_regularizer(config.regularizer)
+
+
+def _require_positive_int(value, field: str, example) -> None:
+  _require(isinstance(value, int) and value > 0, f"config.{field}={value!r} must be a positive integer",
+           f"set --config.{field}, e.g. {example}")
+
+
+def _validate_attention(arch: ml_collections.ConfigDict) -> None:
+  _require_positive_ints(arch.widths, "attention.widths")
+  layers = len(arch.widths)
+  valid = f"valid layer indices are 1..{layers}, one per entry of config.attention.widths"
+  pools, attended = tuple(arch.pool_after), tuple(arch.attention_layers)
+  _require(all(isinstance(i, int) and 1 <= i <= layers for i in pools),
+           f"config.attention.pool_after={pools!r} names a layer the {layers}-layer backbone does not have", valid)
+  _require(len(attended) > 0, "config.attention.attention_layers is empty", "give 2 or 3 layers, e.g. (2,3,4)")
+  _require(all(isinstance(i, int) and 1 <= i <= layers for i in attended),
+           f"config.attention.attention_layers={attended!r} names a layer the {layers}-layer backbone does not have",
+           valid)
+  _require(all(a < b for a, b in zip(attended, attended[1:])),
+           f"config.attention.attention_layers={attended!r} is not strictly increasing",
+           "list each layer once, shallowest first, e.g. (2,3,4)")
+  _require_positive_int(arch.global_features, "attention.global_features", 128)
+  _require_choice(arch.compatibility, COMPATIBILITIES, "attention.compatibility")
+  _require_choice(arch.normalisation, NORMALISATIONS, "attention.normalisation")
+
+
+def _validate_focus(patch: ml_collections.ConfigDict, harris: ml_collections.ConfigDict) -> None:
+  _require(isinstance(patch.num_keypoints, int) and patch.num_keypoints >= 1,
+           f"config.focus.num_keypoints={patch.num_keypoints!r} must be at least 1 (one patch per keypoint)",
+           "set --config.focus.num_keypoints, e.g. 4")
+  _require(isinstance(patch.patch_size, int) and patch.patch_size >= 1,
+           f"config.focus.patch_size={patch.patch_size!r} must be at least 1 pixel", "set --config.focus.patch_size, "
+           "e.g. 12 for 28x28 images")
+  _require(isinstance(patch.patch_scale, (int, float)) and 0 < patch.patch_scale <= 1,
+           f"config.focus.patch_scale={patch.patch_scale!r} must be in (0, 1] (the patch's side over the image's)",
+           "set --config.focus.patch_scale, e.g. 0.43 for 12-pixel patches of 28x28 images")
+  _require_positive_ints(patch.keypoint_widths, "focus.keypoint_widths")
+  _require(isinstance(patch.keypoint_grad_scale, (int, float)) and 0 <= patch.keypoint_grad_scale < math.inf,
+           f"config.focus.keypoint_grad_scale={patch.keypoint_grad_scale!r} must be a number >= 0",
+           "set --config.focus.keypoint_grad_scale, e.g. 0.01 (0: the keypoints stay on their initial grid)")
+  _require_positive_ints(patch.patch_widths, "focus.patch_widths")
+  _require_positive_int(patch.feature_width, "focus.feature_width", 64)
+  _require(isinstance(patch.hidden, int) and patch.hidden >= 0, f"config.focus.hidden={patch.hidden!r} must be an "
+           "integer >= 0", "set --config.focus.hidden, e.g. 128 (0: no hidden layer)")
+  _require(isinstance(harris.harris_k, (int, float)) and 0 < harris.harris_k < 0.25,
+           f"config.corner.harris_k={harris.harris_k!r} must be in (0, 0.25)",
+           "set --config.corner.harris_k, e.g. 0.05")
+  _require(isinstance(harris.sigma, (int, float)) and harris.sigma > 0,
+           f"config.corner.sigma={harris.sigma!r} must be positive", "set --config.corner.sigma, e.g. 1.0")
+  for field in ("nms_radius", "border"):
+    value = harris[field]
+    _require(isinstance(value, int) and value >= 0, f"config.corner.{field}={value!r} must be an integer >= 0",
+             f"set --config.corner.{field}, e.g. 2")
 
 
 def _require_fraction(value, field: str, *, upper_inclusive: bool = False) -> None:

@@ -99,6 +99,7 @@ def test_training_logs_attribution_metrics_every_epoch(trained_workdir):
   records = read_metrics(trained_workdir)
   for record in records:
     assert 0 < record["attribution_ratio"] <= 0.5 + 1e-6  # ≤ uniform's ⌈N/2⌉/N
+    assert record["attribution_ratio"] <= record["attribution_ratio_spatial"] <= 0.5 + 1e-6
     assert 0 <= record["attribution_entropy"] <= 1 and 0 <= record["attribution_gini"] < 1
     assert record["generalization_gap"] == pytest.approx(record["train_accuracy"] - record["test_accuracy"])
 

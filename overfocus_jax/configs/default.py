@@ -16,7 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data_dir = ""  # a prepared TFDS directory, for tfds:NAME ("" = TFDS's default)
   config.augment = True  # random crop with padding; horizontal flip only for natural images
 
-  # Model: resnet (the seeds' pre-activation residual CNN) | resnet18.
+  # Model: resnet (the seeds' pre-activation residual CNN) | resnet18 | attention | focus | corner.
   config.model = "resnet"
   config.resnet = ml_collections.ConfigDict(dict(
       stem_features=16,
@@ -26,6 +26,35 @@ def get_config() -> ml_collections.ConfigDict:
       stem_kernel=3,
       stem_strides=1,
       stem_pool="none",  # none | max | avg
+  ))
+  # Learn to Pay Attention (models/attention.py): conv3×3-BN-ReLU layers numbered from 1, a 2×2 max-pool after
+  # the layers in pool_after, attention on the listed layers' maps against a global feature of width
+  # global_features; z = the first attention layer's map.
+  config.attention = ml_collections.ConfigDict(dict(
+      widths=(16, 32, 32, 64, 64, 128),
+      pool_after=(1, 3, 5),      # 28×28 → 14 → 7 → 3; 8×8 → 4 → 2 → 1
+      attention_layers=(3, 5),   # the 14×14 and 7×7 maps of MNIST
+      global_features=128,
+      compatibility="pc",      # pc: ⟨u, l + g⟩ | dp: ⟨l, g⟩
+      normalisation="softmax",  # softmax over positions | sigmoid per position
+  ))
+  # Focus models (models/focus.py): K patches of P×P samples, each spanning patch_scale of the image's side,
+  # at keypoints learned by a small CNN (focus) or found by Harris (corner, which also reads this group).
+  config.focus = ml_collections.ConfigDict(dict(
+      num_keypoints=4,
+      patch_size=12,
+      patch_scale=0.43,          # 12/28: the patch samples MNIST at its own resolution
+      keypoint_widths=(8, 16),   # the keypoint CNN's stride-2 conv layers (focus only)
+      keypoint_grad_scale=0.01,  # the keypoint CNN learns this much slower (focus only)
+      patch_widths=(16, 32),     # the shared patch encoder's conv layers
+      feature_width=64,          # D: one feature vector per patch
+      hidden=128,                # the head's hidden layer (0: none)
+  ))
+  config.corner = ml_collections.ConfigDict(dict(
+      harris_k=0.05,     # R = det(M) − k·trace(M)²
+      sigma=1.0,         # Gaussian window of the structure tensor M
+      nms_radius=2,      # keep only maxima of their (2r+1)² window
+      border=2,          # ignore corners this close to the edge
   ))
 
   # Regularizer applied to the latent map z = encode(x) inside the train step: none | sgdrop | rsc | rsc_domainbed.

@@ -93,8 +93,12 @@ def training_curves(path: pathlib.Path, runs: Mapping[str, Sequence[dict]]) -> p
   fig, (ax_ratio, ax_gap) = plt.subplots(1, 2, figsize=(9, 3.4))
   for name, records in runs.items():
     epochs = [r["epoch"] for r in records if "attribution_ratio" in r]
-    ax_ratio.plot(epochs, [r["attribution_ratio"] for r in records if "attribution_ratio" in r], marker="o",
-                  markersize=3, label=name)
+    line, = ax_ratio.plot(epochs, [r["attribution_ratio"] for r in records if "attribution_ratio" in r],
+                          marker="o", markersize=3, label=f"{name}: elements")
+    spatial = [(r["epoch"], r["attribution_ratio_spatial"]) for r in records if "attribution_ratio_spatial" in r]
+    if spatial:
+      ax_ratio.plot(*zip(*spatial), marker="s", markersize=3, linestyle="--", color=line.get_color(),
+                    label=f"{name}: positions")
     gap_epochs = [r["epoch"] for r in records if "train_accuracy" in r and "test_accuracy" in r]
     ax_gap.plot(gap_epochs, [r["train_accuracy"] - r["test_accuracy"] for r in records
                              if "train_accuracy" in r and "test_accuracy" in r], marker="o", markersize=3,
@@ -102,7 +106,7 @@ def training_curves(path: pathlib.Path, runs: Mapping[str, Sequence[dict]]) -> p
   if not any("attribution_ratio" in r for records in runs.values() for r in records):
     ax_ratio.text(0.5, 0.5, "no attribution_ratio in metrics.jsonl\n(a run from before it was logged)",
                   ha="center", va="center", transform=ax_ratio.transAxes, fontsize=9)
-  ax_ratio.set(xlabel="epoch", ylabel="attribution ratio (share 0.5)",
+  ax_ratio.set(xlabel="epoch", ylabel="attribution ratio (share 0.5)", yscale="log",
                title="latent attribution ratio (small = overfocused)")
   ax_gap.set(xlabel="epoch", ylabel="train acc. − test acc.", title="generalization gap")
   ax_gap.axhline(0.0, color="gray", linewidth=0.5)
@@ -116,12 +120,14 @@ def training_curves(path: pathlib.Path, runs: Mapping[str, Sequence[dict]]) -> p
 def feature_usage(path: pathlib.Path, usages: Mapping[str, dict]) -> pathlib.Path:
   """Per-channel attribution share (channels sorted by share) and the histogram of mean |activation|."""
   fig, (ax_share, ax_act) = plt.subplots(1, 2, figsize=(9, 3.4))
+  # One set of bins for every run, so the histograms compare.
+  bins = np.histogram_bin_edges(np.concatenate([np.asarray(u["activation"]) for u in usages.values()]), bins=30)
   for name, usage in usages.items():
     share = np.sort(np.asarray(usage["share"]))[::-1]
     rank = (np.arange(share.size) + 0.5) / share.size
     ax_share.plot(rank, share, drawstyle="steps-mid",
                   label=f"{name}: {usage['effective_channels']:.1f} of {usage['channels']} effective")
-    ax_act.hist(np.asarray(usage["activation"]), bins=30, alpha=0.5, label=name)
+    ax_act.hist(np.asarray(usage["activation"]), bins=bins, alpha=0.5, label=name)
   ax_share.set(xlabel="channel rank (fraction of channels)", ylabel="share of latent attribution", yscale="log",
                title="feature usage: attribution per channel")
   ax_act.set(xlabel="mean |activation| per channel", ylabel="channels", title="feature activation")

@@ -3,7 +3,8 @@ arXiv 2409.17370) as a measurement: how concentrated it is per image, and which 
 
 Concentration (logged every epoch on a fixed evaluation batch, so the paper's Fig. 1 can be drawn for any run):
 the mean over images of the attribution ratio, normalised entropy and Gini of :math:`A` at element level
-(:mod:`overfocus_jax.explain.metrics` defines them).
+(:mod:`overfocus_jax.explain.metrics` defines them), and the attribution ratio of :math:`\sum_k A_{ijk}` over
+spatial positions.
 
 Feature usage over a dataset :math:`D` of latent maps :math:`z \in \mathbb{R}^{h \times w \times C}`:
 
@@ -37,6 +38,8 @@ def concentration(model, variables: dict, x: jax.Array, labels: jax.Array, share
   """Mean attribution ratio, normalised entropy and Gini of ``A(z, y)`` over the batch (scalars)."""
   _, attribution = latent_attribution(model, variables, x, labels)
   return {"attribution_ratio": jnp.mean(metrics.attribution_ratio(attribution, share)),
+          # The same at spatial positions (summed over channels): the share of the image the decision rests on.
+          "attribution_ratio_spatial": jnp.mean(metrics.attribution_ratio(attribution.sum(-1), share)),
           "attribution_entropy": jnp.mean(metrics.normalised_entropy(attribution)),
           "attribution_gini": jnp.mean(metrics.gini(attribution))}
 

@@ -28,6 +28,7 @@ import tqdm
 from overfocus_jax.data import pipeline
 from overfocus_jax.errors import UserError
 from overfocus_jax.explain import attributions, figures, latent, layers, metrics
+from overfocus_jax.models import patches
 
 METHODS = ("latent", "grad_cam", "input_gradient", "smoothgrad", "integrated_gradients")
 # Methods that read a feature map aligned with the image; the focus models' latent is one vector per patch.
@@ -52,7 +53,7 @@ class Options:
 
 
 def _has_feature_map(model) -> bool:
-  return model.supports_split("latent") and not callable(getattr(model.module, "keypoints", None))
+  return model.supports_split("latent") and not model.has("keypoints")
 
 
 def resolve_methods(requested: Sequence[str] | None, model) -> tuple[str, ...]:
@@ -218,18 +219,20 @@ def _model_figures(run, first, out: pathlib.Path, predictions) -> dict:
   images = _display(first["image"])
   height, width = images.shape[1:3]
   written = {}
-  attention = model.attention_maps(variables, jnp.asarray(first["image"])) if hasattr(model, "attention_maps") \
-      else None
+  attention = model.attention_maps(variables, jnp.asarray(first["image"]))
   if attention is not None:
     maps = {f"attention {i + 1} ({a.shape[1]}×{a.shape[2]})": np.asarray(attributions.upsample_to(a, height, width))
             for i, a in enumerate(attention)}
     written["attention"] = figures.map_overlays(out / "attention.png", images, maps, first["label"], predictions,
                                                 title=f"attention maps — {_label(run)}")
-  keypoints = model.keypoints(variables, jnp.asarray(first["image"])) if hasattr(model, "keypoints") else None
+  keypoints = model.keypoints(variables, jnp.asarray(first["image"]))
   if keypoints is not None:
-    columns, rows, patch_px = model.keypoints_to_pixels(np.asarray(keypoints), (height, width))
-    written["keypoints"] = figures.keypoint_overlays(out / "keypoints.png", images, np.stack([columns, rows], -1),
-                                                     patch_px, first["label"], predictions,
+    keypoints = np.asarray(keypoints)
+    pixels = np.stack([patches.normalized_to_pixel(keypoints[..., 0], width),     # x: the column
+                       patches.normalized_to_pixel(keypoints[..., 1], height)], -1)  # y: the row
+    patch_px = model.module.patch_scale * width  # the patch spans centre ± scale in [-1, 1] units
+    written["keypoints"] = figures.keypoint_overlays(out / "keypoints.png", images, pixels, patch_px,
+                                                     first["label"], predictions,
                                                      title=f"keypoints and patches — {_label(run)}")
   return written
 

@@ -11,6 +11,13 @@
 the ``head`` sub-tree for ``classify``, both for ``apply`` — and ``{}`` when ``train=False``: nothing is hidden in
 the module, so the train step decides what to keep. A model module therefore names its two halves ``encoder``
 and ``head`` and has ``encode``/``classify`` methods.
+
+Models that look at parts of the image say where, in inference mode, or return None when they have no such method:
+
+    maps = model.attention_maps(variables, x)   # attention: a tuple of (B, h, w) maps
+    points = model.keypoints(variables, x)      # focus, corner: (B, K, 2) = (x, y) in [-1, 1], x the column
+
+:func:`check_model_fits` rejects, with one line, a config whose model cannot take the dataset's images.
 """
 
 import dataclasses
@@ -21,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from overfocus_jax.models import resnet
+from overfocus_jax.errors import UserError
+from overfocus_jax.models import attention, focus, resnet
 
 Variables = dict[str, Any]
 
@@ -54,6 +62,21 @@ class Model:
 
   def classify(self, variables: Variables, z: jax.Array, *, train: bool = False):
     return self._run(self.module.classify, variables, z, train, ("head",))
+
+  def has(self, name: str) -> bool:
+    """Whether the module has the method ``name`` (e.g. ``attention_maps`` or ``keypoints``)."""
+    return callable(getattr(self.module, name, None))
+
+  def _inspect(self, name: str, variables: Variables, x: jax.Array):
+    return self.module.apply(variables, x, train=False, method=name) if self.has(name) else None
+
+  def attention_maps(self, variables: Variables, x: jax.Array):
+    """The attention maps (a tuple of (B, h, w) arrays) in inference mode, or None for a model without attention."""
+    return self._inspect("attention_maps", variables, x)
+
+  def keypoints(self, variables: Variables, x: jax.Array):
+    """Keypoints (B, K, 2) = (x, y) in [-1, 1], x the column, in inference mode; None for a model without them."""
+    return self._inspect("keypoints", variables, x)
 
   def supports_split(self, level: str) -> bool:
     """Whether the module has the methods ``split(level)`` needs."""
@@ -97,6 +120,54 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> Model:
     arch = config.resnet
     module = resnet.ResNet18(num_classes=num_classes, stem_kernel=arch.stem_kernel, stem_strides=arch.stem_strides,
                              stem_pool=arch.stem_pool)
+  elif config.model == "attention":
+    arch = config.attention
+    module = attention.AttentionNet(
+        num_classes=num_classes, widths=tuple(arch.widths), pool_after=tuple(arch.pool_after),
+        attention_layers=tuple(arch.attention_layers), global_features=arch.global_features,
+        compatibility=arch.compatibility, normalisation=arch.normalisation)
+  elif config.model in ("focus", "corner"):
+    patch = dict(num_classes=num_classes, num_keypoints=config.focus.num_keypoints,
+                 patch_size=config.focus.patch_size, patch_scale=config.focus.patch_scale,
+                 patch_widths=tuple(config.focus.patch_widths), feature_width=config.focus.feature_width,
+                 hidden=config.focus.hidden)
+    if config.model == "focus":
+      module = focus.FocusNet(keypoint_widths=tuple(config.focus.keypoint_widths),
+                              keypoint_grad_scale=config.focus.keypoint_grad_scale, **patch)
+    else:
+      harris = config.corner
+      module = focus.CornerNet(harris_k=harris.harris_k, sigma=harris.sigma, nms_radius=harris.nms_radius,
+                               border=harris.border, **patch)
   else:  # validate() rejects this earlier; kept for callers that skip it
     raise ValueError(f"unknown model {config.model=}")
   return Model(module=module, name=config.model)
+
+
+def check_model_fits(config: ml_collections.ConfigDict, image_shape: tuple[int, ...]) -> None:
+  """Raises :class:`UserError` when ``config.model`` cannot take (H, W, C) images, with the field to change.
+
+  Only these models have such limits: the attention backbone's unpadded pools, the focus models' patch size and
+  the corner detector's border. Call it once the dataset is known, before the model is initialised.
+  """
+  height, width = int(image_shape[0]), int(image_shape[1])
+  if config.model == "attention":
+    arch = config.attention
+    empty = attention.first_empty_layer(height, width, len(arch.widths), tuple(arch.pool_after))
+    if empty is not None:
+      raise UserError(f"{height}x{width} images are too small for the attention backbone: its 2x2 pools "
+                      f"(config.attention.pool_after={tuple(arch.pool_after)}) shrink them to nothing by layer {empty}",
+                      "remove pools from --config.attention.pool_after or use larger images")
+  if config.model in ("focus", "corner"):
+    size = config.focus.patch_size
+    if size > min(height, width):
+      raise UserError(f"config.focus.patch_size={size} is larger than the {height}x{width} images",
+                      f"set --config.focus.patch_size to at most {min(height, width)}")
+  if config.model == "corner":
+    k = config.focus.num_keypoints
+    if k > height * width:  # top-K over the pixels
+      raise UserError(f"config.focus.num_keypoints={k} asks for more corners than the {height}x{width} images have "
+                      "pixels", f"set --config.focus.num_keypoints to at most {height * width}")
+    border = config.corner.border
+    if 2 * border >= min(height, width):
+      raise UserError(f"config.corner.border={border} leaves no pixel of the {height}x{width} images to find corners "
+                      "in", f"set --config.corner.border below {(min(height, width) + 1) // 2}")

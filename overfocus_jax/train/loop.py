@@ -4,10 +4,11 @@ checkpoints — resuming from ``WORKDIR/checkpoints`` when there is one.
 Workdir layout: ``checkpoints/`` (orbax), ``config.json``, ``metrics.jsonl`` (one object per epoch), TensorBoard
 event files, ``summary.json`` at the end.
 
-Besides loss and accuracy, each epoch's record holds the overfocus measurements of :mod:`overfocus_jax.explain.latent`
-(``attribution_ratio``, ``attribution_entropy``, ``attribution_gini``) on a fixed batch of the first
-:data:`ATTRIBUTION_IMAGES` test images, and ``generalization_gap`` = train accuracy − test accuracy, so the SGDrop
-paper's Fig. 1 can be drawn for any run (``overfocus explain``).
+Besides loss and accuracy, each epoch's record holds the overfocus measurements of
+:mod:`overfocus_jax.explain.latent` (``attribution_ratio``, ``attribution_ratio_spatial``, ``attribution_entropy``,
+``attribution_gini``) on a fixed batch of the first :data:`ATTRIBUTION_IMAGES` test images, and
+``generalization_gap`` = train accuracy − test accuracy, so the SGDrop paper's Fig. 1 can be drawn for any run
+(``overfocus explain``).
 """
 
 import dataclasses
@@ -27,7 +28,7 @@ from overfocus_jax import parallel
 from overfocus_jax.data import pipeline
 from overfocus_jax.data.sources import ImageDataset, load_dataset
 from overfocus_jax.errors import UserError
-from overfocus_jax.models import Model, build_model
+from overfocus_jax.models import Model, build_model, check_model_fits
 from overfocus_jax.train import checkpoint as checkpoint_lib
 from overfocus_jax.train import state as state_lib
 from overfocus_jax.challenge import Challenge, build_challenge
@@ -70,6 +71,7 @@ def build_experiment(config: ml_collections.ConfigDict, *, dataset: ImageDataset
   mesh = mesh or parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+  check_model_fits(config, dataset.image_shape)  # the focus/attention models' own limits, named by field
   model = build_model(config, dataset.num_classes)
   state_lib.check_input_shape(model, dataset.image_shape)
   steps = pipeline.steps_per_epoch(dataset, config.batch_size)
@@ -123,7 +125,7 @@ def attribution_batch(exp: Experiment) -> dict | None:
 
 
 def jit_concentration(exp: Experiment):
-  """``(state, batch) -> {attribution_ratio, attribution_entropy, attribution_gini}``, everything replicated."""
+  """``(state, batch) -> {attribution_ratio, ...}`` (:func:`latent.concentration`), everything replicated."""
   rep = parallel.replicated(exp.mesh)
   fn = lambda state, batch: latent_lib.concentration(exp.model, state.variables, batch["image"], batch["label"])
   return parallel.jit_for_mesh(fn, exp.mesh, in_shardings=(rep, rep), out_shardings=rep)

@@ -1,0 +1,333 @@
+r"""Focus models: classify from K small glimpses of the image, at keypoints that are learned (``FocusNet``) or found
+by the Harris corner detector (``CornerNet``; Harris & Stephens 1988, "A Combined Corner and Edge Detector").
+
+    p_k    = keypoint k = (x_k, y_k) ∈ [-1, 1]²                  (x the column, y the row; see patches.py)
+    z      = encode(x)   = [f(extract_patches(x, p, P, s)_k)]_k   (B, 1, K, D): one feature vector per patch
+    logits = classify(z) = dense(relu(dense(flatten(z))))        (the head ψ sees the patches only)
+
+FocusNet's keypoints come from a small CNN, ``p = (1 − s)·tanh(dense(flatten(cnn(x))))``, so that every patch stays
+inside the image; its dense layer starts with a zero kernel and a bias on a grid, so training starts from K patches
+spread over the image, not all at its centre, and it learns ``keypoint_grad_scale`` times slower than the rest
+(:func:`scale_gradient`): bilinear sampling makes the loss differentiable in ``p``, but steeply so.
+CornerNet's keypoints are the K strongest Harris corners, strongest first,
+
+    M = G_σ * [[I_x², I_x I_y], [I_x I_y, I_y²]]   (Sobel gradients of the channel-mean image, Gaussian window)
+    R = det M − k · (trace M)²
+
+after non-maximum suppression in a (2r+1)² window and with a border excluded (the image centre stands in for
+missing corners); they are not trained
+(``stop_gradient``), but the image still gets gradients through the sampled pixels. Both share one patch encoder f
+and one head. z is shaped (B, 1, K, D) so that the regularizers' "spatial" masks drop whole patches and their
+"channel" masks drop patch-feature channels.
+"""
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from overfocus_jax.models.patches import extract_patches, pixel_to_normalized
+
+# FocusNet's initial keypoint grid is shrunk by this factor, so that its patches start over the image's middle.
+GRID_SPREAD = 0.75
+
+
+# ----------------------------------------------------------------------------- Harris corners
+
+
+def gaussian_kernel(sigma: float) -> np.ndarray:
+  """Normalised 1-D Gaussian of radius ⌈3σ⌉ (2⌈3σ⌉ + 1 taps)."""
+  radius = max(1, math.ceil(3 * sigma))
+  t = np.arange(-radius, radius + 1, dtype=np.float64)
+  kernel = np.exp(-0.5 * (t / sigma) ** 2)
+  return (kernel / kernel.sum()).astype(np.float32)
+
+
+def separable_filter(images: jax.Array, column_kernel: np.ndarray, row_kernel: np.ndarray) -> jax.Array:
+  """Correlates (B, H, W) images with ``column_kernel`` down the rows and ``row_kernel`` along the columns.
+
+  The border is replicated (edge padding), so a flat background far from the digit has no gradient at the edges.
+  """
+  ry, rx = len(column_kernel) // 2, len(row_kernel) // 2
+  padded = jnp.pad(images, ((0, 0), (ry, ry), (rx, rx)), mode="edge")
+  height, width = images.shape[1:]
+  rows = sum(float(w) * padded[:, i:i + height, :] for i, w in enumerate(column_kernel))
+  return sum(float(w) * rows[:, :, j:j + width] for j, w in enumerate(row_kernel))
+
+
+def harris_response(gray: jax.Array, k: float = 0.05, sigma: float = 1.0) -> jax.Array:
+  """R = det(M) − k·trace(M)² (B, H, W) of gray images (B, H, W): > 0 at corners, < 0 on edges, ≈ 0 where flat."""
+  smooth, derive = np.array([1, 2, 1], np.float32) / 4, np.array([-1, 0, 1], np.float32) / 2
+  grad_x = separable_filter(gray, smooth, derive)  # Sobel: differentiate along x, smooth along y
+  grad_y = separable_filter(gray, derive, smooth)
+  window = gaussian_kernel(sigma)
+  mxx = separable_filter(grad_x * grad_x, window, window)
+  myy = separable_filter(grad_y * grad_y, window, window)
+  mxy = separable_filter(grad_x * grad_y, window, window)
+  return mxx * myy - mxy * mxy - k * (mxx + myy) ** 2
+
+
+def non_max_suppression(response: jax.Array, radius: int) -> jax.Array:
+  """Keeps (B, H, W) responses that are > 0 and the strict maximum of their (2r+1)² window; zeros elsewhere.
+
+  This is the max-pool rule (keep what equals its window's maximum) with ties broken in raster order (the earlier
+  pixel wins), so no two kept pixels lie within ``radius`` of each other (Chebyshev distance): a plateau of equal
+  responses keeps only its first pixel.
+  """
+  height, width = response.shape[1:]
+  padded = jnp.pad(response, ((0, 0), (radius, radius), (radius, radius)), constant_values=-jnp.inf)
+  keep = response > 0
+  for dy in range(-radius, radius + 1):
+    for dx in range(-radius, radius + 1):
+      if dy == 0 and dx == 0:
+        continue
+      neighbour = padded[:, radius + dy:radius + dy + height, radius + dx:radius + dx + width]
+      later = dy > 0 or (dy == 0 and dx > 0)  # the neighbour comes after this pixel in raster order
+      keep &= (response > neighbour) | ((response == neighbour) & later)
+  return jnp.where(keep, response, 0.0)
+
+
+def top_k_corners(response: jax.Array, k: int, border: int) -> jax.Array:
+  """The K strongest positive responses (B, H, W) outside a ``border`` as keypoints (B, K, 2) = (x, y) in [-1, 1].
+
+  Strongest first. An image with fewer than K positive responses gets the image centre (0, 0) for the rest.
+  """
+  batch, height, width = response.shape
+  rows, cols = jnp.arange(height)[:, None], jnp.arange(width)[None, :]
+  inside = (rows >= border) & (rows < height - border) & (cols >= border) & (cols < width - border)
+  scores, index = jax.lax.top_k(jnp.where(inside, response, 0.0).reshape(batch, -1), k)
+  x = pixel_to_normalized(index % width, width)
+  y = pixel_to_normalized(index // width, height)
+  found = scores > 0
+  return jnp.stack([jnp.where(found, x, 0.0), jnp.where(found, y, 0.0)], axis=-1)
+
+
+def harris_keypoints(images: jax.Array, k: int, *, harris_k: float, sigma: float, nms_radius: int,
+                     border: int) -> jax.Array:
+  """Keypoints (B, K, 2) of (B, H, W, C) images: Harris on the channel mean, NMS, top K; no gradient flows back."""
+  gray = jnp.mean(jax.lax.stop_gradient(images), axis=-1)
+  response = non_max_suppression(harris_response(gray, harris_k, sigma), nms_radius)
+  return jax.lax.stop_gradient(top_k_corners(response, k, border))
+
+
+# ----------------------------------------------------------------------------- learned keypoints
+
+
+def grid_points(k: int, spread: float = GRID_SPREAD) -> np.ndarray:
+  """K points (K, 2) = (x, y) spread over [-spread, spread]²: cell centres of a ⌊√K⌋-row grid, row by row."""
+  rows = max(1, math.isqrt(k))
+  cols = math.ceil(k / rows)
+  points = [((2 * (i % cols) + 1) / cols - 1, (2 * (i // cols) + 1) / rows - 1) for i in range(k)]
+  return spread * np.asarray(points, np.float32)
+
+
+def _grid_bias(k: int, bound: float):
+  """Initialiser for the keypoint layer's bias: bound·tanh(bias) is the grid, flattened as (x0, y0, x1, y1, ...)."""
+
+  def init(key, shape, dtype=jnp.float32):
+    del key
+    assert shape == (2 * k,), shape
+    # A grid wider than the bound is squeezed in; a bound of 0 (whole-image patches) leaves every point centred.
+    points = np.clip(grid_points(k).reshape(-1) / max(bound, 1e-6), -0.99, 0.99)
+    return jnp.arctanh(jnp.asarray(points, dtype))
+
+  return init
+
+
+def _output_dtype(dtype) -> Any:
+  """Keypoints and logits leave in float32 at least (bfloat16 compute), float64 when the model runs in it."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def scale_gradient(x: jax.Array, factor: float) -> jax.Array:
+  """x in the forward pass; ``factor`` times its gradient in the backward pass (exactly x: x − sg(x) is 0)."""
+  frozen = jax.lax.stop_gradient(x)
+  return frozen + factor * (x - frozen)
+
+
+class KeypointNet(nn.Module):
+  """x (B, H, W, C) → K keypoints (B, K, 2) in [-bound, bound]: stride-2 conv → BN → ReLU layers, flatten, dense,
+  bound·tanh. ``grad_scale`` scales the gradient reaching the network, i.e. its learning rate under SGD."""
+
+  num_keypoints: int
+  widths: Sequence[int] = (8, 16)
+  bound: float = 1.0
+  grad_scale: float = 1.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    for i, features in enumerate(self.widths):
+      x = nn.Conv(features, (3, 3), strides=2, padding="SAME", use_bias=False, dtype=self.dtype, name=f"conv{i + 1}")(x)
+      x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
+                               name=f"bn{i + 1}")(x))
+    # Flatten, not pool: where a feature lies is what the keypoints must follow.
+    x = x.reshape(x.shape[0], -1)
+    out = nn.Dense(2 * self.num_keypoints, kernel_init=nn.initializers.zeros,
+                   bias_init=_grid_bias(self.num_keypoints, self.bound), dtype=self.dtype, name="points")(x)
+    # The loss is steep in the keypoints (a one-pixel move changes a whole patch), and the flattened features have
+    # a large fan-in: at the full learning rate the keypoints leave the digit in a few steps and never come back.
+    out = scale_gradient(out.astype(_output_dtype(self.dtype)), self.grad_scale)
+    return self.bound * jnp.tanh(out).reshape(x.shape[0], self.num_keypoints, 2)
+
+
+# ----------------------------------------------------------------------------- the shared patch classifier
+
+
+class PatchEncoder(nn.Module):
+  """(images, keypoints) → z (B, 1, K, D): sample P×P patches, then a shared CNN and dense layer per patch."""
+
+  patch_size: int
+  patch_scale: float
+  widths: Sequence[int] = (16, 32)
+  feature_width: int = 64
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, keypoints, train: bool):
+    batch, k = keypoints.shape[:2]
+    patches = extract_patches(images, keypoints.astype(images.dtype), self.patch_size, self.patch_scale)
+    x = patches.reshape(batch * k, *patches.shape[2:])
+    for i, features in enumerate(self.widths):
+      x = nn.Conv(features, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype, name=f"conv{i + 1}")(x)
+      x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
+                               name=f"bn{i + 1}")(x))
+      x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")  # SAME: any patch size keeps ≥ 1 pixel
+    x = nn.relu(nn.Dense(self.feature_width, dtype=self.dtype, name="feature")(jnp.mean(x, axis=(1, 2))))
+    return x.reshape(batch, 1, k, self.feature_width)
+
+
+class PatchHead(nn.Module):
+  """z (B, 1, K, D) → logits: flatten (patch k keeps its slot), an optional hidden ReLU layer, dense."""
+
+  num_classes: int
+  hidden: int = 128
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, z, train: bool):
+    del train  # no train-mode behaviour
+    x = z.reshape(z.shape[0], -1)
+    if self.hidden:
+      x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, name="hidden")(x))
+    return nn.Dense(self.num_classes, dtype=self.dtype, name="dense")(x).astype(_output_dtype(self.dtype))
+
+
+# ----------------------------------------------------------------------------- the two models
+
+
+class FocusEncoder(nn.Module):
+  """Learned keypoints, then the patch encoder."""
+
+  num_keypoints: int
+  patch_size: int
+  patch_scale: float
+  keypoint_widths: Sequence[int]
+  patch_widths: Sequence[int]
+  feature_width: int
+  keypoint_grad_scale: float = 0.01
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    # Centres within ±(1 − scale): every patch stays inside the image (a patch of the whole image stays centred).
+    self.locate = KeypointNet(self.num_keypoints, tuple(self.keypoint_widths), bound=max(1.0 - self.patch_scale, 0.0),
+                              grad_scale=self.keypoint_grad_scale, dtype=self.dtype)
+    self.patches = PatchEncoder(self.patch_size, self.patch_scale, tuple(self.patch_widths), self.feature_width,
+                                dtype=self.dtype)
+
+  def keypoints(self, x, train: bool):
+    return self.locate(x, train)
+
+  def __call__(self, x, train: bool):
+    return self.patches(x, self.keypoints(x, train), train)
+
+
+class CornerEncoder(nn.Module):
+  """Harris keypoints (fixed, no parameters), then the patch encoder."""
+
+  num_keypoints: int
+  patch_size: int
+  patch_scale: float
+  patch_widths: Sequence[int]
+  feature_width: int
+  harris_k: float = 0.05
+  sigma: float = 1.0
+  nms_radius: int = 2
+  border: int = 2
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.patches = PatchEncoder(self.patch_size, self.patch_scale, tuple(self.patch_widths), self.feature_width,
+                                dtype=self.dtype)
+
+  def keypoints(self, x, train: bool):
+    del train
+    return harris_keypoints(x, self.num_keypoints, harris_k=self.harris_k, sigma=self.sigma,
+                            nms_radius=self.nms_radius, border=self.border)
+
+  def __call__(self, x, train: bool):
+    return self.patches(x, self.keypoints(x, train), train)
+
+
+class _PatchModel(nn.Module):
+  """The encode/classify/keypoints methods both models share; subclasses build ``encoder`` and ``head``."""
+
+  def __call__(self, x, train: bool = False):
+    return self.classify(self.encode(x, train), train)
+
+  def encode(self, x, train: bool = False):
+    return self.encoder(x, train)
+
+  def classify(self, z, train: bool = False):
+    return self.head(z, train)
+
+  def keypoints(self, x, train: bool = False):
+    """(B, K, 2) = (x, y) in [-1, 1], x the column."""
+    return self.encoder.keypoints(x, train)
+
+
+class FocusNet(_PatchModel):
+  """Classifies from K patches at learned keypoints."""
+
+  num_classes: int
+  num_keypoints: int = 4
+  patch_size: int = 12
+  patch_scale: float = 0.43
+  keypoint_widths: Sequence[int] = (8, 16)
+  patch_widths: Sequence[int] = (16, 32)
+  feature_width: int = 64
+  hidden: int = 128
+  keypoint_grad_scale: float = 0.01
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.encoder = FocusEncoder(self.num_keypoints, self.patch_size, self.patch_scale, tuple(self.keypoint_widths),
+                                tuple(self.patch_widths), self.feature_width, self.keypoint_grad_scale,
+                                dtype=self.dtype)
+    self.head = PatchHead(self.num_classes, self.hidden, dtype=self.dtype)
+
+
+class CornerNet(_PatchModel):
+  """Classifies from K patches at the strongest Harris corners."""
+
+  num_classes: int
+  num_keypoints: int = 4
+  patch_size: int = 12
+  patch_scale: float = 0.43
+  patch_widths: Sequence[int] = (16, 32)
+  feature_width: int = 64
+  hidden: int = 128
+  harris_k: float = 0.05
+  sigma: float = 1.0
+  nms_radius: int = 2
+  border: int = 2
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.encoder = CornerEncoder(self.num_keypoints, self.patch_size, self.patch_scale, tuple(self.patch_widths),
+                                 self.feature_width, self.harris_k, self.sigma, self.nms_radius, self.border,
+                                 dtype=self.dtype)
+    self.head = PatchHead(self.num_classes, self.hidden, dtype=self.dtype)

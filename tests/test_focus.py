@@ -1,0 +1,346 @@
+"""Tests for overfocus_jax.models.patches and overfocus_jax.models.focus: bilinear patches (x is the column), their
+gradients in the keypoints, Harris corners and NMS, the two focus models' split, shapes and training, and the
+one-line errors of their config groups."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.scipy.ndimage import map_coordinates
+
+from overfocus_jax import config as config_lib
+from overfocus_jax.data import pipeline
+from overfocus_jax.data.sources import load_dataset
+from overfocus_jax.errors import UserError
+from overfocus_jax.models import build_model, check_model_fits, focus
+from overfocus_jax.models.patches import extract_patches, normalized_to_pixel, pixel_to_normalized, sample_offsets
+from overfocus_jax.train import state as state_lib
+from overfocus_jax.train.step import cross_entropy, make_train_step
+
+from conftest import assert_one_line_error, run_cli
+
+# A tiny patch classifier for 8×8 inputs: 2 keypoints, 4×4 patches, one conv layer of 4 channels, D = 8.
+TINY_FOCUS = dict(focus__num_keypoints=2, focus__patch_size=4, focus__patch_scale=0.5, focus__keypoint_widths=(4,),
+                  focus__patch_widths=(4,), focus__feature_width=8, focus__hidden=16, corner__nms_radius=1,
+                  corner__border=1)
+TINY_FOCUS_ARGS = tuple(f"--config.{k.replace('__', '.')}={v!r}".replace(" ", "") for k, v in TINY_FOCUS.items())
+
+
+def make_config(model, **fields):
+  fields = {**TINY_FOCUS, **fields}
+  overrides = [("model", model), ("dataset", "digits")] + [(k.replace("__", "."), v if isinstance(v, str) else repr(v))
+                                                           for k, v in fields.items()]
+  return config_lib.build_config(None, overrides)
+
+
+def make_model(model, num_classes=10, **fields):
+  return build_model(make_config(model, **fields), num_classes)
+
+
+def pixel(x_norm, size):
+  return float(normalized_to_pixel(jnp.asarray(x_norm), size))
+
+
+# ----------------------------------------------------------------------------- patches
+
+
+def ramp_image(height=5, width=7):
+  """image[r, c] = 10·r + c: not symmetric, so an x/y swap shows."""
+  rows, cols = np.mgrid[:height, :width]
+  return jnp.asarray((10 * rows + cols)[None, :, :, None], jnp.float32)
+
+
+def test_patch_centred_on_a_pixel_is_the_crop_around_it():
+  # scale = P / side samples at the image's own resolution: the crop of rows 1..3 and columns 4..6.
+  image = ramp_image(8, 8)
+  patch = extract_patches(image, jnp.array([[[pixel_to_normalized(5, 8), pixel_to_normalized(2, 8)]]]), 3, 3 / 8)
+  np.testing.assert_allclose(patch[0, 0], image[0, 1:4, 4:7], atol=1e-5)  # swapped x/y would give [4:7, 1:4]
+  # A non-square image: the scale applies to each side, so rows are sampled every 5/7 of a pixel here.
+  image = ramp_image(5, 7)
+  patch = extract_patches(image, jnp.array([[[pixel_to_normalized(4, 7), pixel_to_normalized(1, 5)]]]), 3, 3 / 7)
+  np.testing.assert_allclose(patch[0, 0, 1, :, 0], [13, 14, 15], atol=1e-5)  # the middle row is image row 1
+  np.testing.assert_allclose(patch[0, 0, :, 1, 0], 14 + 10 * (5 / 7) * np.array([-1, 0, 1]), atol=1e-4)
+
+
+def test_patch_shapes_and_zeros_outside_the_image():
+  images = jnp.ones((2, 6, 9, 3))
+  centers = jnp.array([[[0.0, 0.0], [5.0, 5.0], [-1.0, -1.0]], [[0.3, -0.2], [-5.0, 0.0], [1.0, 1.0]]])
+  patches = extract_patches(images, centers, 4, 0.25)
+  chex.assert_shape(patches, (2, 3, 4, 4, 3))
+  np.testing.assert_allclose(patches[0, 0], 1.0, atol=1e-6)
+  np.testing.assert_array_equal(patches[0, 1], 0.0)   # far outside: all zeros
+  np.testing.assert_array_equal(patches[1, 1], 0.0)
+  corner = np.asarray(patches[0, 2, ..., 0])           # centred on the top-left corner: a quarter is inside
+  assert corner[0, 0] == 0 and corner[-1, -1] == pytest.approx(1.0) and 0 < corner.mean() < 0.5
+
+
+def test_patches_equal_map_coordinates_order_one():
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.normal(size=(2, 6, 9, 2)), jnp.float32)
+  centers = jnp.asarray(rng.uniform(-1.2, 1.2, size=(2, 3, 2)), jnp.float32)
+  patches = extract_patches(images, centers, 5, 0.3)
+  offsets = sample_offsets(5, 0.3)
+  for b in range(2):
+    for k in range(3):
+      rows = normalized_to_pixel(centers[b, k, 1] + offsets, 6)
+      cols = normalized_to_pixel(centers[b, k, 0] + offsets, 9)
+      grid = jnp.meshgrid(rows, cols, indexing="ij")
+      for c in range(2):
+        expected = map_coordinates(images[b, ..., c], grid, order=1, mode="constant", cval=0.0)
+        np.testing.assert_allclose(patches[b, k, ..., c], expected, atol=1e-5)
+
+
+def test_patch_gradient_in_the_centres_matches_finite_differences():
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(1)
+    images = jnp.asarray(rng.normal(size=(2, 7, 9, 2)))
+    weights = jnp.asarray(rng.normal(size=(2, 3, 4, 4, 2)))
+    centers = jnp.asarray(rng.uniform(-0.8, 0.8, size=(2, 3, 2)))
+    loss = jax.jit(lambda c: jnp.sum(jnp.tanh(extract_patches(images, c, 4, 0.4)) * weights))
+    grad = np.asarray(jax.grad(loss)(centers))
+    eps = 1e-6
+    numeric = np.zeros_like(grad)
+    for index in np.ndindex(*centers.shape):
+      step = jnp.zeros_like(centers).at[index].set(eps)
+      numeric[index] = (loss(centers + step) - loss(centers - step)) / (2 * eps)
+    assert np.all(np.abs(grad) > 0)
+    np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-7)
+    # At a whole pixel (where bilinear weights have a kink) the gradient is the one-sided difference, not garbage:
+    # on image[r, c] = 10r + c, d(sum of a 1-sample patch)/dx = 1 pixel per 2/W of x.
+    image = ramp_image().astype(jnp.float64)
+    at_pixel = jnp.array([[[pixel_to_normalized(3, 7), pixel_to_normalized(2, 5)]]])
+    grad = jax.grad(lambda c: extract_patches(image, c, 1, 0.1).sum())(at_pixel)
+    np.testing.assert_allclose(grad[0, 0], [7 / 2, 10 * 5 / 2], rtol=1e-9)
+
+
+# ----------------------------------------------------------------------------- Harris corners and NMS
+
+
+def rectangle_image(height=20, width=24, top=4, bottom=15, left=4, right=19):
+  """A bright rectangle on black, rows top..bottom and columns left..right inclusive (wider than tall)."""
+  image = np.zeros((1, height, width, 1), np.float32)
+  image[0, top:bottom + 1, left:right + 1] = 1.0
+  return jnp.asarray(image)
+
+
+def test_harris_finds_the_four_corners_of_a_rectangle():
+  image = rectangle_image()
+  points = focus.harris_keypoints(image, 4, harris_k=0.05, sigma=1.0, nms_radius=2, border=2)
+  cols = normalized_to_pixel(points[0, :, 0], 24)
+  rows = normalized_to_pixel(points[0, :, 1], 20)
+  found = sorted(zip(np.asarray(rows).tolist(), np.asarray(cols).tolist()))
+  expected = sorted([(4, 4), (4, 19), (15, 4), (15, 19)])
+  for (row, col), (want_row, want_col) in zip(found, expected):
+    assert abs(row - want_row) <= 1.5 and abs(col - want_col) <= 1.5, (found, expected)
+  # An edge is not a corner, and a flat area gives nothing: R < 0 mid-edge, ≈ 0 inside.
+  response = focus.harris_response(image[..., 0])
+  assert response[0, 4, 11] < 0 and abs(response[0, 10, 11]) < 1e-9 and response[0, 4, 4] > 0
+
+
+def test_non_max_suppression_keeps_isolated_local_maxima_even_on_plateaus():
+  rng = np.random.default_rng(0)
+  response = jnp.asarray(rng.normal(size=(2, 15, 17)), jnp.float32)
+  response = response.at[1, 4:9, 4:9].set(5.0)  # a plateau of equal maxima
+  for radius in (1, 2, 3):
+    kept = np.asarray(focus.non_max_suppression(response, radius))
+    for b in range(2):
+      points = np.argwhere(kept[b] > 0)
+      assert len(points) > 0
+      gaps = np.abs(points[:, None, :] - points[None, :, :]).max(-1)
+      assert gaps[~np.eye(len(points), dtype=bool)].min() > radius  # no two within the window
+      for r, c in points:  # each kept value is its window's maximum, and the value is unchanged
+        window = np.asarray(response[b, max(r - radius, 0):r + radius + 1, max(c - radius, 0):c + radius + 1])
+        assert kept[b, r, c] == response[b, r, c] == window.max()
+    # A plateau keeps only its first pixel in raster order: the others lose ties to a neighbour, in a chain.
+    assert (kept[1, 4:9, 4:9] > 0).sum() == 1 and kept[1, 4, 4] == 5.0
+  np.testing.assert_array_equal(focus.non_max_suppression(-jnp.abs(response), 1), 0.0)  # only positive responses
+
+
+def test_top_k_corners_order_border_and_fallback():
+  response = jnp.zeros((2, 6, 8)).at[0, 1, 6].set(3.0).at[0, 4, 2].set(2.0).at[0, 0, 0].set(9.0)
+  points = focus.top_k_corners(response, 3, border=1)
+  # Strongest first; (0, 0) is in the border; x is the column: column 6 → x = 13/8 − 1.
+  np.testing.assert_allclose(points[0], [[13 / 8 - 1, 3 / 6 - 1], [5 / 8 - 1, 9 / 6 - 1], [0, 0]], atol=1e-6)
+  np.testing.assert_array_equal(points[1], 0.0)  # nothing positive: the centre
+  with_border = focus.top_k_corners(response, 1, border=0)
+  np.testing.assert_allclose(with_border[0, 0], [1 / 8 - 1, 1 / 6 - 1], atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the models
+
+
+@pytest.mark.parametrize("name", ["focus", "corner"])
+@pytest.mark.parametrize("input_shape", [(8, 8, 1), (28, 28, 1), (32, 32, 3)])
+def test_output_shapes(name, input_shape):
+  model = make_model(name, num_classes=7, focus__num_keypoints=3)
+  variables = jax.eval_shape(lambda key: model.init(key, input_shape), jax.random.PRNGKey(0))
+  x = jax.ShapeDtypeStruct((2, *input_shape), jnp.float32)
+  for train in (False, True):
+    z, _ = jax.eval_shape(lambda v, x: model.encode(v, x, train=train), variables, x)
+    logits, _ = jax.eval_shape(lambda v, x: model.apply(v, x, train=train), variables, x)
+    chex.assert_shape(z, (2, 1, 3, 8))
+    chex.assert_shape(logits, (2, 7))
+    assert logits.dtype == jnp.float32
+  points = jax.eval_shape(model.keypoints, variables, x)
+  chex.assert_shape(points, (2, 3, 2))
+  assert model.attention_maps(variables, x) is None
+
+
+@pytest.fixture(scope="module")
+def focus_model():
+  model = make_model("focus", focus__num_keypoints=4)
+  variables = jax.jit(lambda key: model.init(key, (8, 8, 1)))(jax.random.PRNGKey(0))
+  x = jax.random.normal(jax.random.PRNGKey(1), (6, 8, 8, 1))
+  return model, variables, x
+
+
+def test_focus_split_equals_apply_and_each_half_keeps_its_batch_stats(focus_model):
+  model, variables, x = focus_model
+  for train in (False, True):
+    logits, state = model.apply(variables, x, train=train)
+    z, encode_state = model.encode(variables, x, train=train)
+    split_logits, classify_state = model.classify(variables, z, train=train)
+    chex.assert_trees_all_equal(split_logits, logits)
+  assert set(encode_state["batch_stats"]) == {"encoder"} and classify_state == {"batch_stats": {}}
+  assert set(state["batch_stats"]) == {"encoder"}  # the head has no batch norm
+  assert np.all(np.asarray(z) >= 0)  # post-ReLU features: a dropped patch reads as "nothing there"
+
+
+def test_focus_keypoints_start_spread_on_a_grid_inside_the_image(focus_model):
+  model, variables, x = focus_model
+  points = np.asarray(model.keypoints(variables, x))
+  chex.assert_shape(points, (6, 4, 2))
+  np.testing.assert_allclose(points, np.broadcast_to(points[:1], points.shape), atol=1e-6)  # zero kernel at init
+  np.testing.assert_allclose(points[0], focus.grid_points(4), atol=1e-5)  # (x, y), row by row
+  assert np.all(np.abs(points) <= 1 - 0.5)  # within ±(1 − scale): every patch stays inside the image
+  assert len({tuple(p) for p in points[0].round(3)}) == 4
+
+
+def test_grid_points_and_scale_gradient():
+  assert focus.grid_points(1).tolist() == [[0.0, 0.0]]
+  np.testing.assert_allclose(focus.grid_points(6, spread=1.0), [[-2 / 3, -0.5], [0, -0.5], [2 / 3, -0.5],
+                                                                 [-2 / 3, 0.5], [0, 0.5], [2 / 3, 0.5]], atol=1e-6)
+  x = jnp.array([0.3, -2.0])
+  assert np.array_equal(focus.scale_gradient(x, 0.01), x)
+  np.testing.assert_allclose(jax.grad(lambda v: jnp.sum(focus.scale_gradient(v, 0.01) ** 2))(x), 0.02 * x)
+
+
+def test_loss_gradient_in_the_keypoints_matches_finite_differences():
+  """Through the patches, the shared patch encoder and the head, in float64."""
+  with jax.enable_x64(True):
+    module = focus.FocusNet(num_classes=5, num_keypoints=3, patch_size=4, patch_scale=0.4, keypoint_widths=(4,),
+                            patch_widths=(4,), feature_width=6, hidden=8, dtype=jnp.float64)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 10, 10, 1), jnp.float64)
+    variables = jax.jit(lambda key: module.init(key, x, train=False))(jax.random.PRNGKey(1))  # jit: eager is slower
+    variables = jax.tree.map(lambda a: a.astype(jnp.float64), variables)
+    labels = jnp.array([1, 3])
+
+    @jax.jit
+    def loss(points):
+      logits = module.apply(variables, x, points, method=lambda m, x, p: m.head(m.encoder.patches(x, p, False), False))
+      return jnp.mean(cross_entropy(logits, labels))
+
+    points = jax.random.uniform(jax.random.PRNGKey(2), (2, 3, 2), jnp.float64, -0.5, 0.5)
+    grad = np.asarray(jax.grad(loss)(points))
+    eps = 1e-6
+    numeric = np.zeros_like(grad)
+    for index in np.ndindex(*points.shape):
+      step = jnp.zeros_like(points).at[index].set(eps)
+      numeric[index] = (loss(points + step) - loss(points - step)) / (2 * eps)
+    assert np.abs(grad).max() > 1e-3
+    np.testing.assert_allclose(grad, numeric, rtol=1e-4, atol=1e-8)
+    # The learned keypoints do get this gradient (scaled by keypoint_grad_scale); Harris keypoints get none.
+    full = lambda params: jnp.mean(cross_entropy(module.apply({**variables, "params": params}, x), labels))
+    keypoint_grads = jax.jit(jax.grad(full))(variables["params"])["encoder"]["locate"]["points"]
+    assert np.abs(keypoint_grads["bias"]).max() > 0
+
+
+def test_corner_keypoints_follow_the_image_and_get_no_gradient():
+  model = make_model("corner", focus__num_keypoints=4, focus__patch_size=6, focus__patch_scale=0.25,
+                     corner__nms_radius=2, corner__border=2)
+  image = rectangle_image()
+  variables = jax.jit(lambda key: model.init(key, image.shape[1:]))(jax.random.PRNGKey(0))
+  points = np.asarray(model.keypoints(variables, image))
+  cols, rows = normalized_to_pixel(points[0, :, 0], 24), normalized_to_pixel(points[0, :, 1], 20)
+  assert set(np.round(np.asarray(cols)).astype(int)) <= {3, 4, 5, 18, 19, 20}  # x is the column
+  assert set(np.round(np.asarray(rows)).astype(int)) <= {3, 4, 5, 14, 15, 16}
+  assert "locate" not in variables["params"]["encoder"]
+  np.testing.assert_array_equal(jax.grad(lambda x: model.keypoints(variables, x).sum())(image), 0.0)
+  logits_grad = jax.grad(lambda x: model.apply(variables, x)[0].sum())(image)
+  assert np.abs(logits_grad).max() > 0  # the image still gets gradients through the sampled pixels
+  z, _ = model.encode(variables, image)
+  chex.assert_trees_all_equal(model.classify(variables, z)[0], model.apply(variables, image)[0])
+
+
+@pytest.mark.parametrize("name", ["focus", "corner"])
+def test_train_steps_lower_the_loss(name):
+  config = make_config(name, schedule="constant", warmup_epochs=0, learning_rate=0.1)
+  dataset = load_dataset("digits")
+  model = build_model(config, dataset.num_classes)
+  tx = state_lib.make_optimizer(config, state_lib.make_schedule(config, 10))
+  state = state_lib.create_train_state(model, tx, seed=0, input_shape=dataset.image_shape)
+  batch = jax.tree.map(jnp.asarray, next(pipeline.make_train_iterator(dataset, batch_size=64, seed=0, augment=False)))
+  step = jax.jit(make_train_step(model, tx))
+  losses = []
+  for _ in range(25):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  assert losses[-1] < 0.7 * losses[0], losses
+  chex.assert_tree_all_finite(state)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_check_model_fits():
+  check_model_fits(make_config("focus"), (8, 8, 1))
+  check_model_fits(make_config("resnet"), (1, 1, 1))
+  with pytest.raises(UserError, match=r"patch_size=12 is larger than the 8x8 images.*at most 8"):
+    check_model_fits(make_config("focus", focus__patch_size=12), (8, 8, 1))
+  with pytest.raises(UserError, match=r"corner.border=4 leaves no pixel.*below 4"):
+    check_model_fits(make_config("corner", corner__border=4), (8, 8, 1))
+  check_model_fits(make_config("corner", corner__border=3), (8, 8, 1))
+  with pytest.raises(UserError, match=r"num_keypoints=65 asks for more corners.*at most 64"):
+    check_model_fits(make_config("corner", focus__num_keypoints=65), (8, 8, 1))
+  check_model_fits(make_config("focus", focus__num_keypoints=65), (8, 8, 1))  # learned keypoints may coincide
+
+
+BAD_FIELDS = [
+    (["--config.focus.num_keypoints=0"], ["config.focus.num_keypoints=0", "at least 1"]),
+    (["--config.focus.patch_size=0"], ["config.focus.patch_size=0", "at least 1 pixel"]),
+    (["--config.focus.patch_scale=0.0"], ["config.focus.patch_scale=0.0", "(0, 1]"]),
+    (["--config.focus.patch_scale=1.5"], ["config.focus.patch_scale=1.5"]),
+    (["--config.focus.patch_widths=()"], ["config.focus.patch_widths", "positive integers"]),
+    (["--config.focus.feature_width=0"], ["config.focus.feature_width=0"]),
+    (["--config.focus.keypoint_grad_scale=-1.0"], ["config.focus.keypoint_grad_scale=-1.0", ">= 0"]),
+    (["--config.corner.harris_k=0.3"], ["config.corner.harris_k=0.3", "(0, 0.25)"]),
+    (["--config.corner.sigma=0.0"], ["config.corner.sigma=0.0"]),
+    (["--config.corner.nms_radius=-1"], ["config.corner.nms_radius=-1"]),
+]
+
+
+@pytest.mark.parametrize("name", ["focus", "corner"])
+@pytest.mark.parametrize("overrides, fragments", BAD_FIELDS, ids=[b[0][0] for b in BAD_FIELDS])
+def test_bad_focus_config_is_one_line(tmp_path, capsys, name, overrides, fragments):
+  workdir = tmp_path / "wd"
+  code, out, err = run_cli(capsys, "train", "--workdir", workdir, f"--config.model={name}", "--config.dataset=digits",
+                           *overrides)
+  assert_one_line_error(code, err, *fragments)
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize("name", ["focus", "corner"])
+def test_patch_larger_than_the_images_is_one_line(tmp_path, capsys, name):
+  """Needs the data: the default 12-pixel patches do not fit scikit-learn's 8×8 digits."""
+  code, _, err = run_cli(capsys, "train", "--workdir", tmp_path / "wd", f"--config.model={name}",
+                         "--config.dataset=digits", "--no-progress")
+  assert_one_line_error(code, err, "config.focus.patch_size=12", "8x8", "at most 8")
+
+
+def test_corner_trains_one_epoch_through_the_cli(tmp_path, capsys):
+  code, out, err = run_cli(capsys, "train", "--workdir", tmp_path / "wd", "--config.model=corner",
+                           "--config.dataset=digits", *TINY_FOCUS_ARGS, "--config.num_epochs=1",
+                           "--config.batch_size=64", "--no-progress")
+  assert code == 0, err
+  assert '"model": "corner"' in out
