@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
                        "integrated_gradients (default: all the model supports)")
   explain.add_argument("--layer", default="encoder", help="Grad-CAM layer, a module path (default: encoder = z)")
   explain.add_argument("--target", default="true", help="attribute the true or the predicted class")
+  explain.add_argument("--ig-steps", type=int, default=32, help="integrated-gradients steps (midpoint rule)")
+  explain.add_argument("--ig-baseline", default="mean",
+                       help="integrated-gradients baseline: mean (every pixel at the dataset mean) or black (zeros)")
   explain.add_argument("--compare", help="a second run's workdir, drawn beside this one")
   explain.add_argument("--no-progress", action="store_true", help="no progress bar")
   bench = sub.add_parser("bench", help="time the compiled train step", allow_abbrev=False)
@@ -100,7 +103,8 @@ def cmd_explain(args, overrides) -> None:
   methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods is not None else None
   if methods == []:
     raise UserError("--methods is empty", f"name one or more of {', '.join(report.METHODS)}")
-  options = report.Options(n=args.n, images=args.images, methods=methods, layer=args.layer, target=args.target)
+  options = report.Options(n=args.n, images=args.images, methods=methods, layer=args.layer, target=args.target,
+                           ig_steps=args.ig_steps, ig_baseline=args.ig_baseline)
   summary = report.explain(args.workdir, dataset=args.dataset, out=args.out, compare=args.compare, options=options,
                            progress=False if args.no_progress else None)
   for name, path in summary["figures"].items():

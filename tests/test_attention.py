@@ -1,6 +1,7 @@
 """Tests for overfocus_jax.models.attention (Learn to Pay Attention): the split at the first attention layer, shapes,
 the attention maps, the compatibility/normalisation formulas by hand, training, and the one-line config errors."""
 
+import json
 import chex
 import jax
 import jax.numpy as jnp
@@ -221,6 +222,24 @@ def test_trains_one_epoch_through_the_cli(tmp_path, capsys):
                            "--no-progress")
   assert code == 0, err
   assert '"model": "attention"' in out
+  # The attention maps are drawn by `overfocus explain`, with every attribution method (z is a feature map).
+  code, out, err = run_cli(capsys, "explain", "--workdir", tmp_path / "wd", "--n", "2", "--images", "8",
+                           "--ig-steps", "2", "--no-progress")
+  assert code == 0, err
+  summary = json.loads(out.strip().splitlines()[-1])
+  assert "latent" in summary["methods"] and "grad_cam" in summary["methods"]
+  assert (tmp_path / "wd" / "explain" / "attention.png").stat().st_size > 5000
+
+
+@pytest.mark.parametrize("regularizer", ["sgdrop", "rsc"])
+def test_regularizers_train_the_attention_model(tmp_path, capsys, regularizer):
+  args = [f"--config.{k.replace('__', '.')}={v!r}".replace(" ", "") for k, v in TINY_ATTENTION.items()]
+  code, out, err = run_cli(capsys, "train", "--workdir", tmp_path / "wd", "--config.model=attention",
+                           "--config.dataset=digits", *args, "--config.num_epochs=1", "--config.batch_size=64",
+                           f"--config.regularizer.name={regularizer}", "--no-progress")
+  assert code == 0, err
+  record = json.loads((tmp_path / "wd" / "metrics.jsonl").read_text().splitlines()[-1])
+  assert record[f"train_{regularizer}_dropped_fraction"] > 0
 
 
 # ----------------------------------------------------------------------------- bad input

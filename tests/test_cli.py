@@ -54,8 +54,8 @@ def test_bench_prints_json_timings(capsys):
   assert result["step_ms"] > 0 and len(result["step_ms_repeats"]) == 1
   np.testing.assert_allclose(result["images_per_s"], 64 / (result["step_ms"] / 1e3), rtol=1e-6)
   # The tiny CNN by hand: 3x3 stem 1→8 and two 3x3 convs 8→8 at 8x8; then a 1x1 stride-2 projection 8→16, a 3x3
-  # stride-2 conv 8→16 (8x8 → 4x4) and a 3x3 conv 16→16 at 4x4; dense 16→10. Parameters add 3 BNs of 8 and 2 of 16
-  # (scale and offset) and the dense bias.
+  # stride-2 conv 8→16 (8x8 → 4x4) and a 3x3 conv 16→16 at 4x4; dense 16→10. Parameters add 3 BNs of 8 and 2 of
+  # 16 (scale and offset) and the dense bias.
   convs = 9 * 8 + 2 * 9 * 64 + 8 * 16 + 9 * 8 * 16 + 9 * 16 * 16
   assert result["params"] == convs + 16 * 10 + 10 + 2 * (3 * 8 + 2 * 16)
   # XLA counts the kernel taps that fall inside the image (not the SAME padding): per axis, a 3-tap stride-1 conv on

@@ -138,11 +138,12 @@ def test_explain_writes_figures_and_json(explained):
 
 def test_explain_a_subset_of_methods_at_another_layer(trained_workdir, tmp_path, capsys):
   code, out, err = run_cli(capsys, "explain", "--workdir", trained_workdir, "--out", tmp_path, "--methods",
-                           "grad_cam,input_gradient", "--layer", "encoder/stage1_block1", "--target", "predicted",
-                           *EXPLAIN_ARGS)
+                           "grad_cam,input_gradient,integrated_gradients", "--layer", "encoder/stage1_block1",
+                           "--target", "predicted", "--ig-steps", "4", "--ig-baseline", "black", *EXPLAIN_ARGS)
   assert code == 0, err
   summary = last_json_line(out)
-  assert list(summary["methods"]) == ["grad_cam", "input_gradient"]
+  assert list(summary["methods"]) == ["grad_cam", "input_gradient", "integrated_gradients"]
+  assert summary["ig"] == {"steps": 4, "baseline": "black"}
   assert summary["methods"]["grad_cam"]["resolution"] == [8, 8] and summary["layer"] == "encoder/stage1_block1"
 
 
@@ -154,6 +155,8 @@ def test_explain_a_subset_of_methods_at_another_layer(trained_workdir, tmp_path,
     (("--n", "-2"), ("--n=-2",)),
     (("--images", "0"), ("--images=0",)),
     (("--target", "best"), ("unknown --target 'best'",)),
+    (("--ig-steps", "0"), ("--ig-steps=0",)),
+    (("--ig-baseline", "white"), ("unknown --ig-baseline 'white'", "mean, black")),
     (("--config.seed=1",), ("explain takes no --config.FIELD overrides",)),
     (("--dataset", "mnist5k"), ("(28, 28, 1) images",)),
 ])

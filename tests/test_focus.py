@@ -2,6 +2,7 @@
 gradients in the keypoints, Harris corners and NMS, the two focus models' split, shapes and training, and the
 one-line errors of their config groups."""
 
+import json
 import chex
 import jax
 import jax.numpy as jnp
@@ -344,3 +345,23 @@ def test_corner_trains_one_epoch_through_the_cli(tmp_path, capsys):
                            "--config.batch_size=64", "--no-progress")
   assert code == 0, err
   assert '"model": "corner"' in out
+  # `overfocus explain` draws the corners; the latent is per patch, so only input-space methods apply.
+  code, out, err = run_cli(capsys, "explain", "--workdir", tmp_path / "wd", "--n", "2", "--images", "8",
+                           "--ig-steps", "2", "--no-progress")
+  assert code == 0, err
+  summary = json.loads(out.strip().splitlines()[-1])
+  assert set(summary["methods"]) == {"input_gradient", "smoothgrad", "integrated_gradients"}
+  assert (tmp_path / "wd" / "explain" / "keypoints.png").stat().st_size > 5000
+  code, _, err = run_cli(capsys, "explain", "--workdir", tmp_path / "wd", "--methods", "grad_cam")
+  assert_one_line_error(code, err, "needs a feature map aligned with the image")
+
+
+@pytest.mark.parametrize("regularizer, granularity", [("sgdrop", "spatial"), ("rsc", "element")])
+def test_regularizers_train_the_focus_model(tmp_path, capsys, regularizer, granularity):
+  code, out, err = run_cli(capsys, "train", "--workdir", tmp_path / "wd", "--config.model=focus",
+                           "--config.dataset=digits", *TINY_FOCUS_ARGS, "--config.num_epochs=1",
+                           "--config.batch_size=64", f"--config.regularizer.name={regularizer}",
+                           f"--config.regularizer.sgdrop.granularity={granularity}", "--no-progress")
+  assert code == 0, err
+  record = json.loads((tmp_path / "wd" / "metrics.jsonl").read_text().splitlines()[-1])
+  assert record[f"train_{regularizer}_dropped_fraction"] > 0

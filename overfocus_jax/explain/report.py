@@ -35,6 +35,7 @@ METHODS = ("latent", "grad_cam", "input_gradient", "smoothgrad", "integrated_gra
 FEATURE_MAP_METHODS = ("latent", "grad_cam")
 DEFAULT_LAYER = "encoder"
 TARGETS = ("true", "predicted")
+IG_BASELINES = ("mean", "black")
 CHUNK = 64  # images per compiled batch
 DELETION_STEPS = 16
 COVERAGE_THRESHOLD = 0.1
@@ -49,6 +50,7 @@ class Options:
   target: str = "true"            # attribute the true or the predicted class
   smoothgrad_samples: int = 16
   ig_steps: int = 32
+  ig_baseline: str = "mean"       # mean: every pixel at the dataset mean (0 after normalisation) | black: 0
   seed: int = 0
 
 
@@ -78,6 +80,10 @@ def check_options(options: Options) -> None:
     raise UserError(f"--images={options.images} must be at least 1", "pass --images 256")
   if options.target not in TARGETS:
     raise UserError(f"unknown --target {options.target!r}", f"use one of {', '.join(TARGETS)}")
+  if options.ig_steps < 1:
+    raise UserError(f"--ig-steps={options.ig_steps} must be at least 1", "pass --ig-steps 32")
+  if options.ig_baseline not in IG_BASELINES:
+    raise UserError(f"unknown --ig-baseline {options.ig_baseline!r}", f"use one of {', '.join(IG_BASELINES)}")
 
 
 def check_layer(layer: str, model, variables, input_shape) -> None:
@@ -88,7 +94,14 @@ def check_layer(layer: str, model, variables, input_shape) -> None:
                     f"pass --layer with one of: {names}")
 
 
-def _method_fn(method: str, model, options: Options):
+def ig_baseline(options: Options, dataset) -> np.ndarray | None:
+  """The integrated-gradients baseline in the model's (normalised) input space; None means zeros."""
+  if options.ig_baseline == "black":
+    return ((0.0 - np.asarray(dataset.mean)) / np.asarray(dataset.std)).astype(np.float32)  # per channel
+  return None
+
+
+def _method_fn(method: str, model, options: Options, baseline: np.ndarray | None = None):
   """``(variables, x, labels, key) -> (native map, pixel map (B, H, W))``, both non-negative."""
 
   def fn(variables, x, labels, key):
@@ -106,7 +119,8 @@ def _method_fn(method: str, model, options: Options):
       grad = attributions.smoothgrad(logits_fn, x, labels, key, samples=options.smoothgrad_samples,
                                      target=options.target)
     else:
-      grad = attributions.integrated_gradients(logits_fn, x, labels, steps=options.ig_steps, target=options.target)
+      grad = attributions.integrated_gradients(logits_fn, x, labels, baseline=baseline, steps=options.ig_steps,
+                                               target=options.target)
     native = attributions.to_heatmap(grad)
     return native, native
 
@@ -159,7 +173,7 @@ def measure_methods(run, source, methods, options: Options, progress: bool | Non
                   disable=(not progress) if progress is not None else None)
   with bar:
     for method in methods:
-      fn = _method_fn(method, model, options)
+      fn = _method_fn(method, model, options, ig_baseline(options, dataset))
       totals, covered, pixels, native_shape = None, None, [], None
       for batch in batches:
         native, pixel = fn(variables, batch["image"], batch["label"], key)
@@ -277,6 +291,7 @@ def explain(workdir, *, dataset: str | None = None, out=None, compare=None, opti
   summary = {
       "workdir": str(run.workdir), "dataset": name, "step": run.step, "model": run.config.model,
       "regularizer": run.config.regularizer.name, "images": count, "accuracy": accuracy, "target": options.target,
+      "ig": {"steps": options.ig_steps, "baseline": options.ig_baseline},
       "layer": options.layer if "grad_cam" in methods else None, "methods": results,
       "feature_usage": {label: {k: u[k] for k in ("effective_channels", "channels", "top10pct_share")}
                         for label, u in usage.items()},
