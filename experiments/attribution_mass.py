@@ -54,7 +54,8 @@ def main() -> int:
   attr = np.concatenate(maps)  # (N, H, W, C)
   views = {"element": attr.reshape(len(attr), -1), "spatial": attr.sum(-1).reshape(len(attr), -1),
            "channel": attr.sum((1, 2))}
-  result = {"workdir": str(workdir), "latent_shape": list(attr.shape[1:])}
+  result = {"workdir": str(workdir), "latent_shape": list(attr.shape[1:]),
+            "zero_fraction": float(np.mean(attr == 0))}  # units with no positive attribution at all
   for name, scores in views.items():
     result[name] = {f"top_{rate}": float(top_share(scores, rate).mean()) for rate in RATES}
     result[name]["units"] = scores.shape[1]

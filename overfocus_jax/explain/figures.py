@@ -82,9 +82,12 @@ def keypoint_overlays(path: pathlib.Path, images: np.ndarray, keypoints_px: np.n
       ax.add_patch(plt.Rectangle((col - patch_px / 2, row - patch_px / 2), patch_px, patch_px, fill=False,
                                  edgecolor=color, linewidth=1.0))
       ax.plot([col], [row], marker="+", color=color, markersize=6)
+    height, width = images[i].shape[:2]
+    ax.set_xlim(-0.5, width - 0.5)  # patches may reach past the edge (they read zeros there): keep the frame
+    ax.set_ylim(height - 0.5, -0.5)
     ax.set_title(_row_title(labels, predictions, i), fontsize=8)
   if title:
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(title, fontsize=9, y=1.02)
   return _save(fig, path)
 
 
