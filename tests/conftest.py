@@ -118,6 +118,27 @@ def trained_workdir(tmp_path_factory):
   return workdir
 
 
+def fit_one_batch(config, steps: int, dataset_name: str = "digits"):
+  """``(losses, state)`` after ``steps`` jitted train steps on one fixed batch of 64: a model that learns fits it."""
+  import jax.numpy as jnp
+  from overfocus_jax.data import pipeline
+  from overfocus_jax.data.sources import load_dataset
+  from overfocus_jax.models import build_model
+  from overfocus_jax.train import state as state_lib
+  from overfocus_jax.train.step import make_train_step
+  dataset = load_dataset(dataset_name)
+  model = build_model(config, dataset.num_classes)
+  tx = state_lib.make_optimizer(config, state_lib.make_schedule(config, 10))
+  state = state_lib.create_train_state(model, tx, seed=0, input_shape=dataset.image_shape)
+  batch = jax.tree.map(jnp.asarray, next(pipeline.make_train_iterator(dataset, batch_size=64, seed=0, augment=False)))
+  step = jax.jit(make_train_step(model, tx))
+  losses = []
+  for _ in range(steps):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  return losses, state
+
+
 @pytest.fixture(scope="module")
 def tiny_model_setup():
   """(config, model, tx, schedule, state, batch): a two-stage residual CNN on random 8×8×1 images, batch 16."""

@@ -9,14 +9,10 @@ import numpy as np
 import pytest
 
 from overfocus_jax import config as config_lib
-from overfocus_jax.data import pipeline
-from overfocus_jax.data.sources import load_dataset
 from overfocus_jax.errors import UserError
 from overfocus_jax.models import attention, build_model, check_model_fits, merge_batch_stats
-from overfocus_jax.train import state as state_lib
-from overfocus_jax.train.step import make_train_step
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, fit_one_batch, run_cli
 
 # Four conv layers of widths 4, 8, 8, 16 with pools after 1 and 3 (8×8 → 4 → 2), attention on layers 2 and 3
 # against a global feature of width 8: layer 2 needs no projection, layer 3 does not either, both at 8 wide.
@@ -200,17 +196,7 @@ def test_logits_by_hand_from_the_head_parameters(tiny):
 
 
 def test_train_steps_lower_the_loss():
-  config = make_config(schedule="constant", warmup_epochs=0, learning_rate=0.1)
-  dataset = load_dataset("digits")
-  model = build_model(config, dataset.num_classes)
-  tx = state_lib.make_optimizer(config, state_lib.make_schedule(config, 10))
-  state = state_lib.create_train_state(model, tx, seed=0, input_shape=dataset.image_shape)
-  batch = jax.tree.map(jnp.asarray, next(pipeline.make_train_iterator(dataset, batch_size=64, seed=0, augment=False)))
-  step = jax.jit(make_train_step(model, tx))
-  losses = []
-  for _ in range(20):
-    state, metrics = step(state, batch)
-    losses.append(float(metrics["loss"]))
+  losses, state = fit_one_batch(make_config(schedule="constant", warmup_epochs=0, learning_rate=0.1), steps=20)
   assert losses[-1] < 0.5 * losses[0], losses
   chex.assert_tree_all_finite(state)
 

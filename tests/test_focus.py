@@ -11,15 +11,12 @@ import pytest
 from jax.scipy.ndimage import map_coordinates
 
 from overfocus_jax import config as config_lib
-from overfocus_jax.data import pipeline
-from overfocus_jax.data.sources import load_dataset
 from overfocus_jax.errors import UserError
 from overfocus_jax.models import build_model, check_model_fits, focus
 from overfocus_jax.models.patches import extract_patches, normalized_to_pixel, pixel_to_normalized, sample_offsets
-from overfocus_jax.train import state as state_lib
-from overfocus_jax.train.step import cross_entropy, make_train_step
+from overfocus_jax.train.step import cross_entropy
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, fit_one_batch, run_cli
 
 # A tiny patch classifier for 8×8 inputs: 2 keypoints, 4×4 patches, one conv layer of 4 channels, D = 8.
 TINY_FOCUS = dict(focus__num_keypoints=2, focus__patch_size=4, focus__patch_scale=0.5, focus__keypoint_widths=(4,),
@@ -276,17 +273,7 @@ def test_corner_keypoints_follow_the_image_and_get_no_gradient():
 
 @pytest.mark.parametrize("name", ["focus", "corner"])
 def test_train_steps_lower_the_loss(name):
-  config = make_config(name, schedule="constant", warmup_epochs=0, learning_rate=0.1)
-  dataset = load_dataset("digits")
-  model = build_model(config, dataset.num_classes)
-  tx = state_lib.make_optimizer(config, state_lib.make_schedule(config, 10))
-  state = state_lib.create_train_state(model, tx, seed=0, input_shape=dataset.image_shape)
-  batch = jax.tree.map(jnp.asarray, next(pipeline.make_train_iterator(dataset, batch_size=64, seed=0, augment=False)))
-  step = jax.jit(make_train_step(model, tx))
-  losses = []
-  for _ in range(25):
-    state, metrics = step(state, batch)
-    losses.append(float(metrics["loss"]))
+  losses, state = fit_one_batch(make_config(name, schedule="constant", warmup_epochs=0, learning_rate=0.1), steps=25)
   assert losses[-1] < 0.7 * losses[0], losses
   chex.assert_tree_all_finite(state)
 
