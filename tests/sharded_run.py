@@ -59,6 +59,8 @@ def main(out_path: str, expected_devices: int, extra_fields=()) -> None:
     regularizer_metrics.append([float(v) for k, v in sorted(metrics.items()) if k.startswith(("sgdrop", "rsc"))])
     accuracies.append(float(metrics["accuracy"]))
   test = loop.evaluate(exp, state, exp.dataset.test)
+  # The per-epoch attribution metrics run replicated over the mesh.
+  concentration = jax.device_get(loop.jit_concentration(exp)(state, loop.attribution_batch(exp)))
   leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(state.variables))[0]
   variables = {"var:" + jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
   replicated = all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(state.params))
@@ -70,7 +72,8 @@ def main(out_path: str, expected_devices: int, extra_fields=()) -> None:
   np.savez(out_path, losses=np.array(losses), accuracies=np.array(accuracies), shards=np.array(shards),
            rows=np.array(rows), device_count=jax.device_count(), params_replicated=replicated,
            test_loss=test["loss"], test_accuracy=test["accuracy"], test_n=test["n"], step=int(state.step),
-           rejects_12=rejects_12, regularizer_metrics=np.array(regularizer_metrics), **variables)
+           rejects_12=rejects_12, regularizer_metrics=np.array(regularizer_metrics),
+           concentration=np.array([concentration[k] for k in sorted(concentration)]), **variables)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,8 @@ def test_one_and_eight_devices_train_the_same(runs):
   assert int(eight["test_n"]) == int(one["test_n"]) == DIGITS_TEST
   np.testing.assert_allclose(eight["test_loss"], one["test_loss"], rtol=1e-4)
   np.testing.assert_allclose(eight["test_accuracy"], one["test_accuracy"], atol=1e-6)
+  np.testing.assert_allclose(eight["concentration"], one["concentration"], atol=1e-4)
+  assert one["concentration"].shape == (4,) and np.all(one["concentration"] > 0)
 
 
 def test_batch_not_divisible_by_devices_is_a_user_error(runs):
