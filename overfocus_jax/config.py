@@ -25,6 +25,7 @@ TARGETS = ("true", "predicted")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 STEM_POOLS = ("none", "max", "avg")
+MAX_HARRIS_WINDOW = 8  # largest corner.sigma and corner.nms_radius
 COMPATIBILITIES = ("pc", "dp")          # models/attention.py
 NORMALISATIONS = ("softmax", "sigmoid")
 
@@ -219,12 +220,17 @@ def _validate_focus(patch: ml_collections.ConfigDict, harris: ml_collections.Con
   _require(isinstance(harris.harris_k, (int, float)) and 0 < harris.harris_k < 0.25,
            f"config.corner.harris_k={harris.harris_k!r} must be in (0, 0.25)",
            "set --config.corner.harris_k, e.g. 0.05")
-  _require(isinstance(harris.sigma, (int, float)) and harris.sigma > 0,
-           f"config.corner.sigma={harris.sigma!r} must be positive", "set --config.corner.sigma, e.g. 1.0")
+  # Upper bounds keep the compiled filters small: the smoothing window has radius ⌈3σ⌉ and NMS compares
+  # (2r+1)² − 1 shifted copies of the response.
+  _require(isinstance(harris.sigma, (int, float)) and 0 < harris.sigma <= MAX_HARRIS_WINDOW,
+           f"config.corner.sigma={harris.sigma!r} must be in (0, {MAX_HARRIS_WINDOW}]",
+           "set --config.corner.sigma, e.g. 1.0")
   for field in ("nms_radius", "border"):
     value = harris[field]
     _require(isinstance(value, int) and value >= 0, f"config.corner.{field}={value!r} must be an integer >= 0",
              f"set --config.corner.{field}, e.g. 2")
+  _require(harris.nms_radius <= MAX_HARRIS_WINDOW, f"config.corner.nms_radius={harris.nms_radius!r} must be at "
+           f"most {MAX_HARRIS_WINDOW}", "set --config.corner.nms_radius, e.g. 2")
 
 
 def _require_fraction(value, field: str, *, upper_inclusive: bool = False) -> None:

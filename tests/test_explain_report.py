@@ -175,5 +175,5 @@ def test_explain_without_a_checkpoint_is_one_line(trained_workdir, tmp_path, cap
   code, _, err = run_cli(capsys, "explain", "--workdir", tmp_path)
   assert_one_line_error(code, err, "no checkpoint", "train first")
   code, _, err = run_cli(capsys, "explain", "--workdir", trained_workdir, "--compare", tmp_path)
-  assert_one_line_error(code, err, "no checkpoint")
+  assert_one_line_error(code, err, "--compare: no checkpoint")
   assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]

@@ -254,6 +254,30 @@ def test_loss_gradient_in_the_keypoints_matches_finite_differences():
     assert np.abs(keypoint_grads["bias"]).max() > 0
 
 
+def test_keypoint_gradient_is_scaled_in_training_only():
+  """keypoint_grad_scale slows the keypoint CNN's training; attribution methods (inference) see exact gradients."""
+  make = lambda scale: focus.FocusNet(num_classes=5, num_keypoints=2, patch_size=4, patch_scale=0.4,
+                                      keypoint_widths=(4,), patch_widths=(4,), feature_width=6, hidden=8,
+                                      keypoint_grad_scale=scale)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 10, 10, 1))
+  variables = make(1.0).init(jax.random.PRNGKey(1), x, train=False)
+  # The keypoint layer starts with a zero kernel (keypoints on a grid); give it weights so x moves the keypoints.
+  kernel = variables["params"]["encoder"]["locate"]["points"]["kernel"]
+  variables = jax.tree_util.tree_map_with_path(
+      lambda path, a: jax.random.normal(jax.random.PRNGKey(2), a.shape) * 0.1 if a is kernel else a, variables)
+
+  def logits(scale, train, images):
+    if train:
+      return make(scale).apply(variables, images, train=True, mutable=["batch_stats"])[0]
+    return make(scale).apply(variables, images, train=False)
+
+  def input_gradient(scale, train):
+    return jax.grad(lambda images: jnp.sum(logits(scale, train, images)[:, 1]))(x)
+
+  np.testing.assert_allclose(input_gradient(0.01, False), input_gradient(1.0, False), rtol=1e-5, atol=1e-7)
+  assert not np.allclose(input_gradient(0.01, True), input_gradient(1.0, True), rtol=1e-3)
+
+
 def test_corner_keypoints_follow_the_image_and_get_no_gradient():
   model = make_model("corner", focus__num_keypoints=4, focus__patch_size=6, focus__patch_scale=0.25,
                      corner__nms_radius=2, corner__border=2)
@@ -305,6 +329,8 @@ BAD_FIELDS = [
     (["--config.corner.harris_k=0.3"], ["config.corner.harris_k=0.3", "(0, 0.25)"]),
     (["--config.corner.sigma=0.0"], ["config.corner.sigma=0.0"]),
     (["--config.corner.nms_radius=-1"], ["config.corner.nms_radius=-1"]),
+    (["--config.corner.nms_radius=50"], ["config.corner.nms_radius=50", "at most 8"]),
+    (["--config.corner.sigma=20.0"], ["config.corner.sigma=20.0", "(0, 8]"]),
 ]
 
 

@@ -63,9 +63,10 @@ def map_overlays(path: pathlib.Path, images: np.ndarray, maps: Mapping[str, np.n
   return _save(fig, path)
 
 
-def keypoint_overlays(path: pathlib.Path, images: np.ndarray, keypoints_px: np.ndarray, patch_px: float,
-                      labels: np.ndarray, predictions: np.ndarray, title: str = "") -> pathlib.Path:
-  """Images with their K keypoints (``(N, K, 2)`` as (column, row) pixels) and the patch each one reads."""
+def keypoint_overlays(path: pathlib.Path, images: np.ndarray, keypoints_px: np.ndarray,
+                      patch_px: tuple[float, float], labels: np.ndarray, predictions: np.ndarray,
+                      title: str = "") -> pathlib.Path:
+  """Images with their K keypoints (``(N, K, 2)`` as (column, row) pixels) and the (width, height) patch each reads."""
   n = len(images)
   cols = min(n, 8)
   rows = -(-n // cols)
@@ -79,7 +80,8 @@ def keypoint_overlays(path: pathlib.Path, images: np.ndarray, keypoints_px: np.n
     _show_image(ax, images[i])
     for k, (col, row) in enumerate(keypoints_px[i]):
       color = colors(k % 10)
-      ax.add_patch(plt.Rectangle((col - patch_px / 2, row - patch_px / 2), patch_px, patch_px, fill=False,
+      patch_w, patch_h = patch_px
+      ax.add_patch(plt.Rectangle((col - patch_w / 2, row - patch_h / 2), patch_w, patch_h, fill=False,
                                  edgecolor=color, linewidth=1.0))
       ax.plot([col], [row], marker="+", color=color, markersize=6)
     height, width = images[i].shape[:2]

@@ -44,10 +44,11 @@ def concentration(model, variables: dict, x: jax.Array, labels: jax.Array, share
           "attribution_gini": jnp.mean(metrics.gini(attribution))}
 
 
-def channel_sums(model, variables: dict, x: jax.Array, labels: jax.Array, mask: jax.Array) -> dict:
+def channel_sums(model, variables: dict, x: jax.Array, labels: jax.Array, mask: jax.Array,
+                 target: str = "true") -> dict:
   """Per-channel sums over the real samples of a (padded) batch: ``abs_activation`` (summed over positions too),
-  ``attribution`` (summed over positions) and ``count`` — the pieces of :func:`feature_usage`."""
-  z, attribution = latent_attribution(model, variables, x, labels)
+  ``attribution`` (summed over positions) and ``count`` — the pieces of :func:`usage_from_sums`."""
+  z, attribution = latent_attribution(model, variables, x, labels, target)
   weight = mask.astype(z.dtype)[:, None, None, None]
   return {"abs_activation": jnp.sum(jnp.abs(z) * weight, axis=(0, 1, 2)),
           "attribution": jnp.sum(attribution * weight, axis=(0, 1, 2)),

@@ -6,13 +6,15 @@ For the first ``images`` test images (the same ones every time) and each attribu
   metrics of :mod:`overfocus_jax.explain.metrics`, on the map at the method's own resolution (the latent map
   ``(h, w, C)`` element by element for ``latent``, ``(h, w)`` for Grad-CAM, pixels for the input-space methods);
 - ``coverage``: the fraction of those units covered on some image (threshold 0.1 of each map's maximum);
-- ``deletion_auc``, ``insertion_auc``: the deletion/insertion curves of the map upsampled to pixels, with removed
-  pixels set to the dataset mean (0 after normalisation);
+- ``deletion_auc``, ``insertion_auc``: the deletion/insertion curves (the explained class's probability) of the
+  map upsampled to pixels, with removed pixels set to the dataset mean (0 after normalisation);
 
 and draws, for the first ``n`` of them, the maps over the images (``attributions.png``), attention maps and
 keypoints when the model has them, the per-epoch attribution ratio and generalization gap from ``metrics.jsonl``
-(``training_curves.png``) and the per-channel feature usage (``feature_usage.png``), each beside a second run
-when ``compare`` is given.
+(``training_curves.png``) and the per-channel feature usage (``feature_usage.png``); those two also show a
+second run when ``compare`` is given (the maps and ``explain.json``'s metrics are the main run's). Everything
+explains the ``target`` class: the true one, or the predicted one (deletion/insertion then follow its
+probability).
 """
 
 import dataclasses
@@ -25,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from overfocus_jax.challenge.attribution import target_classes
 from overfocus_jax.data import pipeline
 from overfocus_jax.errors import UserError
 from overfocus_jax.explain import attributions, figures, latent, layers, metrics
@@ -127,12 +130,15 @@ def _method_fn(method: str, model, options: Options, baseline: np.ndarray | None
   return jax.jit(fn)
 
 
-def _metric_sums_fn(model):
-  """``(variables, x, labels, mask, native, pixel) -> (sums, covered units)``, sums weighted by ``mask``."""
+def _metric_sums_fn(model, target: str):
+  """``(variables, x, labels, mask, native, pixel) -> (sums, covered units)``, sums weighted by ``mask``.
+
+  Deletion and insertion follow the probability of the class the maps explain (true or predicted)."""
 
   def fn(variables, x, labels, mask, native, pixel):
     prob_fn = lambda inputs: jax.nn.softmax(model.apply(variables, inputs, train=False)[0])
-    deletion, insertion = metrics.deletion_insertion_curves(prob_fn, x, pixel, labels, steps=DELETION_STEPS)
+    classes = target_classes(prob_fn(x), labels, target)
+    deletion, insertion = metrics.deletion_insertion_curves(prob_fn, x, pixel, classes, steps=DELETION_STEPS)
     per_image = {"attribution_ratio": metrics.attribution_ratio(native), "entropy": metrics.normalised_entropy(native),
                  "gini": metrics.gini(native), "deletion_auc": metrics.auc(deletion),
                  "insertion_auc": metrics.auc(insertion)}
@@ -165,7 +171,7 @@ def measure_methods(run, source, methods, options: Options, progress: bool | Non
   """``(per-method metrics, first-n pixel maps per method, first-n batch, accuracy)`` over the measured images."""
   model, variables, dataset = run.exp.model, run.state.variables, run.exp.dataset
   count = min(max(options.images, options.n), len(source))
-  sums_fn = _metric_sums_fn(model)
+  sums_fn = _metric_sums_fn(model, options.target)
   batches = list(_batches(source, count, dataset))
   key = jax.random.PRNGKey(options.seed)
   results, shown = {}, {}
@@ -200,10 +206,10 @@ def _accuracy(model, variables, batches) -> float:
   return correct / sum(float(np.sum(b["mask"])) for b in batches)
 
 
-def feature_usage(run, source, count: int) -> dict:
+def feature_usage(run, source, count: int, target: str = "true") -> dict:
   """Per-channel activation and latent attribution over the first ``count`` images (see ``latent.py``)."""
   model, dataset = run.exp.model, run.exp.dataset
-  fn = jax.jit(lambda v, x, y, m: latent.channel_sums(model, v, x, y, m))
+  fn = jax.jit(lambda v, x, y, m: latent.channel_sums(model, v, x, y, m, target))
   totals = None
   for batch in _batches(source, count, dataset):
     sums = fn(run.state.variables, batch["image"], batch["label"], batch["mask"])
@@ -244,7 +250,8 @@ def _model_figures(run, first, out: pathlib.Path, predictions) -> dict:
     keypoints = np.asarray(keypoints)
     pixels = np.stack([patches.normalized_to_pixel(keypoints[..., 0], width),     # x: the column
                        patches.normalized_to_pixel(keypoints[..., 1], height)], -1)  # y: the row
-    patch_px = model.module.patch_scale * width  # the patch spans centre ± scale in [-1, 1] units
+    scale = model.module.patch_scale  # the patch spans centre ± scale in [-1, 1] units, on each axis
+    patch_px = (scale * width, scale * height)
     written["keypoints"] = figures.keypoint_overlays(out / "keypoints.png", images, pixels, patch_px,
                                                      first["label"], predictions,
                                                      title=f"keypoints and patches — {_label(run)}")
@@ -262,7 +269,10 @@ def explain(workdir, *, dataset: str | None = None, out=None, compare=None, opti
   methods = resolve_methods(options.methods, model)
   if "grad_cam" in methods:
     check_layer(options.layer, model, run.state.variables, run.exp.dataset.image_shape)
-  other = loop.load_trained(compare) if compare else None
+  try:
+    other = loop.load_trained(compare) if compare else None
+  except UserError as e:
+    raise UserError(f"--compare: {e}") from None
   if other is not None and other.exp.dataset.image_shape != run.exp.dataset.image_shape:
     raise UserError(f"--compare run {str(other.workdir)!r} was trained on {other.exp.dataset.image_shape} images, "
                     f"this one on {run.exp.dataset.image_shape}", "compare two runs on the same data")
@@ -277,11 +287,11 @@ def explain(workdir, *, dataset: str | None = None, out=None, compare=None, opti
   runs = {_label(run): _read_metrics(run.workdir)}
   usage = {}
   if model.supports_split("latent"):
-    usage[_label(run)] = feature_usage(run, source, count)
+    usage[_label(run)] = feature_usage(run, source, count, options.target)
   if other is not None:
     runs[_label(other)] = _read_metrics(other.workdir)
     if other.exp.model.supports_split("latent"):
-      usage[_label(other)] = feature_usage(other, source, count)
+      usage[_label(other)] = feature_usage(other, source, count, options.target)
   if any(runs.values()):
     written["training_curves"] = figures.training_curves(out / "training_curves.png", runs)
   if usage:

@@ -150,7 +150,8 @@ def scale_gradient(x: jax.Array, factor: float) -> jax.Array:
 
 class KeypointNet(nn.Module):
   """x (B, H, W, C) → K keypoints (B, K, 2) in [-bound, bound]: stride-2 conv → BN → ReLU layers, flatten, dense,
-  bound·tanh. ``grad_scale`` scales the gradient reaching the network, i.e. its learning rate under SGD."""
+  bound·tanh. ``grad_scale`` scales the gradient reaching the network in training, i.e. its learning rate under
+  SGD; in inference (``train=False``) gradients are exact."""
 
   num_keypoints: int
   widths: Sequence[int] = (8, 16)
@@ -170,7 +171,8 @@ class KeypointNet(nn.Module):
                    bias_init=_grid_bias(self.num_keypoints, self.bound), dtype=self.dtype, name="points")(x)
     # The loss is steep in the keypoints (a one-pixel move changes a whole patch), and the flattened features have
     # a large fan-in: at the full learning rate the keypoints leave the digit in a few steps and never come back.
-    out = scale_gradient(out.astype(_output_dtype(self.dtype)), self.grad_scale)
+    # Only in training: in inference the gradient is the model's own (attribution methods differentiate it).
+    out = scale_gradient(out.astype(_output_dtype(self.dtype)), self.grad_scale if train else 1.0)
     return self.bound * jnp.tanh(out).reshape(x.shape[0], self.num_keypoints, 2)
 
 

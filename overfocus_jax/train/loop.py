@@ -8,7 +8,9 @@ Besides loss and accuracy, each epoch's record holds the overfocus measurements 
 :mod:`overfocus_jax.explain.latent` (``attribution_ratio``, ``attribution_ratio_spatial``, ``attribution_entropy``,
 ``attribution_gini``) on a fixed batch of the first :data:`ATTRIBUTION_IMAGES` test images, and
 ``generalization_gap`` = train accuracy − test accuracy, so the SGDrop paper's Fig. 1 can be drawn for any run
-(``overfocus explain``).
+(``overfocus explain``). The train accuracy is the epoch's running mean of the train steps' accuracy — on augmented
+batches, after the regularizer's masks, while the weights move — so early in a run the gap can be negative, and a
+regularizer that masks lowers it by construction; near convergence it is the usual gap.
 """
 
 import dataclasses
