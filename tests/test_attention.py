@@ -115,6 +115,11 @@ def test_softmax_maps_sum_to_one_and_are_functions_of_z(tiny):
                   [1][0, 0, 0])(z)
   assert np.abs(grad[0]).max() > 0
   np.testing.assert_array_equal(grad[1:], 0.0)  # inference mode: other examples play no part
+  # The forward that also returns the maps: the same logits and maps in one pass.
+  logits, both = model.module.apply(variables, x, method="forward_with_maps")
+  np.testing.assert_allclose(logits, model.apply(variables, x)[0], rtol=1e-6)
+  for a, b in zip(both, maps):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
 @pytest.mark.parametrize("compatibility", ["pc", "dp"])

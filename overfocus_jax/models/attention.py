@@ -186,6 +186,10 @@ class AttentionNet(nn.Module):
   def classify(self, z, train: bool = False):
     return self.head(z, train)
 
+  def forward_with_maps(self, x, train: bool = False):
+    """``(logits, maps)`` from one forward pass: the logits of ``__call__`` and a^s (B, h_s, w_s) per layer."""
+    return self.head(self.encode(x, train), train, return_maps=True)
+
   def attention_maps(self, x, train: bool = False):
     """a^s (B, h_s, w_s) for each attention layer, in order."""
-    return self.head(self.encode(x, train), train, return_maps=True)[1]
+    return self.forward_with_maps(x, train)[1]
