@@ -168,7 +168,7 @@ def _display(images: np.ndarray) -> np.ndarray:
 
 
 def measure_methods(run, source, methods, options: Options, progress: bool | None = None):
-  """``(per-method metrics, first-n pixel maps per method, first-n batch, accuracy)`` over the measured images."""
+  """``(per-method metrics, first-n pixel maps per method, first-n batch, accuracy, images measured)``."""
   model, variables, dataset = run.exp.model, run.state.variables, run.exp.dataset
   count = min(max(options.images, options.n), len(source))
   sums_fn = _metric_sums_fn(model, options.target)
@@ -180,13 +180,15 @@ def measure_methods(run, source, methods, options: Options, progress: bool | Non
   with bar:
     for method in methods:
       fn = _method_fn(method, model, options, ig_baseline(options, dataset))
-      totals, covered, pixels, native_shape = None, None, [], None
+      totals, covered, pixels, drawn, native_shape = None, None, [], 0, None
       for batch in batches:
         native, pixel = fn(variables, batch["image"], batch["label"], key)
         sums, units = sums_fn(variables, batch["image"], batch["label"], batch["mask"], native, pixel)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
         covered = units if covered is None else covered | units
-        pixels.append(np.asarray(pixel))
+        if drawn < options.n:  # only the drawn images' maps come back to the host
+          pixels.append(np.asarray(pixel))
+          drawn += len(pixels[-1])
         native_shape = native.shape[1:]
         bar.update(1)
       totals = jax.device_get(totals)
