@@ -118,6 +118,19 @@ def trained_workdir(tmp_path_factory):
   return workdir
 
 
+def assert_split_is_exact(model, variables, x):
+  """``classify(encode(x)) == apply(x)`` in inference and in training; returns the train-mode
+  ``(apply_state, z, encode_state, classify_state)`` so the caller can check which batch-norm statistics each
+  half kept."""
+  import chex
+  for train in (False, True):
+    logits, apply_state = model.apply(variables, x, train=train)
+    z, encode_state = model.encode(variables, x, train=train)
+    split_logits, classify_state = model.classify(variables, z, train=train)
+    chex.assert_trees_all_equal(split_logits, logits)
+  return apply_state, z, encode_state, classify_state
+
+
 def fit_one_batch(config, steps: int, dataset_name: str = "digits"):
   """``(losses, state)`` after ``steps`` jitted train steps on one fixed batch of 64: a model that learns fits it."""
   import jax.numpy as jnp

@@ -16,7 +16,7 @@ from overfocus_jax.models import build_model, check_model_fits, focus
 from overfocus_jax.models.patches import extract_patches, normalized_to_pixel, pixel_to_normalized, sample_offsets
 from overfocus_jax.train.step import cross_entropy
 
-from conftest import assert_one_line_error, fit_one_batch, run_cli
+from conftest import assert_one_line_error, assert_split_is_exact, fit_one_batch, run_cli
 
 # A tiny patch classifier for 8×8 inputs: 2 keypoints, 4×4 patches, one conv layer of 4 channels, D = 8.
 TINY_FOCUS = dict(focus__num_keypoints=2, focus__patch_size=4, focus__patch_scale=0.5, focus__keypoint_widths=(4,),
@@ -194,12 +194,7 @@ def focus_model():
 
 
 def test_focus_split_equals_apply_and_each_half_keeps_its_batch_stats(focus_model):
-  model, variables, x = focus_model
-  for train in (False, True):
-    logits, state = model.apply(variables, x, train=train)
-    z, encode_state = model.encode(variables, x, train=train)
-    split_logits, classify_state = model.classify(variables, z, train=train)
-    chex.assert_trees_all_equal(split_logits, logits)
+  state, z, encode_state, classify_state = assert_split_is_exact(*focus_model)
   assert set(encode_state["batch_stats"]) == {"encoder"} and classify_state == {"batch_stats": {}}
   assert set(state["batch_stats"]) == {"encoder"}  # the head has no batch norm
   assert np.all(np.asarray(z) >= 0)  # post-ReLU features: a dropped patch reads as "nothing there"

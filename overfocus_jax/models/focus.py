@@ -275,7 +275,26 @@ class CornerEncoder(nn.Module):
 
 
 class _PatchModel(nn.Module):
-  """The encode/classify/keypoints methods both models share; subclasses build ``encoder`` and ``head``."""
+  """What both patch models share: the patch settings, the head and the encode/classify/keypoints methods.
+
+  Subclasses add their keypoint settings and say how to build the ``encoder`` (:meth:`make_encoder`).
+  """
+
+  num_classes: int
+  num_keypoints: int = 4
+  patch_size: int = 12
+  patch_scale: float = 0.43
+  patch_widths: Sequence[int] = (16, 32)
+  feature_width: int = 64
+  hidden: int = 128
+  dtype: Any = jnp.float32
+
+  def make_encoder(self) -> nn.Module:
+    raise NotImplementedError
+
+  def setup(self):
+    self.encoder = self.make_encoder()
+    self.head = PatchHead(self.num_classes, self.hidden, dtype=self.dtype)
 
   def __call__(self, x, train: bool = False):
     return self.classify(self.encode(x, train), train)
@@ -294,42 +313,23 @@ class _PatchModel(nn.Module):
 class FocusNet(_PatchModel):
   """Classifies from K patches at learned keypoints."""
 
-  num_classes: int
-  num_keypoints: int = 4
-  patch_size: int = 12
-  patch_scale: float = 0.43
   keypoint_widths: Sequence[int] = (8, 16)
-  patch_widths: Sequence[int] = (16, 32)
-  feature_width: int = 64
-  hidden: int = 128
   keypoint_grad_scale: float = 0.01
-  dtype: Any = jnp.float32
 
-  def setup(self):
-    self.encoder = FocusEncoder(self.num_keypoints, self.patch_size, self.patch_scale, tuple(self.keypoint_widths),
-                                tuple(self.patch_widths), self.feature_width, self.keypoint_grad_scale,
-                                dtype=self.dtype)
-    self.head = PatchHead(self.num_classes, self.hidden, dtype=self.dtype)
+  def make_encoder(self):
+    return FocusEncoder(self.num_keypoints, self.patch_size, self.patch_scale, tuple(self.keypoint_widths),
+                        tuple(self.patch_widths), self.feature_width, self.keypoint_grad_scale, dtype=self.dtype)
 
 
 class CornerNet(_PatchModel):
   """Classifies from K patches at the strongest Harris corners."""
 
-  num_classes: int
-  num_keypoints: int = 4
-  patch_size: int = 12
-  patch_scale: float = 0.43
-  patch_widths: Sequence[int] = (16, 32)
-  feature_width: int = 64
-  hidden: int = 128
   harris_k: float = 0.05
   sigma: float = 1.0
   nms_radius: int = 2
   border: int = 2
-  dtype: Any = jnp.float32
 
-  def setup(self):
-    self.encoder = CornerEncoder(self.num_keypoints, self.patch_size, self.patch_scale, tuple(self.patch_widths),
-                                 self.feature_width, self.harris_k, self.sigma, self.nms_radius, self.border,
-                                 dtype=self.dtype)
-    self.head = PatchHead(self.num_classes, self.hidden, dtype=self.dtype)
+  def make_encoder(self):
+    return CornerEncoder(self.num_keypoints, self.patch_size, self.patch_scale, tuple(self.patch_widths),
+                         self.feature_width, self.harris_k, self.sigma, self.nms_radius, self.border,
+                         dtype=self.dtype)
