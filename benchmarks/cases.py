@@ -4,8 +4,10 @@ A spec is a JSON object with a ``kind``:
 
   jax_step      the package's compiled train step (``loop.build_experiment`` + ``loop.jit_train_step``, exactly what
                 ``overfocus train``/``overfocus bench`` run), on a fixed batch. Optional ``conv_impl``: swaps the
-                convolution flax uses for one with another weight-gradient formulation (see ``conv_variants``);
-                ``compiler_options``: the same step jitted with these XLA options; ``matmul_precision``.
+                convolution flax uses for one with another weight-gradient formulation (see ``conv_variants``;
+                ``"lax"``: XLA's own); ``compiler_options``: the same step jitted with these XLA options instead of
+                the package's; ``xla_defaults``: the package before its two CPU changes (XLA's default compiler
+                options and its own convolution gradients); ``matmul_precision``.
   jax_part      forward (train-mode BN, loss), or forward+backward (``jax.value_and_grad``) of the same model.
   torch_step    the torch peer's train step (torch_peer.TorchStep); ``channels_last`` picks the memory format.
   torch_part    forward (no autograd graph) or forward+backward of the torch peer.
@@ -74,21 +76,29 @@ def _jax_config(spec):
 
 
 def _patch_conv(spec):
-  """Makes flax's nn.Conv (as the package's resnet.py builds it) use another conv implementation/dtype."""
-  impl = spec.get("conv_impl", "xla")
+  """Makes the package's residual CNNs use another convolution function and/or dtype (this worker only).
+
+  ``conv_impl``: absent → the package's own choice (``parallel.conv_for_mesh``: the sliced weight gradient of
+  ``overfocus_jax.models.conv`` on one CPU device); ``"lax"`` → ``lax.conv_general_dilated``, XLA's own gradients;
+  anything else → ``conv_variants.conv_with_dw(impl)``. ``xla_defaults`` implies ``"lax"``. ``dtype``: the
+  convolutions' computation dtype (batch norm stays float32).
+  """
+  impl = spec.get("conv_impl", "lax" if spec.get("xla_defaults") else None)
   dtype = spec.get("dtype", "float32")
-  if impl == "xla" and dtype == "float32":
-    return
-  import flax.linen as nn
-  import jax.numpy as jnp
-  import conv_variants
-  kwargs = {}
-  if impl != "xla":
-    kwargs["conv_general_dilated"] = conv_variants.conv_with_dw(impl)
+  if impl is not None:
+    import conv_variants
+    from overfocus_jax import parallel
+    function = None if impl == "lax" else conv_variants.conv_with_dw(impl)
+    parallel.conv_for_mesh = lambda mesh: function  # noqa: E731
   if dtype != "float32":
-    kwargs["dtype"] = getattr(jnp, dtype)
-  original = nn.Conv
-  nn.Conv = functools.partial(original, **kwargs)  # this worker process only; the package is untouched
+    import flax.linen as nn
+    import jax.numpy as jnp
+    original = nn.Conv
+
+    def conv(*args, **kwargs):  # resnet.py passes dtype=float32 itself: override it, not default it
+      return original(*args, **{**kwargs, "dtype": getattr(jnp, dtype)})
+
+    nn.Conv = conv
 
 
 def make_jax_step(spec):
@@ -102,8 +112,8 @@ def make_jax_step(spec):
   exp = loop.build_experiment(config, dataset=_jax_dataset(spec))
   images, labels = _batch(spec)
   batch = {"image": jax.device_put(images), "label": jax.device_put(labels)}
-  if spec.get("compiler_options"):
-    return _jit_train_step_with_options(exp, spec["compiler_options"]), exp, batch
+  if "compiler_options" in spec or spec.get("xla_defaults"):
+    return _jit_train_step_with_options(exp, spec.get("compiler_options") or None), exp, batch
   return loop.jit_train_step(exp), exp, batch
 
 

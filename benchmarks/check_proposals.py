@@ -1,6 +1,6 @@
-r"""Checks that the speed-ups proposed in BENCHMARKS.md keep the train step's math: two steps of the package's
-step and of each proposal from the same state and batch must give the same loss and parameters up to float
-rounding (different summation orders), and the same batch statistics.
+r"""Checks that the CPU speed-ups of BENCHMARKS.md keep the train step's math: two steps of the package's step
+(both changes applied) and of the package before each change, from the same state and batch, must give the same
+loss and parameters up to float rounding (different summation orders), and the same batch statistics.
 
     python benchmarks/check_proposals.py      # prints the largest differences; exits 1 if one is too large
 """
@@ -35,13 +35,13 @@ def main() -> int:
   base = {"model": "resnet", "batch_size": 32, "image_shape": [28, 28, 1], "dataset": "mnist5k"}
   ref_params, ref_stats, ref_loss = two_steps(base)
   report, ok = {}, True
-  for name, change in step_time.PROPOSALS.items():
-    import flax.linen as nn
-    original_conv = nn.Conv
+  for name, change in step_time.EARLIER.items():
+    from overfocus_jax import parallel
+    original_conv_for_mesh = parallel.conv_for_mesh
     try:
       params, stats, loss = two_steps({**base, **change})
     finally:
-      nn.Conv = original_conv  # cases._patch_conv swaps it for conv_impl proposals
+      parallel.conv_for_mesh = original_conv_for_mesh  # cases._patch_conv swaps it
     diff = lambda a, b: max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))  # noqa: E731
                             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
     report[name] = {"params_max_abs_diff": diff(params, ref_params),

@@ -1,7 +1,7 @@
 r"""Train-step throughput of overfocus-jax vs a PyTorch eager peer of the same model, measured side by side.
 
     python benchmarks/step_time.py                      # writes benchmarks/results/cpu.json, prints a table
-    python benchmarks/step_time.py --steps 3 --repeats 3 --no-proposal   # quicker
+    python benchmarks/step_time.py --steps 3 --repeats 3 --no-earlier   # quicker
 
 For each configuration (default: the seeds' residual CNN, batch 128, on 28×28×1 — the mnist5k default — and on
 32×32×3, the PERF-NOTES case) it starts one worker process per case and times them interleaved, round after
@@ -12,10 +12,12 @@ Cases per configuration:
   jax                the package as it is: ``loop.build_experiment`` + ``loop.jit_train_step`` (what ``overfocus
                      train``/``bench`` run), timed after compilation and warm-up, ``jax.block_until_ready`` on the
                      state after each block of steps; the batch is a fixed device array.
-  jax+eigen_conv     the same step compiled with ``compiler_options={"xla_cpu_experimental_ynn_fusion_type":
-                     "LIBRARY_FUSION_TYPE_REDUCE"}``: XLA runs the convolutions with Eigen instead of YNNPACK.
-  jax+eigen_conv+dw16  that, plus the convolution weight gradient summed over 16 batch slices (same math up to
-                     float summation order; benchmarks/conv_variants.py). ``--no-proposal`` leaves both out.
+                     On one CPU device that step has the two CPU changes of BENCHMARKS.md: Eigen convolutions
+                     (``parallel.compiler_options``) and weight gradients summed over batch slices
+                     (``models/conv.py``).
+  jax+xla_dw         the package without the second change: XLA's own convolution gradients.
+  jax+xla_defaults   the package without either change: XLA's default compiler options (YNNPACK convolutions)
+                     and its own gradients — the step as it was first measured. ``--no-earlier`` leaves both out.
   torch_nchw         benchmarks/torch_peer.py's step, contiguous NCHW (input converted from NHWC inside the step).
   torch_cl           the same with ``torch.channels_last``.
   torch_cl_1t        channels-last with one intra-op thread: on a loaded 2-core machine OpenMP's two threads can be
@@ -36,15 +38,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
 DEFAULT_CONFIGS = ("resnet:28x28x1:128:mnist5k", "resnet:32x32x3:128:synthetic")
-# The changes proposed in BENCHMARKS.md, timed next to the package as it is (same model, same math).
-EIGEN_CONV = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
-PROPOSALS = {
-    # jax.jit(..., compiler_options=...): XLA CPU convolutions through Eigen instead of YNNPACK.
-    "eigen_conv": {"compiler_options": EIGEN_CONV},
-    # the same + the kernel gradient summed over 16 batch slices (benchmarks/conv_variants.py, "chunks16").
-    "eigen_conv+dw16": {"compiler_options": EIGEN_CONV, "conv_impl": "chunks16"},
+# The package's step as it was before each of BENCHMARKS.md's CPU changes, timed next to it (same model and math).
+EARLIER = {
+    "xla_dw": {"conv_impl": "lax"},           # before change 2: XLA's own convolution gradients
+    "xla_defaults": {"xla_defaults": True},   # before changes 1 and 2: XLA's default options (YNNPACK convs)
 }
-DEFAULT_PROPOSALS = ("eigen_conv", "eigen_conv+dw16")
+DEFAULT_EARLIER = ("xla_dw", "xla_defaults")
 
 
 def parse_config(text: str) -> dict:
@@ -58,8 +57,8 @@ def parse_config(text: str) -> dict:
 
 def cases_for(config: dict, args) -> dict:
   cases = {"jax": {"kind": "jax_step", **config}}
-  for name in args.proposals:
-    cases[f"jax+{name}"] = {"kind": "jax_step", **PROPOSALS[name], **config}
+  for name in args.earlier:
+    cases[f"jax+{name}"] = {"kind": "jax_step", **EARLIER[name], **config}
   threads = {"threads": args.threads} if args.threads else {}
   cases["torch_nchw"] = {"kind": "torch_step", "channels_last": False, **threads, **config}
   cases["torch_cl"] = {"kind": "torch_step", "channels_last": True, **threads, **config}
@@ -86,11 +85,11 @@ def summarize(config: dict, seconds: dict, workers: dict) -> dict:
   return out
 
 
-def markdown(results: list[dict], proposals) -> str:
+def markdown(results: list[dict], earlier) -> str:
   head = "| model | input | batch | JAX img/s | PyTorch img/s (format) | JAX / PyTorch |"
   rule = "|---|---|---|---|---|---|"
-  for name in proposals:
-    head += f" JAX + {name} img/s (/ PyTorch) |"
+  for name in earlier:
+    head += f" JAX, {name} img/s (/ PyTorch) |"
     rule += "---|"
   head += " PyTorch 1 thread img/s |"
   rule += "---|"
@@ -101,7 +100,7 @@ def markdown(results: list[dict], proposals) -> str:
     fmt = "channels_last" if r["torch_best"] == "torch_cl" else "NCHW"
     line = (f"| {c['model']} | {'×'.join(map(str, c['image_shape']))} | {c['batch_size']} | "
             f"{cases['jax']['images_per_s']:.0f} | {torch['images_per_s']:.0f} ({fmt}) | {r['jax_over_torch']:.2f} |")
-    for name in proposals:
+    for name in earlier:
       line += f" {cases['jax+' + name]['images_per_s']:.0f} ({r['jax+' + name + '_over_torch']:.2f}) |"
     line += f" {cases['torch_cl_1t']['images_per_s']:.0f} |"
     lines.append(line)
@@ -115,19 +114,19 @@ def main(argv=None) -> int:
   parser.add_argument("--steps", type=int, default=4, help="steps per timed block")
   parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds; the median block is reported")
   parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-  parser.add_argument("--proposal", action="append", dest="proposals", choices=sorted(PROPOSALS),
-                      help=f"repeatable; default {' and '.join(DEFAULT_PROPOSALS)}")
-  parser.add_argument("--no-proposal", dest="proposals", action="store_const", const=[])
+  parser.add_argument("--earlier", action="append", dest="earlier", choices=sorted(EARLIER),
+                      help=f"the package before a change; repeatable; default {' and '.join(DEFAULT_EARLIER)}")
+  parser.add_argument("--no-earlier", dest="earlier", action="store_const", const=[])
   parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "cpu.json"))
   args = parser.parse_args(argv)
-  if args.proposals is None:
-    args.proposals = list(DEFAULT_PROPOSALS)
+  if args.earlier is None:
+    args.earlier = list(DEFAULT_EARLIER)
 
   log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
   record = {"command": "python benchmarks/step_time.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": harness.machine(), "versions": harness.versions(), "steps": args.steps,
-            "repeats": args.repeats, "proposals": {n: PROPOSALS[n] for n in args.proposals}, "results": []}
+            "repeats": args.repeats, "earlier": {n: EARLIER[n] for n in args.earlier}, "results": []}
   for text in args.configs or DEFAULT_CONFIGS:
     config = parse_config(text)
     log(f"{text}: starting workers")
@@ -147,7 +146,7 @@ def main(argv=None) -> int:
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(record, indent=2) + "\n")
-  print(markdown(record["results"], args.proposals))
+  print(markdown(record["results"], args.earlier))
   print(f"\nload average {record['machine'].get('load_average_at_start')} at start, "
         f"{record['load_average_at_end']} at end (2 cores); results in {out}")
   return 0

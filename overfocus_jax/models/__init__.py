@@ -107,19 +107,24 @@ def merge_batch_stats(old: Any, *updates: Variables) -> Any:
   return merged
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int) -> Model:
-  """The model named by ``config.model``, sized from its config group."""
+def build_model(config: ml_collections.ConfigDict, num_classes: int, *, conv_general_dilated=None) -> Model:
+  """The model named by ``config.model``, sized from its config group.
+
+  ``conv_general_dilated``: the convolution the residual CNNs use (None: ``lax.conv_general_dilated``); the
+  train loop passes :func:`overfocus_jax.models.conv.conv_general_dilated` on one CPU device. It changes how
+  fast the weight gradients are computed, not the model: parameters and results are the same.
+  """
   if config.model == "resnet":
     arch = config.resnet
     module = resnet.PreActResNet(
         num_classes=num_classes, stem_features=arch.stem_features, stage_widths=tuple(arch.stage_widths),
         stage_sizes=tuple(arch.stage_sizes), stage_strides=tuple(arch.stage_strides), stem_kernel=arch.stem_kernel,
-        stem_strides=arch.stem_strides, stem_pool=arch.stem_pool)
+        stem_strides=arch.stem_strides, stem_pool=arch.stem_pool, conv_general_dilated=conv_general_dilated)
   elif config.model == "resnet18":
     # The CIFAR-style stem (3×3, stride 1, no pool) unless the resnet group asks for an ImageNet one.
     arch = config.resnet
     module = resnet.ResNet18(num_classes=num_classes, stem_kernel=arch.stem_kernel, stem_strides=arch.stem_strides,
-                             stem_pool=arch.stem_pool)
+                             stem_pool=arch.stem_pool, conv_general_dilated=conv_general_dilated)
   elif config.model == "attention":
     arch = config.attention
     module = attention.AttentionNet(

@@ -58,10 +58,14 @@ class Encoder(nn.Module):
   stem_strides: int = 1
   stem_pool: str = "none"  # "none" | "max" | "avg": a 3×3 stride-2 pool after the stem (ImageNet style)
   dtype: Any = jnp.float32
+  # The convolution function (lax.conv_general_dilated's signature); None: lax's. The train loop passes
+  # models.conv.conv_general_dilated on one CPU device: same numbers, a faster weight gradient there.
+  conv_general_dilated: Callable | None = None
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = functools.partial(nn.Conv, use_bias=False, padding="SAME", dtype=self.dtype)
+    conv = functools.partial(nn.Conv, use_bias=False, padding="SAME", dtype=self.dtype,
+                             conv_general_dilated=self.conv_general_dilated)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
                              dtype=self.dtype)
     x = conv(self.stem_features, (self.stem_kernel,) * 2, strides=self.stem_strides, name="stem")(x)
@@ -108,11 +112,13 @@ class PreActResNet(nn.Module):
   stem_strides: int = 1
   stem_pool: str = "none"
   dtype: Any = jnp.float32
+  conv_general_dilated: Callable | None = None  # see Encoder
 
   def setup(self):
     self.encoder = Encoder(self.stem_features, self.stage_widths, self.stage_sizes, self.stage_strides,
                            stem_kernel=self.stem_kernel, stem_strides=self.stem_strides,
-                           stem_pool=self.stem_pool, dtype=self.dtype)
+                           stem_pool=self.stem_pool, dtype=self.dtype,
+                           conv_general_dilated=self.conv_general_dilated)
     self.head = Head(self.num_classes, dtype=self.dtype)
 
   def __call__(self, x, train: bool = False):

@@ -74,7 +74,7 @@ def build_experiment(config: ml_collections.ConfigDict, *, dataset: ImageDataset
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   check_model_fits(config, dataset.image_shape)  # the focus/attention models' own limits, named by field
-  model = build_model(config, dataset.num_classes)
+  model = build_model(config, dataset.num_classes, conv_general_dilated=parallel.conv_for_mesh(mesh))
   state_lib.check_input_shape(model, dataset.image_shape)
   steps = pipeline.steps_per_epoch(dataset, config.batch_size)
   schedule = state_lib.make_schedule(config, steps)

@@ -1,0 +1,115 @@
+r"""A convolution whose weight gradient is the same sum taken over slices of the batch (faster on XLA:CPU).
+
+For y = conv(x, W) with an NHWC input, an HWIO kernel, stride s and padding, the kernel gradient is a sum over
+the batch:
+
+    ∂L/∂W[i, j, c, o] = Σ_b Σ_{h,w} x_pad[b, s·h + i, s·w + j, c] · g[b, h, w, o],        g = ∂L/∂y
+                      = Σ_k  ∂L/∂W computed on the k-th slice of the batch alone
+
+XLA's transpose rule computes it as one convolution whose window is the whole feature map and whose
+contraction runs over the batch. With jaxlib 0.10's CPU (Eigen) convolutions that one call is slow when the
+layer is narrow and its maps are large; summed over slices of 8 examples it is 1.2–1.8× faster there, and no
+faster, or slower, for the stem and for wide layers on small maps (``python benchmarks/weight_grad_slices.py``,
+table in BENCHMARKS.md). So :func:`conv_general_dilated` keeps XLA's forward pass and input gradient and only
+reorders that sum, in the layers where :func:`slice_count` says it pays. The results equal XLA's to float
+rounding.
+
+It is meant for a one-device CPU mesh (``overfocus_jax.parallel.conv_for_mesh`` decides): on a GPU the weight
+gradient is one cuDNN call and slices would only add launches.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+# The rule below was read off benchmarks/weight_grad_slices.py on a 2-core Xeon (1-2 MiB of L2 cache per core).
+EXAMPLES_PER_SLICE = 8        # the best slice size there (16 is close)
+MAX_SLICES = 32               # larger batches get larger slices, not more calls
+MIN_IN_FEATURES = 8           # a stem's weight gradient (1 or 3 input channels) is too small to gain
+MAX_CHANNEL_PRODUCT = 64 * 64  # wider layers lose: their single call is already efficient
+MAX_EXAMPLE_INPUT = 32 * 1024  # H·W·C_in floats per example: a slice's input stays within 1 MiB
+
+
+def slice_count(batch: int, height: int, width: int, in_features: int, out_features: int) -> int:
+  """How many batch slices a layer's weight gradient is summed over (1: XLA's own single call).
+
+  ``batch, height, width, in_features`` describe the layer's input, ``out_features`` its output channels.
+  """
+  if (in_features < MIN_IN_FEATURES or in_features * out_features > MAX_CHANNEL_PRODUCT
+      or height * width * in_features > MAX_EXAMPLE_INPUT):
+    return 1
+  slices = min(batch // EXAMPLES_PER_SLICE, MAX_SLICES)
+  return slices if slices >= 2 and batch % slices == 0 else 1
+
+
+def same_pads(spatial, kernel, strides):
+  """XLA's "SAME" padding as explicit (low, high) pairs."""
+  return tuple(lax.padtype_to_pads(tuple(spatial), tuple(kernel), tuple(strides), "SAME"))
+
+
+def _conv(x, kernel, strides, pads):
+  return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=NHWC)
+
+
+def xla_kernel_grad(x, g, kernel_shape, strides, pads):
+  """XLA's own ∂L/∂W of conv(x, ·) at output cotangent g (the kernel's value does not enter it)."""
+  kernel = jnp.zeros(kernel_shape, x.dtype)
+  return jax.vjp(lambda k: _conv(x, k, strides, pads), kernel)[1](g)[0]
+
+
+def sliced_kernel_grad(x, g, kernel_shape, strides, pads, slices: int):
+  """∂L/∂W as the sum of XLA's ∂L/∂W over ``slices`` equal slices of the batch (must divide it)."""
+  if slices == 1:
+    return xla_kernel_grad(x, g, kernel_shape, strides, pads)
+  size = x.shape[0] // slices
+  # Independent calls, unrolled: XLA's runtime can run two of them at once on the two cores.
+  parts = [xla_kernel_grad(x[k * size:(k + 1) * size], g[k * size:(k + 1) * size], kernel_shape, strides, pads)
+           for k in range(slices)]
+  return functools.reduce(jnp.add, parts)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _sliced_conv(x, kernel, strides, pads, slices):
+  return _conv(x, kernel, strides, pads)
+
+
+def _sliced_conv_fwd(x, kernel, strides, pads, slices):
+  return _conv(x, kernel, strides, pads), (x, kernel)
+
+
+def _sliced_conv_bwd(strides, pads, slices, residuals, g):
+  x, kernel = residuals
+  dx = jax.vjp(lambda x: _conv(x, kernel, strides, pads), x)[1](g)[0]  # XLA's own input gradient
+  return dx, sliced_kernel_grad(x, g, kernel.shape, strides, pads, slices)
+
+
+_sliced_conv.defvjp(_sliced_conv_fwd, _sliced_conv_bwd)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
+                         preferred_element_type=None):
+  """``lax.conv_general_dilated`` (flax's ``nn.Conv(conv_general_dilated=...)`` hook) with a sliced weight gradient.
+
+  Plain NHWC/HWIO convolutions whose :func:`slice_count` is above 1 take the sliced path; anything else (dilation,
+  groups, other layouts or precisions) is ``lax.conv_general_dilated`` unchanged.
+  """
+  plain = all(d == 1 for d in (lhs_dilation or ())) and all(d == 1 for d in (rhs_dilation or ()))
+  layout = dimension_numbers is not None and (
+      tuple(dimension_numbers) == NHWC
+      or dimension_numbers == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC))
+  slices = slice_count(*lhs.shape, rhs.shape[3]) if lhs.ndim == 4 and rhs.ndim == 4 else 1
+  if not (plain and layout and slices > 1 and feature_group_count == 1 and batch_group_count == 1
+          and precision is None and preferred_element_type is None):
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                    dimension_numbers, feature_group_count, batch_group_count, precision,
+                                    preferred_element_type)
+  strides = tuple(int(s) for s in window_strides)
+  if isinstance(padding, str):
+    pads = tuple(lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding))
+  else:
+    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+  return _sliced_conv(lhs, rhs, strides, pads, slices)

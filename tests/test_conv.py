@@ -1,0 +1,84 @@
+"""models/conv.py: the sliced weight gradient is XLA's gradient summed in another order, used where it pays."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from overfocus_jax import parallel
+from overfocus_jax.models import build_model, conv
+from overfocus_jax.train import step as step_lib
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+@pytest.mark.parametrize("layer, slices", [
+    ((128, 28, 28, 1, 16), 1),      # the stem: too few input channels to gain
+    ((128, 28, 28, 16, 32), 16),    # narrow layers on large maps: slices of 8 examples
+    ((128, 14, 14, 64, 64), 16),
+    ((128, 14, 14, 64, 128), 1),    # wider layers: XLA's single call
+    ((64, 32, 32, 64, 64), 1),      # a slice's input would exceed 1 MiB
+    ((100, 28, 28, 16, 32), 1),     # 12 slices do not divide 100 examples
+    ((8, 28, 28, 16, 32), 1),       # one slice is no slicing
+    ((512, 28, 28, 16, 32), 32),    # at most 32 slices: larger batches get larger slices
+])
+def test_slice_count_follows_the_measured_rule(layer, slices):
+  assert conv.slice_count(*layer) == slices
+
+
+def _lax_conv(x, kernel, strides, padding):
+  return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=NHWC)
+
+
+def _sliced_conv(x, kernel, strides, padding):
+  return conv.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=NHWC)
+
+
+@pytest.mark.parametrize("kernel_size, strides, padding", [
+    (3, (1, 1), "SAME"), (3, (2, 2), "SAME"), (1, (2, 2), "SAME"), (3, (1, 1), ((1, 0), (0, 1))),
+    (3, (2, 1), "VALID")])
+def test_value_and_gradients_equal_xla(kernel_size, strides, padding):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(16, 9, 9, 8)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(kernel_size, kernel_size, 8, 12)) * 0.2, jnp.float32)
+  weights = jnp.asarray(rng.normal(size=_lax_conv(x, kernel, strides, padding).shape), jnp.float32)
+  loss = lambda fn: lambda x, k: jnp.sum(jnp.tanh(fn(x, k, strides, padding)) * weights)  # noqa: E731
+  convs = lambda fn: str(jax.make_jaxpr(jax.grad(loss(fn), (0, 1)))(x, kernel)).count("conv_general_dilated[")  # noqa
+  assert convs(_sliced_conv) > convs(_lax_conv)  # the kernel gradient is one call per slice of 8 examples
+  chex.assert_trees_all_equal(_sliced_conv(x, kernel, strides, padding), _lax_conv(x, kernel, strides, padding))
+  ours = jax.jit(jax.value_and_grad(loss(_sliced_conv), (0, 1)))(x, kernel)
+  xla = jax.jit(jax.value_and_grad(loss(_lax_conv), (0, 1)))(x, kernel)
+  chex.assert_trees_all_close(ours, xla, rtol=1e-5, atol=1e-4)  # kernel gradients reach ~30: float rounding
+  # the kernel gradient alone, summed over 4 slices vs XLA's single call
+  pads = conv.same_pads((9, 9), (kernel_size,) * 2, strides) if padding == "SAME" else None
+  if pads is not None:
+    g = jnp.asarray(rng.normal(size=_lax_conv(x, kernel, strides, padding).shape), jnp.float32)
+    chex.assert_trees_all_close(conv.sliced_kernel_grad(x, g, kernel.shape, strides, pads, 4),
+                                conv.xla_kernel_grad(x, g, kernel.shape, strides, pads), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("batch, kwargs", [(12, {}), (16, {"rhs_dilation": (2, 2)}), (16, {"feature_group_count": 2})])
+def test_falls_back_to_lax_where_slicing_does_not_apply(batch, kwargs):
+  """A batch that gives one slice, dilation or groups: exactly lax.conv_general_dilated, no custom gradient."""
+  x = jnp.ones((batch, 9, 9, 8), jnp.float32)
+  kernel = jnp.ones((3, 3, 8 // kwargs.get("feature_group_count", 1), 8), jnp.float32)
+  fn = lambda f: lambda x, k: jnp.sum(f(x, k, (1, 1), "SAME", dimension_numbers=NHWC, **kwargs))  # noqa: E731
+  ours = jax.make_jaxpr(jax.grad(fn(conv.conv_general_dilated), (0, 1)))(x, kernel)
+  assert str(ours) == str(jax.make_jaxpr(jax.grad(fn(lax.conv_general_dilated), (0, 1)))(x, kernel))
+
+
+def test_the_package_uses_it_on_one_cpu_device_only():
+  assert parallel.conv_for_mesh(parallel.make_mesh(jax.devices()[:1])) is conv.conv_general_dilated
+  two_entries = jax.sharding.Mesh(np.array(jax.devices() * 2), ("data",))  # takes the multi-device branch
+  assert parallel.conv_for_mesh(two_entries) is None
+
+
+def test_train_step_with_the_sliced_gradient_equals_xlas(tiny_model_setup):
+  """Same parameters (so checkpoints move between the two), same step up to float rounding."""
+  config, model, tx, schedule, state, batch = tiny_model_setup
+  sliced = build_model(config, 10, conv_general_dilated=conv.conv_general_dilated)
+  assert conv.slice_count(16, 8, 8, 8, 8) == 2  # the tiny model's first block does take the sliced path
+  results = [jax.jit(step_lib.make_train_step(m, tx, schedule=schedule))(state, batch) for m in (model, sliced)]
+  chex.assert_trees_all_close(results[0], results[1], rtol=1e-5, atol=1e-6)
