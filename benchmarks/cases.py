@@ -19,7 +19,6 @@ Common fields: model, batch_size, image_shape [H, W, C], dtype (float32 | bfloat
 autocast), seed, threads (torch); the harness also takes env (e.g. XLA_FLAGS) and cpus (taskset) per case.
 """
 
-import functools
 import json
 import os
 import sys

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from overfocus_jax.models import conv
+
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 
@@ -45,20 +47,14 @@ def _forward(x, kernel, strides, pads):
 
 
 def _dw_xla(x, g, kernel_shape, strides, pads):
-  kernel = jnp.zeros(kernel_shape, x.dtype)
-  return jax.vjp(lambda k: _forward(x, k, strides, pads), kernel)[1](g)[0]
+  return conv.xla_kernel_grad(x, g, kernel_shape, strides, pads)
 
 
 def _dw_chunks(x, g, kernel_shape, strides, pads, chunks):
-  b = x.shape[0]
-  if b % chunks:
+  """The package's sliced weight gradient (overfocus_jax/models/conv.py) with a fixed slice count."""
+  if x.shape[0] % chunks:
     return _dw_xla(x, g, kernel_shape, strides, pads)
-  xs = x.reshape(chunks, b // chunks, *x.shape[1:])
-  gs = g.reshape(chunks, b // chunks, *g.shape[1:])
-  total = _dw_xla(xs[0], gs[0], kernel_shape, strides, pads)
-  for i in range(1, chunks):
-    total = total + _dw_xla(xs[i], gs[i], kernel_shape, strides, pads)
-  return total
+  return conv.sliced_kernel_grad(x, g, kernel_shape, strides, pads, chunks)
 
 
 def _taps(x, g, kernel_shape, strides, pads):

@@ -134,12 +134,11 @@ def section_batch(batch_size):
 
 
 def section_bf16():
+  package = {**DEFAULT, "xla_defaults": False}  # the package as it is: Eigen convolutions, sliced weight gradients
   cases = {"jax float32": {"kind": "jax_step", **DEFAULT},
            "jax bf16 convs": {"kind": "jax_step", "dtype": "bfloat16", **DEFAULT},
-           f"jax bf16 convs + {PROPOSAL}": {"kind": "jax_step", "dtype": "bfloat16", "conv_impl": PROPOSAL,
-                                            **DEFAULT},
-           "jax bf16 convs + Eigen convs": {"kind": "jax_step", "dtype": "bfloat16", "compiler_options": EIGEN_CONV,
-                                            **DEFAULT},
+           "jax float32, package as is": {"kind": "jax_step", **package},
+           "jax bf16 convs, package as is": {"kind": "jax_step", "dtype": "bfloat16", **package},
            "torch float32": {"kind": "torch_step", "channels_last": True, **DEFAULT},
            "torch bf16 autocast": {"kind": "torch_step", "channels_last": True, "dtype": "bfloat16", **DEFAULT}}
   return cases, "torch float32"
