@@ -77,7 +77,8 @@ def _jax_config(spec):
 def _patch_conv(spec):
   """Makes the package's residual CNNs use another convolution function and/or dtype (this worker only).
 
-  ``conv_impl``: absent → the package's own choice (``parallel.conv_for_mesh``: the sliced weight gradient of
+  ``conv_impl`` (jax_step only: jax_part builds its model without the train loop, so always with lax's
+  convolution): absent → the package's own choice (``parallel.conv_for_mesh``: the sliced weight gradient of
   ``overfocus_jax.models.conv`` on one CPU device); ``"lax"`` → ``lax.conv_general_dilated``, XLA's own gradients;
   anything else → ``conv_variants.conv_with_dw(impl)``. ``xla_defaults`` implies ``"lax"``. ``dtype``: the
   convolutions' computation dtype (batch norm stays float32).

@@ -2,8 +2,9 @@ r"""When does summing a convolution's weight gradient over batch slices beat XLA
 
     python benchmarks/weight_grad_slices.py        # → benchmarks/results/weight_grad_slices.json + table (~3 min)
 
-For every convolution layer shape of the two residual CNNs (the default model at batch 128 on 28×28×1, ResNet-18
-at batch 64 on 32×32×3), time dL/dW of a 3×3 (or 1×1) convolution
+For the convolution layer shapes of the two residual CNNs (the default model at batch 128 on 28×28×1 and on the
+8×8 digits, ResNet-18 at batch 64 on 32×32×3 and at batch 128 on the digits), time dL/dW of a 3×3 (or 1×1)
+convolution
 
     dW[i, j, c, o] = Σ_b Σ_{h,w} x_pad[b, s·h + i, s·w + j, c] · g[b, h, w, o]
 
@@ -33,11 +34,14 @@ from overfocus_jax import parallel  # noqa: E402
 from overfocus_jax.models import conv  # noqa: E402
 
 HERE = pathlib.Path(__file__).resolve().parent
-# (batch, H, W, C_in, C_out, kernel, stride) of each distinct convolution in the two models' encoders
+# (batch, H, W, C_in, C_out, kernel, stride) of the two models' convolutions (1×1 projections: two of them)
 LAYERS = {
     "resnet": [(128, 28, 28, 1, 16, 3, 1), (128, 28, 28, 16, 32, 3, 1), (128, 28, 28, 16, 32, 1, 1),
                (128, 28, 28, 32, 32, 3, 1), (128, 28, 28, 32, 64, 3, 2), (128, 28, 28, 32, 64, 1, 2),
                (128, 14, 14, 64, 64, 3, 1), (128, 14, 14, 64, 128, 3, 2), (128, 7, 7, 128, 128, 3, 1)],
+    "resnet_digits": [(128, 8, 8, 16, 32, 3, 1), (128, 8, 8, 32, 32, 3, 1), (128, 8, 8, 32, 64, 3, 2),
+                      (128, 4, 4, 64, 64, 3, 1)],
+    "resnet18_digits": [(128, 8, 8, 64, 64, 3, 1), (128, 4, 4, 128, 128, 3, 1)],
     "resnet18": [(64, 32, 32, 3, 64, 3, 1), (64, 32, 32, 64, 64, 3, 1), (64, 32, 32, 64, 128, 3, 2),
                  (64, 16, 16, 128, 128, 3, 1), (64, 16, 16, 128, 256, 3, 2), (64, 8, 8, 256, 256, 3, 1),
                  (64, 8, 8, 256, 512, 3, 2), (64, 4, 4, 512, 512, 3, 1)],

@@ -87,7 +87,7 @@ def conv_for_mesh(mesh: Mesh):
   """The convolution function the residual CNNs use on this mesh (``None``: ``lax.conv_general_dilated``).
 
   On a one-device CPU mesh, :func:`overfocus_jax.models.conv.conv_general_dilated`: the same convolution, with
-  its weight gradient summed over batch slices where that is faster on XLA:CPU (1.14× on the default train
+  its weight gradient summed over batch slices where that is faster on XLA:CPU (1.16× on the default train
   step, BENCHMARKS.md). Elsewhere the batch is sharded, or the device is a GPU with one cuDNN call per gradient.
   """
   if mesh.devices.size == 1 and mesh.devices.flat[0].platform == "cpu":

@@ -112,7 +112,9 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int, *, conv_gen
 
   ``conv_general_dilated``: the convolution the residual CNNs use (None: ``lax.conv_general_dilated``); the
   train loop passes :func:`overfocus_jax.models.conv.conv_general_dilated` on one CPU device. It changes how
-  fast the weight gradients are computed, not the model: parameters and results are the same.
+  fast the weight gradients are computed, not the model: parameters and results are the same (to float
+  rounding). Its custom VJP rules out forward-mode autodiff (``jax.jvp``, ``jacfwd``) through the model; build
+  the model without it for that.
   """
   if config.model == "resnet":
     arch = config.resnet

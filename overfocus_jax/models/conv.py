@@ -9,10 +9,10 @@ the batch:
 XLA's transpose rule computes it as one convolution whose window is the whole feature map and whose
 contraction runs over the batch. With jaxlib 0.10's CPU (Eigen) convolutions that one call is slow when the
 layer is narrow and its maps are large; summed over slices of 8 examples it is 1.2–1.8× faster there, and no
-faster, or slower, for the stem and for wide layers on small maps (``python benchmarks/weight_grad_slices.py``,
-table in BENCHMARKS.md). So :func:`conv_general_dilated` keeps XLA's forward pass and input gradient and only
-reorders that sum, in the layers where :func:`slice_count` says it pays. The results equal XLA's to float
-rounding.
+faster, or slower, for the stem, for wide layers and on maps smaller than 14×14
+(``python benchmarks/weight_grad_slices.py``, table in BENCHMARKS.md). So :func:`conv_general_dilated` keeps
+XLA's forward pass and input gradient and only reorders that sum, in the layers where :func:`slice_count` says
+it pays. The results equal XLA's to float rounding.
 
 It is meant for a one-device CPU mesh (``overfocus_jax.parallel.conv_for_mesh`` decides): on a GPU the weight
 gradient is one cuDNN call and slices would only add launches.
@@ -30,7 +30,8 @@ EXAMPLES_PER_SLICE = 8        # the best slice size there (16 is close)
 MAX_SLICES = 32               # larger batches get larger slices, not more calls
 MIN_IN_FEATURES = 8           # a stem's weight gradient (1 or 3 input channels) is too small to gain
 MAX_CHANNEL_PRODUCT = 64 * 64  # wider layers lose: their single call is already efficient
-MAX_EXAMPLE_INPUT = 32 * 1024  # H·W·C_in floats per example: a slice's input stays within 1 MiB
+MAX_SLICE_INPUT = 256 * 1024  # floats of input per slice (1 MiB): larger slices lose the cache's benefit
+MIN_MAP_SIZE = 14 * 14        # on smaller maps (the 8×8 digits) the single call is faster
 
 
 def slice_count(batch: int, height: int, width: int, in_features: int, out_features: int) -> int:
@@ -38,11 +39,12 @@ def slice_count(batch: int, height: int, width: int, in_features: int, out_featu
 
   ``batch, height, width, in_features`` describe the layer's input, ``out_features`` its output channels.
   """
-  if (in_features < MIN_IN_FEATURES or in_features * out_features > MAX_CHANNEL_PRODUCT
-      or height * width * in_features > MAX_EXAMPLE_INPUT):
-    return 1
   slices = min(batch // EXAMPLES_PER_SLICE, MAX_SLICES)
-  return slices if slices >= 2 and batch % slices == 0 else 1
+  if (slices < 2 or batch % slices or in_features < MIN_IN_FEATURES or height * width < MIN_MAP_SIZE
+      or in_features * out_features > MAX_CHANNEL_PRODUCT
+      or (batch // slices) * height * width * in_features > MAX_SLICE_INPUT):
+    return 1
+  return slices
 
 
 def same_pads(spatial, kernel, strides):
@@ -68,7 +70,9 @@ def sliced_kernel_grad(x, g, kernel_shape, strides, pads, slices: int):
   # Independent calls, unrolled: XLA's runtime can run two of them at once on the two cores.
   parts = [xla_kernel_grad(x[k * size:(k + 1) * size], g[k * size:(k + 1) * size], kernel_shape, strides, pads)
            for k in range(slices)]
-  return functools.reduce(jnp.add, parts)
+  # Partial sums in float32 at least: adding 16-32 bfloat16 parts would lose precision a single call keeps.
+  total = functools.reduce(jnp.add, [p.astype(jnp.promote_types(p.dtype, jnp.float32)) for p in parts])
+  return total.astype(x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -91,22 +95,24 @@ _sliced_conv.defvjp(_sliced_conv_fwd, _sliced_conv_bwd)
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
-                         preferred_element_type=None):
+                         preferred_element_type=None, out_sharding=None):
   """``lax.conv_general_dilated`` (flax's ``nn.Conv(conv_general_dilated=...)`` hook) with a sliced weight gradient.
 
-  Plain NHWC/HWIO convolutions whose :func:`slice_count` is above 1 take the sliced path; anything else (dilation,
-  groups, other layouts or precisions) is ``lax.conv_general_dilated`` unchanged.
+  2-D NHWC/HWIO convolutions whose :func:`slice_count` is above 1 take the sliced path; anything else (1-D or 3-D,
+  dilation, groups, other layouts, precisions or output shardings) is ``lax.conv_general_dilated`` unchanged.
+  Like every ``jax.custom_vjp``, the sliced path supports reverse-mode differentiation (``grad``, ``vjp``, and
+  forward-over-reverse Hessians) but not forward mode (``jvp``, ``jacfwd``, ``linearize``).
   """
   plain = all(d == 1 for d in (lhs_dilation or ())) and all(d == 1 for d in (rhs_dilation or ()))
-  layout = dimension_numbers is not None and (
+  layout = lhs.ndim == rhs.ndim == 4 and dimension_numbers is not None and (
       tuple(dimension_numbers) == NHWC
       or dimension_numbers == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC))
-  slices = slice_count(*lhs.shape, rhs.shape[3]) if lhs.ndim == 4 and rhs.ndim == 4 else 1
+  slices = slice_count(*lhs.shape, rhs.shape[3]) if layout else 1
   if not (plain and layout and slices > 1 and feature_group_count == 1 and batch_group_count == 1
-          and precision is None and preferred_element_type is None):
+          and precision is None and preferred_element_type is None and out_sharding is None):
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                     dimension_numbers, feature_group_count, batch_group_count, precision,
-                                    preferred_element_type)
+                                    preferred_element_type, out_sharding=out_sharding)
   strides = tuple(int(s) for s in window_strides)
   if isinstance(padding, str):
     pads = tuple(lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding))

@@ -59,7 +59,8 @@ class Encoder(nn.Module):
   stem_pool: str = "none"  # "none" | "max" | "avg": a 3×3 stride-2 pool after the stem (ImageNet style)
   dtype: Any = jnp.float32
   # The convolution function (lax.conv_general_dilated's signature); None: lax's. The train loop passes
-  # models.conv.conv_general_dilated on one CPU device: same numbers, a faster weight gradient there.
+  # models.conv.conv_general_dilated on one CPU device: same numbers, a faster weight gradient there (reverse-mode
+  # autodiff only: it is a custom VJP).
   conv_general_dilated: Callable | None = None
 
   @nn.compact
