@@ -31,15 +31,7 @@ from jax import lax
 
 from overfocus_jax.models import conv
 
-NHWC = ("NHWC", "HWIO", "NHWC")
-
-
-def _is_nhwc(dimension_numbers) -> bool:
-  if dimension_numbers is None:
-    return False
-  if isinstance(dimension_numbers, lax.ConvDimensionNumbers):
-    return tuple(dimension_numbers) == tuple(lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), NHWC))
-  return tuple(dimension_numbers) == NHWC
+NHWC = conv.NHWC
 
 
 def _forward(x, kernel, strides, pads):
@@ -150,19 +142,13 @@ def conv_with_dw(impl: str):
   def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                            dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
                            preferred_element_type=None):
-    plain = (not lhs_dilation or all(d == 1 for d in lhs_dilation)) and \
-            (not rhs_dilation or all(d == 1 for d in rhs_dilation))
-    if not (plain and feature_group_count == 1 and batch_group_count == 1 and _is_nhwc(dimension_numbers)
-            and preferred_element_type is None):
+    if not (conv.is_plain_nhwc(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
+                               batch_group_count) and preferred_element_type is None):
       return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                       dimension_numbers, feature_group_count, batch_group_count, precision,
                                       preferred_element_type)
     strides = tuple(int(s) for s in window_strides)
-    if isinstance(padding, str):
-      pads = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
-    else:
-      pads = padding
-    pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+    pads = conv.explicit_pads(lhs, rhs, strides, padding)
     return _custom_conv(impl)(lhs, rhs, strides, pads)
 
   return conv_general_dilated

@@ -89,6 +89,15 @@ def test_patches_equal_map_coordinates_order_one():
         np.testing.assert_allclose(patches[b, k, ..., c], expected, atol=1e-5)
 
 
+def central_differences(loss, x, eps=1e-6):
+  """d loss / d x by central differences, one entry of x at a time (run in float64)."""
+  numeric = np.zeros(x.shape)
+  for index in np.ndindex(*x.shape):
+    step = jnp.zeros_like(x).at[index].set(eps)
+    numeric[index] = (loss(x + step) - loss(x - step)) / (2 * eps)
+  return numeric
+
+
 def test_patch_gradient_in_the_centres_matches_finite_differences():
   with jax.enable_x64(True):
     rng = np.random.default_rng(1)
@@ -97,11 +106,7 @@ def test_patch_gradient_in_the_centres_matches_finite_differences():
     centers = jnp.asarray(rng.uniform(-0.8, 0.8, size=(2, 3, 2)))
     loss = jax.jit(lambda c: jnp.sum(jnp.tanh(extract_patches(images, c, 4, 0.4)) * weights))
     grad = np.asarray(jax.grad(loss)(centers))
-    eps = 1e-6
-    numeric = np.zeros_like(grad)
-    for index in np.ndindex(*centers.shape):
-      step = jnp.zeros_like(centers).at[index].set(eps)
-      numeric[index] = (loss(centers + step) - loss(centers - step)) / (2 * eps)
+    numeric = central_differences(loss, centers)
     assert np.all(np.abs(grad) > 0)
     np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-7)
     # At a whole pixel (where bilinear weights have a kink) the gradient is the one-sided difference, not garbage:
@@ -236,11 +241,7 @@ def test_loss_gradient_in_the_keypoints_matches_finite_differences():
 
     points = jax.random.uniform(jax.random.PRNGKey(2), (2, 3, 2), jnp.float64, -0.5, 0.5)
     grad = np.asarray(jax.grad(loss)(points))
-    eps = 1e-6
-    numeric = np.zeros_like(grad)
-    for index in np.ndindex(*points.shape):
-      step = jnp.zeros_like(points).at[index].set(eps)
-      numeric[index] = (loss(points + step) - loss(points - step)) / (2 * eps)
+    numeric = central_differences(loss, points)
     assert np.abs(grad).max() > 1e-3
     np.testing.assert_allclose(grad, numeric, rtol=1e-4, atol=1e-8)
     # The learned keypoints do get this gradient (scaled by keypoint_grad_scale); Harris keypoints get none.

@@ -75,6 +75,23 @@ def sliced_kernel_grad(x, g, kernel_shape, strides, pads, slices: int):
   return total.astype(x.dtype)
 
 
+def is_plain_nhwc(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
+                  batch_group_count) -> bool:
+  """Whether a ``conv_general_dilated`` call is a 2-D NHWC/HWIO convolution without dilation or groups."""
+  undilated = all(d == 1 for d in (lhs_dilation or ())) and all(d == 1 for d in (rhs_dilation or ()))
+  layout = lhs.ndim == rhs.ndim == 4 and dimension_numbers is not None and (
+      tuple(dimension_numbers) == NHWC
+      or dimension_numbers == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC))
+  return undilated and layout and feature_group_count == 1 and batch_group_count == 1
+
+
+def explicit_pads(lhs, rhs, strides, padding):
+  """``padding`` ("SAME", "VALID", ... or pairs) of an NHWC/HWIO convolution as (low, high) integer pairs."""
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
+  return tuple((int(lo), int(hi)) for lo, hi in padding)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _sliced_conv(x, kernel, strides, pads, slices):
   return _conv(x, kernel, strides, pads)
@@ -103,19 +120,12 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   Like every ``jax.custom_vjp``, the sliced path supports reverse-mode differentiation (``grad``, ``vjp``, and
   forward-over-reverse Hessians) but not forward mode (``jvp``, ``jacfwd``, ``linearize``).
   """
-  plain = all(d == 1 for d in (lhs_dilation or ())) and all(d == 1 for d in (rhs_dilation or ()))
-  layout = lhs.ndim == rhs.ndim == 4 and dimension_numbers is not None and (
-      tuple(dimension_numbers) == NHWC
-      or dimension_numbers == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC))
-  slices = slice_count(*lhs.shape, rhs.shape[3]) if layout else 1
-  if not (plain and layout and slices > 1 and feature_group_count == 1 and batch_group_count == 1
-          and precision is None and preferred_element_type is None and out_sharding is None):
+  plain = is_plain_nhwc(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
+                        batch_group_count)
+  slices = slice_count(*lhs.shape, rhs.shape[3]) if plain else 1
+  if not (plain and slices > 1 and precision is None and preferred_element_type is None and out_sharding is None):
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                     dimension_numbers, feature_group_count, batch_group_count, precision,
                                     preferred_element_type, out_sharding=out_sharding)
   strides = tuple(int(s) for s in window_strides)
-  if isinstance(padding, str):
-    pads = tuple(lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding))
-  else:
-    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-  return _sliced_conv(lhs, rhs, strides, pads, slices)
+  return _sliced_conv(lhs, rhs, strides, explicit_pads(lhs, rhs, strides, padding), slices)
