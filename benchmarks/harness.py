@@ -1,12 +1,13 @@
 """Interleaved timing of benchmark cases that live in separate worker processes.
 
-Each case (a JAX train step under some XLA flags, a torch train step, one convolution gradient, ...) is built
-once in its own Python process: XLA flags must be set before JAX starts, and the two frameworks' thread pools
-then never share a process. The parent asks the workers for timed blocks in turn — case A, case B, case C,
-case A, ... — so every case sees the same machine load, and the ratios of their medians are meaningful on a
-noisy shared machine even when the absolute numbers drift.
+Each case (a JAX train step with some config or XLA flags, a torch train step, one convolution gradient, ...)
+is built once in its own Python process (``python -m benchmarks.cases``, started in the repository root): XLA
+flags must be set before JAX starts, and the two frameworks' thread pools then never share a process. The parent
+asks the workers for timed blocks in turn — case A, case B, case C, case A, ... — so every case sees the same
+machine load, and the ratios of their medians are meaningful on a noisy shared machine even when the absolute
+numbers drift.
 
-    workers = [Worker("jax", {"kind": "jax_step", ...}), Worker("torch", {"kind": "torch_step", ...})]
+    workers = start({"jax": {"kind": "jax_step", ...}, "torch": {"kind": "torch_step", ...}})
     seconds = interleave(workers, steps=10, repeats=5)   # {"jax": [s/step, ...], "torch": [...]}
 
 Protocol: the worker reads one JSON spec from stdin, builds the case (compiling and warming it up), answers
@@ -23,6 +24,7 @@ import sys
 import time
 
 HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parent
 PROTOCOL = "@@"
 
 
@@ -33,11 +35,11 @@ class Worker:
     self.name, self.spec = name, spec
     self.cpu_per_wall = []  # process CPU time / wall time of each timed block: ~threads kept busy
     full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu", **(env or {})}
-    cmd = [sys.executable, str(HERE / "cases.py")]
+    cmd = [sys.executable, "-m", "benchmarks.cases"]  # cwd: the repository root, where `benchmarks` is a package
     if cpus is not None:
       cmd = ["taskset", "-c", ",".join(map(str, cpus))] + cmd
     self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=full_env, text=True,
-                                 cwd=str(HERE.parent))
+                                 cwd=str(ROOT))
     self._send(spec)
     self.info = self._receive().get("info", {})
 

@@ -1,28 +1,29 @@
 r"""Where the JAX CPU train step spends its time, and what changes it — every comparison measured in one run.
 
-    python benchmarks/profile_cpu.py                         # all sections → benchmarks/results/profile_cpu.json
-    python benchmarks/profile_cpu.py --sections ops conv     # some of them
+    python -m benchmarks.profile_cpu                         # all sections → benchmarks/results/profile_cpu.json
+    python -m benchmarks.profile_cpu --sections ops conv     # some of them
 
-Sections (the default model: the seeds' residual CNN, batch 128, 28×28×1, unless said otherwise):
+Run from the repository root. Sections (the default model: the seeds' residual CNN, batch 128, 28×28×1, unless
+said otherwise):
   ops        per-HLO-op time of the compiled train step from a jax.profiler trace, grouped into convolution
-             forward / input gradient / weight gradient, layout copies, elementwise fusions and reductions; for
-             the package's step and for the step with the proposed convolution change.
+             forward / input gradient / weight gradient, layout copies, elementwise fusions and reductions; at
+             ``platform_tuning=off`` and ``auto``.
   parts      forward (train-mode BN + loss), forward+backward, full step (with the optimizer), JAX vs torch.
   conv       the biggest convolution alone (128×28×28×32 → 32, 3×3): forward, input gradient, weight gradient
-             in JAX (XLA's rule; other formulations of the weight gradient; NCHW/OIHW dimension numbers) and in
-             torch (NCHW, channels-last), plus JAX pinned to one core and torch with one thread.
+             in JAX (XLA as it comes; NCHW/OIHW dimension numbers; Eigen via XLA_FLAGS; the package's
+             convolution at ``platform_tuning=auto``) and in torch (NCHW, channels-last), plus JAX pinned to one
+             core and torch with one thread.
   flags      the full step under XLA CPU flags (YNNPACK convolutions off, XNNPACK graph fusion, Eigen
              single-threaded, oneDNN, ...), JAX pinned to one core, default matmul precision, vs torch.
-  proposals  the full step with other formulations of the convolution gradients (benchmarks/conv_variants.py).
-  batch      batch 64 and 256: JAX as is, JAX with the proposal, torch.
-  bf16       convolutions in bfloat16 (JAX: nn.Conv dtype; torch: CPU autocast) vs float32 — not the same
-             math, reported because this CPU has AMX-BF16.
+  batch      batch 64 and 256: JAX at ``platform_tuning=off`` and ``auto``, torch.
+  bf16       the config's ``dtype=bfloat16`` (JAX, at ``platform_tuning=off`` and ``auto``) and torch's CPU
+             autocast vs float32 — not the same math, reported because this CPU has AMX-BF16.
 Each section starts one worker process per case (benchmarks/harness.py) and times them interleaved.
 
-The "jax" step here is the package's step as XLA compiles it by default (YNNPACK convolutions, XLA's own
-convolution gradients): the state this profile was made to explain, before the package applied the two changes
-it found (Eigen convolutions, ``overfocus_jax.parallel.compiler_options``; the sliced weight gradient,
-``overfocus_jax.models.conv``). ``python benchmarks/step_time.py`` times the package as it is now.
+The "jax" step here is the package's step at ``--config.platform_tuning=off``, as XLA compiles it by default
+(YNNPACK convolutions, XLA's own convolution gradients): the state this profile was made to explain, before the
+package's CPU tuning (``platform_tuning=auto``: Eigen convolutions and the sliced weight gradient), which the
+sections show beside it. ``python -m benchmarks.step_time`` times the package as it is against PyTorch.
 """
 
 import argparse
@@ -38,18 +39,15 @@ import subprocess
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import harness  # noqa: E402
+from benchmarks import harness
 
-# "xla_defaults": this profile studies the step as XLA compiles it by default — the package before the two CPU
-# changes it led to (BENCHMARKS.md) — so "jax" rows mean that step, and the changes appear as variants of it.
+# This profile studies the step as XLA compiles it by default (platform_tuning=off) — the package before the CPU
+# tuning it led to (BENCHMARKS.md) — so "jax" rows mean that step, and the tuning appears as a variant of it.
 DEFAULT = {"model": "resnet", "batch_size": 128, "image_shape": [28, 28, 1], "dataset": "mnist5k",
-           "xla_defaults": True}
+           "platform_tuning": "off"}
+TUNED = {**DEFAULT, "platform_tuning": "auto"}  # the package as it is on one CPU device
 BIG_CONV = {"input_shape": [128, 28, 28, 32], "features": 32}
-PROPOSAL = "chunks16"
 YNN_CONV_OFF = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
-# The same as YNN_CONV_OFF for this model, scoped to one executable: jax.jit(..., compiler_options=EIGEN_CONV).
-EIGEN_CONV = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
 
 
 def _flags(value: str) -> dict:
@@ -73,8 +71,8 @@ def section_conv():
     cases[f"jax {op} NCHW/OIHW"] = {"kind": "jax_conv", "op": op, "dimension_numbers": "NCHW", **BIG_CONV}
     cases[f"torch {op}"] = {"kind": "torch_conv", "op": op, **BIG_CONV}
     cases[f"torch {op} channels_last"] = {"kind": "torch_conv", "op": op, "channels_last": True, **BIG_CONV}
-  for impl in ("chunks4", "chunks16", "shift", "im2col"):
-    cases[f"jax dw {impl}"] = {"kind": "jax_conv", "op": "dw", "dw_impl": impl, **BIG_CONV}
+    cases[f"jax {op}, platform_tuning=auto"] = {"kind": "jax_conv", "op": op, "platform_tuning": "auto",
+                                                **BIG_CONV}
   cases["jax dw, YNNPACK conv off (Eigen)"] = {"kind": "jax_conv", "op": "dw", "env": _flags(YNN_CONV_OFF),
                                                 **BIG_CONV}
   cases["jax fwd, YNNPACK conv off (Eigen)"] = {"kind": "jax_conv", "op": "fwd", "env": _flags(YNN_CONV_OFF),
@@ -107,38 +105,20 @@ def section_flags():
   return cases, "torch (channels_last)"
 
 
-def section_proposals():
-  cases = {"jax (XLA's gradients)": {"kind": "jax_step", **DEFAULT}}
-  for impl in ("chunks4", "chunks16", "chunks32", "fwd2+dx2+chunks16", "shift"):
-    cases[f"jax conv_impl={impl}"] = {"kind": "jax_step", "conv_impl": impl, **DEFAULT}
-  cases["jax Eigen convs (XLA_FLAGS)"] = {"kind": "jax_step", "env": _flags(YNN_CONV_OFF), **DEFAULT}
-  cases["jax Eigen convs (jit compiler_options)"] = {"kind": "jax_step", "compiler_options": EIGEN_CONV, **DEFAULT}
-  for impl in ("chunks4", "chunks16"):
-    cases[f"jax Eigen convs + conv_impl={impl}"] = {"kind": "jax_step", "compiler_options": EIGEN_CONV,
-                                                    "conv_impl": impl, **DEFAULT}
-  cases["torch (channels_last)"] = {"kind": "torch_step", "channels_last": True, **DEFAULT}
-  cases["torch (NCHW)"] = {"kind": "torch_step", "channels_last": False, **DEFAULT}
-  return cases, "torch (channels_last)"
-
-
 def section_batch(batch_size):
-  config = {**DEFAULT, "batch_size": batch_size}
-  cases = {f"jax b{batch_size}": {"kind": "jax_step", **config},
-           f"jax {PROPOSAL} b{batch_size}": {"kind": "jax_step", "conv_impl": PROPOSAL, **config},
-           f"jax Eigen convs b{batch_size}": {"kind": "jax_step", "compiler_options": EIGEN_CONV, **config},
-           f"jax Eigen convs + {PROPOSAL} b{batch_size}": {"kind": "jax_step", "compiler_options": EIGEN_CONV,
-                                                           "conv_impl": PROPOSAL, **config},
-           f"torch b{batch_size}": {"kind": "torch_step", "channels_last": True, **config},
-           f"torch nchw b{batch_size}": {"kind": "torch_step", "channels_last": False, **config}}
+  off, tuned = {**DEFAULT, "batch_size": batch_size}, {**TUNED, "batch_size": batch_size}
+  cases = {f"jax b{batch_size}": {"kind": "jax_step", **off},
+           f"jax platform_tuning=auto b{batch_size}": {"kind": "jax_step", **tuned},
+           f"torch b{batch_size}": {"kind": "torch_step", "channels_last": True, **off},
+           f"torch nchw b{batch_size}": {"kind": "torch_step", "channels_last": False, **off}}
   return cases, f"torch b{batch_size}"
 
 
 def section_bf16():
-  package = {**DEFAULT, "xla_defaults": False}  # the package as it is: Eigen convolutions, sliced weight gradients
   cases = {"jax float32": {"kind": "jax_step", **DEFAULT},
-           "jax bf16 convs": {"kind": "jax_step", "dtype": "bfloat16", **DEFAULT},
-           "jax float32, package as is": {"kind": "jax_step", **package},
-           "jax bf16 convs, package as is": {"kind": "jax_step", "dtype": "bfloat16", **package},
+           "jax bfloat16": {"kind": "jax_step", "dtype": "bfloat16", **DEFAULT},
+           "jax float32, platform_tuning=auto": {"kind": "jax_step", **TUNED},
+           "jax bfloat16, platform_tuning=auto": {"kind": "jax_step", "dtype": "bfloat16", **TUNED},
            "torch float32": {"kind": "torch_step", "channels_last": True, **DEFAULT},
            "torch bf16 autocast": {"kind": "torch_step", "channels_last": True, "dtype": "bfloat16", **DEFAULT}}
   return cases, "torch float32"
@@ -197,7 +177,7 @@ def op_profile_worker(spec: dict) -> dict:
   import time
   import jax
   from jax.profiler import ProfileData
-  import cases as cases_lib
+  from benchmarks import cases as cases_lib
   made = cases_lib.make_jax_step(spec)
   step, exp, device_batch = made
   # The optimized HLO of the same jitted step: its instruction names are the thunk names in the trace.
@@ -239,16 +219,12 @@ def op_profile_worker(spec: dict) -> dict:
 
 def section_ops(log):
   out = {}
-  for name, spec in {"jax (XLA defaults)": {**DEFAULT},
-                     f"jax conv_impl={PROPOSAL}": {**DEFAULT, "conv_impl": PROPOSAL},
-                     "jax Eigen convs": {**DEFAULT, "compiler_options": EIGEN_CONV},
-                     f"jax Eigen convs + conv_impl={PROPOSAL}": {**DEFAULT, "compiler_options": EIGEN_CONV,
-                                                                 "conv_impl": PROPOSAL}}.items():
+  for name, spec in {"jax (platform_tuning=off)": DEFAULT, "jax (platform_tuning=auto)": TUNED}.items():
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": "--xla_cpu_enable_xprof_traceme=true"}
     log(f"  op profile: {name}")
-    proc = subprocess.run([sys.executable, __file__, "--op-profile-worker", json.dumps(spec)], env=env,
-                          capture_output=True, text=True, cwd=str(pathlib.Path(__file__).parent.parent))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.profile_cpu", "--op-profile-worker", json.dumps(spec)],
+                          env=env, capture_output=True, text=True, cwd=str(harness.ROOT))
     lines = [l for l in proc.stdout.splitlines() if l.startswith("@@")]
     if proc.returncode or not lines:
       raise RuntimeError(f"op profile failed: {proc.stderr[-2000:]}")
@@ -310,7 +286,7 @@ def markdown_section(name, section) -> str:
   return "\n".join(lines)
 
 
-SECTIONS = ("ops", "parts", "conv", "flags", "proposals", "batch", "bf16")
+SECTIONS = ("ops", "parts", "conv", "flags", "batch", "bf16")
 
 
 def main(argv=None) -> int:
@@ -327,7 +303,7 @@ def main(argv=None) -> int:
     return 0
 
   log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
-  record = {"command": "python benchmarks/profile_cpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+  record = {"command": "python -m benchmarks.profile_cpu " + " ".join(argv if argv is not None else sys.argv[1:]),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": harness.machine(), "versions": harness.versions(), "steps": args.steps,
             "repeats": args.repeats, "sections": {}}

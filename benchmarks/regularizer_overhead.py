@@ -1,7 +1,8 @@
 """Step time of each regularizer relative to plain ERM, measured in one process with interleaved rounds.
 
-    python benchmarks/regularizer_overhead.py                       # default model, mnist5k, batch 128
-    python benchmarks/regularizer_overhead.py --config.batch_size=256 --rounds 5
+    python -m benchmarks.regularizer_overhead                       # default model, mnist5k, batch 128
+    python -m benchmarks.regularizer_overhead --config.batch_size=256 --rounds 5
+    python -m benchmarks.regularizer_overhead --config.platform_tuning=off     # XLA's default CPU compilation
 
 Every regularizer's train step is compiled for the same model, batch and mesh; then each round times `--steps`
 steps of every step function in turn, so machine noise hits all of them alike. Prints one JSON line per
@@ -17,9 +18,9 @@ import time
 import jax
 
 from overfocus_jax import config as config_lib, parallel
-from overfocus_jax.cli import _split_overrides
+from overfocus_jax.cli import split_overrides
 from overfocus_jax.data import pipeline
-from overfocus_jax.train import loop
+from overfocus_jax.train import experiment
 
 VARIANTS = {
     "none": [],
@@ -33,19 +34,19 @@ VARIANTS = {
 
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--config", default=None)
+  parser.add_argument("--config", default=None, help="a config file (default: the package's default config)")
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--rounds", type=int, default=5)
   args, extra = parser.parse_known_args()
-  overrides = _split_overrides(extra)
+  overrides = split_overrides(extra)
   steps, states, batch = {}, {}, None
   for name, variant in VARIANTS.items():
     config = config_lib.build_config(args.config, overrides + variant)
-    exp = loop.build_experiment(config)
+    exp = experiment.build_experiment(config)
     if batch is None:
       batch = parallel.shard_batch(next(pipeline.make_train_iterator(
           exp.dataset, batch_size=config.batch_size, seed=0, augment=False)), exp.mesh)
-    steps[name] = loop.jit_train_step(exp)
+    steps[name] = experiment.jit_train_step(exp)
     state, _ = steps[name](exp.state, batch)  # compile
     for _ in range(3):
       state, _ = steps[name](state, batch)
@@ -67,7 +68,8 @@ def main() -> int:
   for name, values in times.items():
     print(json.dumps({"regularizer": name, "step_ms": 1e3 * statistics.median(values),
                       "ratio_to_none": statistics.median(values) / base, "backend": jax.default_backend(),
-                      "batch_size": int(batch["label"].shape[0])}))
+                      "batch_size": int(batch["label"].shape[0]), "model": config.model,
+                      "platform_tuning": config.platform_tuning, "dtype": config.dtype}))
   return 0
 
 

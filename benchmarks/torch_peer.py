@@ -1,7 +1,7 @@
 r"""A PyTorch eager peer of overfocus-jax's residual CNNs and train step, for speed comparisons.
 
-    python benchmarks/torch_peer.py                                  # the default CNN, 28×28×1, batch 128
-    python benchmarks/torch_peer.py --image-shape 32 32 3 --check    # + a numerical proof of the same step
+    python -m benchmarks.torch_peer                                  # the default CNN, 28×28×1, batch 128
+    python -m benchmarks.torch_peer --image-shape 32 32 3 --check    # + a numerical proof of the same step
 
 The model is the same network as ``overfocus_jax.models.resnet.PreActResNet`` (architecture read from the
 package's default config, or ``ResNet18``): 3×3 stem conv without bias → stages of pre-activation basic blocks
@@ -40,10 +40,15 @@ BN_EPS = 1e-5
 BN_MOMENTUM = 0.1  # torch's convention: new = (1 - 0.1) * old + 0.1 * batch; flax's momentum=0.9 is the same
 
 
+def default_config(model_name: str = "resnet"):
+  """The package's default config with ``--config.model=model_name``."""
+  from overfocus_jax import config as config_lib
+  return config_lib.build_config(None, [("model", model_name)])
+
+
 def architecture(model_name: str) -> dict:
   """The architecture of the JAX model of that name, from the package's default config."""
-  from overfocus_jax.configs import default
-  arch = default.get_config().resnet
+  arch = default_config().resnet
   common = dict(stem_kernel=arch.stem_kernel, stem_strides=arch.stem_strides, stem_pool=arch.stem_pool)
   if model_name == "resnet":
     return dict(stem_features=arch.stem_features, stage_widths=tuple(arch.stage_widths),
@@ -153,21 +158,17 @@ def torch_param_count(model: nn.Module) -> int:
 
 
 def jax_model_and_variables(model_name: str, image_shape, num_classes: int = NUM_CLASSES, seed: int = 0):
-  """The package's model (built from its default config) and its initial variables."""
+  """The package's model (built from its default config, plain ``nn.Conv``) and its initial variables."""
   import jax
-  from overfocus_jax.configs import default
   from overfocus_jax.models import build_model
-  config = default.get_config()
-  config.model = model_name
-  model = build_model(config, num_classes)
+  model = build_model(default_config(model_name), num_classes)
   return model, model.init(jax.random.PRNGKey(seed), tuple(image_shape))
 
 
 def jax_param_count(model_name: str, image_shape, num_classes: int = NUM_CLASSES) -> int:
-  import jax
-  import numpy as np
+  from overfocus_jax.train import bench
   _, variables = jax_model_and_variables(model_name, image_shape, num_classes)
-  return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(variables["params"])))
+  return bench.parameter_count(variables["params"])
 
 
 def _flat(tree, prefix=()):
@@ -258,24 +259,22 @@ def check_same_step(model_name: str, image_shape, batch_size: int = 16, seed: in
   """
   import jax
   import optax
-  from overfocus_jax.configs import default
+  from overfocus_jax.models import build_model
   from overfocus_jax.train import state as state_lib
   from overfocus_jax.train.step import make_train_step
-  model, variables = jax_model_and_variables(model_name, image_shape, seed=seed)
-  config = default.get_config()
+  config = default_config(model_name)
+  model = build_model(config, NUM_CLASSES)  # plain nn.Conv: the maths, without any platform tuning
   tx = state_lib.make_optimizer(config, optax.constant_schedule(LEARNING_RATE))
-  state = state_lib.TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=variables["params"],
-                               batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
-                               rng=jax.random.PRNGKey(seed), extra={})
+  state = state_lib.create_train_state(model, tx, seed=seed, input_shape=tuple(image_shape))
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
   rng = np.random.default_rng(seed)
   images = rng.standard_normal((batch_size, *image_shape), dtype=np.float32)
   labels = rng.integers(0, NUM_CLASSES, batch_size)
   jax_logits, _ = model.apply(variables, images, train=True)
-  new_state, metrics = jax.jit(make_train_step(model, tx))(state, {"image": images,
-                                                                  "label": labels.astype(np.int32)})
-  # A second step exercises the momentum buffer too.
-  new_state, metrics = jax.jit(make_train_step(model, tx))(new_state, {"image": images,
-                                                                      "label": labels.astype(np.int32)})
+  step = jax.jit(make_train_step(model, tx))
+  batch = {"image": images, "label": labels.astype(np.int32)}
+  new_state, metrics = step(state, batch)
+  new_state, metrics = step(new_state, batch)  # a second step exercises the momentum buffer too
 
   torch_step = TorchStep(model_name, batch_size, image_shape, channels_last=False, images=images, labels=labels)
   load_jax_params(torch_step.model, variables["params"])

@@ -1,7 +1,7 @@
 r"""PyTorch eager peers of the SGDrop and RSC train steps, timed against the plain step in one process.
 
-    python benchmarks/torch_regularizers.py                  # default CNN, 28×28×1, batch 128, torch threads = cores
-    python benchmarks/torch_regularizers.py --threads 1
+    python -m benchmarks.torch_regularizers              # default CNN, 28×28×1, batch 128, torch threads = cores
+    python -m benchmarks.torch_regularizers --threads 1
 
 The same maths as ``overfocus_jax.challenge`` (see sgdrop.py and rsc.py there), written the way a PyTorch user
 would: the head in eval mode on a detached copy of z, ``torch.autograd.grad`` of the true-class logits,
@@ -19,7 +19,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from torch_peer import TorchStep, time_per_step
+from benchmarks.torch_peer import TorchStep, time_per_step
 
 
 def topk_drop_mask(scores: torch.Tensor, fraction: float) -> torch.Tensor:

@@ -20,7 +20,7 @@ from overfocus_jax.challenge.attribution import gradient_times_activation
 from overfocus_jax.challenge.masks import drop_count
 from overfocus_jax.data import pipeline
 from overfocus_jax.data.sources import load_dataset
-from overfocus_jax.train import loop
+from overfocus_jax.train import workdir as workdir_lib
 
 RATES = (0.03, 0.1, 0.3)
 
@@ -38,7 +38,7 @@ def main() -> int:
   parser.add_argument("--dataset", default=None)
   args = parser.parse_args()
   workdir = pathlib.Path(args.workdir).resolve()
-  run = loop.load_trained(workdir)
+  run = workdir_lib.load_trained(workdir)
   exp, state = run.exp, run.state
   dataset = load_dataset(args.dataset) if args.dataset else exp.dataset
 

@@ -30,7 +30,7 @@ import numpy as np
 from overfocus_jax.data import pipeline, shifts
 from overfocus_jax.data.sources import load_dataset
 from overfocus_jax.explain import attributions, figures
-from overfocus_jax.train import loop
+from overfocus_jax.train import workdir as workdir_lib
 
 HERE = pathlib.Path(__file__).resolve().parent
 MAPS = ("input_gradient", "integrated_gradients", "grad_cam")
@@ -85,13 +85,13 @@ def measure(run, images: np.ndarray, labels: np.ndarray, position_ids: np.ndarra
 
 
 def measure_run(workdir: pathlib.Path) -> dict:
-  run = loop.load_trained(workdir)
+  run = workdir_lib.load_trained(workdir)
   clean = load_dataset("mnist5k")
   images, labels = clean.test.images, clean.test.labels
   correlation = shifts.parse_correlation(run.config.dataset, run.config.dataset.partition(":")[2])
   _, test_ids = shifts.shortcut_position_plan(clean.train.labels, len(labels), correlation)
   aligned_ids = labels % shifts.NUM_POSITIONS
-  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  records = workdir_lib.read_metrics(workdir)
   return {
       "workdir": str(workdir), "method": re.sub(r"_s\d+$", "", workdir.name), "step": run.step,
       "aligned": measure(run, shifts.stamp_patches(images, aligned_ids), labels, aligned_ids, "true"),
@@ -129,7 +129,7 @@ def mean_curves(workdirs) -> dict:
   """Per method, the per-epoch metrics averaged over its seeds, in the records ``figures.training_curves`` draws."""
   by_method = {}
   for workdir in workdirs:
-    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    records = workdir_lib.read_metrics(workdir)
     by_method.setdefault(re.sub(r"_s\d+$", "", workdir.name), []).append(records)
   curves = {}
   for method, runs in by_method.items():

@@ -37,17 +37,14 @@ DEFAULT_METHODS = ("erm", "sgdrop_element_0.1", "sgdrop_spatial_0.3", "rsc", "rs
 
 def run_one(method: str, seed: int, runs_dir: pathlib.Path) -> dict:
   from overfocus_jax import config as config_lib
-  from overfocus_jax.data.sources import load_dataset
-  from overfocus_jax.train import checkpoint as checkpoint_lib, loop
+  from overfocus_jax.train import evaluation, loop, workdir as workdir_lib
   overrides = METHODS[method] + [("seed", str(seed))]
   config = config_lib.build_config(str(HERE / "configs" / "shortcut.py"), overrides)
   workdir = runs_dir / f"{method}_s{seed}"
   summary = loop.train_and_evaluate(config, workdir, progress=False)
-  exp = loop.build_experiment(config)
-  checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
-  state = loop.restore_or_init(exp, checkpointer)
-  checkpointer.close()
-  clean = loop.evaluate(exp, state, load_dataset("mnist5k").test)
+  run = workdir_lib.load_trained(workdir)  # the finished run, read back as `overfocus eval` does
+  clean_test, _ = evaluation.evaluation_split(run.exp, "mnist5k")  # the same digits, no patch
+  clean = evaluation.evaluate(run.exp, run.state, clean_test)
   return {"method": method, "seed": seed, "decorrelated_accuracy": summary["test_accuracy"],
           "clean_accuracy": clean["accuracy"], "train_accuracy": summary["train_accuracy"],
           "epochs": summary["epochs"], "wall_time_s": summary["wall_time_s"],

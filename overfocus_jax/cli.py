@@ -13,9 +13,8 @@ import argparse
 import json
 import os
 import sys
-import time
 
-from overfocus_jax.errors import UserError
+from overfocus_jax.errors import SettingError, UserError
 
 CONFIG_PREFIX = "--config."
 
@@ -27,7 +26,7 @@ class _Parser(argparse.ArgumentParser):
     raise UserError(f"{self.prog}: {message}", f"see '{self.prog} --help'")
 
 
-def _split_overrides(extra: list[str]) -> list[tuple[str, str]]:
+def split_overrides(extra: list[str]) -> list[tuple[str, str]]:
   """``--config.a.b=1`` or ``--config.a.b 1`` → ``[("a.b", "1")]``; anything else is an error."""
   overrides, i = [], 0
   while i < len(extra):
@@ -87,12 +86,12 @@ def cmd_train(args, overrides) -> None:
 
 
 def cmd_eval(args, overrides) -> None:
-  from overfocus_jax.train import loop
+  from overfocus_jax.train import evaluation, workdir
   if overrides:
     raise UserError("eval takes no --config.FIELD overrides", "it uses the config saved in the workdir")
-  run = loop.load_trained(args.workdir)
-  source, name = loop.evaluation_split(run, args.dataset)
-  result = loop.evaluate(run.exp, run.state, source)
+  run = workdir.load_trained(args.workdir)
+  source, name = evaluation.evaluation_split(run.exp, args.dataset)
+  result = evaluation.evaluate(run.exp, run.state, source)
   print(json.dumps({**result, "dataset": name, "step": run.step}))
 
 
@@ -112,64 +111,17 @@ def cmd_explain(args, overrides) -> None:
   print(json.dumps(summary))
 
 
-def parameter_count(params) -> int:
-  import jax
-  return int(sum(leaf.size for leaf in jax.tree.leaves(params)))
-
-
-def inference_flops_per_image(exp) -> float | None:
-  """FLOPs of one image's inference forward pass, from XLA's cost analysis of the compiled computation
-  (a multiply-add counts 2); None where the backend reports none."""
-  import jax
-  import jax.numpy as jnp
-  variables = jax.device_get(exp.state.variables)
-  forward = jax.jit(lambda v, x: exp.model.apply(v, x, train=False)[0])
-  analysis = forward.lower(variables, jnp.zeros((1, *exp.dataset.image_shape), jnp.float32)).compile().cost_analysis()
-  if isinstance(analysis, (list, tuple)):  # older jaxlibs return one dict per computation
-    analysis = analysis[0] if analysis else {}
-  flops = (analysis or {}).get("flops")
-  return float(flops) if flops is not None and flops >= 0 else None
-
-
 def cmd_bench(args, overrides) -> None:
-  import jax
-  import numpy as np
-  from overfocus_jax import config as config_lib, parallel
-  from overfocus_jax.data import pipeline
-  from overfocus_jax.train import loop
+  from overfocus_jax import config as config_lib
+  from overfocus_jax.train import bench, experiment
   for name in ("steps", "repeats"):
     if getattr(args, name) < 1:
       raise UserError(f"--{name}={getattr(args, name)} must be at least 1", f"pass --{name}=20")
+  if args.warmup < 0:
+    raise UserError(f"--warmup={args.warmup} must be at least 0", "pass --warmup=3")
   config = config_lib.build_config(args.config, overrides)
-  exp = loop.build_experiment(config)
-  train_step = loop.jit_train_step(exp)
-  batch = parallel.shard_batch(next(pipeline.make_train_iterator(
-      exp.dataset, batch_size=config.batch_size, seed=config.seed, augment=config.augment)), exp.mesh)
-  params, flops = parameter_count(exp.state.params), inference_flops_per_image(exp)  # before donation frees them
-  state = exp.state
-  start = time.perf_counter()
-  state, _ = train_step(state, batch)
-  jax.block_until_ready(state)
-  compile_s = time.perf_counter() - start
-  for _ in range(args.warmup):
-    state, _ = train_step(state, batch)
-  jax.block_until_ready(state)
-  per_step = []
-  for _ in range(args.repeats):
-    start = time.perf_counter()
-    for _ in range(args.steps):
-      state, _ = train_step(state, batch)
-    jax.block_until_ready(state)
-    per_step.append((time.perf_counter() - start) / args.steps)
-  step_s = float(np.median(per_step))
-  device = jax.devices()[0]
-  print(json.dumps({
-      "step_ms": step_s * 1e3, "images_per_s": config.batch_size / step_s, "devices": exp.mesh.devices.size,
-      "params": params, "flops_per_image": flops,
-      "batch_size": config.batch_size, "model": config.model, "regularizer": config.regularizer.name,
-      "dataset": config.dataset, "image_shape": list(exp.dataset.image_shape), "backend": jax.default_backend(),
-      "device_kind": device.device_kind, "compile_s": compile_s, "step_ms_repeats": [t * 1e3 for t in per_step],
-  }))
+  exp = experiment.build_experiment(config)
+  print(json.dumps(bench.time_train_step(exp, steps=args.steps, repeats=args.repeats, warmup=args.warmup)))
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "explain": cmd_explain, "bench": cmd_bench}
@@ -179,8 +131,11 @@ def main(argv: list[str] | None = None) -> int:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   try:
     args, extra = _parser().parse_known_args(sys.argv[1:] if argv is None else argv)
-    overrides = _split_overrides(extra)
+    overrides = split_overrides(extra)
     COMMANDS[args.command](args, overrides)
+  except SettingError as e:  # library code names the setting; here it becomes the flag that sets it
+    print(f"overfocus: error: {e.as_flag(CONFIG_PREFIX)}", file=sys.stderr)
+    return UserError.exit_code
   except UserError as e:
     print(f"overfocus: error: {e}", file=sys.stderr)
     return UserError.exit_code

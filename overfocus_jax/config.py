@@ -13,21 +13,17 @@ import pathlib
 
 import ml_collections
 
+from overfocus_jax import challenge, models, platform_tuning
+from overfocus_jax.challenge.attribution import TARGETS
+from overfocus_jax.challenge.sgdrop import GRANULARITIES
 from overfocus_jax.errors import UserError
+from overfocus_jax.models.attention import COMPATIBILITIES, NORMALISATIONS, first_empty_layer
+from overfocus_jax.models.focus import MAX_HARRIS_WINDOW
+from overfocus_jax.models.resnet import STEM_POOLS
+from overfocus_jax.train.state import OPTIMIZERS, SCHEDULES
 
 PACKAGE_ROOT = pathlib.Path(__file__).resolve().parent
 DEFAULT_CONFIG_NAME = "default.py"
-
-MODELS = ("resnet", "resnet18", "attention", "focus", "corner")
-REGULARIZERS = ("none", "sgdrop", "rsc", "rsc_domainbed")
-GRANULARITIES = ("element", "spatial", "channel")
-TARGETS = ("true", "predicted")
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("cosine", "step", "constant")
-STEM_POOLS = ("none", "max", "avg")
-MAX_HARRIS_WINDOW = 8  # largest corner.sigma and corner.nms_radius
-COMPATIBILITIES = ("pc", "dp")          # models/attention.py
-NORMALISATIONS = ("softmax", "sigmoid")
 
 
 def default_config_path() -> pathlib.Path:
@@ -135,8 +131,10 @@ def _require_positive_ints(values, field: str) -> None:
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks every field a run depends on; raises :class:`UserError` naming the field and a valid value."""
-  _require_choice(config.model, MODELS, "model")
-  _require_choice(config.regularizer.name, REGULARIZERS, "regularizer.name")
+  _require_choice(config.model, models.MODELS, "model")
+  _require_choice(config.dtype, tuple(models.DTYPES), "dtype")
+  _require_choice(config.platform_tuning, platform_tuning.MODES, "platform_tuning")
+  _require_choice(config.regularizer.name, challenge.NAMES, "regularizer.name")
   _require_choice(config.optimizer, OPTIMIZERS, "optimizer")
   _require_choice(config.schedule, SCHEDULES, "schedule")
   _require(isinstance(config.dataset, str) and config.dataset, "config.dataset is empty",
@@ -254,6 +252,33 @@ def _validate_regularizer(reg: ml_collections.ConfigDict) -> None:
            "set a value in [0, 1), or -1 for the official curriculum")
   _require_fraction(domainbed.feature_drop, "regularizer.rsc_domainbed.feature_drop")
   _require_fraction(domainbed.batch_drop, "regularizer.rsc_domainbed.batch_drop")
+
+
+def check_fits_images(config: ml_collections.ConfigDict, image_shape: tuple[int, ...]) -> None:
+  """Raises :class:`UserError` when ``config.model`` cannot take (H, W, C) images, with the field to change.
+
+  Only these models have such limits: the attention backbone's unpadded pools, the focus models' patch size and
+  the corner detector's border. Call it once the dataset is known, before the model is initialised.
+  """
+  height, width = int(image_shape[0]), int(image_shape[1])
+  if config.model == "attention":
+    arch = config.attention
+    empty = first_empty_layer(height, width, len(arch.widths), tuple(arch.pool_after))
+    _require(empty is None, f"{height}x{width} images are too small for the attention backbone: its 2x2 pools "
+             f"(config.attention.pool_after={tuple(arch.pool_after)}) shrink them to nothing by layer {empty}",
+             "remove pools from --config.attention.pool_after or use larger images")
+  if config.model in ("focus", "corner"):
+    size = config.focus.patch_size
+    _require(size <= min(height, width), f"config.focus.patch_size={size} is larger than the {height}x{width} "
+             "images", f"set --config.focus.patch_size to at most {min(height, width)}")
+  if config.model == "corner":
+    k = config.focus.num_keypoints
+    _require(k <= height * width, f"config.focus.num_keypoints={k} asks for more corners than the {height}x{width} "
+             "images have pixels", f"set --config.focus.num_keypoints to at most {height * width}")  # top-K of pixels
+    border = config.corner.border
+    _require(2 * border < min(height, width), f"config.corner.border={border} leaves no pixel of the "
+             f"{height}x{width} images to find corners in", f"set --config.corner.border below "
+             f"{(min(height, width) + 1) // 2}")
 
 
 def config_to_json(config: ml_collections.ConfigDict) -> str:

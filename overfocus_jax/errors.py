@@ -3,6 +3,11 @@
 Everything a user can get wrong (a config value, a dataset path, a workdir, a checkpoint) raises
 :class:`UserError` with a one-line message that names the problem and the fix. The CLI turns it into
 one line on stderr and exit code 2, with no traceback.
+
+Library code below the config edge (data, models, parallel) does not know how a value was set — a
+``--config.FIELD`` flag, a config file, a Python argument — so for a bad setting it raises
+:class:`SettingError` with the facts (the setting's config name, the problem, what would work), and the edge
+words the fix: :meth:`SettingError.as_flag` for the command line.
 """
 
 
@@ -14,3 +19,16 @@ class UserError(Exception):
   def __init__(self, problem: str, fix: str | None = None):
     message = problem if fix is None else f"{problem}; {fix}"
     super().__init__(" ".join(message.split()))  # always one line
+
+
+class SettingError(UserError):
+  """A setting's value cannot work: ``setting`` (its config name, e.g. ``batch_size``), the ``problem`` and a
+  ``remedy`` that completes "set it to …" (e.g. ``a multiple of 8, e.g. 96``)."""
+
+  def __init__(self, setting: str, problem: str, remedy: str):
+    self.setting, self.problem, self.remedy = setting, problem, remedy
+    super().__init__(problem, f"set {setting} to {remedy}")
+
+  def as_flag(self, prefix: str = "--config.") -> UserError:
+    """The same error with the fix worded as the command-line flag that sets it."""
+    return UserError(self.problem, f"set {prefix}{self.setting} to {self.remedy}")

@@ -92,9 +92,10 @@ def restore_final_state(workdir):
   from overfocus_jax import parallel
   from overfocus_jax.train import checkpoint as checkpoint_lib
   from overfocus_jax.train import loop
+  from overfocus_jax.train import experiment
   workdir = pathlib.Path(workdir)
   config = config_lib.config_from_json((workdir / "config.json").read_text())
-  exp = loop.build_experiment(config)
+  exp = experiment.build_experiment(config)
   checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
   try:
     state, data_state = checkpointer.restore(checkpoint_lib.abstract_like(exp.state, parallel.replicated(exp.mesh)))

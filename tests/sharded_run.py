@@ -21,6 +21,7 @@ from overfocus_jax import parallel
 from overfocus_jax.data import pipeline
 from overfocus_jax.errors import UserError
 from overfocus_jax.train import loop
+from overfocus_jax.train import experiment, evaluation
 
 STEPS, BATCH = 4, 16
 FIELDS = [("dataset", "digits"), ("resnet.stem_features", "8"), ("resnet.stage_widths", "(8,)"),
@@ -45,9 +46,9 @@ def main_regularized(out_path: str, expected_devices: int) -> None:
 def main(out_path: str, expected_devices: int, extra_fields=()) -> None:
   assert jax.device_count() == expected_devices, (jax.device_count(), expected_devices)
   config = config_lib.build_config(None, FIELDS + list(extra_fields))
-  exp = loop.build_experiment(config)
+  exp = experiment.build_experiment(config)
   assert exp.mesh.devices.size == expected_devices
-  train_step = loop.jit_train_step(exp)
+  train_step = experiment.jit_train_step(exp)
   iterator = pipeline.make_train_iterator(exp.dataset, batch_size=BATCH, seed=0, augment=False)
   state, losses, accuracies, shards, rows, regularizer_metrics = exp.state, [], [], [], [], []
   for _ in range(STEPS):
@@ -58,9 +59,9 @@ def main(out_path: str, expected_devices: int, extra_fields=()) -> None:
     losses.append(float(metrics["loss"]))
     regularizer_metrics.append([float(v) for k, v in sorted(metrics.items()) if k.startswith(("sgdrop", "rsc"))])
     accuracies.append(float(metrics["accuracy"]))
-  test = loop.evaluate(exp, state, exp.dataset.test)
+  test = evaluation.evaluate(exp, state, exp.dataset.test)
   # The per-epoch attribution metrics run replicated over the mesh.
-  concentration = jax.device_get(loop.jit_concentration(exp)(state, loop.attribution_batch(exp)))
+  concentration = jax.device_get(evaluation.jit_attribution_probe(exp)(state, evaluation.attribution_batch(exp)))
   leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(state.variables))[0]
   variables = {"var:" + jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
   replicated = all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(state.params))

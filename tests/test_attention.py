@@ -10,7 +10,8 @@ import pytest
 
 from overfocus_jax import config as config_lib
 from overfocus_jax.errors import UserError
-from overfocus_jax.models import attention, build_model, check_model_fits, merge_batch_stats
+from overfocus_jax.models import attention, build_model, merge_batch_stats
+from overfocus_jax.config import check_fits_images as check_model_fits
 
 from conftest import assert_one_line_error, assert_split_is_exact, fit_one_batch, run_cli
 

@@ -9,10 +9,16 @@ import numpy as np
 import pytest
 
 from overfocus_jax import config as config_lib
-from overfocus_jax.challenge import attribution, build_challenge, masks, rsc, sgdrop
+from overfocus_jax.challenge import NONE, StepInfo, attribution, build_regularizer, chain, masks, rsc, sgdrop, stateless
 from overfocus_jax.cli import main as cli_main
 from overfocus_jax.models import build_model
 from overfocus_jax.train import step as step_lib
+
+
+def apply_once(regularizer, classify_fn, z, labels, key, info=StepInfo(), variables=None):
+  """One ``apply`` from the regularizer's initial state: ``(z̃, metrics)``."""
+  out, _, metrics = regularizer.apply(regularizer.init(variables), classify_fn, z, labels, key, info)
+  return out, metrics
 
 
 def linear_pool_head(weights):
@@ -23,21 +29,32 @@ def linear_pool_head(weights):
 # ------------------------------------------------------------------------------------------------ masks
 
 
-@pytest.mark.parametrize("fraction", [0.0, 0.03, 0.1, 0.3, 1 / 3, 0.5, 0.99])
-@pytest.mark.parametrize("size", [1, 7, 10, 49, 100])
-def test_top_k_drop_mask_drops_exactly_ceil(fraction, size):
-  scores = jax.random.normal(jax.random.PRNGKey(size), (5, size))
-  mask = masks.top_k_drop_mask(scores, fraction)
-  expected = min(size, math.ceil(round(fraction * size, 9)))
-  np.testing.assert_array_equal(np.sum(np.asarray(mask) == 0, axis=1), expected)
-  # the dropped entries are the highest-scoring ones
-  if expected:
-    kth = np.sort(np.asarray(scores), axis=1)[:, ::-1][:, expected - 1]
-    np.testing.assert_array_equal(np.asarray(mask) == 0, np.asarray(scores) >= kth[:, None])
+@pytest.mark.parametrize("fraction, scores, count, dropped", [
+    # fraction, one row of N scores, ⌈fraction·N⌉ and the indices of the highest scores, all worked out by hand
+    (0.0, [3, 1, 4, 1, 5, 9, 2, 6, 5], 0, []),                     # ⌈0⌉ = 0 of 9
+    (0.01, [2, 7, 1, 8, 2], 1, [3]),                               # ⌈0.05⌉ = 1 of 5: the 8
+    (0.1, [3, 1, 4, 1, 5, 9, 2, 6, 5, 3], 1, [5]),                 # 0.1·10 = 1 of 10: the 9
+    (0.3, [3, 1, 4, 1, 5, 9, 2, 6, 5, 3], 3, [4, 5, 7]),           # 3 of 10: 9, 6, then the first of the tied 5s
+    (0.25, [5, 0, 5, 2, 5, 1, 3], 2, [0, 2]),                      # ⌈1.75⌉ = 2 of 7: the lower two of three tied 5s
+    (0.5, [1, 1, 1, 1, 1, 1, 1], 4, [0, 1, 2, 3]),                 # ⌈3.5⌉ = 4 of 7, all tied: the lowest indices
+    (1 / 3, [0, 1, 2, 0, 1, 2, 0, 1, 2], 3, [2, 5, 8]),            # 9/3 = 3 of 9: the three 2s
+    (0.99, [4, 4], 2, [0, 1]),                                     # ⌈1.98⌉ = 2 of 2: everything
+    (0.5, [7], 1, [0]),                                            # ⌈0.5⌉ = 1 of 1
+    # float noise: 0.28·25 is 7.000000000000001 in binary, yet 7 are dropped, not 8: the five 4s, then two 3s
+    (0.28, [0, 1, 2, 3, 4] * 5, 7, [3, 4, 8, 9, 14, 19, 24]),
+    (1 / 3, list(range(49)), 17, list(range(32, 49))),             # ⌈16.33⌉ = 17 of a 7×7 map (the official ⌈HW/3⌉)
+])
+def test_top_k_drop_mask_drops_exactly_ceil(fraction, scores, count, dropped):
+  assert len(dropped) == count  # the table itself
+  expected = np.ones((2, len(scores)), np.float32)
+  expected[:, dropped] = 0.0
+  # two identical rows, each with its own top k (one top 2k over the whole batch would drop unevenly)
+  mask = masks.top_k_drop_mask(jnp.array([scores, scores], jnp.float32), fraction)
+  np.testing.assert_array_equal(np.asarray(mask), expected)
 
 
 def test_drop_count_is_robust_to_float_noise():
-  assert masks.drop_count(0.3, 10) == 3  # 0.3 * 10 == 3.0000000000000004 in binary
+  assert masks.drop_count(0.28, 25) == 7  # 0.28 * 25 == 7.000000000000001 in binary
   assert masks.drop_count(1 / 3, 49) == 17  # the official ⌈HW/3⌉ on a 7×7 map
   assert masks.drop_count(1 / 3.2, 512) == 160  # the official ⌈C/3.2⌉ on ResNet-18
   with pytest.raises(ValueError, match="fraction"):
@@ -64,7 +81,8 @@ def test_sgdrop_drops_the_most_salient_units_hand_built():
   # one channel, 2×2 positions; the head weights every position equally, so A = ReLU(z / 4)
   weights = jnp.array([[1.0, -1.0]])
   z = jnp.array([[[[0.1], [4.0]], [[2.0], [-3.0]]]])  # (1, 2, 2, 1)
-  out, metrics = sgdrop.sgdrop(rate=0.5)(linear_pool_head(weights), z, jnp.array([0]), jax.random.PRNGKey(0), {})
+  out, metrics = apply_once(sgdrop.sgdrop(rate=0.5), linear_pool_head(weights), z, jnp.array([0]),
+                            jax.random.PRNGKey(0))
   np.testing.assert_allclose(out[0, :, :, 0], [[0.1, 0.0], [0.0, -3.0]])  # 4.0 and 2.0 dropped
   assert float(metrics["sgdrop_dropped_fraction"]) == 0.5
 
@@ -91,8 +109,8 @@ def test_no_gradient_flows_through_the_mask():
   labels = jnp.array([0, 1, 2, 3])
   reg = sgdrop.sgdrop(rate=0.3, granularity="element")
   cotangent = jax.random.normal(jax.random.PRNGKey(4), z.shape)
-  out, _ = reg(linear_pool_head(weights), z, labels, jax.random.PRNGKey(0), {})
-  grad = jax.grad(lambda zz: jnp.sum(reg(linear_pool_head(weights), zz, labels, jax.random.PRNGKey(0), {})[0]
+  out, _ = apply_once(reg, linear_pool_head(weights), z, labels, jax.random.PRNGKey(0))
+  grad = jax.grad(lambda zz: jnp.sum(apply_once(reg, linear_pool_head(weights), zz, labels, jax.random.PRNGKey(0))[0]
                                      * cotangent))(z)
   mask = (np.asarray(out) != 0).astype(np.float32)
   np.testing.assert_allclose(grad, np.asarray(cotangent) * mask, rtol=1e-6)  # exactly the mask: nothing else
@@ -102,31 +120,43 @@ def test_sgdrop_rescale_and_batch_fraction():
   weights = jax.random.normal(jax.random.PRNGKey(2), (8, 10))
   z = jnp.abs(jax.random.normal(jax.random.PRNGKey(3), (8, 2, 2, 8))) + 0.1
   labels = jnp.arange(8)
-  out, metrics = sgdrop.sgdrop(rate=0.25, rescale=True, batch_fraction=0.5)(
-      linear_pool_head(weights), z, labels, jax.random.PRNGKey(5), {})
+  out, metrics = apply_once(sgdrop.sgdrop(rate=0.25, rescale=True, batch_fraction=0.5),
+                            linear_pool_head(weights), z, labels, jax.random.PRNGKey(5))
   touched = np.any(np.asarray(out) != np.asarray(z), axis=(1, 2, 3))
   assert touched.sum() == 4 and float(metrics["sgdrop_batch_fraction"]) == 0.5
   kept = (np.asarray(out) != 0) & touched[:, None, None, None]
   np.testing.assert_allclose(np.asarray(out)[kept], np.asarray(z)[kept] / 0.75, rtol=1e-6)
 
 
-def test_sgdrop_uses_the_teacher_when_given():
-  weights = jnp.array([[1.0], [1.0]])  # 2 channels, 1 class
+def test_sgdrop_attributes_with_its_ema_teacher_and_moves_it():
+  """With ema_decay the state is the teacher; each apply first moves it toward the step's online variables, then
+  attributes with the teacher's encoder and head, and masks the online z."""
   z = jnp.ones((1, 1, 1, 2))
-  teacher_z = jnp.array([[[[0.0, 5.0]]]])  # the teacher finds channel 1 salient
-  out, _ = sgdrop.sgdrop(rate=0.5)(linear_pool_head(weights), z, jnp.array([0]), jax.random.PRNGKey(0),
-                                   {"teacher": {"z": teacher_z, "classify_fn": linear_pool_head(weights)}})
-  np.testing.assert_array_equal(out.ravel(), [1.0, 0.0])
+  # a toy "model": encode scales the image per channel by variables["params"]["scale"]; classify sums the channels
+  encode = lambda variables, x: x * variables["params"]["scale"]
+  classify = lambda variables, latent: jnp.sum(latent, axis=(1, 2, 3))[:, None]
+  online = {"params": {"scale": jnp.array([5.0, 0.0])}, "batch_stats": {}}    # the online net finds channel 0 salient
+  teacher = {"params": {"scale": jnp.array([0.0, 10.0])}, "batch_stats": {}}  # the teacher channel 1
+  reg = sgdrop.sgdrop(rate=0.5, ema_decay=0.9)
+  info = StepInfo(images=jnp.ones((1, 1, 1, 2)), variables=online, encode=encode, classify=classify)
+  out, state, _ = reg.apply({"ema": teacher}, lambda latent: classify(online, latent), z, jnp.array([0]),
+                            jax.random.PRNGKey(0), info)
+  np.testing.assert_allclose(state["ema"]["params"]["scale"], [0.5, 9.0], rtol=1e-6)  # 0.9·teacher + 0.1·online
+  np.testing.assert_array_equal(out.ravel(), [1.0, 0.0])  # the teacher's choice: channel 1 dropped
+  assert reg.init(online)["ema"]["params"]["scale"].tolist() == [5.0, 0.0]  # starts as a copy
+  with pytest.raises(ValueError, match="EMA teacher needs"):
+    reg.apply({"ema": teacher}, lambda latent: classify(online, latent), z, jnp.array([0]), jax.random.PRNGKey(0),
+              StepInfo())
 
 
 def test_sgdrop_predicted_target_attributes_the_argmax():
   weights = jnp.array([[1.0, 0.0], [0.0, 1.0]])  # class c reads channel c
   z = jnp.array([[[[3.0, 1.0]]]])  # predicted class 0, true label 1
-  out, _ = sgdrop.sgdrop(rate=0.5, target="predicted")(linear_pool_head(weights), z, jnp.array([1]),
-                                                       jax.random.PRNGKey(0), {})
+  out, _ = apply_once(sgdrop.sgdrop(rate=0.5, target="predicted"), linear_pool_head(weights), z, jnp.array([1]),
+                      jax.random.PRNGKey(0))
   np.testing.assert_array_equal(out.ravel(), [0.0, 1.0])
-  out, _ = sgdrop.sgdrop(rate=0.5, target="true")(linear_pool_head(weights), z, jnp.array([1]),
-                                                  jax.random.PRNGKey(0), {})
+  out, _ = apply_once(sgdrop.sgdrop(rate=0.5, target="true"), linear_pool_head(weights), z, jnp.array([1]),
+                      jax.random.PRNGKey(0))
   np.testing.assert_array_equal(out.ravel(), [3.0, 0.0])
 
 
@@ -169,8 +199,8 @@ def test_rsc_coin_gives_both_modes_and_only_challenged_samples_are_masked():
   weights = jax.random.normal(jax.random.PRNGKey(0), (16, 10))
   z = jax.nn.relu(jax.random.normal(jax.random.PRNGKey(1), (32, 4, 4, 16)))
   labels = jax.random.randint(jax.random.PRNGKey(2), (32,), 0, 10)
-  reg = jax.jit(lambda key: rsc.rsc(batch_percent=0.5)(linear_pool_head(weights), z, labels, key,
-                                                       {"epoch": jnp.array(0)}))
+  reg = jax.jit(lambda key: apply_once(rsc.rsc(batch_percent=0.5), linear_pool_head(weights), z, labels, key,
+                                       StepInfo(epoch=jnp.array(0))))
   modes = []
   for i in range(20):
     out, metrics = reg(jax.random.PRNGKey(i))
@@ -185,8 +215,9 @@ def test_rsc_domainbed_masks_top_gradient_features_of_most_changed_samples():
   weights = jnp.array([[3.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # D=3, 2 classes
   features = jnp.array([[1.0, 1.0, 1.0], [0.1, 0.1, 5.0], [2.0, 2.0, 0.0]])
   labels = jnp.array([0, 0, 0])
-  out, metrics = rsc.rsc_domainbed(feature_drop=1 / 3, batch_drop=1 / 3)(
-      lambda f: f @ weights, features, labels, jax.random.PRNGKey(0), {})
+  reg = rsc.rsc_domainbed(feature_drop=1 / 3, batch_drop=1 / 3)
+  assert reg.split == "pooled"
+  out, metrics = apply_once(reg, lambda f: f @ weights, features, labels, jax.random.PRNGKey(0))
   # every sample's top-gradient feature is 0 (weight 3). True-class probability before → after masking it:
   # sample 0 σ(3) = .953 → σ(0) = .5 (Δ .45); sample 1 σ(−4.6) → σ(−4.9) (Δ .003); sample 2 σ(8) → σ(2) (Δ .12)
   np.testing.assert_allclose(out, [[0.0, 1.0, 1.0], [0.1, 0.1, 5.0], [2.0, 2.0, 0.0]])
@@ -201,11 +232,11 @@ def tiny(tiny_model_setup):
   return tiny_model_setup
 
 
-def _challenge(config, **overrides):
+def _regularizer(config, **overrides):
   config = config.copy_and_resolve_references()
   for dotted, value in overrides.items():
     config_lib.apply_override(config, dotted, value)
-  return build_challenge(config)
+  return build_regularizer(config)
 
 
 @pytest.mark.parametrize("overrides", [
@@ -216,11 +247,9 @@ def _challenge(config, **overrides):
 ])
 def test_regularized_step_jit_equals_no_jit(tiny, overrides):
   config, model, tx, schedule, state, batch = tiny
-  challenge = _challenge(config, **overrides)
-  if challenge.teacher_ema_decay is not None:
-    state = step_lib.init_ema(state)
-  train_step = step_lib.make_train_step(model, tx, schedule=schedule, regularizer=challenge.regularizer,
-                                        split=challenge.split, teacher_ema_decay=challenge.teacher_ema_decay)
+  regularizer = _regularizer(config, **overrides)
+  state = state.replace(regularizer_state=regularizer.init(state.variables))
+  train_step = step_lib.make_train_step(model, tx, schedule=schedule, regularizer=regularizer)
   eager_state, eager_metrics = train_step(state, batch)
   jit_state, jit_metrics = jax.jit(train_step)(state, batch)
   chex.assert_trees_all_close(jit_state, eager_state, rtol=2e-5, atol=2e-6)
@@ -228,26 +257,30 @@ def test_regularized_step_jit_equals_no_jit(tiny, overrides):
   assert any(k.startswith(("sgdrop_", "rsc_")) for k in jit_metrics)
 
 
-def test_ema_teacher_moves_by_the_decay(tiny):
+def test_ema_teacher_in_the_step_moves_by_the_decay_toward_the_steps_variables(tiny):
   config, model, tx, schedule, state, batch = tiny
   decay = 0.9
-  state = step_lib.init_ema(state)
+  regularizer = _regularizer(config, **{"regularizer.name": "sgdrop", "regularizer.sgdrop.ema_decay": str(decay)})
   # make the teacher differ from the online network so the update is visible
-  state = state.replace(extra={"ema": jax.tree.map(lambda a: a + 1.0, state.extra["ema"])})
-  challenge = _challenge(config, **{"regularizer.name": "sgdrop"})
-  train_step = jax.jit(step_lib.make_train_step(model, tx, schedule=schedule, regularizer=challenge.regularizer,
-                                                teacher_ema_decay=decay))
+  teacher = jax.tree.map(lambda a: a + 1.0, regularizer.init(state.variables))
+  state = state.replace(regularizer_state=teacher)
+  train_step = jax.jit(step_lib.make_train_step(model, tx, schedule=schedule, regularizer=regularizer))
   new_state, _ = train_step(state, batch)
-  expected = jax.tree.map(lambda e, o: decay * e + (1 - decay) * o, state.extra["ema"], new_state.variables)
-  chex.assert_trees_all_close(new_state.extra["ema"], expected, rtol=1e-6, atol=1e-6)
+  expected = jax.tree.map(lambda e, o: decay * e + (1 - decay) * o, teacher["ema"], state.variables)
+  chex.assert_trees_all_close(new_state.regularizer_state["ema"], expected, rtol=1e-6, atol=1e-6)
 
 
-def test_compose_two_regularizers_in_the_step(tiny):
+def test_chain_two_regularizers_in_the_step(tiny):
   config, model, tx, schedule, state, batch = tiny
-  composed = step_lib.compose(sgdrop.sgdrop(rate=0.1), rsc.rsc(batch_percent=0.5))
-  train_step = jax.jit(step_lib.make_train_step(model, tx, schedule=schedule, regularizer=composed))
-  _, metrics = train_step(state, batch)
+  chained = chain(sgdrop.sgdrop(rate=0.1, ema_decay=0.5), rsc.rsc(batch_percent=0.5))
+  state = state.replace(regularizer_state=chained.init(state.variables))
+  assert len(state.regularizer_state) == 2 and "ema" in state.regularizer_state[0]
+  train_step = jax.jit(step_lib.make_train_step(model, tx, schedule=schedule, regularizer=chained))
+  new_state, metrics = train_step(state, batch)
   assert {"sgdrop_dropped_fraction", "rsc_spatial"} <= set(metrics)
+  chex.assert_trees_all_equal_structs(new_state.regularizer_state, state.regularizer_state)
+  with pytest.raises(ValueError, match="different split points"):
+    chain(sgdrop.sgdrop(), rsc.rsc_domainbed())
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -255,10 +288,9 @@ def test_compose_two_regularizers_in_the_step(tiny):
 
 def test_regularizer_on_a_model_without_a_split_is_a_user_error():
   import flax.linen as nn
-  from overfocus_jax.challenge import Challenge
   from overfocus_jax.errors import UserError
   from overfocus_jax.models import Model
-  from overfocus_jax.train import loop
+  from overfocus_jax.train import experiment
 
   class Plain(nn.Module):  # logits only: no encode/classify
     @nn.compact
@@ -268,9 +300,9 @@ def test_regularizer_on_a_model_without_a_split_is_a_user_error():
   model = Model(Plain(), "plain")
   assert not model.supports_split("latent") and not model.supports_split("pooled")
   with pytest.raises(UserError, match="encode/classify split"):
-    loop.check_challenge_fits(model, Challenge(step_lib.no_regularizer), "sgdrop")
-  loop.check_challenge_fits(build_model(config_lib.load_config_file(config_lib.default_config_path()), 10),
-                            Challenge(step_lib.no_regularizer, split="pooled"), "rsc_domainbed")
+    experiment.check_regularizer_fits(model, NONE, "sgdrop")
+  experiment.check_regularizer_fits(build_model(config_lib.load_config_file(config_lib.default_config_path()), 10),
+                                    stateless(lambda *args: args[1:2] + ({},), split="pooled"), "rsc_domainbed")
 
 
 @pytest.mark.parametrize("override,fragment", [

@@ -17,6 +17,7 @@ from overfocus_jax.errors import UserError
 from overfocus_jax.models import build_model
 from overfocus_jax.train import checkpoint as checkpoint_lib
 from overfocus_jax.train import loop
+from overfocus_jax.train import workdir as workdir_lib
 from overfocus_jax.train import state as state_lib
 
 from conftest import (BASE_RUN_ARGS, DIGITS_TEST, DIGITS_TRAIN, TINY_ARGS, assert_one_line_error, read_metrics,
@@ -127,6 +128,39 @@ def test_restore_into_another_model_is_refused_and_leaves_files(tmp_path):
 # ----------------------------------------------------------------------------- what `overfocus train` writes
 
 
+def legacy_layout(state, extra):
+  """The train state as checkpoints before the renovation stored it: the regularizer's state in a field "extra"."""
+  fields = {k: getattr(state, k) for k in ("step", "params", "batch_stats", "opt_state", "rng")}
+  return {**fields, "extra": extra}
+
+
+def test_checkpoint_from_before_regularizers_owned_their_state_restores(tmp_path):
+  """Runs without an EMA teacher stored an empty "extra": they restore into the new layout, values intact."""
+  state = make_state()
+  checkpointer = checkpoint_lib.Checkpointer(tmp_path)
+  checkpointer.save(7, legacy_layout(state, {}), {"position": 3})
+  restored, data_state = checkpointer.restore(abstract(state))
+  checkpointer.close()
+  assert isinstance(restored, state_lib.TrainState) and restored.regularizer_state == ()
+  chex.assert_trees_all_equal(restored.params, state.params)
+  chex.assert_trees_all_equal(restored.opt_state, state.opt_state)
+  assert int(restored.step) == 123 and data_state == {"position": 3}
+
+
+def test_checkpoint_with_an_old_layout_ema_teacher_is_refused_in_one_line_and_kept(tmp_path):
+  state = make_state()
+  checkpointer = checkpoint_lib.Checkpointer(tmp_path)
+  checkpointer.save(7, legacy_layout(state, {"ema": state.variables}), {})
+  before = snapshot(tmp_path)
+  new_state = state.replace(regularizer_state={"ema": state.variables})  # what an SGDrop run with a teacher needs
+  with pytest.raises(UserError, match=r"written before regularizers kept their own state.*retrain in a new "
+                     r"--workdir") as caught:
+    checkpointer.restore(abstract(new_state))
+  checkpointer.close()
+  assert "\n" not in str(caught.value)
+  assert snapshot(tmp_path) == before
+
+
 def test_train_writes_checkpoint_config_metrics_events_and_summary(trained_workdir):
   names = {p.name for p in trained_workdir.iterdir()}
   assert {"checkpoints", "config.json", "metrics.jsonl", "summary.json"} <= names
@@ -209,18 +243,18 @@ def test_interrupted_run_resumes_the_same_run(tmp_path, capsys, monkeypatch):
   reference = tmp_path / "reference"
   assert run_cli(capsys, "train", "--workdir", reference, *args)[0] == 0
 
-  write = loop.MetricWriter.write
+  write = workdir_lib.MetricWriter.write
 
   def write_then_interrupt(self, step, record):
     write(self, step, record)
     raise KeyboardInterrupt
 
   workdir = tmp_path / "interrupted"
-  monkeypatch.setattr(loop.MetricWriter, "write", write_then_interrupt)
+  monkeypatch.setattr(workdir_lib.MetricWriter, "write", write_then_interrupt)
   code, _, err = run_cli(capsys, "train", "--workdir", workdir, *args)
   assert code == 130 and "interrupted" in err and "Traceback" not in err
   assert len(read_metrics(workdir)) == 1
-  monkeypatch.setattr(loop.MetricWriter, "write", write)
+  monkeypatch.setattr(workdir_lib.MetricWriter, "write", write)
   code, out, err = run_cli(capsys, "train", "--workdir", workdir, *args)
   assert code == 0, err
   assert_same_run(workdir, reference)

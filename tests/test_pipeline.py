@@ -175,8 +175,11 @@ def test_normalize():
 
 def test_too_few_training_examples():
   with pytest.raises(UserError, match="training split of 'indexed' has 40 examples, fewer than "
-                     'batch_size=64; lower --config.batch_size'):
+                     'batch_size=64; set batch_size to at most 40') as caught:
     make_train_iterator(indexed_dataset(40), batch_size=64, seed=0, augment=False)
+  # the library names the setting; the CLI words it as the flag that sets it
+  assert caught.value.setting == "batch_size"
+  assert "set --config.batch_size to at most 40" in str(caught.value.as_flag())
 
 
 @pytest.mark.parametrize('batch_size, seed', [(0, 0), (8, -1)])

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from overfocus_jax.models import build_model, merge_batch_stats
+from overfocus_jax.train import experiment
 from overfocus_jax.train import state as state_lib
 
 from conftest import tiny_config
@@ -235,7 +236,7 @@ def test_identity_shortcut_adds_the_input():
 def test_many_stride_two_stages_on_8x8_images_give_1x1_maps():
   """SAME padding never empties a feature map: 8 -> 4 -> 2 -> 1 -> 1 -> 1, and the input check accepts it."""
   model = make_model(resnet__stage_widths=(8,) * 5, resnet__stage_sizes=(1,) * 5, resnet__stage_strides=(2,) * 5)
-  state_lib.check_input_shape(model, (8, 8, 1))
+  experiment.check_input_shape(model, (8, 8, 1))
   z, _ = jax.eval_shape(lambda key: model.encode(model.init(key, (8, 8, 1)), jnp.ones((2, 8, 8, 1))),
                         jax.random.PRNGKey(0))
   chex.assert_shape(z, (2, 1, 1, 8))

@@ -74,8 +74,10 @@ def test_one_and_eight_devices_train_the_same(runs):
 def test_batch_not_divisible_by_devices_is_a_user_error(runs):
   assert bool(runs["eight"]["rejects_12"])
   mesh = types.SimpleNamespace(devices=np.empty(8))  # check_batch_size needs only the device count
-  with pytest.raises(UserError, match=r"batch_size=12 does not divide evenly over 8 devices.*batch_size=8"):
+  with pytest.raises(UserError, match=r"batch_size=12 does not divide evenly over 8 devices.*multiple of 8, e\.g\. 8"
+                     ) as caught:
     parallel.check_batch_size(12, mesh)
+  assert "set --config.batch_size to a multiple of 8, e.g. 8" in str(caught.value.as_flag())
   with pytest.raises(UserError, match="eval_batch_size"):
     parallel.check_batch_size(250, mesh, "eval_batch_size")
   parallel.check_batch_size(16, mesh)

@@ -13,7 +13,8 @@ from overfocus_jax.data import pipeline
 from overfocus_jax.data.sources import load_dataset
 from overfocus_jax.models import build_model
 from overfocus_jax.train import state as state_lib
-from overfocus_jax.train.step import compose, cross_entropy, make_eval_step, make_train_step, no_regularizer
+from overfocus_jax.challenge import NONE, Regularizer, StepInfo, chain, stateless
+from overfocus_jax.train.step import cross_entropy, make_eval_step, make_train_step
 
 from conftest import tiny_config
 
@@ -104,8 +105,9 @@ def test_batch_stats_after_a_step_are_the_fresh_ones_of_both_halves(setup, jit_s
 # ----------------------------------------------------------------------------- regularizers
 
 
-def zero_z(classify_fn, z, labels, key, step_info):
-  del classify_fn, labels, key, step_info
+@stateless
+def zero_z(classify_fn, z, labels, key, info):
+  del classify_fn, labels, key, info
   return jnp.zeros_like(z), {"z_norm_in": jnp.sum(jnp.abs(z))}
 
 
@@ -143,14 +145,19 @@ def test_regularizer_gets_step_info_and_an_inference_mode_head(setup):
   _, model, schedule, tx, state, batch = setup
   state = state.replace(step=jnp.asarray(7, jnp.int32))
 
-  def probe(classify_fn, z, labels, key, step_info):
+  @stateless
+  def probe(classify_fn, z, labels, key, info):
     logits = classify_fn(z)
-    return z, {"epoch": step_info["epoch"], "seen_step": step_info["step"], "logit_sum": jnp.sum(logits),
-               "label_sum": jnp.sum(labels)}
+    z_again = info.encode(info.variables, info.images)  # the model in inference mode, at the step's variables
+    return z, {"epoch": info.epoch, "seen_step": info.step, "logit_sum": jnp.sum(logits),
+               "label_sum": jnp.sum(labels), "image_sum": jnp.sum(info.images),
+               "z_gap": jnp.max(jnp.abs(z_again - model.encode(state.variables, batch["image"])[0]))}
 
   _, metrics = jax.jit(make_train_step(model, tx, schedule=schedule, regularizer=probe, steps_per_epoch=3))(
       state, batch)
   assert int(metrics["epoch"]) == 2 and int(metrics["seen_step"]) == 7
+  np.testing.assert_allclose(metrics["image_sum"], jnp.sum(batch["image"]), rtol=1e-5)
+  assert float(metrics["z_gap"]) < 1e-4
   assert int(metrics["label_sum"]) == int(np.sum(batch["label"]))
   # classify_fn is the head at the current variables in inference mode (running statistics), on the train-mode z.
   z, _ = model.encode(state.variables, batch["image"], train=True)
@@ -160,27 +167,51 @@ def test_regularizer_gets_step_info_and_an_inference_mode_head(setup):
   assert not np.isclose(train_mode, expected, rtol=1e-4)
 
 
-def test_compose_applies_in_order_and_merges_metrics():
-  def double(classify_fn, z, labels, key, step_info):
-    return 2 * z, {"first": jnp.sum(classify_fn(z)), "shared": 1.0, "key1": key, "step1": step_info["step"]}
+def test_chain_applies_in_order_and_merges_metrics_and_states():
+  def double(classify_fn, z, labels, key, info):
+    return 2 * z, {"first": jnp.sum(classify_fn(z)), "shared": 1.0, "key1": key, "step1": info.step}
 
-  def add_one(classify_fn, z, labels, key, step_info):
-    return z + 1, {"second": jnp.sum(z), "shared": 2.0, "key2": key, "labels": jnp.sum(labels)}
+  def count_calls(state, classify_fn, z, labels, key, info):  # a stateful regularizer: counts its calls
+    return z + 1, state + 1, {"second": jnp.sum(z), "shared": 2.0, "key2": key, "labels": jnp.sum(labels)}
 
+  add_one = Regularizer(init=lambda variables: jnp.zeros((), jnp.int32), apply=count_calls)
   classify_fn = lambda z: jnp.mean(z, axis=(1, 2)) * 10
   z = jnp.ones((2, 2, 2, 3))
-  out, metrics = compose(double, add_one)(classify_fn, z, jnp.array([1, 4]), jax.random.PRNGKey(0), {"step": 5})
+  chained = chain(stateless(double), add_one)
+  states = chained.init({})
+  assert len(states) == 2 and states[0] == () and int(states[1]) == 0
+  out, states, metrics = chained.apply(states, classify_fn, z, jnp.array([1, 4]), jax.random.PRNGKey(0),
+                                       StepInfo(step=5))
   np.testing.assert_array_equal(out, 3.0)  # (1 * 2) + 1; the other order would give 4
+  assert int(states[1]) == 1                  # each regularizer's state is its own
   assert set(metrics) == {"first", "second", "shared", "key1", "key2", "step1", "labels"}
   assert float(metrics["first"]) == 60.0     # classify_fn of the original z
   assert float(metrics["second"]) == 48.0    # the second sees the first's output
   assert metrics["shared"] == 2.0            # later regularizers win on clashing names
   assert int(metrics["step1"]) == 5 and int(metrics["labels"]) == 5
   assert not np.array_equal(metrics["key1"], metrics["key2"])  # independent randomness
-  swapped, _ = compose(add_one, double)(classify_fn, z, jnp.array([1, 4]), jax.random.PRNGKey(0), {"step": 5})
+  swapped, _, _ = chain(add_one, stateless(double)).apply((0, ()), classify_fn, z, jnp.array([1, 4]),
+                                                          jax.random.PRNGKey(0), StepInfo(step=5))
   np.testing.assert_array_equal(swapped, 4.0)
-  identity, empty = no_regularizer(classify_fn, z, None, None, {})
-  assert identity is z and empty == {}
+  identity, state, empty = NONE.apply(NONE.init({}), classify_fn, z, None, None, StepInfo())
+  assert identity is z and state == () and empty == {}
+
+
+def test_regularizer_state_is_carried_from_step_to_step(setup):
+  """A user's stateful regularizer: the step stores its new state in the train state and hands it back next step."""
+  _, model, schedule, tx, _, batch = setup
+
+  def apply(state, classify_fn, z, labels, key, info):
+    return z, {"calls": state["calls"] + 1, "z_sum": state["z_sum"] + jnp.sum(z)}, {"calls": state["calls"]}
+
+  counter = Regularizer(init=lambda variables: {"calls": jnp.zeros((), jnp.int32), "z_sum": jnp.zeros(())},
+                        apply=apply)
+  state = state_lib.create_train_state(model, tx, seed=0, input_shape=(8, 8, 1), regularizer=counter)
+  train_step = jax.jit(make_train_step(model, tx, schedule=schedule, regularizer=counter))
+  for expected_calls in range(3):
+    state, metrics = train_step(state, batch)
+    assert int(metrics["calls"]) == expected_calls
+  assert int(state.regularizer_state["calls"]) == 3 and float(state.regularizer_state["z_sum"]) != 0
 
 
 # ----------------------------------------------------------------------------- losses

@@ -1,40 +1,47 @@
-"""Regularizers that challenge the classifier on its latent map ``z`` (see ``overfocus_jax.train.step``).
+"""Regularizers that challenge the classifier on its latent map ``z`` (the interface: :mod:`.base`).
 
-:func:`build_challenge` maps ``config.regularizer`` to a pure function with the :data:`Regularizer` signature,
-the split point it works at, and the EMA teacher decay it needs (``None`` for none).
+:func:`build_regularizer` maps ``config.regularizer`` to a :class:`Regularizer`; :data:`NAMES` lists the names it
+knows, in one place (config validation reads it).
 """
 
-from typing import NamedTuple
+from typing import Callable
 
 import ml_collections
 
 from overfocus_jax.challenge import rsc, sgdrop  # the modules: rsc.rsc, rsc.rsc_domainbed, sgdrop.sgdrop
-from overfocus_jax.train.step import Regularizer, no_regularizer
+from overfocus_jax.challenge.base import NONE, Regularizer, StepInfo, chain, stateless
 
-NAMES = ("none", "sgdrop", "rsc", "rsc_domainbed")
-
-
-class Challenge(NamedTuple):
-  regularizer: Regularizer
-  split: str = "latent"                   # "latent" (feature map) or "pooled" (feature vector)
-  teacher_ema_decay: float | None = None  # an EMA teacher for the attribution, when set
+__all__ = ["NAMES", "NONE", "Regularizer", "StepInfo", "build_regularizer", "chain", "rsc", "sgdrop", "stateless"]
 
 
-def build_challenge(config: ml_collections.ConfigDict) -> Challenge:
-  name, reg = config.regularizer.name, config.regularizer
-  if name == "none":
-    return Challenge(no_regularizer)
-  if name == "sgdrop":
-    c = reg.sgdrop
-    return Challenge(sgdrop.sgdrop(rate=c.rate, granularity=c.granularity, target=c.target, rescale=c.rescale,
-                                   batch_fraction=c.batch_fraction),
-                     teacher_ema_decay=c.ema_decay if c.ema_decay > 0 else None)
-  if name == "rsc":
-    c = reg.rsc
-    return Challenge(rsc.rsc(spatial_fraction=c.spatial_fraction, channel_fraction=c.channel_fraction,
-                             spatial_probability=c.spatial_probability,
-                             batch_percent=None if c.batch_percent < 0 else c.batch_percent))
-  if name == "rsc_domainbed":
-    c = reg.rsc_domainbed
-    return Challenge(rsc.rsc_domainbed(feature_drop=c.feature_drop, batch_drop=c.batch_drop), split="pooled")
-  raise ValueError(f"unknown regularizer {name=}; use one of {NAMES}")  # config.validate() rejects it first
+def _sgdrop(group: ml_collections.ConfigDict) -> Regularizer:
+  return sgdrop.sgdrop(rate=group.rate, granularity=group.granularity, target=group.target, rescale=group.rescale,
+                       batch_fraction=group.batch_fraction, ema_decay=group.ema_decay if group.ema_decay > 0 else None)
+
+
+def _rsc(group: ml_collections.ConfigDict) -> Regularizer:
+  return rsc.rsc(spatial_fraction=group.spatial_fraction, channel_fraction=group.channel_fraction,
+                 spatial_probability=group.spatial_probability,
+                 batch_percent=None if group.batch_percent < 0 else group.batch_percent)
+
+
+def _rsc_domainbed(group: ml_collections.ConfigDict) -> Regularizer:
+  return rsc.rsc_domainbed(feature_drop=group.feature_drop, batch_drop=group.batch_drop)
+
+
+# name -> builder from the name's own config group (config.regularizer.<name>); "none" has no group.
+BUILDERS: dict[str, Callable[[ml_collections.ConfigDict], Regularizer]] = {
+    "none": lambda group: NONE,
+    "sgdrop": _sgdrop,
+    "rsc": _rsc,
+    "rsc_domainbed": _rsc_domainbed,
+}
+NAMES = tuple(BUILDERS)
+
+
+def build_regularizer(config: ml_collections.ConfigDict) -> Regularizer:
+  """The regularizer ``config.regularizer.name`` names, with the parameters of its group."""
+  name = config.regularizer.name
+  if name not in BUILDERS:
+    raise ValueError(f"unknown regularizer {name=}; use one of {NAMES}")
+  return BUILDERS[name](config.regularizer.get(name))

@@ -8,8 +8,9 @@ For a head :math:`\psi` and a latent map :math:`z = \phi(x)`, with :math:`c` the
     A(z, c) = \operatorname{ReLU}\!\big(G(z, c) \odot z\big)
 
 (the saliency of Bertoin et al. 2024, arXiv 2409.17370, Fig. 2). All per-sample gradients come from one
-``jax.vjp`` of :math:`\sum_b \psi_{c_b}(z_b)`: the head runs in inference mode, so samples do not interact and
-the gradient of the sum is the stack of per-sample gradients.
+``jax.vjp`` of :math:`\sum_b f_{c_b}(x_b)` (:func:`class_score_vjp`): the function runs in inference mode, so
+samples do not interact and the gradient of the sum is the stack of per-sample gradients. The input-space methods
+of :mod:`overfocus_jax.explain` use the same function with the whole network as ``f``.
 """
 
 from typing import Callable
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 ClassifyFn = Callable[[jax.Array], jax.Array]
+TARGETS = ("true", "predicted")
 
 
 def target_classes(logits: jax.Array, labels: jax.Array, target: str) -> jax.Array:
@@ -26,7 +28,21 @@ def target_classes(logits: jax.Array, labels: jax.Array, target: str) -> jax.Arr
     return labels
   if target == "predicted":
     return jnp.argmax(logits, axis=-1)
-  raise ValueError(f"unknown attribution target {target=}; use 'true' or 'predicted'")
+  raise ValueError(f"unknown attribution target {target=}; use one of {TARGETS}")
+
+
+def class_score_vjp(fn: Callable, x: jax.Array, choose_classes: Callable[[jax.Array], jax.Array], *,
+                    has_aux: bool = False):
+  """``(logits, ∂ Σ_b fn(x)_{b, c_b} / ∂x)`` (and ``aux`` when ``has_aux``), with ``c = choose_classes(logits)``.
+
+  One forward and one backward pass: the cotangent is the one-hot of the chosen classes.
+  """
+  if has_aux:
+    logits, vjp, aux = jax.vjp(fn, x, has_aux=True)
+  else:
+    logits, vjp = jax.vjp(fn, x)
+  (grad,) = vjp(jax.nn.one_hot(choose_classes(logits), logits.shape[-1], dtype=logits.dtype))
+  return (logits, grad, aux) if has_aux else (logits, grad)
 
 
 def class_score_gradient(classify_fn: ClassifyFn, z: jax.Array, labels: jax.Array,
@@ -35,10 +51,8 @@ def class_score_gradient(classify_fn: ClassifyFn, z: jax.Array, labels: jax.Arra
 
   Both are constants for the outer gradient of the train step (``z`` is stopped).
   """
-  z = jax.lax.stop_gradient(z)
-  logits, vjp = jax.vjp(classify_fn, z)
-  classes = target_classes(logits, labels, target)
-  (grad,) = vjp(jax.nn.one_hot(classes, logits.shape[-1], dtype=logits.dtype))
+  logits, grad = class_score_vjp(classify_fn, jax.lax.stop_gradient(z),
+                                 lambda logits: target_classes(logits, labels, target))
   return jax.lax.stop_gradient(logits), jax.lax.stop_gradient(grad)
 
 
@@ -47,3 +61,11 @@ def gradient_times_activation(classify_fn: ClassifyFn, z: jax.Array, labels: jax
   """:math:`A(z, c) = \\mathrm{ReLU}(\\partial\\psi_c/\\partial z \\odot z)`, same shape as ``z``."""
   _, grad = class_score_gradient(classify_fn, z, labels, target)
   return jax.nn.relu(grad * jax.lax.stop_gradient(z))
+
+
+def latent_attribution(model, variables: dict, x: jax.Array, labels: jax.Array,
+                       target: str = "true") -> tuple[jax.Array, jax.Array]:
+  """``(z, A(z, c))`` of a model with an ``encode``/``classify`` split, for a batch in inference mode."""
+  z, _ = model.encode(variables, x, train=False)
+  classify_fn = lambda latent: model.classify(variables, latent, train=False)[0]
+  return z, gradient_times_activation(classify_fn, z, labels, target)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 
 def drop_count(fraction: float, size: int) -> int:
-  """⌈fraction · size⌉, robust to float noise (0.3 · 10 is 3.0000000000000004 in binary)."""
+  """⌈fraction · size⌉, robust to float noise (0.28 · 25 is 7.000000000000001 in binary)."""
   if not 0 <= fraction < 1:
     raise ValueError(f"drop fraction must be in [0, 1), got {fraction=}")
   return min(size, math.ceil(round(fraction * size, 9)))

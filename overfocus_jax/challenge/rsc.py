@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from overfocus_jax.challenge.attribution import class_score_gradient
+from overfocus_jax.challenge.base import Regularizer, stateless
 from overfocus_jax.challenge.masks import drop_count, dropped_fraction, top_k_drop_mask, top_k_select
 
 CHANGE_OFFSET = 1e-4  # the official code's margin before a drop in confidence counts
@@ -71,7 +72,7 @@ def most_challenged(p_before: jax.Array, p_after: jax.Array, percent: jax.Array)
 
 
 def rsc(*, spatial_fraction: float = 1 / 3, channel_fraction: float = 1 / 3.2, spatial_probability: float = 0.5,
-        batch_percent: float | None = None):
+        batch_percent: float | None = None) -> Regularizer:
   """The official RSC regularizer; ``batch_percent=None`` follows the epoch curriculum."""
   for name, value in (("spatial_fraction", spatial_fraction), ("channel_fraction", channel_fraction)):
     if not 0 <= value < 1:
@@ -81,7 +82,7 @@ def rsc(*, spatial_fraction: float = 1 / 3, channel_fraction: float = 1 / 3.2, s
   if batch_percent is not None and not 0 <= batch_percent < 1:
     raise ValueError(f"RSC batch_percent must be in [0, 1), got {batch_percent=}")
 
-  def regularizer(classify_fn, z, labels, key, step_info):
+  def regularizer(classify_fn, z, labels, key, info):
     if z.ndim != 4:
       raise ValueError(f"RSC needs a (B, H, W, C) latent map, got shape {z.shape}")
     logits, grad = class_score_gradient(classify_fn, z, labels)
@@ -89,7 +90,7 @@ def rsc(*, spatial_fraction: float = 1 / 3, channel_fraction: float = 1 / 3.2, s
     use_spatial = jax.random.bernoulli(key, spatial_probability)
     mask = jnp.where(use_spatial, spatial_mask(z_stopped, grad, spatial_fraction) * jnp.ones_like(z),
                      channel_mask(grad, channel_fraction) * jnp.ones_like(z))
-    percent = curriculum_percent(step_info["epoch"]) if batch_percent is None else batch_percent
+    percent = curriculum_percent(info.epoch) if batch_percent is None else batch_percent
     p_after = true_class_probability(classify_fn(z_stopped * mask), labels)
     keep = most_challenged(true_class_probability(logits, labels), p_after, percent)
     mask = jax.lax.stop_gradient(jnp.where(keep[:, None, None, None], mask, 1.0))
@@ -97,17 +98,17 @@ def rsc(*, spatial_fraction: float = 1 / 3, channel_fraction: float = 1 / 3.2, s
                "rsc_dropped_fraction": dropped_fraction(mask), "rsc_percent": jnp.asarray(percent, jnp.float32)}
     return z * mask, metrics
 
-  return regularizer
+  return stateless(regularizer)
 
 
-def rsc_domainbed(*, feature_drop: float = 1 / 3, batch_drop: float = 1 / 3):
-  """DomainBed's RSC on the pooled feature vector (use the train step's ``split="pooled"``)."""
+def rsc_domainbed(*, feature_drop: float = 1 / 3, batch_drop: float = 1 / 3) -> Regularizer:
+  """DomainBed's RSC on the pooled feature vector (the model is split at ``"pooled"``)."""
   for name, value in (("feature_drop", feature_drop), ("batch_drop", batch_drop)):
     if not 0 <= value < 1:
       raise ValueError(f"RSC-DomainBed {name} must be in [0, 1), got {value=}")
 
-  def regularizer(classify_fn, features, labels, key, step_info):
-    del key, step_info
+  def regularizer(classify_fn, features, labels, key, info):
+    del key, info
     if features.ndim != 2:
       raise ValueError(f"rsc_domainbed works on pooled (B, D) features, got shape {features.shape}")
     logits, grad = class_score_gradient(classify_fn, features, labels)
@@ -119,4 +120,4 @@ def rsc_domainbed(*, feature_drop: float = 1 / 3, batch_drop: float = 1 / 3):
     metrics = {"rsc_batch_masked_fraction": jnp.mean(muted), "rsc_dropped_fraction": dropped_fraction(mask)}
     return features * mask, metrics
 
-  return regularizer
+  return stateless(regularizer, split="pooled")

@@ -12,20 +12,26 @@ Regularization Approach", 2024, https://arxiv.org/abs/2409.17370 (Fig. 2).
 
 with :math:`q_\rho` the upper :math:`\rho`-quantile per sample: exactly :math:`\lceil \rho N \rceil` of the
 :math:`N` units are dropped (:mod:`overfocus_jax.challenge.masks`). Units are single elements of ``z``, spatial
-positions (attribution summed over channels) or channels (summed over positions). In the paper the attribution
-comes from an EMA copy :math:`(\phi', \psi')` of the network, :math:`A_{\psi'}(\phi'(x), c)`, and the mask
-multiplies the online :math:`z`; the train step provides that teacher in ``step_info["teacher"]`` when
-``ema_decay > 0``. Without it the online head and ``z`` are used. No gradient flows through ``M``.
+positions (attribution summed over channels) or channels (summed over positions). No gradient flows through
+``M``.
+
+In the paper the attribution comes from an EMA copy :math:`(\phi', \psi')` of the network,
+:math:`A_{\psi'}(\phi'(x), c)`, and the mask multiplies the online :math:`z`. With ``ema_decay=d`` that teacher is
+SGDrop's own state: ``init`` copies the initial variables, and each step first moves it toward the online
+variables :math:`\theta_t` the step starts from, :math:`\theta' \leftarrow d\,\theta' + (1 - d)\,\theta_t`
+(parameters and batch statistics, ``optax.incremental_update``), then attributes with it. Without a decay the
+online head and ``z`` are used and the state is empty.
 """
 
 import jax
 import jax.numpy as jnp
+import optax
 
-from overfocus_jax.challenge.attribution import gradient_times_activation
+from overfocus_jax.challenge.attribution import TARGETS, gradient_times_activation
+from overfocus_jax.challenge.base import Regularizer, StepInfo
 from overfocus_jax.challenge.masks import drop_count, dropped_fraction, top_k_drop_mask, top_k_select
 
 GRANULARITIES = ("element", "spatial", "channel")
-TARGETS = ("true", "predicted")
 
 
 def saliency_mask(attribution: jax.Array, rate: float, granularity: str) -> jax.Array:
@@ -51,16 +57,28 @@ def choose_samples(key: jax.Array, batch: int, fraction: float) -> jax.Array:
   return top_k_select(jax.random.uniform(key, (batch,)), drop_count(fraction, batch))
 
 
+def init_teacher(variables):
+  """The EMA teacher's starting point: a copy of the model's variables."""
+  return {"ema": jax.tree.map(jnp.copy, variables)}
+
+
+def update_teacher(teacher_variables, online_variables, decay: float):
+  """θ' ← decay·θ' + (1 − decay)·θ, leaf by leaf (parameters and batch statistics)."""
+  return optax.incremental_update(online_variables, teacher_variables, step_size=1.0 - decay)
+
+
 def sgdrop(*, rate: float = 0.1, granularity: str = "element", target: str = "true", rescale: bool = False,
-           batch_fraction: float = 1.0):
-  """The SGDrop regularizer (see the module docstring) with the train step's regularizer signature.
+           batch_fraction: float = 1.0, ema_decay: float | None = None) -> Regularizer:
+  """The SGDrop regularizer (see the module docstring); ``ema_decay`` in (0, 1) attributes with an EMA teacher.
 
   Examples:
     >>> import jax, jax.numpy as jnp
     >>> w = jnp.arange(4.0)                                       # a linear head: logit_c = Σ z · w_c
     >>> classify_fn = lambda z: jnp.stack([-(z.reshape(1, -1) @ w), z.reshape(1, -1) @ w], -1)[..., 0]
     >>> z = jnp.ones((1, 1, 1, 4))
-    >>> z_masked, _ = sgdrop(rate=0.25)(classify_fn, z, jnp.array([1]), jax.random.PRNGKey(0), {})
+    >>> reg = sgdrop(rate=0.25)
+    >>> z_masked, state, metrics = reg.apply(reg.init({}), classify_fn, z, jnp.array([1]), jax.random.PRNGKey(0),
+    ...                                      StepInfo())
     >>> z_masked.ravel().tolist()                                 # the most salient unit (w = 3) is dropped
     [1.0, 1.0, 1.0, 0.0]
   """
@@ -72,18 +90,29 @@ def sgdrop(*, rate: float = 0.1, granularity: str = "element", target: str = "tr
     raise ValueError(f"unknown {target=}; use one of {TARGETS}")
   if not 0 < batch_fraction <= 1:
     raise ValueError(f"batch_fraction must be in (0, 1], got {batch_fraction=}")
+  if ema_decay is not None and not 0 < ema_decay < 1:
+    raise ValueError(f"SGDrop ema_decay must be in (0, 1) or None, got {ema_decay=}")
   scale = 1.0 / (1.0 - rate) if rescale else 1.0
 
-  def regularizer(classify_fn, z, labels, key, step_info):
-    teacher = step_info.get("teacher") if step_info else None
-    attr_classify, attr_z = (teacher["classify_fn"], teacher["z"]) if teacher else (classify_fn, z)
-    attribution = gradient_times_activation(attr_classify, attr_z, labels, target)
+  def init(variables):
+    return init_teacher(variables) if ema_decay is not None else ()
+
+  def apply(state, classify_fn, z, labels, key, info: StepInfo):
+    if ema_decay is None:
+      attribution = gradient_times_activation(classify_fn, z, labels, target)
+    else:
+      if info.encode is None or info.classify is None or info.variables is None or info.images is None:
+        raise ValueError("SGDrop's EMA teacher needs the step's images, variables, encode and classify in info")
+      teacher = update_teacher(state["ema"], info.variables, ema_decay)
+      state = {"ema": teacher}
+      attribution = gradient_times_activation(lambda latent: info.classify(teacher, latent),
+                                              info.encode(teacher, info.images), labels, target)
     mask = saliency_mask(attribution, rate, granularity)
     chosen = choose_samples(key, z.shape[0], batch_fraction).reshape((-1,) + (1,) * (z.ndim - 1))
     multiplier = jnp.where(chosen, mask * scale, 1.0)
     dropped = jnp.where(chosen, mask, 1.0) * jnp.ones_like(z)
     metrics = {"sgdrop_dropped_fraction": dropped_fraction(dropped),
                "sgdrop_batch_fraction": jnp.mean(chosen.astype(jnp.float32))}
-    return z * jax.lax.stop_gradient(multiplier), metrics
+    return z * jax.lax.stop_gradient(multiplier), state, metrics
 
-  return regularizer
+  return Regularizer(init=init, apply=apply)

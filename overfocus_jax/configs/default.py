@@ -94,6 +94,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.step_decay_factor = 0.1
   config.label_smoothing = 0.0
 
+  # Numerics and platform.
+  config.dtype = "float32"          # float32 | bfloat16: activations and convolutions (parameters stay float32)
+  config.platform_tuning = "auto"   # auto: the measured CPU-only speed-ups on one CPU device | off: plain XLA
+                                    # (overfocus_jax/platform_tuning.py; same maths either way)
+
   # Bookkeeping.
   config.seed = 0
   config.keep_checkpoints = 3

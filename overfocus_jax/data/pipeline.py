@@ -14,7 +14,7 @@ import grain
 import numpy as np
 
 from overfocus_jax.data.sources import ArraySource, ImageDataset, Source
-from overfocus_jax.errors import UserError
+from overfocus_jax.errors import SettingError
 
 _PREFETCH_BATCHES = 8
 _MAX_READ_THREADS = 4
@@ -145,14 +145,12 @@ def _read_options() -> grain.ReadOptions:
 
 def _check_batch_size(batch_size: int) -> None:
   if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-    raise UserError(f'batch_size={batch_size!r} is not a positive integer',
-                    'set --config.batch_size to a positive integer')
+    raise SettingError('batch_size', f'batch_size={batch_size!r} is not a positive integer', 'a positive integer')
 
 
 def _check_seed(seed: int) -> None:
   if not isinstance(seed, (int, np.integer)) or seed < 0:
-    raise UserError(f'seed={seed!r} is not a non-negative integer',
-                    'set --config.seed to an integer >= 0')
+    raise SettingError('seed', f'seed={seed!r} is not a non-negative integer', 'an integer >= 0')
 
 
 def _check_train_size(dataset: ImageDataset, batch_size: int) -> None:
@@ -160,6 +158,6 @@ def _check_train_size(dataset: ImageDataset, batch_size: int) -> None:
   _check_batch_size(batch_size)
   count = len(dataset.train)
   if count < batch_size:
-    raise UserError(
-        f"training split of '{dataset.name}' has {count} examples, fewer than "
-        f'batch_size={batch_size}', 'lower --config.batch_size or provide training files')
+    raise SettingError(
+        'batch_size', f"training split of '{dataset.name}' has {count} examples, fewer than "
+        f'batch_size={batch_size}', f'at most {count}, or provide more training examples')

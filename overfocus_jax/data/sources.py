@@ -22,7 +22,7 @@ import zlib
 import numpy as np
 
 from overfocus_jax.data import shifts
-from overfocus_jax.errors import UserError
+from overfocus_jax.errors import SettingError, UserError
 
 DEFAULT_SPEC = 'mnist5k'
 VALID_SPECS = (
@@ -136,7 +136,7 @@ def load_dataset(spec: str, *, data_dir: str | None = None) -> ImageDataset:
   kind, separator, arg = spec.partition(':')
   if kind == 'mnist5k_shortcut':
     correlation = shifts.parse_correlation(spec, arg.strip())
-    return shifts.with_shortcut(_load_mnist5k('mnist5k'), correlation, name=spec)
+    return _with_shortcut(_load_mnist5k('mnist5k'), correlation, name=spec)
   if not separator or kind not in ('tfds', 'idx', 'npz'):
     raise UserError(f'unknown dataset {spec!r}', f'use one of {VALID_SPECS}')
   arg = arg.strip()
@@ -146,6 +146,13 @@ def load_dataset(spec: str, *, data_dir: str | None = None) -> ImageDataset:
     return _load_tfds(spec, arg, data_dir)
   path = os.path.expanduser(arg)
   return _load_idx(spec, path) if kind == 'idx' else _load_npz(spec, path)
+
+
+def _with_shortcut(dataset: ImageDataset, correlation: float, *, name: str) -> ImageDataset:
+  """``dataset`` with the shifts.py shortcut patch planted in its train and test images."""
+  train, test = shifts.stamp_shortcut(dataset.train.images, dataset.train.labels, dataset.test.images, correlation)
+  return dataclasses.replace(dataset, name=name, train=ArraySource(train, dataset.train.labels),
+                             test=ArraySource(test, dataset.test.labels))
 
 
 # ----------------------------------------------------------------------------- in-memory datasets
@@ -512,9 +519,8 @@ def _tfds_source(tfds, builder, spec, name, split, data_dir) -> TfdsSource:
   except NotImplementedError as e:  # raised when no random-access (array_record/parquet) files
     raise _tfds_unreadable(spec, builder) from e
   except (ValueError, OSError) as e:
-    raise UserError(f'dataset {spec!r}: TFDS cannot open split {split!r} ({_first_line(e)})',
-                    'pass --config.data_dir=DIR of a copy prepared with '
-                    '--file_format=array_record') from e
+    raise SettingError('data_dir', f'dataset {spec!r}: TFDS cannot open split {split!r} ({_first_line(e)})',
+                       'the directory of a copy prepared with --file_format=array_record') from e
   return TfdsSource(records)
 
 
@@ -523,10 +529,10 @@ def _tfds_unreadable(spec, builder) -> UserError:
   root = builder.data_dir_root
   command = f'tfds build {builder.name} --data_dir {root} --file_format=array_record'
   if not builder.is_prepared():
-    return UserError(
-        f'dataset {spec!r} is not prepared at {root}',
-        f'preparing needs network access and tensorflow: run `{command}` on a connected machine '
-        'and copy the directory here, or pass --config.data_dir=DIR of a prepared copy')
+    return SettingError(
+        'data_dir', f'dataset {spec!r} is not prepared at {root} (preparing needs network access and '
+        f'tensorflow: run `{command}` on a connected machine and copy the directory here)',
+        'the directory of a prepared copy')
   return UserError(
       f'dataset {spec!r} is prepared at {builder.data_dir} in a format without random access '
       '(tfrecord)', f'rebuild it with `{command}`')

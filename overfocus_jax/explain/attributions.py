@@ -24,7 +24,7 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from overfocus_jax.challenge.attribution import class_score_gradient, target_classes
+from overfocus_jax.challenge.attribution import class_score_gradient, class_score_vjp, target_classes
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 
@@ -36,17 +36,12 @@ def _classes_at(logits_fn: LogitsFn, x: jax.Array, labels: jax.Array, target: st
 
 def _class_gradient(logits_fn: LogitsFn, x: jax.Array, classes: jax.Array) -> jax.Array:
   """``∂f_c/∂x`` for fixed classes, from one vjp of the summed selected logits."""
-  logits, vjp = jax.vjp(logits_fn, x)
-  (grad,) = vjp(jax.nn.one_hot(classes, logits.shape[-1], dtype=logits.dtype))
-  return grad
+  return class_score_vjp(logits_fn, x, lambda logits: classes)[1]
 
 
 def input_gradient(logits_fn: LogitsFn, x: jax.Array, labels: jax.Array, target: str = "true") -> jax.Array:
   """Saliency :math:`\\partial f_c / \\partial x`, shape ``(B, H, W, C)``."""
-  logits, vjp = jax.vjp(logits_fn, x)
-  classes = target_classes(logits, labels, target)
-  (grad,) = vjp(jax.nn.one_hot(classes, logits.shape[-1], dtype=logits.dtype))
-  return grad
+  return class_score_vjp(logits_fn, x, lambda logits: target_classes(logits, labels, target))[1]
 
 
 def smoothgrad(logits_fn: LogitsFn, x: jax.Array, labels: jax.Array, key: jax.Array, *, samples: int = 16,

@@ -2,9 +2,9 @@ r"""The latent attribution :math:`A(z, c) = \mathrm{ReLU}(\partial\psi_c(z)/\par
 arXiv 2409.17370) as a measurement: how concentrated it is per image, and which channels carry it over a dataset.
 
 Concentration (logged every epoch on a fixed evaluation batch, so the paper's Fig. 1 can be drawn for any run):
-the mean over images of the attribution ratio, normalised entropy and Gini of :math:`A` at element level
-(:mod:`overfocus_jax.explain.metrics` defines them), and the attribution ratio of :math:`\sum_k A_{ijk}` over
-spatial positions.
+the mean over images of the attribution ratio, normalised entropy and Gini of :math:`A` at element level, and the
+attribution ratio of :math:`\sum_k A_{ijk}` over spatial positions — :func:`concentration`, defined with the
+measures in :mod:`overfocus_jax.challenge.concentration` because the train loop logs it.
 
 Feature usage over a dataset :math:`D` of latent maps :math:`z \in \mathbb{R}^{h \times w \times C}`:
 
@@ -22,26 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from overfocus_jax.challenge.attribution import gradient_times_activation
-from overfocus_jax.explain import metrics
+from overfocus_jax.challenge.attribution import latent_attribution
+from overfocus_jax.challenge.concentration import latent_concentration as concentration
 
-
-def latent_attribution(model, variables: dict, x: jax.Array, labels: jax.Array,
-                       target: str = "true") -> tuple[jax.Array, jax.Array]:
-  """``(z, A(z, c))`` for a batch, inference mode; both ``(B, h, w, C)``."""
-  z, _ = model.encode(variables, x, train=False)
-  classify_fn = lambda latent: model.classify(variables, latent, train=False)[0]
-  return z, gradient_times_activation(classify_fn, z, labels, target)
-
-
-def concentration(model, variables: dict, x: jax.Array, labels: jax.Array, share: float = 0.5) -> dict:
-  """Mean attribution ratio, normalised entropy and Gini of ``A(z, y)`` over the batch (scalars)."""
-  _, attribution = latent_attribution(model, variables, x, labels)
-  return {"attribution_ratio": jnp.mean(metrics.attribution_ratio(attribution, share)),
-          # The same at spatial positions (summed over channels): the share of the image the decision rests on.
-          "attribution_ratio_spatial": jnp.mean(metrics.attribution_ratio(attribution.sum(-1), share)),
-          "attribution_entropy": jnp.mean(metrics.normalised_entropy(attribution)),
-          "attribution_gini": jnp.mean(metrics.gini(attribution))}
+__all__ = ["channel_sums", "concentration", "latent_attribution", "usage_from_sums"]
 
 
 def channel_sums(model, variables: dict, x: jax.Array, labels: jax.Array, mask: jax.Array,

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from overfocus_jax.challenge.attribution import target_classes
+from overfocus_jax.challenge.attribution import class_score_vjp, target_classes
 
 # A batch size no model multiplies into its own batch axis by accident (focus models run K patches per image):
 # layers whose leading axis is not this size are not maps of the input images.
@@ -86,8 +86,7 @@ def layer_grad_cam(model, variables: dict, x: jax.Array, labels: jax.Array, laye
   forward = probed_forward(model, variables, layer)
   activation_shape = jax.eval_shape(lambda: forward(x, 0.0)[1]).shape
   zeros = jnp.zeros(activation_shape, jnp.float32)
-  logits, vjp, activation = jax.vjp(lambda delta: forward(x, delta), zeros, has_aux=True)
-  classes = target_classes(logits, labels, target)
-  (grad,) = vjp(jax.nn.one_hot(classes, logits.shape[-1], dtype=logits.dtype))
+  _, grad, activation = class_score_vjp(lambda delta: forward(x, delta), zeros,
+                                       lambda logits: target_classes(logits, labels, target), has_aux=True)
   weights = jnp.mean(grad, axis=(1, 2), keepdims=True)
   return jax.nn.relu(jnp.sum(weights * activation, axis=-1))

@@ -27,17 +27,18 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from overfocus_jax.challenge.attribution import target_classes
+from overfocus_jax.challenge.attribution import TARGETS, target_classes
 from overfocus_jax.data import pipeline
 from overfocus_jax.errors import UserError
 from overfocus_jax.explain import attributions, figures, latent, layers, metrics
 from overfocus_jax.models import patches
+from overfocus_jax.train import evaluation
+from overfocus_jax.train import workdir as workdir_lib
 
 METHODS = ("latent", "grad_cam", "input_gradient", "smoothgrad", "integrated_gradients")
 # Methods that read a feature map aligned with the image; the focus models' latent is one vector per patch.
 FEATURE_MAP_METHODS = ("latent", "grad_cam")
 DEFAULT_LAYER = "encoder"
-TARGETS = ("true", "predicted")
 IG_BASELINES = ("mean", "black")
 CHUNK = 64  # images per compiled batch
 DELETION_STEPS = 16
@@ -219,13 +220,6 @@ def feature_usage(run, source, count: int, target: str = "true") -> dict:
   return latent.usage_from_sums(jax.device_get(totals))
 
 
-def _read_metrics(workdir: pathlib.Path) -> list[dict]:
-  path = workdir / "metrics.jsonl"
-  if not path.is_file():
-    return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _label(run) -> str:
   reg = run.config.regularizer.name
   return f"{run.workdir.name} ({run.config.model}, {reg})"
@@ -263,22 +257,21 @@ def _model_figures(run, first, out: pathlib.Path, predictions) -> dict:
 def explain(workdir, *, dataset: str | None = None, out=None, compare=None, options: Options = Options(),
             progress: bool | None = None) -> dict:
   """Runs everything in the module docstring; returns (and writes to ``OUT/explain.json``) the summary."""
-  from overfocus_jax.train import loop  # the train loop imports explain.latent: import it late
   check_options(options)
-  run = loop.load_trained(workdir)
-  source, name = loop.evaluation_split(run, dataset)
+  run = workdir_lib.load_trained(workdir)
+  source, name = evaluation.evaluation_split(run.exp, dataset)
   model = run.exp.model
   methods = resolve_methods(options.methods, model)
   if "grad_cam" in methods:
     check_layer(options.layer, model, run.state.variables, run.exp.dataset.image_shape)
   try:
-    other = loop.load_trained(compare) if compare else None
+    other = workdir_lib.load_trained(compare) if compare else None
   except UserError as e:
     raise UserError(f"--compare: {e}") from None
   if other is not None and other.exp.dataset.image_shape != run.exp.dataset.image_shape:
     raise UserError(f"--compare run {str(other.workdir)!r} was trained on {other.exp.dataset.image_shape} images, "
                     f"this one on {run.exp.dataset.image_shape}", "compare two runs on the same data")
-  out = loop.prepare_workdir(out or run.workdir / "explain")
+  out = workdir_lib.prepare_workdir(out or run.workdir / "explain")
 
   results, shown, first, accuracy, count = measure_methods(run, source, methods, options, progress)
   predictions = _predictions(model, run.state.variables, first["image"])
@@ -286,12 +279,12 @@ def explain(workdir, *, dataset: str | None = None, out=None, compare=None, opti
   written = {"attributions": figures.map_overlays(out / "attributions.png", images, shown, first["label"],
                                                   predictions, title=f"{_label(run)} — target: {options.target}")}
   written.update(_model_figures(run, first, out, predictions))
-  runs = {_label(run): _read_metrics(run.workdir)}
+  runs = {_label(run): workdir_lib.read_metrics(run.workdir)}
   usage = {}
   if model.supports_split("latent"):
     usage[_label(run)] = feature_usage(run, source, count, options.target)
   if other is not None:
-    runs[_label(other)] = _read_metrics(other.workdir)
+    runs[_label(other)] = workdir_lib.read_metrics(other.workdir)
     if other.exp.model.supports_split("latent"):
       usage[_label(other)] = feature_usage(other, source, count, options.target)
   if any(runs.values()):

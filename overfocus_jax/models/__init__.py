@@ -17,18 +17,20 @@ Models that look at parts of the image say where, in inference mode, or return N
     maps = model.attention_maps(variables, x)   # attention: a tuple of (B, h, w) maps
     points = model.keypoints(variables, x)      # focus, corner: (B, K, 2) = (x, y) in [-1, 1], x the column
 
-:func:`check_model_fits` rejects, with one line, a config whose model cannot take the dataset's images.
+:func:`build_model` builds the model ``config.model`` names (:data:`MODELS`: the names, declared once here) with
+the convolution module and dtype it is given: ``conv`` is a flax ``ModuleDef`` (``nn.Conv`` or a partial of it,
+see :mod:`overfocus_jax.platform_tuning`), ``config.dtype`` (:data:`DTYPES`) the dtype of activations and
+convolutions; parameters are float32 either way.
 """
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from overfocus_jax.errors import UserError
 from overfocus_jax.models import attention, focus, resnet
 
 Variables = dict[str, Any]
@@ -107,74 +109,71 @@ def merge_batch_stats(old: Any, *updates: Variables) -> Any:
   return merged
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int, *, conv_general_dilated=None) -> Model:
-  """The model named by ``config.model``, sized from its config group.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
-  ``conv_general_dilated``: the convolution the residual CNNs use (None: ``lax.conv_general_dilated``); the
-  train loop passes :func:`overfocus_jax.models.conv.conv_general_dilated` on one CPU device. It changes how
-  fast the weight gradients are computed, not the model: parameters and results are the same (to float
-  rounding). Its custom VJP rules out forward-mode autodiff (``jax.jvp``, ``jacfwd``) through the model; build
-  the model without it for that.
+
+def _resnet(config, **common) -> nn.Module:
+  arch = config.resnet
+  return resnet.PreActResNet(
+      stem_features=arch.stem_features, stage_widths=tuple(arch.stage_widths), stage_sizes=tuple(arch.stage_sizes),
+      stage_strides=tuple(arch.stage_strides), stem_kernel=arch.stem_kernel, stem_strides=arch.stem_strides,
+      stem_pool=arch.stem_pool, **common)
+
+
+def _resnet18(config, **common) -> nn.Module:
+  # The CIFAR-style stem (3×3, stride 1, no pool) unless the resnet group asks for an ImageNet one.
+  arch = config.resnet
+  return resnet.ResNet18(stem_kernel=arch.stem_kernel, stem_strides=arch.stem_strides, stem_pool=arch.stem_pool,
+                         **common)
+
+
+def _attention(config, **common) -> nn.Module:
+  arch = config.attention
+  return attention.AttentionNet(
+      widths=tuple(arch.widths), pool_after=tuple(arch.pool_after), attention_layers=tuple(arch.attention_layers),
+      global_features=arch.global_features, compatibility=arch.compatibility, normalisation=arch.normalisation,
+      **common)
+
+
+def _patch_settings(config) -> dict:
+  group = config.focus
+  return dict(num_keypoints=group.num_keypoints, patch_size=group.patch_size, patch_scale=group.patch_scale,
+              patch_widths=tuple(group.patch_widths), feature_width=group.feature_width, hidden=group.hidden)
+
+
+def _focus(config, **common) -> nn.Module:
+  return focus.FocusNet(keypoint_widths=tuple(config.focus.keypoint_widths),
+                        keypoint_grad_scale=config.focus.keypoint_grad_scale, **_patch_settings(config), **common)
+
+
+def _corner(config, **common) -> nn.Module:
+  harris = config.corner
+  return focus.CornerNet(harris_k=harris.harris_k, sigma=harris.sigma, nms_radius=harris.nms_radius,
+                         border=harris.border, **_patch_settings(config), **common)
+
+
+# name -> builder(config, num_classes=, dtype=, conv=) reading the model's own config group(s)
+BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "resnet": _resnet, "resnet18": _resnet18, "attention": _attention, "focus": _focus, "corner": _corner,
+}
+MODELS = tuple(BUILDERS)
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int, *, conv: Any = nn.Conv) -> Model:
+  """The model named by ``config.model``, sized from its config group, in ``config.dtype``.
+
+  ``conv``: the convolution module every convolution is built from (``nn.Conv``; the train loop passes
+  :func:`overfocus_jax.platform_tuning.conv_module`'s choice). It changes how fast gradients are computed, not
+  the model: parameters and results are the same (to float rounding).
   """
-  if config.model == "resnet":
-    arch = config.resnet
-    module = resnet.PreActResNet(
-        num_classes=num_classes, stem_features=arch.stem_features, stage_widths=tuple(arch.stage_widths),
-        stage_sizes=tuple(arch.stage_sizes), stage_strides=tuple(arch.stage_strides), stem_kernel=arch.stem_kernel,
-        stem_strides=arch.stem_strides, stem_pool=arch.stem_pool, conv_general_dilated=conv_general_dilated)
-  elif config.model == "resnet18":
-    # The CIFAR-style stem (3×3, stride 1, no pool) unless the resnet group asks for an ImageNet one.
-    arch = config.resnet
-    module = resnet.ResNet18(num_classes=num_classes, stem_kernel=arch.stem_kernel, stem_strides=arch.stem_strides,
-                             stem_pool=arch.stem_pool, conv_general_dilated=conv_general_dilated)
-  elif config.model == "attention":
-    arch = config.attention
-    module = attention.AttentionNet(
-        num_classes=num_classes, widths=tuple(arch.widths), pool_after=tuple(arch.pool_after),
-        attention_layers=tuple(arch.attention_layers), global_features=arch.global_features,
-        compatibility=arch.compatibility, normalisation=arch.normalisation)
-  elif config.model in ("focus", "corner"):
-    patch = dict(num_classes=num_classes, num_keypoints=config.focus.num_keypoints,
-                 patch_size=config.focus.patch_size, patch_scale=config.focus.patch_scale,
-                 patch_widths=tuple(config.focus.patch_widths), feature_width=config.focus.feature_width,
-                 hidden=config.focus.hidden)
-    if config.model == "focus":
-      module = focus.FocusNet(keypoint_widths=tuple(config.focus.keypoint_widths),
-                              keypoint_grad_scale=config.focus.keypoint_grad_scale, **patch)
-    else:
-      harris = config.corner
-      module = focus.CornerNet(harris_k=harris.harris_k, sigma=harris.sigma, nms_radius=harris.nms_radius,
-                               border=harris.border, **patch)
-  else:  # validate() rejects this earlier; kept for callers that skip it
-    raise ValueError(f"unknown model {config.model=}")
+  if config.model not in BUILDERS:  # validate() rejects this earlier; kept for callers that skip it
+    raise ValueError(f"unknown model {config.model=}; use one of {MODELS}")
+  if config.dtype not in DTYPES:
+    raise ValueError(f"unknown dtype {config.dtype=}; use one of {tuple(DTYPES)}")
+  module = BUILDERS[config.model](config, num_classes=num_classes, dtype=DTYPES[config.dtype], conv=conv)
   return Model(module=module, name=config.model)
 
 
-def check_model_fits(config: ml_collections.ConfigDict, image_shape: tuple[int, ...]) -> None:
-  """Raises :class:`UserError` when ``config.model`` cannot take (H, W, C) images, with the field to change.
-
-  Only these models have such limits: the attention backbone's unpadded pools, the focus models' patch size and
-  the corner detector's border. Call it once the dataset is known, before the model is initialised.
-  """
-  height, width = int(image_shape[0]), int(image_shape[1])
-  if config.model == "attention":
-    arch = config.attention
-    empty = attention.first_empty_layer(height, width, len(arch.widths), tuple(arch.pool_after))
-    if empty is not None:
-      raise UserError(f"{height}x{width} images are too small for the attention backbone: its 2x2 pools "
-                      f"(config.attention.pool_after={tuple(arch.pool_after)}) shrink them to nothing by layer {empty}",
-                      "remove pools from --config.attention.pool_after or use larger images")
-  if config.model in ("focus", "corner"):
-    size = config.focus.patch_size
-    if size > min(height, width):
-      raise UserError(f"config.focus.patch_size={size} is larger than the {height}x{width} images",
-                      f"set --config.focus.patch_size to at most {min(height, width)}")
-  if config.model == "corner":
-    k = config.focus.num_keypoints
-    if k > height * width:  # top-K over the pixels
-      raise UserError(f"config.focus.num_keypoints={k} asks for more corners than the {height}x{width} images have "
-                      "pixels", f"set --config.focus.num_keypoints to at most {height * width}")
-    border = config.corner.border
-    if 2 * border >= min(height, width):
-      raise UserError(f"config.corner.border={border} leaves no pixel of the {height}x{width} images to find corners "
-                      "in", f"set --config.corner.border below {(min(height, width) + 1) // 2}")
+def parameter_count(params: Any) -> int:
+  """The number of scalars in a parameter tree."""
+  return int(sum(leaf.size for leaf in jax.tree.leaves(params)))

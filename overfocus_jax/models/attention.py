@@ -36,6 +36,8 @@ import jax.numpy as jnp
 COMPATIBILITIES = ("pc", "dp")
 NORMALISATIONS = ("softmax", "sigmoid")
 
+ModuleDef = Any  # a flax module class or a functools.partial of one (flax's examples' convention)
+
 
 def feature_sizes(height: int, width: int, num_layers: int, pool_after: Sequence[int]) -> list[tuple[int, int]]:
   """Spatial sizes through the backbone: entry 0 is the input, entry s the size after layer s and its pool.
@@ -83,11 +85,13 @@ class ConvBNReLU(nn.Module):
 
   features: int
   dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.BatchNorm
 
   @nn.compact
   def __call__(self, x, train: bool):
-    x = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype, name="conv")(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name="bn")(x)
+    x = self.conv(self.features, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype, name="conv")(x)
+    x = self.norm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name="bn")(x)
     return nn.relu(x)
 
 
@@ -101,13 +105,15 @@ class AttentionEncoder(nn.Module):
   widths: Sequence[int]      # of layers 1..s_1 only
   pool_after: Sequence[int]
   dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.BatchNorm
 
   @nn.compact
   def __call__(self, x, train: bool):
     for layer, features in enumerate(self.widths, start=1):
       if layer > 1 and layer - 1 in self.pool_after:
         x = _max_pool(x)
-      x = ConvBNReLU(features, dtype=self.dtype, name=f"layer{layer}")(x, train)
+      x = ConvBNReLU(features, dtype=self.dtype, conv=self.conv, norm=self.norm, name=f"layer{layer}")(x, train)
     return x
 
 
@@ -122,6 +128,8 @@ class AttentionHead(nn.Module):
   compatibility: str = "pc"
   normalisation: str = "softmax"
   dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.BatchNorm
 
   @nn.compact
   def __call__(self, z, train: bool, return_maps: bool = False):
@@ -130,7 +138,8 @@ class AttentionHead(nn.Module):
     for layer in range(first + 1, len(self.widths) + 1):
       if layer - 1 in self.pool_after:
         x = _max_pool(x)
-      x = ConvBNReLU(self.widths[layer - 1], dtype=self.dtype, name=f"layer{layer}")(x, train)
+      x = ConvBNReLU(self.widths[layer - 1], dtype=self.dtype, conv=self.conv, norm=self.norm,
+                     name=f"layer{layer}")(x, train)
       if layer in self.attention_layers:
         locals_[layer] = x
     if len(self.widths) in self.pool_after:
@@ -140,7 +149,8 @@ class AttentionHead(nn.Module):
     for layer in self.attention_layers:
       local = locals_[layer]
       if local.shape[-1] != self.global_features:  # the paper's projector: l and g must share a width
-        local = nn.Conv(self.global_features, (1, 1), use_bias=False, dtype=self.dtype, name=f"project{layer}")(local)
+        local = self.conv(self.global_features, (1, 1), use_bias=False, dtype=self.dtype,
+                          name=f"project{layer}")(local)
       u = None
       if self.compatibility == "pc":
         u = self.param(f"compat{layer}", nn.initializers.lecun_normal(), (self.global_features, 1))[:, 0]
@@ -163,13 +173,16 @@ class AttentionNet(nn.Module):
   compatibility: str = "pc"
   normalisation: str = "softmax"
   dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.BatchNorm
 
   def setup(self):
     first = self.attention_layers[0]
-    self.encoder = AttentionEncoder(tuple(self.widths[:first]), tuple(self.pool_after), dtype=self.dtype)
+    self.encoder = AttentionEncoder(tuple(self.widths[:first]), tuple(self.pool_after), dtype=self.dtype,
+                                    conv=self.conv, norm=self.norm)
     self.head = AttentionHead(self.num_classes, tuple(self.widths), tuple(self.pool_after),
                               tuple(self.attention_layers), self.global_features, self.compatibility,
-                              self.normalisation, dtype=self.dtype)
+                              self.normalisation, dtype=self.dtype, conv=self.conv, norm=self.norm)
 
   def _check_input(self, x):
     empty = first_empty_layer(x.shape[1], x.shape[2], len(self.widths), self.pool_after)

@@ -33,6 +33,10 @@ from overfocus_jax.models.patches import extract_patches, pixel_to_normalized
 
 # FocusNet's initial keypoint grid is shrunk by this factor, so that its patches start over the image's middle.
 GRID_SPREAD = 0.75
+MAX_HARRIS_WINDOW = 8  # the largest corner sigma and NMS radius: the smoothing window has radius ⌈3σ⌉ and NMS
+                       # compares (2r+1)² − 1 shifted copies of the response, so both stay small when compiled
+
+ModuleDef = Any  # a flax module class or a functools.partial of one (flax's examples' convention)
 
 
 # ----------------------------------------------------------------------------- Harris corners
@@ -158,13 +162,16 @@ class KeypointNet(nn.Module):
   bound: float = 1.0
   grad_scale: float = 1.0
   dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.BatchNorm
 
   @nn.compact
   def __call__(self, x, train: bool):
     for i, features in enumerate(self.widths):
-      x = nn.Conv(features, (3, 3), strides=2, padding="SAME", use_bias=False, dtype=self.dtype, name=f"conv{i + 1}")(x)
-      x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
-                               name=f"bn{i + 1}")(x))
+      x = self.conv(features, (3, 3), strides=2, padding="SAME", use_bias=False, dtype=self.dtype,
+                    name=f"conv{i + 1}")(x)
+      x = nn.relu(self.norm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
+                            name=f"bn{i + 1}")(x))
     # Flatten, not pool: where a feature lies is what the keypoints must follow.
     x = x.reshape(x.shape[0], -1)
     out = nn.Dense(2 * self.num_keypoints, kernel_init=nn.initializers.zeros,
@@ -187,6 +194,8 @@ class PatchEncoder(nn.Module):
   widths: Sequence[int] = (16, 32)
   feature_width: int = 64
   dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.BatchNorm
 
   @nn.compact
   def __call__(self, images, keypoints, train: bool):
@@ -194,9 +203,9 @@ class PatchEncoder(nn.Module):
     patches = extract_patches(images, keypoints.astype(images.dtype), self.patch_size, self.patch_scale)
     x = patches.reshape(batch * k, *patches.shape[2:])
     for i, features in enumerate(self.widths):
-      x = nn.Conv(features, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype, name=f"conv{i + 1}")(x)
-      x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
-                               name=f"bn{i + 1}")(x))
+      x = self.conv(features, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype, name=f"conv{i + 1}")(x)
+      x = nn.relu(self.norm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
+                            name=f"bn{i + 1}")(x))
       x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")  # SAME: any patch size keeps ≥ 1 pixel
     x = nn.relu(nn.Dense(self.feature_width, dtype=self.dtype, name="feature")(jnp.mean(x, axis=(1, 2))))
     return x.reshape(batch, 1, k, self.feature_width)
@@ -232,13 +241,15 @@ class FocusEncoder(nn.Module):
   feature_width: int
   keypoint_grad_scale: float = 0.01
   dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.BatchNorm
 
   def setup(self):
     # Centres within ±(1 − scale): every patch stays inside the image (a patch of the whole image stays centred).
     self.locate = KeypointNet(self.num_keypoints, tuple(self.keypoint_widths), bound=max(1.0 - self.patch_scale, 0.0),
-                              grad_scale=self.keypoint_grad_scale, dtype=self.dtype)
+                              grad_scale=self.keypoint_grad_scale, dtype=self.dtype, conv=self.conv, norm=self.norm)
     self.patches = PatchEncoder(self.patch_size, self.patch_scale, tuple(self.patch_widths), self.feature_width,
-                                dtype=self.dtype)
+                                dtype=self.dtype, conv=self.conv, norm=self.norm)
 
   def keypoints(self, x, train: bool):
     return self.locate(x, train)
@@ -260,10 +271,12 @@ class CornerEncoder(nn.Module):
   nms_radius: int = 2
   border: int = 2
   dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.BatchNorm
 
   def setup(self):
     self.patches = PatchEncoder(self.patch_size, self.patch_scale, tuple(self.patch_widths), self.feature_width,
-                                dtype=self.dtype)
+                                dtype=self.dtype, conv=self.conv, norm=self.norm)
 
   def keypoints(self, x, train: bool):
     del train
@@ -288,6 +301,8 @@ class _PatchModel(nn.Module):
   feature_width: int = 64
   hidden: int = 128
   dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.BatchNorm
 
   def make_encoder(self) -> nn.Module:
     raise NotImplementedError
@@ -318,7 +333,8 @@ class FocusNet(_PatchModel):
 
   def make_encoder(self):
     return FocusEncoder(self.num_keypoints, self.patch_size, self.patch_scale, tuple(self.keypoint_widths),
-                        tuple(self.patch_widths), self.feature_width, self.keypoint_grad_scale, dtype=self.dtype)
+                        tuple(self.patch_widths), self.feature_width, self.keypoint_grad_scale, dtype=self.dtype,
+                        conv=self.conv, norm=self.norm)
 
 
 class CornerNet(_PatchModel):
@@ -332,4 +348,4 @@ class CornerNet(_PatchModel):
   def make_encoder(self):
     return CornerEncoder(self.num_keypoints, self.patch_size, self.patch_scale, tuple(self.patch_widths),
                          self.feature_width, self.harris_k, self.sigma, self.nms_radius, self.border,
-                         dtype=self.dtype)
+                         dtype=self.dtype, conv=self.conv, norm=self.norm)

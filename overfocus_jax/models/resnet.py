@@ -22,7 +22,8 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-ModuleDef = Any
+ModuleDef = Any  # a flax module class or a functools.partial of one (flax's examples' convention)
+STEM_POOLS = ("none", "max", "avg")
 
 
 class PreActBlock(nn.Module):
@@ -56,18 +57,15 @@ class Encoder(nn.Module):
   stage_strides: Sequence[int]
   stem_kernel: int = 3
   stem_strides: int = 1
-  stem_pool: str = "none"  # "none" | "max" | "avg": a 3×3 stride-2 pool after the stem (ImageNet style)
+  stem_pool: str = "none"  # one of STEM_POOLS: a 3×3 stride-2 pool after the stem (ImageNet style) or none
   dtype: Any = jnp.float32
-  # The convolution function (lax.conv_general_dilated's signature); None: lax's. The train loop passes
-  # models.conv.conv_general_dilated on one CPU device: same numbers, a faster weight gradient there (reverse-mode
-  # autodiff only: it is a custom VJP).
-  conv_general_dilated: Callable | None = None
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.BatchNorm
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = functools.partial(nn.Conv, use_bias=False, padding="SAME", dtype=self.dtype,
-                             conv_general_dilated=self.conv_general_dilated)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
+    conv = functools.partial(self.conv, use_bias=False, padding="SAME", dtype=self.dtype)
+    norm = functools.partial(self.norm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
                              dtype=self.dtype)
     x = conv(self.stem_features, (self.stem_kernel,) * 2, strides=self.stem_strides, name="stem")(x)
     if self.stem_pool == "max":
@@ -86,9 +84,10 @@ class Head(nn.Module):
 
   num_classes: int
   dtype: Any = jnp.float32
+  norm: ModuleDef = nn.BatchNorm
 
   def setup(self):
-    self.bn = nn.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=self.dtype)
+    self.bn = self.norm(momentum=0.9, epsilon=1e-5, dtype=self.dtype)
     self.dense = nn.Dense(self.num_classes, dtype=self.dtype)
 
   def pool(self, z, train: bool):
@@ -113,14 +112,14 @@ class PreActResNet(nn.Module):
   stem_strides: int = 1
   stem_pool: str = "none"
   dtype: Any = jnp.float32
-  conv_general_dilated: Callable | None = None  # see Encoder
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.BatchNorm
 
   def setup(self):
     self.encoder = Encoder(self.stem_features, self.stage_widths, self.stage_sizes, self.stage_strides,
                            stem_kernel=self.stem_kernel, stem_strides=self.stem_strides,
-                           stem_pool=self.stem_pool, dtype=self.dtype,
-                           conv_general_dilated=self.conv_general_dilated)
-    self.head = Head(self.num_classes, dtype=self.dtype)
+                           stem_pool=self.stem_pool, dtype=self.dtype, conv=self.conv, norm=self.norm)
+    self.head = Head(self.num_classes, dtype=self.dtype, norm=self.norm)
 
   def __call__(self, x, train: bool = False):
     return self.head(self.encoder(x, train), train)

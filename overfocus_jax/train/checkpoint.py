@@ -5,6 +5,7 @@ A checkpoint that cannot be read, or that belongs to another model, is reported 
 untouched on disk: nothing is overwritten until a restore has succeeded.
 """
 
+import dataclasses
 import pathlib
 from typing import Any
 
@@ -16,6 +17,9 @@ from absl import logging as absl_logging
 from overfocus_jax.errors import UserError
 
 STATE, DATA = "state", "data"
+# Before regularizers owned their state (the renovation), TrainState kept SGDrop's EMA teacher in a field "extra";
+# checkpoints without a teacher stored nothing there and restore unchanged.
+LEGACY_REGULARIZER_FIELD = "extra"
 
 
 class Checkpointer:
@@ -50,15 +54,29 @@ class Checkpointer:
     if step is None:
       raise UserError(f"no checkpoint in {self.directory}", "train first: overfocus train --workdir DIR")
     self._check_compatible(abstract_state, step)
+    legacy = self._is_legacy(step)
+    target = _legacy_layout(abstract_state) if legacy else abstract_state
     try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+      restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                                     data=ocp.args.JsonRestore()))
     except Exception as e:  # orbax/tensorstore raise many types for unreadable files: all mean "corrupt"
       raise UserError(f"checkpoint {self.directory / str(step)} is corrupt or unreadable "
                       f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})",
                       "restore it from a backup, or move it away to resume from an earlier step or start afresh") \
           from None
-    return restored[STATE], restored[DATA]
+    state = restored[STATE]
+    if legacy:  # an empty "extra" held nothing: the regularizer starts from its (equally empty) initial state
+      fields = {k: v for k, v in state.items() if k != LEGACY_REGULARIZER_FIELD}
+      state = dataclasses.replace(abstract_state, **fields)
+    return state, restored[DATA]
+
+  def _is_legacy(self, step: int) -> bool:
+    """Whether the checkpoint stores the train state in the layout from before regularizers owned their state."""
+    try:
+      metadata = self.manager.item_metadata(step)[STATE]
+    except Exception:  # unreadable metadata: the restore itself reports the corruption
+      return False
+    return hasattr(metadata, "keys") and LEGACY_REGULARIZER_FIELD in metadata.keys()
 
   def _check_compatible(self, abstract_state: Any, step: int) -> None:
     """Compares saved array shapes with the model's before restoring, for a clear message."""
@@ -69,6 +87,10 @@ class Checkpointer:
     if metadata is None:
       return
     saved = _shapes(metadata)
+    if any(key == LEGACY_REGULARIZER_FIELD or key.startswith(LEGACY_REGULARIZER_FIELD + "/") for key in saved):
+      raise UserError(f"checkpoint {self.directory / str(step)} was written before regularizers kept their own "
+                      "state (its SGDrop EMA teacher is stored in the old layout, which this version does not read)",
+                      "retrain in a new --workdir, or resume it with overfocus-jax 0.1.0")
     expected = _shapes(abstract_state)
     if saved and saved != expected:
       missing = sorted(set(expected) ^ set(saved))
@@ -87,6 +109,21 @@ def _shapes(tree: Any) -> dict[str, tuple]:
   # simple keys: a saved dataclass comes back as a dict, so ".params" and "['params']" must compare equal
   return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(getattr(leaf, "shape", np.shape(leaf)))
           for path, leaf in leaves}
+
+
+def _legacy_layout(abstract_state: Any) -> dict:
+  """The restore target for a checkpoint from before regularizers owned their state (see ``restore``)."""
+  if not dataclasses.is_dataclass(abstract_state) or not any(
+      f.name == "regularizer_state" for f in dataclasses.fields(abstract_state)):
+    raise UserError("this checkpoint stores a train state in an old layout, and the state to restore is not one",
+                    "restore it into a TrainState")
+  if jax.tree.leaves(abstract_state.regularizer_state):
+    raise UserError("the checkpoint was written before regularizers kept their own state, without one, and this "
+                    "config's regularizer needs state (an EMA teacher)", "resume it with the config it was started "
+                    "with, or retrain in a new --workdir")
+  fields = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)
+            if f.name != "regularizer_state"}
+  return {**fields, LEGACY_REGULARIZER_FIELD: {}}
 
 
 def abstract_like(tree: Any, sharding=None) -> Any:

@@ -8,8 +8,11 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from overfocus_jax.errors import UserError
+from overfocus_jax.challenge import NONE, Regularizer
 from overfocus_jax.models import Model
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("cosine", "step", "constant")
 
 
 @flax.struct.dataclass
@@ -19,7 +22,7 @@ class TrainState:
   batch_stats: Any
   opt_state: Any
   rng: jax.Array           # uint32[2]: split each step for the regularizer's random choices
-  extra: Any               # regularizer state (e.g. EMA variables); {} when it keeps none
+  regularizer_state: Any   # the regularizer's own state (regularizer.init; e.g. SGDrop's EMA teacher); () if none
 
   @property
   def variables(self) -> dict:
@@ -56,24 +59,13 @@ def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule) 
   raise ValueError(f"unknown optimizer {config.optimizer=}")
 
 
-def create_train_state(model: Model, tx: optax.GradientTransformation, *, seed: int,
-                       input_shape: tuple[int, ...], extra: Any = None) -> TrainState:
+def create_train_state(model: Model, tx: optax.GradientTransformation, *, seed: int, input_shape: tuple[int, ...],
+                       regularizer: Regularizer = NONE) -> TrainState:
+  """Fresh variables from ``seed``, the optimizer's and the regularizer's initial states, step 0."""
   init_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
   variables = model.init(init_key, input_shape)
   params = variables["params"]
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
-                    opt_state=tx.init(params), rng=train_key, extra={} if extra is None else extra)
-
-
-def check_input_shape(model: Model, input_shape: tuple[int, ...]) -> None:
-  """Fails clearly when the model cannot be built for these images (a backbone that needs larger inputs).
-
-  The residual CNNs use SAME padding, so any size of at least 1×1 works for them; empty dimensions are rejected
-  when the data is loaded.
-  """
-  try:
-    out = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), input_shape))
-  except (ValueError, TypeError) as e:
-    raise UserError(f"the {model.name} model cannot take {input_shape} images ({str(e).splitlines()[0]})",
-                    "use larger images or fewer stride-2 stages (--config.resnet.stage_strides)") from None
-  del out
+  batch_stats = variables.get("batch_stats", {})
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                    opt_state=tx.init(params), rng=train_key,
+                    regularizer_state=regularizer.init({"params": params, "batch_stats": batch_stats}))

@@ -1,31 +1,82 @@
-r"""A convolution whose weight gradient is the same sum taken over slices of the batch (faster on XLA:CPU).
+r"""Platform tuning: what makes the train step faster on one platform without changing its maths — one module,
+one switch (``config.platform_tuning``: ``auto`` | ``off``).
 
-For y = conv(x, W) with an NHWC input, an HWIO kernel, stride s and padding, the kernel gradient is a sum over
-the batch:
+``auto`` applies, on a one-device CPU mesh only, two measured changes (BENCHMARKS.md); ``off`` (and every other
+mesh: GPUs, TPUs, several devices) compiles plain XLA. Both keep the results equal to float rounding.
 
-    ∂L/∂W[i, j, c, o] = Σ_b Σ_{h,w} x_pad[b, s·h + i, s·w + j, c] · g[b, h, w, o],        g = ∂L/∂y
-                      = Σ_k  ∂L/∂W computed on the k-th slice of the batch alone
+1. **Compiler option.** jaxlib 0.10's CPU backend sends convolutions to YNNPACK, which runs them on one core;
+   Eigen's convolutions use every core and made the whole train step 1.8× faster on 2 cores
+   (``benchmarks/profile_cpu.py``). :data:`CPU_COMPILER_OPTIONS` keeps YNNPACK for reductions only, where it is the
+   faster one; jaxlibs that do not know the option compile without it. Not on several CPU devices: there Eigen's
+   convolutions share the intra-op thread pool with device threads that block in the all-reduce rendezvous, and
+   under load a device can miss XLA's collective deadline (seen in CI with 8 simulated devices on 2 cores).
 
-XLA's transpose rule computes it as one convolution whose window is the whole feature map and whose
-contraction runs over the batch. With jaxlib 0.10's CPU (Eigen) convolutions that one call is slow when the
-layer is narrow and its maps are large; summed over slices of 8 examples it is 1.2–1.8× faster there, and no
-faster, or slower, for the stem, for wide layers and on maps smaller than 14×14
-(``python benchmarks/weight_grad_slices.py``, table in BENCHMARKS.md). So :func:`conv_general_dilated` keeps
-XLA's forward pass and input gradient and only reorders that sum, in the layers where :func:`slice_count` says
-it pays. The results equal XLA's to float rounding.
+2. **Sliced weight gradients.** For y = conv(x, W) with an NHWC input, an HWIO kernel, stride s and padding, the
+   kernel gradient is a sum over the batch:
 
-It is meant for a one-device CPU mesh (``overfocus_jax.parallel.conv_for_mesh`` decides): on a GPU the weight
-gradient is one cuDNN call and slices would only add launches.
+       ∂L/∂W[i, j, c, o] = Σ_b Σ_{h,w} x_pad[b, s·h + i, s·w + j, c] · g[b, h, w, o],        g = ∂L/∂y
+                         = Σ_k  ∂L/∂W computed on the k-th slice of the batch alone
+
+   XLA's transpose rule computes it as one convolution whose window is the whole feature map and whose
+   contraction runs over the batch. With jaxlib 0.10's CPU (Eigen) convolutions that one call is slow when the
+   layer is narrow and its maps are large; summed over slices of 8 examples it is 1.2–1.8× faster there, and no
+   faster, or slower, for the stem, for wide layers and on maps smaller than 14×14 (measured per layer at commit
+   173b1d8, table in BENCHMARKS.md). :func:`sliced_conv_general_dilated` keeps XLA's forward pass and input
+   gradient and only reorders that sum, in the layers where :func:`slice_count` says it pays; :func:`conv_module`
+   hands the models an ``nn.Conv`` that uses it. It is a custom VJP: reverse-mode autodiff only (``grad``,
+   ``vjp``), no forward mode (``jvp``, ``jacfwd``) through a model built with it. On a GPU the weight gradient is
+   one cuDNN call, and slices would only add launches.
 """
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+MODES = ("auto", "off")
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+def applies(mesh, mode: str) -> bool:
+  """Whether ``mode`` tunes this mesh: ``auto`` on a one-device CPU mesh."""
+  if mode not in MODES:
+    raise ValueError(f"unknown platform tuning {mode=}; use one of {MODES}")
+  return mode == "auto" and mesh.devices.size == 1 and mesh.devices.flat[0].platform == "cpu"
+
+
+@functools.cache
+def _cpu_options_supported() -> bool:
+  """The option is experimental: probe it once, and compile without it where this jaxlib does not know it."""
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=CPU_COMPILER_OPTIONS)(jnp.ones((1,), jnp.float32))
+    return True
+  except Exception:  # pylint: disable=broad-except  # an unknown option fails compilation (INVALID_ARGUMENT)
+    return False
+
+
+def compiler_options(mesh, mode: str) -> dict | None:
+  """Per-``jax.jit`` XLA options for the mesh (``None``: XLA's defaults)."""
+  if applies(mesh, mode) and _cpu_options_supported():
+    return dict(CPU_COMPILER_OPTIONS)
+  return None
+
+
+def jit(fun, mesh, mode: str, **jit_kwargs):
+  """``jax.jit(fun, **jit_kwargs)`` with :func:`compiler_options` for the mesh."""
+  return jax.jit(fun, compiler_options=compiler_options(mesh, mode), **jit_kwargs)
+
+
+def conv_module(mesh, mode: str):
+  """The ``nn.Conv`` the models build their convolutions from on this mesh (a flax ``ModuleDef``)."""
+  if applies(mesh, mode):
+    return functools.partial(nn.Conv, conv_general_dilated=sliced_conv_general_dilated)
+  return nn.Conv
+
 NHWC = ("NHWC", "HWIO", "NHWC")
-# The rule below was read off benchmarks/weight_grad_slices.py on a 2-core Xeon (1-2 MiB of L2 cache per core).
+# The rule below was read off benchmarks/weight_grad_slices.py (commit 173b1d8) on a 2-core CPU with 1-2 MiB of L2
+# cache per core.
 EXAMPLES_PER_SLICE = 8        # the best slice size there (16 is close)
 MAX_SLICES = 32               # larger batches get larger slices, not more calls
 MIN_IN_FEATURES = 8           # a stem's weight gradient (1 or 3 input channels) is too small to gain
@@ -110,7 +161,7 @@ def _sliced_conv_bwd(strides, pads, slices, residuals, g):
 _sliced_conv.defvjp(_sliced_conv_fwd, _sliced_conv_bwd)
 
 
-def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+def sliced_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
                          preferred_element_type=None, out_sharding=None):
   """``lax.conv_general_dilated`` (flax's ``nn.Conv(conv_general_dilated=...)`` hook) with a sliced weight gradient.

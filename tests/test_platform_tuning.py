@@ -1,6 +1,9 @@
-"""models/conv.py: the sliced weight gradient is XLA's gradient summed in another order, used where it pays."""
+"""platform_tuning.py: one switch; on one CPU device the sliced weight gradient (XLA's gradient summed in another
+order, used where it pays) and the CPU compiler option change speed, not results. Meshes are built from CPU
+devices explicitly, so the suite passes whatever JAX's default backend is."""
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,8 +11,12 @@ import pytest
 from jax import lax
 
 from overfocus_jax import parallel
-from overfocus_jax.models import build_model, conv
+from overfocus_jax import platform_tuning
+from overfocus_jax import platform_tuning as conv  # the sliced convolution's functions
+from overfocus_jax.models import build_model
 from overfocus_jax.train import state as state_lib, step as step_lib
+
+CPU = jax.devices("cpu")
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -35,7 +42,7 @@ def _lax_conv(x, kernel, strides, padding):
 
 
 def _sliced_conv(x, kernel, strides, padding):
-  return conv.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=NHWC)
+  return conv.sliced_conv_general_dilated(x, kernel, strides, padding, dimension_numbers=NHWC)
 
 
 @pytest.mark.parametrize("kernel_size, strides, padding", [
@@ -67,7 +74,7 @@ def test_falls_back_to_lax_where_slicing_does_not_apply(batch, kwargs):
   x = jnp.ones((batch, 15, 15, 8), jnp.float32)
   kernel = jnp.ones((3, 3, 8 // kwargs.get("feature_group_count", 1), 8), jnp.float32)
   fn = lambda f: lambda x, k: jnp.sum(f(x, k, (1, 1), "SAME", dimension_numbers=NHWC, **kwargs))  # noqa: E731
-  ours = jax.make_jaxpr(jax.grad(fn(conv.conv_general_dilated), (0, 1)))(x, kernel)
+  ours = jax.make_jaxpr(jax.grad(fn(conv.sliced_conv_general_dilated), (0, 1)))(x, kernel)
   assert str(ours) == str(jax.make_jaxpr(jax.grad(fn(lax.conv_general_dilated), (0, 1)))(x, kernel))
 
 
@@ -79,21 +86,41 @@ def test_other_convolutions_are_lax_unchanged(shapes, numbers):
   x, kernel = (jnp.ones(shape, jnp.float32) for shape in shapes)
   spatial = len(shapes[0]) - 2
   fn = lambda f: lambda x, k: jnp.sum(f(x, k, (1,) * spatial, "SAME", dimension_numbers=numbers))  # noqa: E731
-  ours = jax.make_jaxpr(jax.grad(fn(conv.conv_general_dilated), (0, 1)))(x, kernel)
+  ours = jax.make_jaxpr(jax.grad(fn(conv.sliced_conv_general_dilated), (0, 1)))(x, kernel)
   assert str(ours) == str(jax.make_jaxpr(jax.grad(fn(lax.conv_general_dilated), (0, 1)))(x, kernel))
 
 
-def test_the_package_uses_it_on_one_cpu_device_only():
-  assert parallel.conv_for_mesh(parallel.make_mesh(jax.devices()[:1])) is conv.conv_general_dilated
-  two_entries = jax.sharding.Mesh(np.array(jax.devices() * 2), ("data",))  # takes the multi-device branch
-  assert parallel.conv_for_mesh(two_entries) is None
+def test_auto_tunes_one_cpu_device_only_and_off_never():
+  one_cpu = parallel.make_mesh(CPU[:1])
+  two_entries = jax.sharding.Mesh(np.array(CPU[:1] * 2), ("data",))  # takes the multi-device branch
+  tuned = platform_tuning.conv_module(one_cpu, "auto")
+  assert tuned.func is nn.Conv and tuned.keywords == {"conv_general_dilated": conv.sliced_conv_general_dilated}
+  for mesh, mode in ((one_cpu, "off"), (two_entries, "auto"), (two_entries, "off")):
+    assert platform_tuning.conv_module(mesh, mode) is nn.Conv
+    assert platform_tuning.compiler_options(mesh, mode) is None
+  with pytest.raises(ValueError, match="unknown platform tuning"):
+    platform_tuning.applies(one_cpu, "fast")
+
+
+def test_cpu_compiler_options_keep_the_step_the_same(tiny_model_setup):
+  mesh = parallel.make_mesh(CPU[:1])
+  options = platform_tuning.compiler_options(mesh, "auto")
+  # Either the option this jaxlib knows, or none where it does not: never anything else.
+  assert options in ({"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}, None)
+  _, model, tx, schedule, state, batch = tiny_model_setup
+  train_step = step_lib.make_train_step(model, tx, schedule=schedule)
+  cpu = jax.sharding.SingleDeviceSharding(CPU[0])
+  state, batch = jax.device_put((state, batch), cpu)
+  tuned = platform_tuning.jit(train_step, mesh, "auto")(state, batch)
+  plain = platform_tuning.jit(train_step, mesh, "off")(state, batch)
+  chex.assert_trees_all_close(tuned, plain, rtol=1e-5, atol=1e-6)
 
 
 def test_train_step_with_the_sliced_gradient_equals_xlas(tiny_model_setup):
   """Same parameters (so checkpoints move between the two), same step up to float rounding."""
   config, _, tx, schedule, _, _ = tiny_model_setup
   model = build_model(config, 10)
-  sliced = build_model(config, 10, conv_general_dilated=conv.conv_general_dilated)
+  sliced = build_model(config, 10, conv=platform_tuning.conv_module(parallel.make_mesh(CPU[:1]), "auto"))
   state = state_lib.create_train_state(model, tx, seed=0, input_shape=(16, 16, 1))
   rng = np.random.default_rng(0)
   batch = {"image": jnp.asarray(rng.normal(size=(16, 16, 16, 1)), jnp.float32),

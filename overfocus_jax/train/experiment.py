@@ -1,0 +1,101 @@
+"""Experiment assembly: everything a config builds before any step runs — data, mesh, model, optimizer, train
+state, regularizer — and the train and eval steps compiled for the mesh. Shared by train, eval, explain and bench.
+
+This is where a config meets the library: the platform tuning (``config.platform_tuning``) picks the models'
+convolution and the compiler options here, and nowhere else.
+"""
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import ml_collections
+
+from overfocus_jax import config as config_lib
+from overfocus_jax import parallel, platform_tuning
+from overfocus_jax.challenge import Regularizer, build_regularizer
+from overfocus_jax.data import pipeline
+from overfocus_jax.data.sources import ImageDataset, load_dataset
+from overfocus_jax.errors import UserError
+from overfocus_jax.models import Model, build_model
+from overfocus_jax.train import state as state_lib
+from overfocus_jax.train.step import make_eval_step, make_train_step
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Everything built from a config, before any step runs."""
+
+  config: ml_collections.ConfigDict
+  dataset: ImageDataset
+  model: Model
+  mesh: jax.sharding.Mesh
+  steps_per_epoch: int
+  schedule: Callable
+  tx: Any
+  state: state_lib.TrainState  # freshly initialised, replicated over the mesh
+  regularizer: Regularizer
+
+
+def build_experiment(config: ml_collections.ConfigDict, *, dataset: ImageDataset | None = None,
+                     mesh: jax.sharding.Mesh | None = None, regularizer: Regularizer | None = None) -> Experiment:
+  """Builds ``config``'s experiment; ``regularizer`` replaces the one the config names (e.g. your own)."""
+  dataset = dataset or load_dataset(config.dataset, data_dir=config.data_dir or None)
+  mesh = mesh or parallel.make_mesh()
+  parallel.check_batch_size(config.batch_size, mesh)
+  parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+  config_lib.check_fits_images(config, dataset.image_shape)  # the focus/attention models' own limits
+  model = build_model(config, dataset.num_classes, conv=platform_tuning.conv_module(mesh, config.platform_tuning))
+  check_input_shape(model, dataset.image_shape)
+  regularizer = regularizer or build_regularizer(config)
+  check_regularizer_fits(model, regularizer, config.regularizer.name)
+  steps = pipeline.steps_per_epoch(dataset, config.batch_size)
+  schedule = state_lib.make_schedule(config, steps)
+  tx = state_lib.make_optimizer(config, schedule)
+  state = state_lib.create_train_state(model, tx, seed=config.seed, input_shape=dataset.image_shape,
+                                       regularizer=regularizer)
+  return Experiment(config, dataset, model, mesh, steps, schedule, tx, parallel.replicate(state, mesh), regularizer)
+
+
+def check_input_shape(model: Model, input_shape: tuple[int, ...]) -> None:
+  """Fails clearly when the model cannot be built for these images (a backbone that needs larger inputs).
+
+  The residual CNNs use SAME padding, so any size of at least 1×1 works for them; empty dimensions are rejected
+  when the data is loaded.
+  """
+  try:
+    jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), input_shape))
+  except (ValueError, TypeError) as e:
+    raise UserError(f"the {model.name} model cannot take {input_shape} images ({str(e).splitlines()[0]})",
+                    "use larger images or fewer stride-2 stages (--config.resnet.stage_strides)") from None
+
+
+def check_regularizer_fits(model: Model, regularizer: Regularizer, name: str) -> None:
+  """A regularizer needs the model's encode/classify split at its level."""
+  if not model.supports_split(regularizer.split):
+    raise UserError(f"regularizer {name!r} needs a model with an encode/classify split at the {regularizer.split} "
+                    f"level, and {model.name!r} has none", "use --config.model=resnet or resnet18, or "
+                    "--config.regularizer.name=none")
+
+
+def jit(exp: Experiment, fun, **jit_kwargs):
+  """``jax.jit`` with the config's platform tuning for the experiment's mesh."""
+  return platform_tuning.jit(fun, exp.mesh, exp.config.platform_tuning, **jit_kwargs)
+
+
+def jit_train_step(exp: Experiment, regularizer: Regularizer | None = None):
+  """The train step compiled once for the mesh: state replicated, batch sharded, state buffers donated.
+
+  ``regularizer`` defaults to the experiment's; its state must have the structure of
+  ``exp.state.regularizer_state`` (build the experiment with it: ``build_experiment(config, regularizer=...)``).
+  """
+  step = make_train_step(exp.model, exp.tx, schedule=exp.schedule, regularizer=regularizer or exp.regularizer,
+                         label_smoothing=exp.config.label_smoothing, steps_per_epoch=exp.steps_per_epoch)
+  rep, data = parallel.replicated(exp.mesh), parallel.data_sharded(exp.mesh)
+  return jit(exp, step, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=0)
+
+
+def jit_eval_step(exp: Experiment):
+  """The eval step compiled once for the mesh: state replicated, batch sharded, sums replicated."""
+  rep, data = parallel.replicated(exp.mesh), parallel.data_sharded(exp.mesh)
+  return jit(exp, make_eval_step(exp.model), in_shardings=(rep, data), out_shardings=rep)

@@ -1,0 +1,116 @@
+"""A run's workdir: what ``overfocus train`` writes there and how a run is read back.
+
+    WORKDIR/checkpoints/     orbax (train state + data-iterator position), the last config.keep_checkpoints
+    WORKDIR/config.json      the validated config
+    WORKDIR/metrics.jsonl    one JSON object per epoch (:class:`MetricWriter`, :func:`read_metrics`)
+    WORKDIR/events.*         the same scalars as TensorBoard events
+    WORKDIR/summary.json     the run's summary, at the end
+"""
+
+import dataclasses
+import json
+import pathlib
+
+import ml_collections
+
+from overfocus_jax import config as config_lib
+from overfocus_jax import parallel
+from overfocus_jax.errors import UserError
+from overfocus_jax.train import checkpoint as checkpoint_lib
+from overfocus_jax.train.experiment import Experiment, build_experiment
+from overfocus_jax.train.state import TrainState
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def prepare_workdir(workdir: str | pathlib.Path) -> pathlib.Path:
+  """Creates ``workdir`` and proves it writable before any work starts."""
+  path = pathlib.Path(workdir).expanduser().resolve()
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / ".write_test"
+    probe.write_text("ok")
+    probe.unlink()
+  except OSError as e:
+    raise UserError(f"workdir {str(path)!r} is not writable ({e.strerror or type(e).__name__})",
+                    "pass a --workdir in a directory you can write to") from None
+  return path
+
+
+def saved_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
+  """The validated ``config.json`` of a run made by ``overfocus train``."""
+  path = workdir / "config.json"
+  if not path.is_file():
+    raise UserError(f"no config.json in {str(workdir)!r}", "pass the --workdir of a run made by 'overfocus train'")
+  try:
+    config = config_lib.config_from_json(path.read_text())
+  except (ValueError, OSError) as e:
+    raise UserError(f"{path} is unreadable ({e})", "restore it or retrain in a new --workdir") from None
+  config_lib.validate(config)
+  return config
+
+
+def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
+  """The per-epoch records of ``WORKDIR/metrics.jsonl`` in order (``[]`` when there is none yet)."""
+  path = pathlib.Path(workdir) / METRICS_FILE
+  if not path.is_file():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class MetricWriter:
+  """One JSON object per epoch in ``metrics.jsonl`` and the same scalars as TensorBoard events."""
+
+  def __init__(self, workdir: pathlib.Path):
+    from tensorboardX import SummaryWriter  # imported here: only training writes events
+    self.jsonl = workdir / METRICS_FILE
+    self.tensorboard = SummaryWriter(str(workdir))
+
+  def write(self, step: int, record: dict) -> None:
+    with self.jsonl.open("a") as f:
+      f.write(json.dumps(record) + "\n")
+    for name, value in record.items():
+      if isinstance(value, (int, float)) and name not in ("epoch", "step"):
+        self.tensorboard.add_scalar(name, value, step)
+    self.tensorboard.flush()
+
+  def close(self) -> None:
+    self.tensorboard.close()
+
+
+def restore_or_init(exp: Experiment, checkpointer: checkpoint_lib.Checkpointer, train_iter=None) -> TrainState:
+  """The latest checkpoint's state (and iterator position) if there is one, else the experiment's fresh state."""
+  if checkpointer.latest_step() is None:
+    return exp.state
+  abstract = checkpoint_lib.abstract_like(exp.state, parallel.replicated(exp.mesh))
+  state, data_state = checkpointer.restore(abstract)
+  if train_iter is not None:
+    train_iter.set_state(data_state)
+  return state
+
+
+@dataclasses.dataclass
+class TrainedRun:
+  """A finished (or interrupted) run read back from its workdir: its config, experiment and latest state."""
+
+  workdir: pathlib.Path
+  config: ml_collections.ConfigDict
+  exp: Experiment
+  state: TrainState
+  step: int
+
+
+def load_trained(workdir: str | pathlib.Path) -> TrainedRun:
+  """The latest checkpoint of ``workdir`` (read only); a clear error when there is none."""
+  workdir = pathlib.Path(workdir).expanduser().resolve()
+  config = saved_config(workdir)
+  exp = build_experiment(config)
+  checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
+  try:
+    step = checkpointer.latest_step()
+    if step is None:
+      raise UserError(f"no checkpoint in {workdir / 'checkpoints'}", "train first: overfocus train --workdir DIR")
+    state = restore_or_init(exp, checkpointer)
+  finally:
+    checkpointer.close()
+  return TrainedRun(workdir, config, exp, state, int(step))
