@@ -15,7 +15,7 @@ import ml_collections
 
 from overfocus_jax import challenge, models, platform_tuning
 from overfocus_jax.challenge.attribution import TARGETS
-from overfocus_jax.challenge.sgdrop import GRANULARITIES
+from overfocus_jax.challenge.sgdrop import GRANULARITIES, RULES
 from overfocus_jax.errors import UserError
 from overfocus_jax.models.attention import COMPATIBILITIES, NORMALISATIONS, first_empty_layer
 from overfocus_jax.models.focus import MAX_HARRIS_WINDOW
@@ -241,6 +241,13 @@ def _validate_regularizer(reg: ml_collections.ConfigDict) -> None:
   sgdrop, rsc, domainbed = reg.sgdrop, reg.rsc, reg.rsc_domainbed
   _require_fraction(sgdrop.rate, "regularizer.sgdrop.rate")
   _require_choice(sgdrop.granularity, GRANULARITIES, "regularizer.sgdrop.granularity")
+  _require_choice(sgdrop.rule, RULES, "regularizer.sgdrop.rule")
+  _require(isinstance(sgdrop.mass, (int, float)) and 0 < sgdrop.mass <= 1,
+           f"config.regularizer.sgdrop.mass={sgdrop.mass!r} must be in (0, 1]",
+           "set --config.regularizer.sgdrop.mass to a share of the attribution, e.g. 0.5")
+  if sgdrop.rule == "mass":
+    _require(0 < sgdrop.rate < 1, f"config.regularizer.sgdrop.rate={sgdrop.rate!r} must be in (0, 1) with the mass "
+             "rule (it caps the share of units dropped)", "set --config.regularizer.sgdrop.rate, e.g. 0.5")
   _require_choice(sgdrop.target, TARGETS, "regularizer.sgdrop.target")
   _require(0 < sgdrop.batch_fraction <= 1, f"config.regularizer.sgdrop.batch_fraction={sgdrop.batch_fraction!r} "
            "must be in (0, 1]", "set --config.regularizer.sgdrop.batch_fraction, e.g. 1.0")

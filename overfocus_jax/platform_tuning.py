@@ -68,9 +68,15 @@ def jit(fun, mesh, mode: str, **jit_kwargs):
   return jax.jit(fun, compiler_options=compiler_options(mesh, mode), **jit_kwargs)
 
 
-def conv_module(mesh, mode: str):
-  """The ``nn.Conv`` the models build their convolutions from on this mesh (a flax ``ModuleDef``)."""
-  if applies(mesh, mode):
+# The models whose layers the slicing rule was measured on. The focus model's keypoint CNN meets the rule too (8
+# channels on a 14×14 map) but its step ran 14% slower sliced (``overfocus bench --config
+# experiments/configs/focus.py --config.platform_tuning=auto|off``); attention gained nothing.
+SLICED_MODELS = ("resnet", "resnet18")
+
+
+def conv_module(mesh, mode: str, model: str = "resnet"):
+  """The ``nn.Conv`` that model ``model`` builds its convolutions from on this mesh (a flax ``ModuleDef``)."""
+  if applies(mesh, mode) and model in SLICED_MODELS:
     return functools.partial(nn.Conv, conv_general_dilated=sliced_conv_general_dilated)
   return nn.Conv
 

@@ -161,10 +161,45 @@ def test_sgdrop_predicted_target_attributes_the_argmax():
 
 
 @pytest.mark.parametrize("kwargs", [dict(rate=1.0), dict(rate=-0.1), dict(granularity="pixel"),
-                                    dict(target="other"), dict(batch_fraction=0.0)])
+                                    dict(target="other"), dict(batch_fraction=0.0), dict(rule="topk"),
+                                    dict(rule="mass", mass=0.0), dict(rule="mass", mass=1.2),
+                                    dict(rule="mass", rate=0.0)])
 def test_sgdrop_rejects_bad_arguments(kwargs):
   with pytest.raises(ValueError):
     sgdrop.sgdrop(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ the mass rule
+
+
+@pytest.mark.parametrize("share, cap, scores, dropped", [
+    # share m, cap c, one row of scores, and the indices dropped, worked out by hand (totals in the comments)
+    (0.5, 0.3, [0, 5, 3, 2, 0, 0, 0, 0, 0, 0], [1]),          # total 10: the 5 alone holds half
+    (0.5, 0.3, [4, 4, 1, 1, 0, 0, 0, 0, 0, 0], [0, 1]),       # 4 < 5, 4 + 4 ≥ 5: both 4s
+    (0.5, 0.3, [1] * 10, [0, 1, 2]),                          # uniform: half needs 5, the cap ⌈3⌉ stops at 3
+    (1.0, 0.5, [0, 5, 3, 2, 0, 0, 0, 0, 0, 0], [1, 2, 3]),    # all of it: every positive unit, no zero one
+    (0.5, 0.3, [0] * 10, []),                                 # no attribution: nothing to drop
+    (0.6, 0.3, [2, 0, 2, 0, 2, 0, 0, 0, 0, 0], [0, 2]),       # total 6: ties, lower index first; 2 + 2 ≥ 3.6
+    (0.5, 0.3, [-3, 2, 0, 2, 0, 0, 0, 0, 0, 0], [1]),         # negative scores count as 0: total 4, the first 2
+    (0.25, 0.1, [9, 8, 7, 6, 5, 4, 3, 2, 1, 0], [0]),         # total 45: a quarter needs 9 + 8, the cap ⌈1⌉ is 1
+])
+def test_mass_drop_mask_hand_built(share, cap, scores, dropped):
+  expected = np.ones((1, len(scores)), np.float32)
+  expected[0, dropped] = 0.0
+  np.testing.assert_array_equal(masks.mass_drop_mask(jnp.array([scores], jnp.float32), share, cap), expected)
+
+
+def test_mass_rule_in_sgdrop_follows_the_concentration_not_the_unit_count():
+  """One salient unit: the mass rule drops it alone; the quantile rule at the same ρ drops ⌈ρN⌉ units."""
+  weights = jnp.ones((8, 1))  # one class reading every channel
+  z = jnp.full((1, 1, 1, 8), 0.01).at[0, 0, 0, 3].set(10.0)  # channel 3 carries almost all the evidence
+  mass_out, metrics = apply_once(sgdrop.sgdrop(rule="mass", mass=0.5, rate=0.5), linear_pool_head(weights), z,
+                                 jnp.array([0]), jax.random.PRNGKey(0))
+  np.testing.assert_array_equal(np.flatnonzero(np.asarray(mass_out).ravel() == 0), [3])
+  assert float(metrics["sgdrop_dropped_fraction"]) == 1 / 8
+  quantile_out, _ = apply_once(sgdrop.sgdrop(rule="quantile", rate=0.5), linear_pool_head(weights), z,
+                               jnp.array([0]), jax.random.PRNGKey(0))
+  assert int(np.sum(np.asarray(quantile_out) == 0)) == 4
 
 
 # ------------------------------------------------------------------------------------------------ RSC
@@ -312,9 +347,51 @@ def test_regularizer_on_a_model_without_a_split_is_a_user_error():
     ("--config.regularizer.rsc_domainbed.feature_drop=1", "regularizer.rsc_domainbed.feature_drop"),
     ("--config.regularizer.sgdrop.granularity=pixels", "granularity"),
     ("--config.regularizer.name=dropblock", "regularizer.name"),
+    ("--config.regularizer.sgdrop.rule=topk", "regularizer.sgdrop.rule"),
+    ("--config.regularizer.sgdrop.mass=0", "regularizer.sgdrop.mass"),
+    ("--config.regularizer.sgdrop.mass=1.5", "regularizer.sgdrop.mass"),
 ])
 def test_bad_regularizer_config_is_a_one_line_error(override, fragment, tmp_path, capsys):
   code = cli_main(["train", "--workdir", str(tmp_path / "wd"), override])
   err = capsys.readouterr().err.strip()
   assert code == 2 and len(err.splitlines()) == 1 and fragment in err, err
   assert not (tmp_path / "wd").exists()
+
+
+@pytest.mark.parametrize("rate", ["0", "0.0"])
+def test_the_mass_rule_needs_a_cap_above_zero(rate, tmp_path, capsys):
+  code = cli_main(["train", "--workdir", str(tmp_path / "wd"), "--config.regularizer.sgdrop.rule=mass",
+                   f"--config.regularizer.sgdrop.rate={rate}"])
+  err = capsys.readouterr().err.strip()
+  assert code == 2 and len(err.splitlines()) == 1, err
+  assert "regularizer.sgdrop.rate" in err and "mass rule" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------------ collapse warning
+
+
+def test_collapse_warning_names_the_fields_only_at_or_below_chance():
+  from overfocus_jax.train.loop import collapse_warning
+  config = config_lib.build_config(None, [("regularizer.name", "sgdrop")])
+  line = collapse_warning(config, 0.04, 10, 1)
+  assert line.startswith("overfocus: warning: epoch 1: train accuracy 0.040") and "\n" not in line
+  assert "--config.regularizer.sgdrop.rate" in line and "--config.regularizer.sgdrop.rule" in line
+  assert collapse_warning(config, 0.1, 10, 2) is not None        # at chance counts
+  assert collapse_warning(config, 0.11, 10, 2) is None
+  erm = config_lib.build_config(None, [])
+  assert collapse_warning(erm, 0.0, 10, 1) is None                # ERM is never "a regularizer collapsing"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("regularizer, warns", [
+    (["--config.regularizer.name=sgdrop", "--config.regularizer.sgdrop.rate=0.9"], True),  # forced collapse
+    (["--config.regularizer.name=none"], False),
+])
+def test_collapse_warning_fires_in_a_real_run(regularizer, warns, tmp_path, capsys):
+  from conftest import BASE_RUN_ARGS
+  code = cli_main(["train", "--workdir", str(tmp_path / "wd"), *BASE_RUN_ARGS, "--config.num_epochs=1",
+                   *regularizer])
+  captured = capsys.readouterr()
+  assert code == 0, captured.err  # the run goes on
+  warnings = [line for line in captured.err.splitlines() if "warning: epoch 1" in line]
+  assert len(warnings) == (1 if warns else 0), captured.err

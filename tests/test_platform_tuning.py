@@ -95,6 +95,8 @@ def test_auto_tunes_one_cpu_device_only_and_off_never():
   two_entries = jax.sharding.Mesh(np.array(CPU[:1] * 2), ("data",))  # takes the multi-device branch
   tuned = platform_tuning.conv_module(one_cpu, "auto")
   assert tuned.func is nn.Conv and tuned.keywords == {"conv_general_dilated": conv.sliced_conv_general_dilated}
+  assert platform_tuning.conv_module(one_cpu, "auto", "resnet18").func is nn.Conv
+  assert platform_tuning.conv_module(one_cpu, "auto", "focus") is nn.Conv  # measured slower there
   for mesh, mode in ((one_cpu, "off"), (two_entries, "auto"), (two_entries, "off")):
     assert platform_tuning.conv_module(mesh, mode) is nn.Conv
     assert platform_tuning.compiler_options(mesh, mode) is None

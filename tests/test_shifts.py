@@ -43,3 +43,33 @@ def test_shortcut_dataset_follows_its_plan():
 def test_bad_correlation_is_a_user_error(spec):
   with pytest.raises(UserError, match="correlation must be a number in"):
     load_dataset(spec)
+
+
+def test_tint_colours_the_strokes_and_keeps_the_intensity():
+  images = np.zeros((2, 4, 4, 1), np.uint8)
+  images[:, 1, 2, 0] = 200
+  out = shifts.tint(images, np.asarray([0, 5]))
+  assert out.shape == (2, 4, 4, 3) and out.dtype == np.uint8
+  np.testing.assert_array_equal(out[0, 1, 2], [200, 0, 0])    # hue 0: red
+  np.testing.assert_array_equal(out[1, 1, 2], [0, 200, 200])  # hue 0.5: cyan
+  assert out.sum(axis=-1)[images[..., 0] == 0].max() == 0       # the background stays black
+  assert len({tuple(c) for c in np.round(shifts.class_colors(), 3)}) == 10
+
+
+def test_color_shortcut_dataset_follows_its_plan_and_rgb_is_its_clean_counterpart():
+  clean = load_dataset("mnist5k")
+  color = load_dataset("mnist5k_color")
+  rgb = load_dataset("mnist5k_rgb")
+  assert color.image_shape == rgb.image_shape == (28, 28, 3)
+  train_ids, test_ids = shifts.shortcut_position_plan(clean.train.labels, len(clean.test), 0.95)
+  np.testing.assert_array_equal(color.train.images, shifts.tint(clean.train.images, train_ids))
+  np.testing.assert_array_equal(color.test.images, shifts.tint(clean.test.images, test_ids))
+  np.testing.assert_array_equal(rgb.test.images, np.repeat(clean.test.images, 3, axis=-1))
+  np.testing.assert_array_equal(color.test.labels, clean.test.labels)
+  assert 0.94 < np.mean(train_ids == clean.train.labels % 10) < 0.97
+
+
+@pytest.mark.parametrize("spec", ["mnist5k_color:2", "mnist5k_color:x"])
+def test_bad_colour_correlation_is_a_user_error(spec):
+  with pytest.raises(UserError, match=r"correlation must be a number in \[0, 1\]; write it as mnist5k_color:0.95"):
+    load_dataset(spec)

@@ -305,3 +305,35 @@ def test_constant_schedule_after_warmup():
   # linear from base / warmup_steps = 0.0125 up to 0.05 over 4 steps
   np.testing.assert_allclose(values[:4], [0.0125, 0.021875, 0.03125, 0.040625], rtol=1e-6)
   np.testing.assert_allclose(values[4:], 0.05, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- dtype plumbing
+
+
+@pytest.mark.parametrize("name", ["resnet", "resnet18", "attention", "focus", "corner"])
+def test_config_dtype_reaches_every_model_and_keeps_parameters_and_logits_float32(name):
+  """config.dtype=bfloat16: the latent map is computed in bf16; parameters and logits stay float32."""
+  from overfocus_jax import config as config_lib
+  from overfocus_jax.models import MODELS
+  assert name in MODELS
+  config = config_lib.build_config(None, [("model", name), ("dtype", "bfloat16")])
+  model = build_model(config, 10)
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), (28, 28, 1)))
+  assert {leaf.dtype for leaf in jax.tree.leaves(variables["params"])} == {jnp.dtype(jnp.float32)}
+  x = jax.ShapeDtypeStruct((2, 28, 28, 1), jnp.float32)
+  z = jax.eval_shape(lambda v, x: model.encode(v, x, train=False)[0], variables, x)
+  logits = jax.eval_shape(lambda v, x: model.apply(v, x, train=False)[0], variables, x)
+  assert z.dtype == jnp.bfloat16 and logits.dtype == jnp.float32
+
+
+def test_a_bfloat16_train_step_runs_and_keeps_float32_state(setup):
+  config = tiny_config(schedule="constant", warmup_epochs=0, learning_rate=0.1, dtype="bfloat16")
+  _, _, _, _, _, batch = setup
+  model = build_model(config, 10)
+  tx = state_lib.make_optimizer(config, optax.constant_schedule(0.1))
+  state = state_lib.create_train_state(model, tx, seed=0, input_shape=(8, 8, 1))
+  new_state, metrics = jax.jit(make_train_step(model, tx))(state, batch)
+  assert np.isfinite(float(metrics["loss"]))
+  chex.assert_trees_all_equal_dtypes(new_state.params, state.params)
+  chex.assert_trees_all_equal_dtypes(new_state.batch_stats, state.batch_stats)
+  assert {leaf.dtype for leaf in jax.tree.leaves(new_state.params)} == {jnp.dtype(jnp.float32)}

@@ -11,12 +11,13 @@ import ml_collections
 from overfocus_jax.challenge import rsc, sgdrop  # the modules: rsc.rsc, rsc.rsc_domainbed, sgdrop.sgdrop
 from overfocus_jax.challenge.base import NONE, Regularizer, StepInfo, chain, stateless
 
-__all__ = ["NAMES", "NONE", "Regularizer", "StepInfo", "build_regularizer", "chain", "rsc", "sgdrop", "stateless"]
+__all__ = ["NAMES", "NONE", "STRENGTH_FIELDS", "Regularizer", "StepInfo", "build_regularizer", "chain", "rsc", "sgdrop", "stateless"]
 
 
 def _sgdrop(group: ml_collections.ConfigDict) -> Regularizer:
   return sgdrop.sgdrop(rate=group.rate, granularity=group.granularity, target=group.target, rescale=group.rescale,
-                       batch_fraction=group.batch_fraction, ema_decay=group.ema_decay if group.ema_decay > 0 else None)
+                       batch_fraction=group.batch_fraction, ema_decay=group.ema_decay if group.ema_decay > 0 else None,
+                       rule=group.rule, mass=group.mass)
 
 
 def _rsc(group: ml_collections.ConfigDict) -> Regularizer:
@@ -37,6 +38,12 @@ BUILDERS: dict[str, Callable[[ml_collections.ConfigDict], Regularizer]] = {
     "rsc_domainbed": _rsc_domainbed,
 }
 NAMES = tuple(BUILDERS)
+# The fields of each regularizer's group that set how much it drops: what to lower when training collapses.
+STRENGTH_FIELDS = {
+    "sgdrop": ("rate", "rule", "mass"),
+    "rsc": ("spatial_fraction", "channel_fraction", "batch_percent"),
+    "rsc_domainbed": ("feature_drop", "batch_drop"),
+}
 
 
 def build_regularizer(config: ml_collections.ConfigDict) -> Regularizer:

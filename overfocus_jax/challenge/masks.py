@@ -11,6 +11,17 @@ so exactly :math:`k` entries are dropped in every row, which is the paper's :mat
 upper :math:`\rho`-quantile :math:`q_\rho` taken per sample. Ties are broken deterministically: among equal scores,
 the lower index is dropped first (``lax.top_k`` returns lower indices first). ``lax.top_k`` selects without a full
 sort. Masks are constants for autodiff: no gradient flows through them.
+
+Attribution-mass masks (:func:`mass_drop_mask`) drop, per row of non-negative scores, the fewest highest-scored
+entries whose scores sum to a share :math:`m` of the row's total, at most :math:`K = \lceil c N \rceil` of them:
+
+.. math::
+
+    k_b = \min\Big(K,\; \min\{k : \textstyle\sum_{i \le k} s_{b,(i)} \ge m \sum_i s_{b,i}\}\Big),
+    \qquad k_b = 0 \text{ when } \textstyle\sum_i s_{b,i} = 0,
+
+with :math:`s_{b,(1)} \ge s_{b,(2)} \ge \dots` the row sorted in decreasing order (ties: lower index first). The count
+follows how concentrated the evidence is, where a fixed :math:`\rho` follows the number of units.
 """
 
 import math
@@ -34,6 +45,29 @@ def top_k_drop_mask(scores: jax.Array, fraction: float) -> jax.Array:
     return jnp.ones_like(scores)
   _, dropped = jax.lax.top_k(jax.lax.stop_gradient(scores), k)
   mask = jnp.ones_like(scores).at[jnp.arange(batch)[:, None], dropped].set(0.0)
+  return jax.lax.stop_gradient(mask)
+
+
+# Cumulative float sums can land a rounding error below share·total; this slack keeps exact shares exact.
+_RELATIVE_SLACK = 1e-6
+
+
+def mass_drop_mask(scores: jax.Array, share: float, max_fraction: float) -> jax.Array:
+  """``scores`` (B, N) ≥ 0 → float mask (B, N): 0 at the fewest top scores holding ``share`` of each row's total,
+  at most ⌈max_fraction·N⌉ of them (see the module docstring); 1 elsewhere. Negative scores count as 0."""
+  if not 0 < share <= 1:
+    raise ValueError(f"attribution mass share must be in (0, 1], got {share=}")
+  if not 0 < max_fraction < 1:
+    raise ValueError(f"max drop fraction must be in (0, 1), got {max_fraction=}")
+  batch, size = scores.shape
+  cap = drop_count(max_fraction, size)
+  scores = jax.nn.relu(jax.lax.stop_gradient(scores))
+  values, indices = jax.lax.top_k(scores, cap)  # the cap's worth, largest first
+  total = jnp.sum(scores, axis=-1, keepdims=True)
+  short = jnp.cumsum(values, axis=-1) < share * total * (1.0 - _RELATIVE_SLACK)
+  count = jnp.where(total[:, 0] > 0, jnp.minimum(jnp.sum(short, axis=-1) + 1, cap), 0)  # k_b
+  drop = jnp.arange(cap)[None, :] < count[:, None]
+  mask = jnp.ones_like(scores).at[jnp.arange(batch)[:, None], indices].min(jnp.where(drop, 0.0, 1.0))
   return jax.lax.stop_gradient(mask)
 
 

@@ -11,7 +11,11 @@ Regularization Approach", 2024, https://arxiv.org/abs/2409.17370 (Fig. 2).
     \mathcal L = \mathrm{CE}(\psi(\tilde z), y)
 
 with :math:`q_\rho` the upper :math:`\rho`-quantile per sample: exactly :math:`\lceil \rho N \rceil` of the
-:math:`N` units are dropped (:mod:`overfocus_jax.challenge.masks`). Units are single elements of ``z``, spatial
+:math:`N` units are dropped (``rule="quantile"``, :mod:`overfocus_jax.challenge.masks`). ``rule="mass"`` drops
+instead the fewest most-attributed units that hold a share :math:`m` of the sample's positive attribution, at most
+:math:`\lceil \rho N \rceil` of them (:func:`overfocus_jax.challenge.masks.mass_drop_mask`): on a trained CNN a few
+units carry almost all of the evidence, so a fixed share of *units* can remove all of it, and how many that is
+depends on the latent shape and the network. Units are single elements of ``z``, spatial
 positions (attribution summed over channels) or channels (summed over positions). No gradient flows through
 ``M``.
 
@@ -29,25 +33,38 @@ import optax
 
 from overfocus_jax.challenge.attribution import TARGETS, gradient_times_activation
 from overfocus_jax.challenge.base import Regularizer, StepInfo
-from overfocus_jax.challenge.masks import drop_count, dropped_fraction, top_k_drop_mask, top_k_select
+from overfocus_jax.challenge.masks import drop_count, dropped_fraction, mass_drop_mask, top_k_drop_mask, top_k_select
 
 GRANULARITIES = ("element", "spatial", "channel")
+RULES = ("quantile", "mass")
 
 
-def saliency_mask(attribution: jax.Array, rate: float, granularity: str) -> jax.Array:
-  """0/1 mask, broadcastable to ``attribution`` (B, H, W, C), dropping its top-ρ units per sample."""
+def unit_scores(attribution: jax.Array, granularity: str) -> tuple[jax.Array, tuple[int, ...]]:
+  """``(scores (B, N), mask_shape)``: one score per unit — an element, a position (summed over channels) or a
+  channel (summed over positions) — and the shape that broadcasts a (B, N) mask back onto ``attribution``."""
   batch = attribution.shape[0]
   if granularity == "element":
-    return top_k_drop_mask(attribution.reshape(batch, -1), rate).reshape(attribution.shape)
+    return attribution.reshape(batch, -1), attribution.shape
   if attribution.ndim != 4:
     raise ValueError(f"{granularity=} needs a (B, H, W, C) latent map, got shape {attribution.shape}")
   _, height, width, channels = attribution.shape
   if granularity == "spatial":
-    scores = jnp.sum(attribution, axis=-1).reshape(batch, -1)
-    return top_k_drop_mask(scores, rate).reshape(batch, height, width, 1)
+    return jnp.sum(attribution, axis=-1).reshape(batch, -1), (batch, height, width, 1)
   if granularity == "channel":
-    return top_k_drop_mask(jnp.sum(attribution, axis=(1, 2)), rate).reshape(batch, 1, 1, channels)
+    return jnp.sum(attribution, axis=(1, 2)), (batch, 1, 1, channels)
   raise ValueError(f"unknown {granularity=}; use one of {GRANULARITIES}")
+
+
+def saliency_mask(attribution: jax.Array, rate: float, granularity: str, *, rule: str = "quantile",
+                  mass: float = 0.5) -> jax.Array:
+  """0/1 mask, broadcastable to ``attribution`` (B, H, W, C): per sample, the top ⌈ρN⌉ units (``quantile``) or the
+  fewest top units holding a share ``mass`` of the attribution, at most ⌈ρN⌉ (``mass``)."""
+  scores, shape = unit_scores(attribution, granularity)
+  if rule == "quantile":
+    return top_k_drop_mask(scores, rate).reshape(shape)
+  if rule == "mass":
+    return mass_drop_mask(scores, mass, rate).reshape(shape)
+  raise ValueError(f"unknown SGDrop {rule=}; use one of {RULES}")
 
 
 def choose_samples(key: jax.Array, batch: int, fraction: float) -> jax.Array:
@@ -68,8 +85,12 @@ def update_teacher(teacher_variables, online_variables, decay: float):
 
 
 def sgdrop(*, rate: float = 0.1, granularity: str = "element", target: str = "true", rescale: bool = False,
-           batch_fraction: float = 1.0, ema_decay: float | None = None) -> Regularizer:
+           batch_fraction: float = 1.0, ema_decay: float | None = None, rule: str = "quantile",
+           mass: float = 0.5) -> Regularizer:
   """The SGDrop regularizer (see the module docstring); ``ema_decay`` in (0, 1) attributes with an EMA teacher.
+
+  ``rule="quantile"`` (the paper's) drops ⌈ρN⌉ units per sample; ``rule="mass"`` the fewest units holding a share
+  ``mass`` of the positive attribution, at most ⌈ρN⌉ (``rate`` is then the cap, in (0, 1)).
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -90,6 +111,10 @@ def sgdrop(*, rate: float = 0.1, granularity: str = "element", target: str = "tr
     raise ValueError(f"unknown {target=}; use one of {TARGETS}")
   if not 0 < batch_fraction <= 1:
     raise ValueError(f"batch_fraction must be in (0, 1], got {batch_fraction=}")
+  if rule not in RULES:
+    raise ValueError(f"unknown SGDrop {rule=}; use one of {RULES}")
+  if rule == "mass" and not (0 < mass <= 1 and 0 < rate < 1):
+    raise ValueError(f"the mass rule needs mass in (0, 1] and rate (its cap) in (0, 1), got {mass=}, {rate=}")
   if ema_decay is not None and not 0 < ema_decay < 1:
     raise ValueError(f"SGDrop ema_decay must be in (0, 1) or None, got {ema_decay=}")
   scale = 1.0 / (1.0 - rate) if rescale else 1.0
@@ -107,7 +132,7 @@ def sgdrop(*, rate: float = 0.1, granularity: str = "element", target: str = "tr
       state = {"ema": teacher}
       attribution = gradient_times_activation(lambda latent: info.classify(teacher, latent),
                                               info.encode(teacher, info.images), labels, target)
-    mask = saliency_mask(attribution, rate, granularity)
+    mask = saliency_mask(attribution, rate, granularity, rule=rule, mass=mass)
     chosen = choose_samples(key, z.shape[0], batch_fraction).reshape((-1,) + (1,) * (z.ndim - 1))
     multiplier = jnp.where(chosen, mask * scale, 1.0)
     dropped = jnp.where(chosen, mask, 1.0) * jnp.ones_like(z)

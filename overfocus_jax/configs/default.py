@@ -61,7 +61,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.regularizer = ml_collections.ConfigDict(dict(
       name="none",
       sgdrop=dict(
-          rate=0.1,                # ρ: share of units dropped per sample, in [0, 1)
+          rule="quantile",         # quantile: drop ⌈ρN⌉ units (the paper) | mass: the fewest holding `mass` of A
+          rate=0.1,                # ρ: share of units dropped per sample, in [0, 1); the mass rule's cap, in (0, 1)
+          mass=0.5,                # m: the share of each sample's positive attribution the mass rule drops, (0, 1]
           granularity="element",   # element | spatial | channel
           target="true",           # attribute the true class or the predicted one
           rescale=False,           # multiply the kept units by 1/(1-ρ)

@@ -6,7 +6,16 @@ encodes the label (10 positions, one per class: five along the top edge, five al
 position drawn uniformly from all 10. In a test image the position is drawn uniformly, independent of the label:
 a network that learned the patch instead of the digit fails there. The same test digits without any patch are
 ``mnist5k``'s test split (``overfocus eval --dataset mnist5k``).
+
+``mnist5k_color[:P]``: a second kind of shortcut, a colour cue instead of a position. The same digits become RGB,
+their strokes tinted with one of 10 saturated hues (hue ``i/10`` of the HSV wheel, ``i`` the colour id): in a
+training image the label's colour with probability ``P`` (default 0.95), otherwise a colour drawn uniformly from
+all 10; in a test image a uniform colour, independent of the label. The clean counterpart is ``mnist5k_rgb``: the
+same digits white on black in three channels (no colour says anything about the class). :func:`tint` works on the
+images of any source.
 """
+
+import colorsys
 
 import numpy as np
 
@@ -50,8 +59,9 @@ def parse_correlation(spec: str, argument: str) -> float:
   except ValueError:
     value = -1.0
   if not 0 <= value <= 1:
+    kind = spec.partition(":")[0]
     raise UserError(f"dataset {spec!r}: the shortcut correlation must be a number in [0, 1]",
-                    "write it as mnist5k_shortcut:0.95")
+                    f"write it as {kind}:0.95")
   return value
 
 
@@ -68,3 +78,28 @@ def stamp_shortcut(train_images: np.ndarray, train_labels: np.ndarray, test_imag
   """``(train_images, test_images)`` with the patch planted as described in the module docstring (copies)."""
   train_ids, test_ids = shortcut_position_plan(train_labels, len(test_images), correlation)
   return stamp_patches(train_images, train_ids), stamp_patches(test_images, test_ids)
+
+
+def class_colors() -> np.ndarray:
+  """(10, 3) float RGB in [0, 1]: hue i/10 at full saturation and value, one per colour id."""
+  return np.array([colorsys.hsv_to_rgb(i / NUM_POSITIONS, 1.0, 1.0) for i in range(NUM_POSITIONS)])
+
+
+def grey_rgb(images: np.ndarray) -> np.ndarray:
+  """(N, H, W, C) uint8 → (N, H, W, 3) uint8: the mean over channels in each of R, G, B (white strokes)."""
+  grey = np.mean(np.asarray(images, np.float64), axis=-1, keepdims=True)
+  return np.repeat(np.round(grey), 3, axis=-1).astype(np.uint8)
+
+
+def tint(images: np.ndarray, color_ids: np.ndarray) -> np.ndarray:
+  """(N, H, W, C) uint8 → (N, H, W, 3) uint8: each image's intensity times its colour, ``class_colors()[id]``."""
+  grey = np.mean(np.asarray(images, np.float64), axis=-1, keepdims=True)
+  return np.round(grey * class_colors()[color_ids][:, None, None, :]).astype(np.uint8)
+
+
+def tint_shortcut(train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray,
+                  correlation: float) -> tuple[np.ndarray, np.ndarray]:
+  """``(train_images, test_images)`` in RGB with the colour cue of the module docstring (same seeded plan as the
+  patch: colour id ``i`` plays the role of position ``i``)."""
+  train_ids, test_ids = shortcut_position_plan(train_labels, len(test_images), correlation)
+  return tint(train_images, train_ids), tint(test_images, test_ids)

@@ -26,7 +26,7 @@ from overfocus_jax.errors import SettingError, UserError
 
 DEFAULT_SPEC = 'mnist5k'
 VALID_SPECS = (
-    "'mnist5k' (default), 'mnist5k_shortcut[:P]', 'digits', 'tfds:NAME' (e.g. tfds:fashion_mnist), "
+    "'mnist5k' (default), 'mnist5k_shortcut[:P]', 'mnist5k_color[:P]', 'mnist5k_rgb', 'digits', 'tfds:NAME' (e.g. tfds:fashion_mnist), "
     "'idx:DIR' (a directory of MNIST IDX files), "
     "'npz:FILE' (a .npz with x_train, y_train, x_test, y_test)"
 )
@@ -120,7 +120,8 @@ def load_dataset(spec: str, *, data_dir: str | None = None) -> ImageDataset:
   """Loads and validates the dataset named by `spec`.
 
   Args:
-    spec: 'mnist5k', 'mnist5k_shortcut[:P]' (see shifts.py), 'digits', 'tfds:NAME',
+    spec: 'mnist5k', 'mnist5k_shortcut[:P]', 'mnist5k_color[:P]', 'mnist5k_rgb' (see shifts.py), 'digits',
+      'tfds:NAME',
       'idx:DIR' or 'npz:FILE'.
     data_dir: TFDS data directory for 'tfds:' specs (default: TFDS_DATA_DIR or
       ~/tensorflow_datasets); ignored by the other forms.
@@ -133,10 +134,17 @@ def load_dataset(spec: str, *, data_dir: str | None = None) -> ImageDataset:
     return _load_mnist5k(spec)
   if spec == 'digits':
     return _load_digits(spec)
+  if spec == 'mnist5k_rgb':
+    return _with_images(_load_mnist5k('mnist5k'), shifts.grey_rgb, shifts.grey_rgb, name=spec)
   kind, separator, arg = spec.partition(':')
   if kind == 'mnist5k_shortcut':
     correlation = shifts.parse_correlation(spec, arg.strip())
     return _with_shortcut(_load_mnist5k('mnist5k'), correlation, name=spec)
+  if kind == 'mnist5k_color':
+    correlation = shifts.parse_correlation(spec, arg.strip())
+    base = _load_mnist5k('mnist5k')
+    train, test = shifts.tint_shortcut(base.train.images, base.train.labels, base.test.images, correlation)
+    return _with_images(base, lambda _: train, lambda _: test, name=spec)
   if not separator or kind not in ('tfds', 'idx', 'npz'):
     raise UserError(f'unknown dataset {spec!r}', f'use one of {VALID_SPECS}')
   arg = arg.strip()
@@ -153,6 +161,14 @@ def _with_shortcut(dataset: ImageDataset, correlation: float, *, name: str) -> I
   train, test = shifts.stamp_shortcut(dataset.train.images, dataset.train.labels, dataset.test.images, correlation)
   return dataclasses.replace(dataset, name=name, train=ArraySource(train, dataset.train.labels),
                              test=ArraySource(test, dataset.test.labels))
+
+
+def _with_images(dataset: ImageDataset, train_fn, test_fn, *, name: str) -> ImageDataset:
+  """``dataset`` with its train and test images replaced by ``train_fn(images)``/``test_fn(images)`` (labels kept;
+  shape and channel statistics recomputed, since a transform may change the channels)."""
+  train, test = train_fn(dataset.train.images), test_fn(dataset.test.images)
+  return _array_dataset(name, (train, dataset.train.labels), (test, dataset.test.labels),
+                        num_classes=dataset.num_classes, natural_images=dataset.natural_images)
 
 
 # ----------------------------------------------------------------------------- in-memory datasets

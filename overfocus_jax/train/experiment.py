@@ -45,7 +45,8 @@ def build_experiment(config: ml_collections.ConfigDict, *, dataset: ImageDataset
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   config_lib.check_fits_images(config, dataset.image_shape)  # the focus/attention models' own limits
-  model = build_model(config, dataset.num_classes, conv=platform_tuning.conv_module(mesh, config.platform_tuning))
+  model = build_model(config, dataset.num_classes, conv=platform_tuning.conv_module(mesh, config.platform_tuning,
+                                                                                      config.model))
   check_input_shape(model, dataset.image_shape)
   regularizer = regularizer or build_regularizer(config)
   check_regularizer_fits(model, regularizer, config.regularizer.name)

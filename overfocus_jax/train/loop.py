@@ -12,6 +12,7 @@ can be negative, and a regularizer that masks lowers it by construction; near co
 import json
 import math
 import pathlib
+import sys
 import time
 
 import jax
@@ -21,7 +22,7 @@ import tqdm
 
 from overfocus_jax import config as config_lib
 from overfocus_jax import parallel
-from overfocus_jax.challenge import Regularizer
+from overfocus_jax.challenge import STRENGTH_FIELDS, Regularizer
 from overfocus_jax.data import pipeline
 from overfocus_jax.errors import UserError
 from overfocus_jax.train import checkpoint as checkpoint_lib
@@ -35,6 +36,22 @@ def _check_finite(metrics: dict, step: int) -> None:
     if not math.isfinite(value):
       raise UserError(f"train {name} became {value} by step {step}",
                       "lower --config.learning_rate (or raise warmup_epochs); the last good checkpoint is kept")
+
+
+def collapse_warning(config: ml_collections.ConfigDict, train_accuracy: float, num_classes: int,
+                     epoch: int) -> str | None:
+  """One warning line when a regularizer's masked train accuracy is at or below chance after an epoch, else None.
+
+  The train accuracy is measured on the regularizer's masked batches: at chance, the masks remove all of the class
+  evidence and the network cannot learn (the run goes on; the line names the fields that set how much is dropped).
+  """
+  name = config.regularizer.name
+  chance = 1.0 / num_classes
+  if name == "none" or train_accuracy > chance:
+    return None
+  flags = ", ".join(f"--config.regularizer.{name}.{field}" for field in STRENGTH_FIELDS.get(name, ()))
+  return (f"overfocus: warning: epoch {epoch}: train accuracy {train_accuracy:.3f} on {name}-masked batches is at or "
+          f"below chance ({chance:.3f}): the regularizer removes the class evidence; drop less with {flags}")
 
 
 def _mean_metrics(sums: dict, count: int) -> dict:
@@ -91,6 +108,9 @@ def _run_epochs(exp, state, train_iter, checkpointer, workdir, progress) -> dict
       print(f"epoch {epoch + 1}/{config.num_epochs}: train loss {record['train_loss']:.4f} "
             f"acc {record['train_accuracy']:.4f} | test loss {test['loss']:.4f} acc {test['accuracy']:.4f} | "
             f"{record['images_per_s']:.0f} img/s", flush=True)
+      warning = collapse_warning(config, record["train_accuracy"], exp.dataset.num_classes, epoch + 1)
+      if warning:
+        print(warning, file=sys.stderr, flush=True)
   finally:
     writer.close()
   if not record:  # nothing left to train: report the checkpoint as it is
