@@ -54,6 +54,19 @@ KINDS = {"patch": ("mnist5k_shortcut", "mnist5k"), "color": ("mnist5k_color", "m
 DEFAULT_CONFIG = HERE / "configs" / "shortcut.py"
 
 
+def run_name(method: str, seed: int, kind: str, config_path: pathlib.Path, epochs: int | None) -> str:
+  """The run's workdir name: everything that makes two runs different (the original runs keep their old names)."""
+  setting = "" if (kind, config_path.name, epochs) == ("patch", DEFAULT_CONFIG.name, None) else \
+      f"{kind}_{config_path.stem}{f'_e{epochs}' if epochs else ''}_"
+  return f"{setting}{method}_s{seed}"
+
+
+def run_key(record: dict) -> tuple:
+  """What identifies a finished run in a results file (records from before --kind/--config count as the defaults)."""
+  return (record["method"], record["seed"], record.get("kind", "patch"), record.get("config", DEFAULT_CONFIG.name),
+          record.get("epochs_override"))
+
+
 def run_one(method: str, seed: int, runs_dir: pathlib.Path, *, kind: str = "patch",
             config_path: pathlib.Path = DEFAULT_CONFIG, epochs: int | None = None) -> dict:
   from overfocus_jax import config as config_lib
@@ -62,7 +75,7 @@ def run_one(method: str, seed: int, runs_dir: pathlib.Path, *, kind: str = "patc
   overrides = [("dataset", train_data)] + METHODS[method] + [("seed", str(seed))]
   overrides += [("num_epochs", str(epochs))] if epochs else []
   config = config_lib.build_config(str(config_path), overrides)
-  workdir = runs_dir / f"{method}_s{seed}"
+  workdir = runs_dir / f"{run_name(method, seed, kind, config_path, epochs)}"
   summary = loop.train_and_evaluate(config, workdir, progress=False)
   run = workdir_lib.load_trained(workdir)  # the finished run, read back as `overfocus eval` does
   clean_test, _ = evaluation.evaluation_split(run.exp, clean_data)  # the same digits, no cue
@@ -72,7 +85,8 @@ def run_one(method: str, seed: int, runs_dir: pathlib.Path, *, kind: str = "patc
           "clean_accuracy": clean["accuracy"], "train_accuracy": summary["train_accuracy"],
           "first_epoch_train_accuracy": first_epoch["train_accuracy"],
           "epochs": summary["epochs"], "wall_time_s": summary["wall_time_s"], "kind": kind,
-          "config": config_path.name, "model": config.model, "overrides": dict(overrides)}
+          "config": config_path.name, "epochs_override": epochs, "model": config.model,
+          "overrides": dict(overrides)}
 
 
 def table(results: list[dict], methods) -> str:
@@ -106,18 +120,21 @@ def main() -> int:
   out = pathlib.Path(args.out)
   results = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
   if not args.table_only:
-    done = {(r["method"], r["seed"]) for r in results}
+    done = {run_key(r) for r in results}
+    config_path = pathlib.Path(args.config)
     for method in args.methods:
       for seed in args.seeds:
-        if (method, seed) in done:
+        if (method, seed, args.kind, config_path.name, args.epochs) in done:
           continue
-        result = run_one(method, seed, pathlib.Path(args.runs_dir), kind=args.kind,
-                         config_path=pathlib.Path(args.config), epochs=args.epochs)
+        result = run_one(method, seed, pathlib.Path(args.runs_dir), kind=args.kind, config_path=config_path,
+                         epochs=args.epochs)
         print(json.dumps(result), flush=True)
         with out.open("a") as f:
           f.write(json.dumps(result) + "\n")
         results.append(result)
-  print(table(results, args.methods))
+  shown = [r for r in results if r.get("kind", "patch") == args.kind
+           and r.get("config", DEFAULT_CONFIG.name) == pathlib.Path(args.config).name]
+  print(table(shown, args.methods))
   return 0
 
 

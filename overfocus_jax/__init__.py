@@ -1,3 +1,3 @@
 """overfocus-jax: CNNs that do not overfocus, in JAX/Flax."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

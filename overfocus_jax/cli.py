@@ -1,9 +1,9 @@
-"""The ``overfocus`` command: ``train``, ``eval`` and ``bench``.
+"""The ``overfocus`` command: ``train``, ``eval``, ``explain`` and ``bench``.
 
     overfocus train --workdir DIR [--config FILE] [--config.FIELD=VALUE ...]
     overfocus eval  --workdir DIR [--dataset SOURCE]
     overfocus explain --workdir DIR [--dataset SOURCE] [--out DIR] [--n N] [--methods a,b] [--compare DIR]
-    overfocus bench [--config FILE] [--config.FIELD=VALUE ...] [--steps N]
+    overfocus bench [--config FILE] [--config.FIELD=VALUE ...] [--steps N] [--repeats N] [--warmup N]
 
 Bad input ends in one line on stderr naming the problem and the fix, exit code 2, no traceback. ``eval``,
 ``explain`` and ``bench`` print one JSON object as their last stdout line.

@@ -6,7 +6,7 @@ mesh: GPUs, TPUs, several devices) compiles plain XLA. Both keep the results equ
 
 1. **Compiler option.** jaxlib 0.10's CPU backend sends convolutions to YNNPACK, which runs them on one core;
    Eigen's convolutions use every core and made the whole train step 1.8× faster on 2 cores
-   (``benchmarks/profile_cpu.py``). :data:`CPU_COMPILER_OPTIONS` keeps YNNPACK for reductions only, where it is the
+   (``python -m benchmarks.profile_cpu``). :data:`CPU_COMPILER_OPTIONS` keeps YNNPACK for reductions only, where it is the
    faster one; jaxlibs that do not know the option compile without it. Not on several CPU devices: there Eigen's
    convolutions share the intra-op thread pool with device threads that block in the all-reduce rendezvous, and
    under load a device can miss XLA's collective deadline (seen in CI with 8 simulated devices on 2 cores).

@@ -77,7 +77,10 @@ def last_json_line(out):
 
 
 def read_metrics(workdir):
-  return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+  """The run's metrics.jsonl records, read by the library's one reader (a missing file is a test failure here)."""
+  from overfocus_jax.train import workdir as workdir_lib
+  assert (pathlib.Path(workdir) / workdir_lib.METRICS_FILE).is_file(), f"no metrics.jsonl in {workdir}"
+  return workdir_lib.read_metrics(workdir)
 
 
 def snapshot(directory):
@@ -91,7 +94,6 @@ def restore_final_state(workdir):
   """The latest checkpoint of a CLI run, restored with the config it saved."""
   from overfocus_jax import parallel
   from overfocus_jax.train import checkpoint as checkpoint_lib
-  from overfocus_jax.train import loop
   from overfocus_jax.train import experiment
   workdir = pathlib.Path(workdir)
   config = config_lib.config_from_json((workdir / "config.json").read_text())

@@ -20,7 +20,6 @@ from overfocus_jax import config as config_lib
 from overfocus_jax import parallel
 from overfocus_jax.data import pipeline
 from overfocus_jax.errors import UserError
-from overfocus_jax.train import loop
 from overfocus_jax.train import experiment, evaluation
 
 STEPS, BATCH = 4, 16

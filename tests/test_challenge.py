@@ -200,6 +200,10 @@ def test_mass_rule_in_sgdrop_follows_the_concentration_not_the_unit_count():
   quantile_out, _ = apply_once(sgdrop.sgdrop(rule="quantile", rate=0.5), linear_pool_head(weights), z,
                                jnp.array([0]), jax.random.PRNGKey(0))
   assert int(np.sum(np.asarray(quantile_out) == 0)) == 4
+  # rescaled, the mass rule scales each sample's kept units by N / kept: here 8 / 7
+  rescaled, _ = apply_once(sgdrop.sgdrop(rule="mass", mass=0.5, rate=0.5, rescale=True), linear_pool_head(weights), z,
+                           jnp.array([0]), jax.random.PRNGKey(0))
+  np.testing.assert_allclose(np.asarray(rescaled).ravel()[[0, 7]], [0.01 * 8 / 7] * 2, rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------ RSC

@@ -16,7 +16,6 @@ from overfocus_jax.data.sources import load_dataset
 from overfocus_jax.errors import UserError
 from overfocus_jax.models import build_model
 from overfocus_jax.train import checkpoint as checkpoint_lib
-from overfocus_jax.train import loop
 from overfocus_jax.train import workdir as workdir_lib
 from overfocus_jax.train import state as state_lib
 

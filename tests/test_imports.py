@@ -234,10 +234,12 @@ def _cycles(nodes, successors: dict[str, set[str]]) -> list[list[str]]:
         low[node] = min(low[node], index[nxt])
     if low[node] == index[node]:
       component = set()
-      while not component or member != node:
+      while True:  # pop the strongly connected component rooted at node
         member = stack.pop()
         on_stack.discard(member)
         component.add(member)
+        if member == node:
+          break
       if len(component) > 1:
         components.append(component)
 

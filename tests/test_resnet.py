@@ -9,7 +9,6 @@ import pytest
 
 from overfocus_jax.models import build_model, merge_batch_stats
 from overfocus_jax.train import experiment
-from overfocus_jax.train import state as state_lib
 
 from conftest import tiny_config
 

@@ -22,10 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from overfocus_jax.challenge.attribution import latent_attribution
-
-# Cumulative float sums of equal values can land a rounding error below share·total; this slack keeps the
-# uniform map at exactly ⌈share·N⌉/N.
-_RELATIVE_SLACK = 1e-6
+from overfocus_jax.challenge.masks import count_holding_share
 
 
 def flatten_nonnegative(maps: jax.Array) -> jax.Array:
@@ -40,10 +37,8 @@ def attribution_ratio(maps: jax.Array, share: float = 0.5) -> jax.Array:
   flat = flatten_nonnegative(maps)
   n = flat.shape[-1]
   descending = -jnp.sort(-flat, axis=-1)
-  cumulative = jnp.cumsum(descending, axis=-1)
-  total = cumulative[:, -1:]
-  short = cumulative < share * total * (1.0 - _RELATIVE_SLACK)
-  k = jnp.minimum(jnp.sum(short, axis=-1) + 1, n)  # the first position that reaches the share
+  total = jnp.cumsum(descending, axis=-1)[:, -1:]  # as the cumulative sum ends (XLA computes the cumsum once)
+  k = count_holding_share(descending, total, share)  # the first position that reaches the share
   return jnp.where(total[:, 0] > 0, k / n, 1.0).astype(flat.dtype)
 
 

@@ -48,8 +48,16 @@ def top_k_drop_mask(scores: jax.Array, fraction: float) -> jax.Array:
   return jax.lax.stop_gradient(mask)
 
 
-# Cumulative float sums can land a rounding error below share·total; this slack keeps exact shares exact.
-_RELATIVE_SLACK = 1e-6
+# Cumulative float sums can land a rounding error below share·total; this slack keeps exact shares exact (so at
+# share 1, units holding less than 1e-6 of the total may be kept).
+RELATIVE_SLACK = 1e-6
+
+
+def count_holding_share(descending: jax.Array, total: jax.Array, share: float) -> jax.Array:
+  """(B,) the fewest leading entries of each row of ``descending`` (sorted largest first, ≥ 0) whose sum reaches
+  ``share`` of ``total`` (B, 1); the row's length when even all of them fall short."""
+  short = jnp.cumsum(descending, axis=-1) < share * total * (1.0 - RELATIVE_SLACK)
+  return jnp.minimum(jnp.sum(short, axis=-1) + 1, descending.shape[-1])
 
 
 def mass_drop_mask(scores: jax.Array, share: float, max_fraction: float) -> jax.Array:
@@ -64,8 +72,7 @@ def mass_drop_mask(scores: jax.Array, share: float, max_fraction: float) -> jax.
   scores = jax.nn.relu(jax.lax.stop_gradient(scores))
   values, indices = jax.lax.top_k(scores, cap)  # the cap's worth, largest first
   total = jnp.sum(scores, axis=-1, keepdims=True)
-  short = jnp.cumsum(values, axis=-1) < share * total * (1.0 - _RELATIVE_SLACK)
-  count = jnp.where(total[:, 0] > 0, jnp.minimum(jnp.sum(short, axis=-1) + 1, cap), 0)  # k_b
+  count = jnp.where(total[:, 0] > 0, count_holding_share(values, total, share), 0)  # k_b, at most the cap
   drop = jnp.arange(cap)[None, :] < count[:, None]
   mask = jnp.ones_like(scores).at[jnp.arange(batch)[:, None], indices].min(jnp.where(drop, 0.0, 1.0))
   return jax.lax.stop_gradient(mask)

@@ -67,6 +67,15 @@ def saliency_mask(attribution: jax.Array, rate: float, granularity: str, *, rule
   raise ValueError(f"unknown SGDrop {rule=}; use one of {RULES}")
 
 
+def kept_scale(mask: jax.Array, rescale: bool) -> jax.Array:
+  """Per sample, N / (units kept) when rescaling (the mass rule drops a different count in each sample), else 1."""
+  if not rescale:
+    return jnp.ones((mask.shape[0],) + (1,) * (mask.ndim - 1), mask.dtype)
+  kept = jnp.sum(mask, axis=tuple(range(1, mask.ndim)), keepdims=True)
+  units = mask[0].size
+  return units / jnp.maximum(kept, 1.0)
+
+
 def choose_samples(key: jax.Array, batch: int, fraction: float) -> jax.Array:
   """Exactly ⌈fraction·B⌉ samples, chosen uniformly at random (all of them when fraction is 1)."""
   if fraction >= 1:
@@ -90,7 +99,8 @@ def sgdrop(*, rate: float = 0.1, granularity: str = "element", target: str = "tr
   """The SGDrop regularizer (see the module docstring); ``ema_decay`` in (0, 1) attributes with an EMA teacher.
 
   ``rule="quantile"`` (the paper's) drops ⌈ρN⌉ units per sample; ``rule="mass"`` the fewest units holding a share
-  ``mass`` of the positive attribution, at most ⌈ρN⌉ (``rate`` is then the cap, in (0, 1)).
+  ``mass`` of the positive attribution, at most ⌈ρN⌉ (``rate`` is then the cap, in (0, 1); ``rescale`` multiplies each
+  sample's kept units by N / kept).
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -134,7 +144,7 @@ def sgdrop(*, rate: float = 0.1, granularity: str = "element", target: str = "tr
                                               info.encode(teacher, info.images), labels, target)
     mask = saliency_mask(attribution, rate, granularity, rule=rule, mass=mass)
     chosen = choose_samples(key, z.shape[0], batch_fraction).reshape((-1,) + (1,) * (z.ndim - 1))
-    multiplier = jnp.where(chosen, mask * scale, 1.0)
+    multiplier = jnp.where(chosen, mask * (scale if rule == "quantile" else kept_scale(mask, rescale)), 1.0)
     dropped = jnp.where(chosen, mask, 1.0) * jnp.ones_like(z)
     metrics = {"sgdrop_dropped_fraction": dropped_fraction(dropped),
                "sgdrop_batch_fraction": jnp.mean(chosen.astype(jnp.float32))}

@@ -92,7 +92,7 @@ def eval_batches(
   Raises:
     UserError: batch_size is not positive (raised on call, not on first iteration).
   """
-  _check_batch_size(batch_size)
+  _check_batch_size(batch_size, 'eval_batch_size')
   return _eval_batches(source, batch_size, mean, std)
 
 
@@ -143,9 +143,9 @@ def _read_options() -> grain.ReadOptions:
   return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=_PREFETCH_BATCHES)
 
 
-def _check_batch_size(batch_size: int) -> None:
+def _check_batch_size(batch_size: int, setting: str = 'batch_size') -> None:
   if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-    raise SettingError('batch_size', f'batch_size={batch_size!r} is not a positive integer', 'a positive integer')
+    raise SettingError(setting, f'{setting}={batch_size!r} is not a positive integer', 'a positive integer')
 
 
 def _check_seed(seed: int) -> None:

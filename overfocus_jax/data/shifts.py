@@ -11,8 +11,10 @@ a network that learned the patch instead of the digit fails there. The same test
 their strokes tinted with one of 10 saturated hues (hue ``i/10`` of the HSV wheel, ``i`` the colour id): in a
 training image the label's colour with probability ``P`` (default 0.95), otherwise a colour drawn uniformly from
 all 10; in a test image a uniform colour, independent of the label. The clean counterpart is ``mnist5k_rgb``: the
-same digits white on black in three channels (no colour says anything about the class). :func:`tint` works on the
-images of any source.
+same digits white on black in three channels (no colour says anything about the class). White strokes never occur
+in training (every hue has a channel at 0), so accuracy there also measures a colour the network never saw — as the
+patch's clean test shows digits without the patch no training image lacked. Both are normalised with the clean
+digits' statistics, whatever ``P``. :func:`tint` works on the images of any source.
 """
 
 import colorsys

@@ -26,7 +26,8 @@ from overfocus_jax.errors import SettingError, UserError
 
 DEFAULT_SPEC = 'mnist5k'
 VALID_SPECS = (
-    "'mnist5k' (default), 'mnist5k_shortcut[:P]', 'mnist5k_color[:P]', 'mnist5k_rgb', 'digits', 'tfds:NAME' (e.g. tfds:fashion_mnist), "
+    "'mnist5k' (default), 'mnist5k_shortcut[:P]', 'mnist5k_color[:P]', 'mnist5k_rgb', 'digits', "
+    "'tfds:NAME' (e.g. tfds:fashion_mnist), "
     "'idx:DIR' (a directory of MNIST IDX files), "
     "'npz:FILE' (a .npz with x_train, y_train, x_test, y_test)"
 )
@@ -135,7 +136,7 @@ def load_dataset(spec: str, *, data_dir: str | None = None) -> ImageDataset:
   if spec == 'digits':
     return _load_digits(spec)
   if spec == 'mnist5k_rgb':
-    return _with_images(_load_mnist5k('mnist5k'), shifts.grey_rgb, shifts.grey_rgb, name=spec)
+    return _load_mnist5k_rgb(spec)
   kind, separator, arg = spec.partition(':')
   if kind == 'mnist5k_shortcut':
     correlation = shifts.parse_correlation(spec, arg.strip())
@@ -144,7 +145,9 @@ def load_dataset(spec: str, *, data_dir: str | None = None) -> ImageDataset:
     correlation = shifts.parse_correlation(spec, arg.strip())
     base = _load_mnist5k('mnist5k')
     train, test = shifts.tint_shortcut(base.train.images, base.train.labels, base.test.images, correlation)
-    return _with_images(base, lambda _: train, lambda _: test, name=spec)
+    # normalised like its clean counterpart for every P, as the patch dataset is normalised like mnist5k
+    return dataclasses.replace(_load_mnist5k_rgb('mnist5k_rgb'), name=spec, train=ArraySource(train, base.train.labels),
+                               test=ArraySource(test, base.test.labels))
   if not separator or kind not in ('tfds', 'idx', 'npz'):
     raise UserError(f'unknown dataset {spec!r}', f'use one of {VALID_SPECS}')
   arg = arg.strip()
@@ -163,12 +166,12 @@ def _with_shortcut(dataset: ImageDataset, correlation: float, *, name: str) -> I
                              test=ArraySource(test, dataset.test.labels))
 
 
-def _with_images(dataset: ImageDataset, train_fn, test_fn, *, name: str) -> ImageDataset:
-  """``dataset`` with its train and test images replaced by ``train_fn(images)``/``test_fn(images)`` (labels kept;
-  shape and channel statistics recomputed, since a transform may change the channels)."""
-  train, test = train_fn(dataset.train.images), test_fn(dataset.test.images)
-  return _array_dataset(name, (train, dataset.train.labels), (test, dataset.test.labels),
-                        num_classes=dataset.num_classes, natural_images=dataset.natural_images)
+def _load_mnist5k_rgb(spec: str) -> ImageDataset:
+  """mnist5k's digits, white on black in three channels (statistics computed on them)."""
+  base = _load_mnist5k('mnist5k')
+  return _array_dataset(spec, (shifts.grey_rgb(base.train.images), base.train.labels),
+                        (shifts.grey_rgb(base.test.images), base.test.labels),
+                        num_classes=base.num_classes, natural_images=base.natural_images)
 
 
 # ----------------------------------------------------------------------------- in-memory datasets

@@ -13,7 +13,7 @@ import numpy as np
 
 from overfocus_jax import parallel
 from overfocus_jax.data import pipeline
-from overfocus_jax.models import parameter_count  # noqa: F401  (part of this module's API)
+from overfocus_jax.models import parameter_count
 from overfocus_jax.train.experiment import Experiment, jit_train_step
 
 

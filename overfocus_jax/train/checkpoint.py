@@ -90,7 +90,7 @@ class Checkpointer:
     if any(key == LEGACY_REGULARIZER_FIELD or key.startswith(LEGACY_REGULARIZER_FIELD + "/") for key in saved):
       raise UserError(f"checkpoint {self.directory / str(step)} was written before regularizers kept their own "
                       "state (its SGDrop EMA teacher is stored in the old layout, which this version does not read)",
-                      "retrain in a new --workdir, or resume it with overfocus-jax 0.1.0")
+                      "retrain in a new --workdir, or resume it with overfocus-jax 0.1.0 (commit a7a5f3f)")
     expected = _shapes(abstract_state)
     if saved and saved != expected:
       missing = sorted(set(expected) ^ set(saved))
@@ -117,10 +117,6 @@ def _legacy_layout(abstract_state: Any) -> dict:
       f.name == "regularizer_state" for f in dataclasses.fields(abstract_state)):
     raise UserError("this checkpoint stores a train state in an old layout, and the state to restore is not one",
                     "restore it into a TrainState")
-  if jax.tree.leaves(abstract_state.regularizer_state):
-    raise UserError("the checkpoint was written before regularizers kept their own state, without one, and this "
-                    "config's regularizer needs state (an EMA teacher)", "resume it with the config it was started "
-                    "with, or retrain in a new --workdir")
   fields = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)
             if f.name != "regularizer_state"}
   return {**fields, LEGACY_REGULARIZER_FIELD: {}}
