@@ -44,6 +44,14 @@ METHODS = {
     **{f"sgdrop_mass_spatial_{m}": [("regularizer.name", "sgdrop"), ("regularizer.sgdrop.rule", "mass"),
                                     ("regularizer.sgdrop.mass", str(m)), ("regularizer.sgdrop.rate", "0.5"),
                                     ("regularizer.sgdrop.granularity", "spatial")] for m in (0.25, 0.5, 0.75)},
+    **{f"sgdrop_mass_{m}_ramp{r}": [("regularizer.name", "sgdrop"), ("regularizer.sgdrop.rule", "mass"),
+                                    ("regularizer.sgdrop.mass", str(m)), ("regularizer.sgdrop.rate", "0.5"),
+                                    ("regularizer.sgdrop.granularity", "element"),
+                                    ("regularizer.sgdrop.ramp_epochs", str(r))]
+       for m in (0.25, 0.5, 0.75) for r in (1, 2)},
+    **{f"sgdrop_paper_ramp{r}": [("regularizer.name", "sgdrop"), ("regularizer.sgdrop.rule", "quantile"),
+                                 ("regularizer.sgdrop.rate", "0.1"), ("regularizer.sgdrop.granularity", "element"),
+                                 ("regularizer.sgdrop.ramp_epochs", str(r))] for r in (1, 2)},
     "rsc": [("regularizer.name", "rsc")],
     "rsc_domainbed": [("regularizer.name", "rsc_domainbed")],
 }

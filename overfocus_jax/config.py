@@ -245,6 +245,9 @@ def _validate_regularizer(reg: ml_collections.ConfigDict) -> None:
   _require(isinstance(sgdrop.mass, (int, float)) and 0 < sgdrop.mass <= 1,
            f"config.regularizer.sgdrop.mass={sgdrop.mass!r} must be in (0, 1]",
            "set --config.regularizer.sgdrop.mass to a share of the attribution, e.g. 0.5")
+  _require(isinstance(sgdrop.ramp_epochs, (int, float)) and 0 <= sgdrop.ramp_epochs < math.inf,
+           f"config.regularizer.sgdrop.ramp_epochs={sgdrop.ramp_epochs!r} must be a number >= 0",
+           "set --config.regularizer.sgdrop.ramp_epochs, e.g. 2 (0: no ramp)")
   if sgdrop.rule == "mass":
     _require(0 < sgdrop.rate < 1, f"config.regularizer.sgdrop.rate={sgdrop.rate!r} must be in (0, 1) with the mass "
              "rule (it caps the share of units dropped)", "set --config.regularizer.sgdrop.rate, e.g. 0.5")

@@ -206,6 +206,26 @@ def test_mass_rule_in_sgdrop_follows_the_concentration_not_the_unit_count():
   np.testing.assert_allclose(np.asarray(rescaled).ravel()[[0, 7]], [0.01 * 8 / 7] * 2, rtol=1e-6)
 
 
+@pytest.mark.parametrize("rule", ["quantile", "mass"])
+def test_ramp_grows_the_drop_from_nothing_over_the_ramp(rule):
+  """10 steps per epoch, a 1-epoch ramp: step 0 drops ⌈0.1·k⌉ units (quantile) or a tenth of the share (mass), step 4
+  half, step 9 and later exactly what the unramped rule drops."""
+  weights = jnp.ones((10, 1))
+  z = jnp.arange(1.0, 11.0).reshape(1, 1, 1, 10)  # attribution ∝ z: unit 9 the largest
+  head = linear_pool_head(weights)
+  reg = sgdrop.sgdrop(rule=rule, rate=0.5, mass=1.0, ramp_epochs=1)
+  dropped = {}
+  for step in (0, 4, 9, 25):
+    out, _ = apply_once(reg, head, z, jnp.array([0]), jax.random.PRNGKey(0), StepInfo(step=step, steps_per_epoch=10))
+    dropped[step] = int(np.sum(np.asarray(out) == 0))
+  unramped, _ = apply_once(sgdrop.sgdrop(rule=rule, rate=0.5, mass=1.0), head, z, jnp.array([0]),
+                           jax.random.PRNGKey(0))
+  # quantile: k = ⌈0.5·10⌉ = 5, scaled by 0.1, 0.5, 1 → 1, 3 (⌈2.5⌉), 5 units. mass (m = 1, cap 5), of a total 55:
+  # share 0.1 → 5.5, the 10 alone; share 0.5 → 27.5, 10 + 9 + 8 = 27 falls short, so 4 units; share 1 → the cap, 5
+  assert dropped == ({0: 1, 4: 3, 9: 5, 25: 5} if rule == "quantile" else {0: 1, 4: 4, 9: 5, 25: 5})
+  assert int(np.sum(np.asarray(unramped) == 0)) == 5
+
+
 # ------------------------------------------------------------------------------------------------ RSC
 
 

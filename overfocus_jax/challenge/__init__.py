@@ -17,7 +17,7 @@ __all__ = ["NAMES", "NONE", "STRENGTH_FIELDS", "Regularizer", "StepInfo", "build
 def _sgdrop(group: ml_collections.ConfigDict) -> Regularizer:
   return sgdrop.sgdrop(rate=group.rate, granularity=group.granularity, target=group.target, rescale=group.rescale,
                        batch_fraction=group.batch_fraction, ema_decay=group.ema_decay if group.ema_decay > 0 else None,
-                       rule=group.rule, mass=group.mass)
+                       rule=group.rule, mass=group.mass, ramp_epochs=group.ramp_epochs)
 
 
 def _rsc(group: ml_collections.ConfigDict) -> Regularizer:
@@ -40,7 +40,7 @@ BUILDERS: dict[str, Callable[[ml_collections.ConfigDict], Regularizer]] = {
 NAMES = tuple(BUILDERS)
 # The fields of each regularizer's group that set how much it drops: what to lower when training collapses.
 STRENGTH_FIELDS = {
-    "sgdrop": ("rate", "rule", "mass"),
+    "sgdrop": ("rate", "rule", "mass", "ramp_epochs"),
     "rsc": ("spatial_fraction", "channel_fraction", "batch_percent"),
     "rsc_domainbed": ("feature_drop", "batch_drop"),
 }

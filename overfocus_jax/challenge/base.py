@@ -36,6 +36,7 @@ class StepInfo(NamedTuple):
 
   step: jax.Array | int = 0        # optimizer steps taken before this one
   epoch: jax.Array | int = 0       # step // steps_per_epoch
+  steps_per_epoch: int = 1         # a Python int (static): turns schedules in epochs into steps
   images: jax.Array | None = None  # the (augmented) batch z was computed from
   variables: Variables = None      # the online variables at the start of the step, gradients stopped
   encode: Callable[[Variables, jax.Array], jax.Array] | None = None    # (variables, x) -> z, inference mode

@@ -63,7 +63,7 @@ def count_holding_share(descending: jax.Array, total: jax.Array, share: float) -
 def mass_drop_mask(scores: jax.Array, share: float, max_fraction: float) -> jax.Array:
   """``scores`` (B, N) ≥ 0 → float mask (B, N): 0 at the fewest top scores holding ``share`` of each row's total,
   at most ⌈max_fraction·N⌉ of them (see the module docstring); 1 elsewhere. Negative scores count as 0."""
-  if not 0 < share <= 1:
+  if isinstance(share, (int, float)) and not 0 < share <= 1:  # a traced share (a ramp) is checked by its maker
     raise ValueError(f"attribution mass share must be in (0, 1], got {share=}")
   if not 0 < max_fraction < 1:
     raise ValueError(f"max drop fraction must be in (0, 1), got {max_fraction=}")
@@ -72,9 +72,23 @@ def mass_drop_mask(scores: jax.Array, share: float, max_fraction: float) -> jax.
   scores = jax.nn.relu(jax.lax.stop_gradient(scores))
   values, indices = jax.lax.top_k(scores, cap)  # the cap's worth, largest first
   total = jnp.sum(scores, axis=-1, keepdims=True)
-  count = jnp.where(total[:, 0] > 0, count_holding_share(values, total, share), 0)  # k_b, at most the cap
+  count = jnp.where((total[:, 0] > 0) & (share > 0), count_holding_share(values, total, share), 0)  # k_b ≤ cap
   drop = jnp.arange(cap)[None, :] < count[:, None]
   mask = jnp.ones_like(scores).at[jnp.arange(batch)[:, None], indices].min(jnp.where(drop, 0.0, 1.0))
+  return jax.lax.stop_gradient(mask)
+
+
+def ramped_top_k_drop_mask(scores: jax.Array, fraction: float, scale: jax.Array) -> jax.Array:
+  """:func:`top_k_drop_mask` with the count scaled at run time: 0 at the ⌈scale·⌈fraction·N⌉⌉ highest scores per row
+  (``scale`` in [0, 1], may be traced — a ramp); ``scale = 1`` is exactly :func:`top_k_drop_mask`."""
+  batch, size = scores.shape
+  k = drop_count(fraction, size)
+  if k == 0:
+    return jnp.ones_like(scores)
+  _, dropped = jax.lax.top_k(jax.lax.stop_gradient(scores), k)
+  count = jnp.ceil(jnp.round(scale * k, 6)).astype(jnp.int32)
+  keep = jnp.where(jnp.arange(k) < count, 0.0, 1.0)
+  mask = jnp.ones_like(scores).at[jnp.arange(batch)[:, None], dropped].min(jnp.broadcast_to(keep, dropped.shape))
   return jax.lax.stop_gradient(mask)
 
 

@@ -15,7 +15,12 @@ with :math:`q_\rho` the upper :math:`\rho`-quantile per sample: exactly :math:`\
 instead the fewest most-attributed units that hold a share :math:`m` of the sample's positive attribution, at most
 :math:`\lceil \rho N \rceil` of them (:func:`overfocus_jax.challenge.masks.mass_drop_mask`): on a trained CNN a few
 units carry almost all of the evidence, so a fixed share of *units* can remove all of it, and how many that is
-depends on the latent shape and the network. Units are single elements of ``z``, spatial
+depends on the latent shape and the network.
+
+``ramp_epochs = r > 0`` grows the drop linearly from nothing over the first :math:`r` epochs: at step :math:`t` the
+quantile rule drops :math:`\lceil s_t \lceil \rho N \rceil \rceil` units and the mass rule a share :math:`s_t m`,
+with :math:`s_t = \min(1, (t + 1) / (r \cdot \text{steps per epoch}))` — an untrained network's evidence is
+spread thin, and taking half of it away before it has learned anything stops it from learning. Units are single elements of ``z``, spatial
 positions (attribution summed over channels) or channels (summed over positions). No gradient flows through
 ``M``.
 
@@ -33,7 +38,8 @@ import optax
 
 from overfocus_jax.challenge.attribution import TARGETS, gradient_times_activation
 from overfocus_jax.challenge.base import Regularizer, StepInfo
-from overfocus_jax.challenge.masks import drop_count, dropped_fraction, mass_drop_mask, top_k_drop_mask, top_k_select
+from overfocus_jax.challenge.masks import (drop_count, dropped_fraction, mass_drop_mask, ramped_top_k_drop_mask,
+                                           top_k_drop_mask, top_k_select)
 
 GRANULARITIES = ("element", "spatial", "channel")
 RULES = ("quantile", "mass")
@@ -56,15 +62,25 @@ def unit_scores(attribution: jax.Array, granularity: str) -> tuple[jax.Array, tu
 
 
 def saliency_mask(attribution: jax.Array, rate: float, granularity: str, *, rule: str = "quantile",
-                  mass: float = 0.5) -> jax.Array:
+                  mass: float = 0.5, scale: jax.Array | None = None) -> jax.Array:
   """0/1 mask, broadcastable to ``attribution`` (B, H, W, C): per sample, the top ⌈ρN⌉ units (``quantile``) or the
-  fewest top units holding a share ``mass`` of the attribution, at most ⌈ρN⌉ (``mass``)."""
+  fewest top units holding a share ``mass`` of the attribution, at most ⌈ρN⌉ (``mass``); ``scale`` (a ramp's
+  value in [0, 1], None: 1) shrinks the count or the share."""
   scores, shape = unit_scores(attribution, granularity)
   if rule == "quantile":
-    return top_k_drop_mask(scores, rate).reshape(shape)
+    mask = top_k_drop_mask(scores, rate) if scale is None else ramped_top_k_drop_mask(scores, rate, scale)
+    return mask.reshape(shape)
   if rule == "mass":
-    return mass_drop_mask(scores, mass, rate).reshape(shape)
+    return mass_drop_mask(scores, mass if scale is None else scale * mass, rate).reshape(shape)
   raise ValueError(f"unknown SGDrop {rule=}; use one of {RULES}")
+
+
+def ramp_scale(info: StepInfo, ramp_epochs: float) -> jax.Array | None:
+  """s_t = min(1, (t + 1) / (ramp_epochs · steps_per_epoch)); None without a ramp (exactly the unramped masks)."""
+  if not ramp_epochs:
+    return None
+  ramp_steps = ramp_epochs * info.steps_per_epoch
+  return jnp.minimum(1.0, (jnp.asarray(info.step, jnp.float32) + 1.0) / ramp_steps)
 
 
 def kept_scale(mask: jax.Array, rescale: bool) -> jax.Array:
@@ -95,12 +111,12 @@ def update_teacher(teacher_variables, online_variables, decay: float):
 
 def sgdrop(*, rate: float = 0.1, granularity: str = "element", target: str = "true", rescale: bool = False,
            batch_fraction: float = 1.0, ema_decay: float | None = None, rule: str = "quantile",
-           mass: float = 0.5) -> Regularizer:
+           mass: float = 0.5, ramp_epochs: float = 0.0) -> Regularizer:
   """The SGDrop regularizer (see the module docstring); ``ema_decay`` in (0, 1) attributes with an EMA teacher.
 
   ``rule="quantile"`` (the paper's) drops ⌈ρN⌉ units per sample; ``rule="mass"`` the fewest units holding a share
   ``mass`` of the positive attribution, at most ⌈ρN⌉ (``rate`` is then the cap, in (0, 1); ``rescale`` multiplies each
-  sample's kept units by N / kept).
+  sample's kept units by N / kept). ``ramp_epochs > 0`` grows the drop from nothing over that many epochs.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -125,9 +141,11 @@ def sgdrop(*, rate: float = 0.1, granularity: str = "element", target: str = "tr
     raise ValueError(f"unknown SGDrop {rule=}; use one of {RULES}")
   if rule == "mass" and not (0 < mass <= 1 and 0 < rate < 1):
     raise ValueError(f"the mass rule needs mass in (0, 1] and rate (its cap) in (0, 1), got {mass=}, {rate=}")
+  if not ramp_epochs >= 0:
+    raise ValueError(f"SGDrop ramp_epochs must be >= 0, got {ramp_epochs=}")
   if ema_decay is not None and not 0 < ema_decay < 1:
     raise ValueError(f"SGDrop ema_decay must be in (0, 1) or None, got {ema_decay=}")
-  scale = 1.0 / (1.0 - rate) if rescale else 1.0
+  rescale_factor = 1.0 / (1.0 - rate) if rescale else 1.0
 
   def init(variables):
     return init_teacher(variables) if ema_decay is not None else ()
@@ -142,9 +160,9 @@ def sgdrop(*, rate: float = 0.1, granularity: str = "element", target: str = "tr
       state = {"ema": teacher}
       attribution = gradient_times_activation(lambda latent: info.classify(teacher, latent),
                                               info.encode(teacher, info.images), labels, target)
-    mask = saliency_mask(attribution, rate, granularity, rule=rule, mass=mass)
+    mask = saliency_mask(attribution, rate, granularity, rule=rule, mass=mass, scale=ramp_scale(info, ramp_epochs))
     chosen = choose_samples(key, z.shape[0], batch_fraction).reshape((-1,) + (1,) * (z.ndim - 1))
-    multiplier = jnp.where(chosen, mask * (scale if rule == "quantile" else kept_scale(mask, rescale)), 1.0)
+    multiplier = jnp.where(chosen, mask * (rescale_factor if rule == "quantile" else kept_scale(mask, rescale)), 1.0)
     dropped = jnp.where(chosen, mask, 1.0) * jnp.ones_like(z)
     metrics = {"sgdrop_dropped_fraction": dropped_fraction(dropped),
                "sgdrop_batch_fraction": jnp.mean(chosen.astype(jnp.float32))}

@@ -64,6 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
           rule="quantile",         # quantile: drop ⌈ρN⌉ units (the paper) | mass: the fewest holding `mass` of A
           rate=0.1,                # ρ: share of units dropped per sample, in [0, 1); the mass rule's cap, in (0, 1)
           mass=0.5,                # m: the share of each sample's positive attribution the mass rule drops, (0, 1]
+          ramp_epochs=0.0,         # > 0: grow the drop (ρ's count or m) linearly from 0 over this many epochs
           granularity="element",   # element | spatial | channel
           target="true",           # attribute the true class or the predicted one
           rescale=False,           # multiply the kept units by 1/(1-ρ)

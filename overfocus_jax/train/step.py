@@ -50,8 +50,8 @@ def make_train_step(model: Model, tx: optax.GradientTransformation, *, schedule:
     images, labels = batch["image"], batch["label"]
     rng, step_key = jax.random.split(state.rng)
     frozen = jax.lax.stop_gradient(state.variables)
-    info = StepInfo(step=state.step, epoch=state.step // steps_per_epoch, images=images, variables=frozen,
-                    encode=infer_encode, classify=infer_classify)
+    info = StepInfo(step=state.step, epoch=state.step // steps_per_epoch, steps_per_epoch=steps_per_epoch,
+                    images=images, variables=frozen, encode=infer_encode, classify=infer_classify)
 
     def loss_fn(params):
       variables = {"params": params, "batch_stats": state.batch_stats}
