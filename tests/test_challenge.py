@@ -163,7 +163,7 @@ def test_sgdrop_predicted_target_attributes_the_argmax():
 @pytest.mark.parametrize("kwargs", [dict(rate=1.0), dict(rate=-0.1), dict(granularity="pixel"),
                                     dict(target="other"), dict(batch_fraction=0.0), dict(rule="topk"),
                                     dict(rule="mass", mass=0.0), dict(rule="mass", mass=1.2),
-                                    dict(rule="mass", rate=0.0)])
+                                    dict(rule="mass", rate=0.0), dict(ramp_epochs=-1.0)])
 def test_sgdrop_rejects_bad_arguments(kwargs):
   with pytest.raises(ValueError):
     sgdrop.sgdrop(**kwargs)
@@ -374,6 +374,7 @@ def test_regularizer_on_a_model_without_a_split_is_a_user_error():
     ("--config.regularizer.sgdrop.rule=topk", "regularizer.sgdrop.rule"),
     ("--config.regularizer.sgdrop.mass=0", "regularizer.sgdrop.mass"),
     ("--config.regularizer.sgdrop.mass=1.5", "regularizer.sgdrop.mass"),
+    ("--config.regularizer.sgdrop.ramp_epochs=-1", "regularizer.sgdrop.ramp_epochs"),
 ])
 def test_bad_regularizer_config_is_a_one_line_error(override, fragment, tmp_path, capsys):
   code = cli_main(["train", "--workdir", str(tmp_path / "wd"), override])
