@@ -224,6 +224,10 @@ def test_ramp_grows_the_drop_from_nothing_over_the_ramp(rule):
   # share 0.1 → 5.5, the 10 alone; share 0.5 → 27.5, 10 + 9 + 8 = 27 falls short, so 4 units; share 1 → the cap, 5
   assert dropped == ({0: 1, 4: 3, 9: 5, 25: 5} if rule == "quantile" else {0: 1, 4: 4, 9: 5, 25: 5})
   assert int(np.sum(np.asarray(unramped) == 0)) == 5
+  # rescaled during the ramp, the kept units are scaled by N / kept: at step 0 one unit is dropped, so by 10 / 9
+  rescaled, _ = apply_once(sgdrop.sgdrop(rule=rule, rate=0.5, mass=1.0, ramp_epochs=1, rescale=True), head, z,
+                           jnp.array([0]), jax.random.PRNGKey(0), StepInfo(step=0, steps_per_epoch=10))
+  np.testing.assert_allclose(np.asarray(rescaled).ravel()[0], 1.0 * 10 / 9, rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------ RSC

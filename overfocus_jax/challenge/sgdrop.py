@@ -115,8 +115,9 @@ def sgdrop(*, rate: float = 0.1, granularity: str = "element", target: str = "tr
   """The SGDrop regularizer (see the module docstring); ``ema_decay`` in (0, 1) attributes with an EMA teacher.
 
   ``rule="quantile"`` (the paper's) drops ⌈ρN⌉ units per sample; ``rule="mass"`` the fewest units holding a share
-  ``mass`` of the positive attribution, at most ⌈ρN⌉ (``rate`` is then the cap, in (0, 1); ``rescale`` multiplies each
-  sample's kept units by N / kept). ``ramp_epochs > 0`` grows the drop from nothing over that many epochs.
+  ``mass`` of the positive attribution, at most ⌈ρN⌉ (``rate`` is then the cap, in (0, 1)). ``ramp_epochs > 0`` grows
+  the drop from nothing over that many epochs. ``rescale`` multiplies the kept units by 1/(1 − ρ) under the unramped
+  quantile rule (the paper's), and otherwise by N / kept, per sample.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -162,7 +163,8 @@ def sgdrop(*, rate: float = 0.1, granularity: str = "element", target: str = "tr
                                               info.encode(teacher, info.images), labels, target)
     mask = saliency_mask(attribution, rate, granularity, rule=rule, mass=mass, scale=ramp_scale(info, ramp_epochs))
     chosen = choose_samples(key, z.shape[0], batch_fraction).reshape((-1,) + (1,) * (z.ndim - 1))
-    multiplier = jnp.where(chosen, mask * (rescale_factor if rule == "quantile" else kept_scale(mask, rescale)), 1.0)
+    fixed_count = rule == "quantile" and not ramp_epochs  # then every sample drops ⌈ρN⌉: today's 1/(1-ρ) rescale
+    multiplier = jnp.where(chosen, mask * (rescale_factor if fixed_count else kept_scale(mask, rescale)), 1.0)
     dropped = jnp.where(chosen, mask, 1.0) * jnp.ones_like(z)
     metrics = {"sgdrop_dropped_fraction": dropped_fraction(dropped),
                "sgdrop_batch_fraction": jnp.mean(chosen.astype(jnp.float32))}
