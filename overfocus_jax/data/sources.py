@@ -140,14 +140,14 @@ def load_dataset(spec: str, *, data_dir: str | None = None) -> ImageDataset:
   kind, separator, arg = spec.partition(':')
   if kind == 'mnist5k_shortcut':
     correlation = shifts.parse_correlation(spec, arg.strip())
-    return _with_shortcut(_load_mnist5k('mnist5k'), correlation, name=spec)
+    base = _load_mnist5k('mnist5k')
+    return _replace_images(base, *shifts.stamp_shortcut(base.train.images, base.train.labels, base.test.images,
+                                                        correlation), name=spec)
   if kind == 'mnist5k_color':
     correlation = shifts.parse_correlation(spec, arg.strip())
-    base = _load_mnist5k('mnist5k')
-    train, test = shifts.tint_shortcut(base.train.images, base.train.labels, base.test.images, correlation)
-    # normalised like its clean counterpart for every P, as the patch dataset is normalised like mnist5k
-    return dataclasses.replace(_load_mnist5k_rgb('mnist5k_rgb'), name=spec, train=ArraySource(train, base.train.labels),
-                               test=ArraySource(test, base.test.labels))
+    rgb = _load_mnist5k_rgb('mnist5k_rgb')  # normalised like its clean counterpart, whatever P
+    return _replace_images(rgb, *shifts.tint_shortcut(rgb.train.images, rgb.train.labels, rgb.test.images,
+                                                      correlation), name=spec)
   if not separator or kind not in ('tfds', 'idx', 'npz'):
     raise UserError(f'unknown dataset {spec!r}', f'use one of {VALID_SPECS}')
   arg = arg.strip()
@@ -159,11 +159,11 @@ def load_dataset(spec: str, *, data_dir: str | None = None) -> ImageDataset:
   return _load_idx(spec, path) if kind == 'idx' else _load_npz(spec, path)
 
 
-def _with_shortcut(dataset: ImageDataset, correlation: float, *, name: str) -> ImageDataset:
-  """``dataset`` with the shifts.py shortcut patch planted in its train and test images."""
-  train, test = shifts.stamp_shortcut(dataset.train.images, dataset.train.labels, dataset.test.images, correlation)
-  return dataclasses.replace(dataset, name=name, train=ArraySource(train, dataset.train.labels),
-                             test=ArraySource(test, dataset.test.labels))
+def _replace_images(clean: ImageDataset, train_images, test_images, *, name: str) -> ImageDataset:
+  """``clean`` with a shortcut's images: labels and normalisation statistics stay the clean dataset's, so the cue
+  (a patch, a colour) does not move the statistics and every ``P`` is normalised alike."""
+  return dataclasses.replace(clean, name=name, train=ArraySource(train_images, clean.train.labels),
+                             test=ArraySource(test_images, clean.test.labels))
 
 
 def _load_mnist5k_rgb(spec: str) -> ImageDataset:
