@@ -18,20 +18,10 @@ import pathlib
 import statistics
 import sys
 
+from methods import METHODS  # experiments/methods.py, beside this script
+
 HERE = pathlib.Path(__file__).resolve().parent
 CONFIGS = ("default", "shortcut", "resnet18", "attention", "focus", "corner")
-# name -> config overrides on top of the config file
-METHODS = {
-    "erm": [("regularizer.name", "none")],
-    "sgdrop": [("regularizer.name", "sgdrop")],  # whatever the default config's SGDrop fields are
-    "sgdrop_paper": [("regularizer.name", "sgdrop"), ("regularizer.sgdrop.rule", "quantile"),
-                     ("regularizer.sgdrop.rate", "0.1"), ("regularizer.sgdrop.granularity", "element")],
-    **{f"sgdrop_mass_{m}": [("regularizer.name", "sgdrop"), ("regularizer.sgdrop.rule", "mass"),
-                            ("regularizer.sgdrop.mass", str(m)), ("regularizer.sgdrop.rate", "0.5"),
-                            ("regularizer.sgdrop.granularity", "element")] for m in (0.25, 0.5, 0.75)},
-    "rsc": [("regularizer.name", "rsc")],
-    "rsc_domainbed": [("regularizer.name", "rsc_domainbed")],
-}
 
 
 def run_one(config_name: str, method: str, seed: int, epochs: int | None, runs_dir: pathlib.Path) -> dict:
@@ -78,7 +68,8 @@ def table(results: list[dict], configs, methods) -> str:
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
-  parser.add_argument("--methods", nargs="+", default=["erm", "sgdrop", "rsc"], choices=sorted(METHODS))
+  parser.add_argument("--methods", nargs="+", default=["erm", "sgdrop", "rsc"], choices=sorted(METHODS), metavar="METHOD",
+                      help="names from experiments/methods.py")
   parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
   parser.add_argument("--epochs", type=int, help="override every config's num_epochs")
   parser.add_argument("--out", default=str(HERE / "results" / "no_collapse.jsonl"))

@@ -18,43 +18,10 @@ import pathlib
 import statistics
 import sys
 
+from methods import METHODS  # experiments/methods.py, beside this script
+
 HERE = pathlib.Path(__file__).resolve().parent
 
-# name -> config overrides (FIELD, VALUE) on top of experiments/configs/shortcut.py
-METHODS = {
-    "erm": [],
-    "sgdrop_element_0.1": [("regularizer.name", "sgdrop")],
-    "sgdrop_element_0.03": [("regularizer.name", "sgdrop"), ("regularizer.sgdrop.rate", "0.03")],
-    "sgdrop_element_0.3": [("regularizer.name", "sgdrop"), ("regularizer.sgdrop.rate", "0.3")],
-    "sgdrop_spatial_0.1": [("regularizer.name", "sgdrop"), ("regularizer.sgdrop.granularity", "spatial")],
-    "sgdrop_spatial_0.3": [("regularizer.name", "sgdrop"), ("regularizer.sgdrop.granularity", "spatial"),
-                           ("regularizer.sgdrop.rate", "0.3")],
-    "sgdrop_channel_0.1": [("regularizer.name", "sgdrop"), ("regularizer.sgdrop.granularity", "channel")],
-    "sgdrop_channel_0.3": [("regularizer.name", "sgdrop"), ("regularizer.sgdrop.granularity", "channel"),
-                           ("regularizer.sgdrop.rate", "0.3")],
-    "sgdrop_element_0.1_ema": [("regularizer.name", "sgdrop"), ("regularizer.sgdrop.ema_decay", "0.99")],
-    "sgdrop_spatial_0.3_ema": [("regularizer.name", "sgdrop"), ("regularizer.sgdrop.granularity", "spatial"),
-                               ("regularizer.sgdrop.rate", "0.3"), ("regularizer.sgdrop.ema_decay", "0.99")],
-    "sgdrop_default": [("regularizer.name", "sgdrop")],  # whatever the default config's SGDrop fields are
-    "sgdrop_paper": [("regularizer.name", "sgdrop"), ("regularizer.sgdrop.rule", "quantile"),
-                     ("regularizer.sgdrop.rate", "0.1"), ("regularizer.sgdrop.granularity", "element")],
-    **{f"sgdrop_mass_{m}": [("regularizer.name", "sgdrop"), ("regularizer.sgdrop.rule", "mass"),
-                            ("regularizer.sgdrop.mass", str(m)), ("regularizer.sgdrop.rate", "0.5"),
-                            ("regularizer.sgdrop.granularity", "element")] for m in (0.1, 0.25, 0.5, 0.75, 0.9)},
-    **{f"sgdrop_mass_spatial_{m}": [("regularizer.name", "sgdrop"), ("regularizer.sgdrop.rule", "mass"),
-                                    ("regularizer.sgdrop.mass", str(m)), ("regularizer.sgdrop.rate", "0.5"),
-                                    ("regularizer.sgdrop.granularity", "spatial")] for m in (0.25, 0.5, 0.75)},
-    **{f"sgdrop_mass_{m}_ramp{r}": [("regularizer.name", "sgdrop"), ("regularizer.sgdrop.rule", "mass"),
-                                    ("regularizer.sgdrop.mass", str(m)), ("regularizer.sgdrop.rate", "0.5"),
-                                    ("regularizer.sgdrop.granularity", "element"),
-                                    ("regularizer.sgdrop.ramp_epochs", str(r))]
-       for m in (0.25, 0.5, 0.75) for r in (1, 2)},
-    **{f"sgdrop_paper_ramp{r}": [("regularizer.name", "sgdrop"), ("regularizer.sgdrop.rule", "quantile"),
-                                 ("regularizer.sgdrop.rate", "0.1"), ("regularizer.sgdrop.granularity", "element"),
-                                 ("regularizer.sgdrop.ramp_epochs", str(r))] for r in (1, 2)},
-    "rsc": [("regularizer.name", "rsc")],
-    "rsc_domainbed": [("regularizer.name", "rsc_domainbed")],
-}
 DEFAULT_METHODS = ("erm", "sgdrop_element_0.1", "sgdrop_spatial_0.3", "rsc", "rsc_domainbed")
 
 
@@ -116,7 +83,8 @@ def table(results: list[dict], methods) -> str:
 
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=sorted(METHODS))
+  parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=sorted(METHODS), metavar="METHOD",
+                      help="names from experiments/methods.py")
   parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
   parser.add_argument("--out", default=str(HERE / "results" / "shortcut.jsonl"))
   parser.add_argument("--runs-dir", default="runs/shortcut")

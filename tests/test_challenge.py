@@ -182,11 +182,27 @@ def test_sgdrop_rejects_bad_arguments(kwargs):
     (0.6, 0.3, [2, 0, 2, 0, 2, 0, 0, 0, 0, 0], [0, 2]),       # total 6: ties, lower index first; 2 + 2 ≥ 3.6
     (0.5, 0.3, [-3, 2, 0, 2, 0, 0, 0, 0, 0, 0], [1]),         # negative scores count as 0: total 4, the first 2
     (0.25, 0.1, [9, 8, 7, 6, 5, 4, 3, 2, 1, 0], [0]),         # total 45: a quarter needs 9 + 8, the cap ⌈1⌉ is 1
+    (1.0, 0.9, [5], []),                                      # one unit (a 1×1 map): never emptied
+    (1.0, 0.9, [5, 1], [0]),                                  # ⌈0.9 · 2⌉ = 2, but one unit always stays
 ])
 def test_mass_drop_mask_hand_built(share, cap, scores, dropped):
   expected = np.ones((1, len(scores)), np.float32)
   expected[0, dropped] = 0.0
   np.testing.assert_array_equal(masks.mass_drop_mask(jnp.array([scores], jnp.float32), share, cap), expected)
+
+
+def test_mass_rule_never_empties_a_one_by_one_map():
+  """Spatial units on a 1×1 map: the quantile rule drops the only position (the paper's rule, unchanged); the mass
+  rule keeps it, whatever its share and cap."""
+  weights = jnp.ones((8, 1))
+  z = jnp.arange(1.0, 9.0).reshape(1, 1, 1, 8)
+  mass_out, metrics = apply_once(sgdrop.sgdrop(rule="mass", mass=1.0, rate=0.9, granularity="spatial"),
+                                 linear_pool_head(weights), z, jnp.array([0]), jax.random.PRNGKey(0))
+  np.testing.assert_array_equal(mass_out, z)
+  assert float(metrics["sgdrop_dropped_fraction"]) == 0.0
+  quantile_out, _ = apply_once(sgdrop.sgdrop(rule="quantile", rate=0.1, granularity="spatial"),
+                               linear_pool_head(weights), z, jnp.array([0]), jax.random.PRNGKey(0))
+  assert not np.any(np.asarray(quantile_out))
 
 
 def test_mass_rule_in_sgdrop_follows_the_concentration_not_the_unit_count():

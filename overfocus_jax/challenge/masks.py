@@ -13,7 +13,8 @@ the lower index is dropped first (``lax.top_k`` returns lower indices first). ``
 sort. Masks are constants for autodiff: no gradient flows through them.
 
 Attribution-mass masks (:func:`mass_drop_mask`) drop, per row of non-negative scores, the fewest highest-scored
-entries whose scores sum to a share :math:`m` of the row's total, at most :math:`K = \lceil c N \rceil` of them:
+entries whose scores sum to a share :math:`m` of the row's total, at most :math:`K = \min(\lceil c N \rceil, N - 1)`
+of them — the rule always keeps at least one unit, so a 1×1 map or a single channel is never emptied:
 
 .. math::
 
@@ -60,15 +61,23 @@ def count_holding_share(descending: jax.Array, total: jax.Array, share: float) -
   return jnp.minimum(jnp.sum(short, axis=-1) + 1, descending.shape[-1])
 
 
+def mass_cap(max_fraction: float, size: int) -> int:
+  """K = min(⌈max_fraction · size⌉, size − 1): the most units the mass rule drops in a row; one always stays."""
+  return min(drop_count(max_fraction, size), size - 1)
+
+
 def mass_drop_mask(scores: jax.Array, share: float, max_fraction: float) -> jax.Array:
   """``scores`` (B, N) ≥ 0 → float mask (B, N): 0 at the fewest top scores holding ``share`` of each row's total,
-  at most ⌈max_fraction·N⌉ of them (see the module docstring); 1 elsewhere. Negative scores count as 0."""
+  at most min(⌈max_fraction·N⌉, N − 1) of them (see the module docstring); 1 elsewhere. Negative scores count
+  as 0."""
   if isinstance(share, (int, float)) and not 0 < share <= 1:  # a traced share (a ramp) is checked by its maker
     raise ValueError(f"attribution mass share must be in (0, 1], got {share=}")
   if not 0 < max_fraction < 1:
     raise ValueError(f"max drop fraction must be in (0, 1), got {max_fraction=}")
   batch, size = scores.shape
-  cap = drop_count(max_fraction, size)
+  cap = mass_cap(max_fraction, size)
+  if cap == 0:  # a single unit: dropping it would leave the classifier nothing
+    return jnp.ones_like(scores)
   scores = jax.nn.relu(jax.lax.stop_gradient(scores))
   values, indices = jax.lax.top_k(scores, cap)  # the cap's worth, largest first
   total = jnp.sum(scores, axis=-1, keepdims=True)

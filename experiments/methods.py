@@ -1,0 +1,52 @@
+"""The named regularizer settings the experiment scripts compare: name -> config overrides ``[(FIELD, VALUE)]``.
+
+Shared by ``shortcut.py`` and ``no_collapse.py`` so that a name means the same run in every table. SGDrop names:
+
+- ``sgdrop_{granularity}_{rho}``: the paper's quantile rule, ⌈ρN⌉ units dropped;
+- ``sgdrop_paper``: the paper's rule at the paper's setting (quantile, element, ρ = 0.1), whatever the defaults;
+- ``sgdrop_mass[_{granularity}]_{m}[_ramp{r}][_half]``: the attribution-mass rule with share ``m`` and cap
+  ``rate=0.5``, element units unless a granularity is named, the drop ramped in over ``r`` epochs if named, on a
+  random half of each batch (``batch_fraction=0.5``) if ``_half``;
+- ``sgdrop``: whatever the config's SGDrop fields are (the library's default on the shipped configs).
+"""
+
+SGDROP = ("regularizer.name", "sgdrop")
+MASS_SHARES = (0.1, 0.25, 0.5, 0.75, 0.9)
+RAMPS = (1, 2)
+MASS_CAP = 0.5
+
+
+def sgdrop(**fields) -> list[tuple[str, str]]:
+  """``sgdrop(rule="mass", mass=0.5)`` -> ``[("regularizer.name", "sgdrop"), ("regularizer.sgdrop.rule", "mass"),
+  ...]``."""
+  return [SGDROP] + [(f"regularizer.sgdrop.{field}", str(value)) for field, value in fields.items()]
+
+
+def _mass_methods() -> dict[str, list[tuple[str, str]]]:
+  methods = {}
+  for granularity, infix in (("element", ""), ("spatial", "spatial_"), ("channel", "channel_")):
+    for share in MASS_SHARES:
+      base = dict(rule="mass", mass=share, rate=MASS_CAP, granularity=granularity)
+      for ramp in (0,) + RAMPS:
+        for half in (False, True):
+          name = f"sgdrop_mass_{infix}{share}{f'_ramp{ramp}' if ramp else ''}{'_half' if half else ''}"
+          methods[name] = sgdrop(**base, **({"ramp_epochs": ramp} if ramp else {}),
+                                 **({"batch_fraction": 0.5} if half else {}))
+  return methods
+
+
+METHODS = {
+    "erm": [("regularizer.name", "none")],
+    "sgdrop": [SGDROP],
+    "sgdrop_paper": sgdrop(rule="quantile", rate=0.1, granularity="element"),
+    **{f"sgdrop_paper_ramp{ramp}": sgdrop(rule="quantile", rate=0.1, granularity="element", ramp_epochs=ramp)
+       for ramp in RAMPS},
+    "sgdrop_paper_half": sgdrop(rule="quantile", rate=0.1, granularity="element", batch_fraction=0.5),
+    **{f"sgdrop_{granularity}_{rate}": sgdrop(rule="quantile", rate=rate, granularity=granularity)
+       for granularity in ("element", "spatial", "channel") for rate in (0.03, 0.1, 0.3)},
+    "sgdrop_element_0.1_ema": sgdrop(rule="quantile", rate=0.1, granularity="element", ema_decay=0.99),
+    "sgdrop_spatial_0.3_ema": sgdrop(rule="quantile", rate=0.3, granularity="spatial", ema_decay=0.99),
+    **_mass_methods(),
+    "rsc": [("regularizer.name", "rsc")],
+    "rsc_domainbed": [("regularizer.name", "rsc_domainbed")],
+}
