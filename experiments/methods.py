@@ -7,7 +7,8 @@ Shared by ``shortcut.py`` and ``no_collapse.py`` so that a name means the same r
 - ``sgdrop_mass[_{granularity}]_{m}[_ramp{r}][_half]``: the attribution-mass rule with share ``m`` and cap
   ``rate=0.5``, element units unless a granularity is named, the drop ramped in over ``r`` epochs if named, on a
   random half of each batch (``batch_fraction=0.5``) if ``_half``;
-- ``sgdrop``: whatever the config's SGDrop fields are (the library's default on the shipped configs).
+- ``sgdrop``: whatever the config's SGDrop fields are (the library's default on the shipped configs; today the same
+  run as ``sgdrop_mass_spatial_0.5_ramp1_half``).
 """
 
 SGDROP = ("regularizer.name", "sgdrop")
@@ -16,10 +17,22 @@ RAMPS = (1, 2)
 MASS_CAP = 0.5
 
 
+# Every field a name does not set is the paper's, whatever the library's defaults are: a name always means the same
+# run (the results files hold runs from before the defaults changed).
+PAPER_FIELDS = dict(rule="quantile", rate=0.1, mass=0.5, granularity="element", batch_fraction=1.0, ramp_epochs=0,
+                    rescale=False, target="true", ema_decay=0.0)
+
+
 def sgdrop(**fields) -> list[tuple[str, str]]:
   """``sgdrop(rule="mass", mass=0.5)`` -> ``[("regularizer.name", "sgdrop"), ("regularizer.sgdrop.rule", "mass"),
-  ...]``."""
-  return [SGDROP] + [(f"regularizer.sgdrop.{field}", str(value)) for field, value in fields.items()]
+  ...]``, every SGDrop field set (``PAPER_FIELDS`` for those not given)."""
+  return [SGDROP] + [(f"regularizer.sgdrop.{field}", str(value)) for field, value in {**PAPER_FIELDS, **fields}.items()]
+
+
+def regularizer_fields(config) -> dict:
+  """The regularizer's settings the run actually used (a name like ``sgdrop`` follows the library's defaults)."""
+  name = config.regularizer.name
+  return config.regularizer[name].to_dict() if name in config.regularizer else {}
 
 
 def _mass_methods() -> dict[str, list[tuple[str, str]]]:
@@ -38,7 +51,7 @@ def _mass_methods() -> dict[str, list[tuple[str, str]]]:
 METHODS = {
     "erm": [("regularizer.name", "none")],
     "sgdrop": [SGDROP],
-    "sgdrop_paper": sgdrop(rule="quantile", rate=0.1, granularity="element"),
+    "sgdrop_paper": sgdrop(),
     **{f"sgdrop_paper_ramp{ramp}": sgdrop(rule="quantile", rate=0.1, granularity="element", ramp_epochs=ramp)
        for ramp in RAMPS},
     "sgdrop_paper_half": sgdrop(rule="quantile", rate=0.1, granularity="element", batch_fraction=0.5),

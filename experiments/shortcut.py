@@ -8,8 +8,8 @@ markdown table of mean ± std over seeds.
 
 ``--kind patch`` trains on ``mnist5k_shortcut`` (clean test: ``mnist5k``), ``--kind color`` on ``mnist5k_color``
 (clean test: ``mnist5k_rgb``); ``--config`` is the base config (default: experiments/configs/shortcut.py),
-``--epochs`` overrides its epochs. Each record also keeps the first epoch's train accuracy, measured on the
-regularizer's masked batches: at or below chance, the regularizer collapsed training.
+``--epochs`` overrides its epochs. Each record also keeps the first epoch's train accuracy, on the whole batch and on
+the samples the regularizer masked alone: at or below chance there, the regularizer collapsed training.
 """
 
 import argparse
@@ -18,7 +18,7 @@ import pathlib
 import statistics
 import sys
 
-from methods import METHODS  # experiments/methods.py, beside this script
+from methods import METHODS, regularizer_fields  # experiments/methods.py, beside this script
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -59,14 +59,15 @@ def run_one(method: str, seed: int, runs_dir: pathlib.Path, *, kind: str = "patc
   return {"method": method, "seed": seed, "decorrelated_accuracy": summary["test_accuracy"],
           "clean_accuracy": clean["accuracy"], "train_accuracy": summary["train_accuracy"],
           "first_epoch_train_accuracy": first_epoch["train_accuracy"],
+          "first_epoch_masked_accuracy": first_epoch.get("train_regularized_accuracy"),
           "epochs": summary["epochs"], "wall_time_s": summary["wall_time_s"], "kind": kind,
           "config": config_path.name, "epochs_override": epochs, "model": config.model,
-          "overrides": dict(overrides)}
+          "overrides": dict(overrides), "regularizer_fields": regularizer_fields(config)}
 
 
 def table(results: list[dict], methods) -> str:
-  lines = ["| method | seeds | decorrelated test acc. | clean test acc. | train acc. | epoch-1 masked train acc. |",
-           "|---|---|---|---|---|---|"]
+  lines = ["| method | seeds | decorrelated test acc. | clean test acc. | train acc. | epoch-1 train acc. | "
+           "epoch-1 acc. on masked samples |", "|---|---|---|---|---|---|---|"]
   for method in methods:
     rows = [r for r in results if r["method"] == method]
     if not rows:
@@ -75,9 +76,10 @@ def table(results: list[dict], methods) -> str:
       values = [100 * r[key] for r in rows]
       spread = statistics.stdev(values) if len(values) > 1 else 0.0
       return f"{statistics.mean(values):.1f} ± {spread:.1f}"
-    first = fmt("first_epoch_train_accuracy") if all("first_epoch_train_accuracy" in r for r in rows) else "–"
+    known = lambda key: fmt(key) if all(r.get(key) is not None for r in rows) else "–"
     lines.append(f"| {method} | {len(rows)} | {fmt('decorrelated_accuracy')} | {fmt('clean_accuracy')} | "
-                 f"{fmt('train_accuracy')} | {first} |")
+                 f"{fmt('train_accuracy')} | {known('first_epoch_train_accuracy')} | "
+                 f"{known('first_epoch_masked_accuracy')} |")
   return "\n".join(lines)
 
 

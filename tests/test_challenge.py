@@ -1,5 +1,6 @@
 """SGDrop and RSC: exact masks, hand-built examples, gradients, EMA teacher, jit, bad input."""
 
+import json
 import math
 
 import chex
@@ -13,6 +14,15 @@ from overfocus_jax.challenge import NONE, StepInfo, attribution, build_regulariz
 from overfocus_jax.cli import main as cli_main
 from overfocus_jax.models import build_model
 from overfocus_jax.train import step as step_lib
+
+
+# The paper's unit and batch (element units, every sample), on which the hand-built cases below are written; the
+# library's defaults (spatial units, half of each batch) are tested in test_sgdrop_defaults.py.
+PAPER_SETTING = dict(rule="quantile", granularity="element", batch_fraction=1.0, ramp_epochs=0.0)
+
+
+def paper_sgdrop(**fields):
+  return sgdrop.sgdrop(**{**PAPER_SETTING, **fields})
 
 
 def apply_once(regularizer, classify_fn, z, labels, key, info=StepInfo(), variables=None):
@@ -81,7 +91,7 @@ def test_sgdrop_drops_the_most_salient_units_hand_built():
   # one channel, 2×2 positions; the head weights every position equally, so A = ReLU(z / 4)
   weights = jnp.array([[1.0, -1.0]])
   z = jnp.array([[[[0.1], [4.0]], [[2.0], [-3.0]]]])  # (1, 2, 2, 1)
-  out, metrics = apply_once(sgdrop.sgdrop(rate=0.5), linear_pool_head(weights), z, jnp.array([0]),
+  out, metrics = apply_once(paper_sgdrop(rate=0.5), linear_pool_head(weights), z, jnp.array([0]),
                             jax.random.PRNGKey(0))
   np.testing.assert_allclose(out[0, :, :, 0], [[0.1, 0.0], [0.0, -3.0]])  # 4.0 and 2.0 dropped
   assert float(metrics["sgdrop_dropped_fraction"]) == 0.5
@@ -107,7 +117,7 @@ def test_no_gradient_flows_through_the_mask():
   weights = jax.random.normal(jax.random.PRNGKey(2), (8, 10))
   z = jax.random.normal(jax.random.PRNGKey(3), (4, 3, 3, 8))
   labels = jnp.array([0, 1, 2, 3])
-  reg = sgdrop.sgdrop(rate=0.3, granularity="element")
+  reg = paper_sgdrop(rate=0.3, granularity="element")
   cotangent = jax.random.normal(jax.random.PRNGKey(4), z.shape)
   out, _ = apply_once(reg, linear_pool_head(weights), z, labels, jax.random.PRNGKey(0))
   grad = jax.grad(lambda zz: jnp.sum(apply_once(reg, linear_pool_head(weights), zz, labels, jax.random.PRNGKey(0))[0]
@@ -120,7 +130,7 @@ def test_sgdrop_rescale_and_batch_fraction():
   weights = jax.random.normal(jax.random.PRNGKey(2), (8, 10))
   z = jnp.abs(jax.random.normal(jax.random.PRNGKey(3), (8, 2, 2, 8))) + 0.1
   labels = jnp.arange(8)
-  out, metrics = apply_once(sgdrop.sgdrop(rate=0.25, rescale=True, batch_fraction=0.5),
+  out, metrics = apply_once(paper_sgdrop(rate=0.25, rescale=True, batch_fraction=0.5),
                             linear_pool_head(weights), z, labels, jax.random.PRNGKey(5))
   touched = np.any(np.asarray(out) != np.asarray(z), axis=(1, 2, 3))
   assert touched.sum() == 4 and float(metrics["sgdrop_batch_fraction"]) == 0.5
@@ -137,7 +147,7 @@ def test_sgdrop_attributes_with_its_ema_teacher_and_moves_it():
   classify = lambda variables, latent: jnp.sum(latent, axis=(1, 2, 3))[:, None]
   online = {"params": {"scale": jnp.array([5.0, 0.0])}, "batch_stats": {}}    # the online net finds channel 0 salient
   teacher = {"params": {"scale": jnp.array([0.0, 10.0])}, "batch_stats": {}}  # the teacher channel 1
-  reg = sgdrop.sgdrop(rate=0.5, ema_decay=0.9)
+  reg = paper_sgdrop(rate=0.5, ema_decay=0.9)
   info = StepInfo(images=jnp.ones((1, 1, 1, 2)), variables=online, encode=encode, classify=classify)
   out, state, _ = reg.apply({"ema": teacher}, lambda latent: classify(online, latent), z, jnp.array([0]),
                             jax.random.PRNGKey(0), info)
@@ -152,10 +162,10 @@ def test_sgdrop_attributes_with_its_ema_teacher_and_moves_it():
 def test_sgdrop_predicted_target_attributes_the_argmax():
   weights = jnp.array([[1.0, 0.0], [0.0, 1.0]])  # class c reads channel c
   z = jnp.array([[[[3.0, 1.0]]]])  # predicted class 0, true label 1
-  out, _ = apply_once(sgdrop.sgdrop(rate=0.5, target="predicted"), linear_pool_head(weights), z, jnp.array([1]),
+  out, _ = apply_once(paper_sgdrop(rate=0.5, target="predicted"), linear_pool_head(weights), z, jnp.array([1]),
                       jax.random.PRNGKey(0))
   np.testing.assert_array_equal(out.ravel(), [0.0, 1.0])
-  out, _ = apply_once(sgdrop.sgdrop(rate=0.5, target="true"), linear_pool_head(weights), z, jnp.array([1]),
+  out, _ = apply_once(paper_sgdrop(rate=0.5, target="true"), linear_pool_head(weights), z, jnp.array([1]),
                       jax.random.PRNGKey(0))
   np.testing.assert_array_equal(out.ravel(), [3.0, 0.0])
 
@@ -196,11 +206,11 @@ def test_mass_rule_never_empties_a_one_by_one_map():
   rule keeps it, whatever its share and cap."""
   weights = jnp.ones((8, 1))
   z = jnp.arange(1.0, 9.0).reshape(1, 1, 1, 8)
-  mass_out, metrics = apply_once(sgdrop.sgdrop(rule="mass", mass=1.0, rate=0.9, granularity="spatial"),
+  mass_out, metrics = apply_once(paper_sgdrop(rule="mass", mass=1.0, rate=0.9, granularity="spatial"),
                                  linear_pool_head(weights), z, jnp.array([0]), jax.random.PRNGKey(0))
   np.testing.assert_array_equal(mass_out, z)
   assert float(metrics["sgdrop_dropped_fraction"]) == 0.0
-  quantile_out, _ = apply_once(sgdrop.sgdrop(rule="quantile", rate=0.1, granularity="spatial"),
+  quantile_out, _ = apply_once(paper_sgdrop(rule="quantile", rate=0.1, granularity="spatial"),
                                linear_pool_head(weights), z, jnp.array([0]), jax.random.PRNGKey(0))
   assert not np.any(np.asarray(quantile_out))
 
@@ -209,15 +219,15 @@ def test_mass_rule_in_sgdrop_follows_the_concentration_not_the_unit_count():
   """One salient unit: the mass rule drops it alone; the quantile rule at the same ρ drops ⌈ρN⌉ units."""
   weights = jnp.ones((8, 1))  # one class reading every channel
   z = jnp.full((1, 1, 1, 8), 0.01).at[0, 0, 0, 3].set(10.0)  # channel 3 carries almost all the evidence
-  mass_out, metrics = apply_once(sgdrop.sgdrop(rule="mass", mass=0.5, rate=0.5), linear_pool_head(weights), z,
+  mass_out, metrics = apply_once(paper_sgdrop(rule="mass", mass=0.5, rate=0.5), linear_pool_head(weights), z,
                                  jnp.array([0]), jax.random.PRNGKey(0))
   np.testing.assert_array_equal(np.flatnonzero(np.asarray(mass_out).ravel() == 0), [3])
   assert float(metrics["sgdrop_dropped_fraction"]) == 1 / 8
-  quantile_out, _ = apply_once(sgdrop.sgdrop(rule="quantile", rate=0.5), linear_pool_head(weights), z,
+  quantile_out, _ = apply_once(paper_sgdrop(rule="quantile", rate=0.5), linear_pool_head(weights), z,
                                jnp.array([0]), jax.random.PRNGKey(0))
   assert int(np.sum(np.asarray(quantile_out) == 0)) == 4
   # rescaled, the mass rule scales each sample's kept units by N / kept: here 8 / 7
-  rescaled, _ = apply_once(sgdrop.sgdrop(rule="mass", mass=0.5, rate=0.5, rescale=True), linear_pool_head(weights), z,
+  rescaled, _ = apply_once(paper_sgdrop(rule="mass", mass=0.5, rate=0.5, rescale=True), linear_pool_head(weights), z,
                            jnp.array([0]), jax.random.PRNGKey(0))
   np.testing.assert_allclose(np.asarray(rescaled).ravel()[[0, 7]], [0.01 * 8 / 7] * 2, rtol=1e-6)
 
@@ -229,19 +239,19 @@ def test_ramp_grows_the_drop_from_nothing_over_the_ramp(rule):
   weights = jnp.ones((10, 1))
   z = jnp.arange(1.0, 11.0).reshape(1, 1, 1, 10)  # attribution ∝ z: unit 9 the largest
   head = linear_pool_head(weights)
-  reg = sgdrop.sgdrop(rule=rule, rate=0.5, mass=1.0, ramp_epochs=1)
+  reg = paper_sgdrop(rule=rule, rate=0.5, mass=1.0, ramp_epochs=1)
   dropped = {}
   for step in (0, 4, 9, 25):
     out, _ = apply_once(reg, head, z, jnp.array([0]), jax.random.PRNGKey(0), StepInfo(step=step, steps_per_epoch=10))
     dropped[step] = int(np.sum(np.asarray(out) == 0))
-  unramped, _ = apply_once(sgdrop.sgdrop(rule=rule, rate=0.5, mass=1.0), head, z, jnp.array([0]),
+  unramped, _ = apply_once(paper_sgdrop(rule=rule, rate=0.5, mass=1.0), head, z, jnp.array([0]),
                            jax.random.PRNGKey(0))
   # quantile: k = ⌈0.5·10⌉ = 5, scaled by 0.1, 0.5, 1 → 1, 3 (⌈2.5⌉), 5 units. mass (m = 1, cap 5), of a total 55:
   # share 0.1 → 5.5, the 10 alone; share 0.5 → 27.5, 10 + 9 + 8 = 27 falls short, so 4 units; share 1 → the cap, 5
   assert dropped == ({0: 1, 4: 3, 9: 5, 25: 5} if rule == "quantile" else {0: 1, 4: 4, 9: 5, 25: 5})
   assert int(np.sum(np.asarray(unramped) == 0)) == 5
   # rescaled during the ramp, the kept units are scaled by N / kept: at step 0 one unit is dropped, so by 10 / 9
-  rescaled, _ = apply_once(sgdrop.sgdrop(rule=rule, rate=0.5, mass=1.0, ramp_epochs=1, rescale=True), head, z,
+  rescaled, _ = apply_once(paper_sgdrop(rule=rule, rate=0.5, mass=1.0, ramp_epochs=1, rescale=True), head, z,
                            jnp.array([0]), jax.random.PRNGKey(0), StepInfo(step=0, steps_per_epoch=10))
   np.testing.assert_allclose(np.asarray(rescaled).ravel()[0], 1.0 * 10 / 9, rtol=1e-6)
 
@@ -351,7 +361,7 @@ def test_ema_teacher_in_the_step_moves_by_the_decay_toward_the_steps_variables(t
 
 def test_chain_two_regularizers_in_the_step(tiny):
   config, model, tx, schedule, state, batch = tiny
-  chained = chain(sgdrop.sgdrop(rate=0.1, ema_decay=0.5), rsc.rsc(batch_percent=0.5))
+  chained = chain(paper_sgdrop(rate=0.1, ema_decay=0.5), rsc.rsc(batch_percent=0.5))
   state = state.replace(regularizer_state=chained.init(state.variables))
   assert len(state.regularizer_state) == 2 and "ema" in state.regularizer_state[0]
   train_step = jax.jit(step_lib.make_train_step(model, tx, schedule=schedule, regularizer=chained))
@@ -429,7 +439,11 @@ def test_collapse_warning_names_the_fields_only_at_or_below_chance():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("regularizer, warns", [
-    (["--config.regularizer.name=sgdrop", "--config.regularizer.sgdrop.rate=0.9"], True),  # forced collapse
+    (["--config.regularizer.name=sgdrop", "--config.regularizer.sgdrop.rule=quantile",
+      "--config.regularizer.sgdrop.rate=0.9"], True),  # forced collapse
+    # Half of each batch masked: the batch accuracy stays above chance, the masked half's does not.
+    (["--config.regularizer.name=sgdrop", "--config.regularizer.sgdrop.rule=quantile",
+      "--config.regularizer.sgdrop.rate=0.9", "--config.regularizer.sgdrop.batch_fraction=0.5"], True),
     (["--config.regularizer.name=none"], False),
 ])
 def test_collapse_warning_fires_in_a_real_run(regularizer, warns, tmp_path, capsys):
@@ -440,3 +454,37 @@ def test_collapse_warning_fires_in_a_real_run(regularizer, warns, tmp_path, caps
   assert code == 0, captured.err  # the run goes on
   warnings = [line for line in captured.err.splitlines() if "warning: epoch 1" in line]
   assert len(warnings) == (1 if warns else 0), captured.err
+
+
+def test_idle_warning_only_when_a_regularizer_changed_nothing():
+  from overfocus_jax.train.loop import idle_warning
+  config = config_lib.build_config(None, [("regularizer.name", "sgdrop")])
+  line = idle_warning(config, 0.0, 3)
+  assert line.startswith("overfocus: warning: epoch 3: sgdrop changed no training sample")
+  assert "--config.regularizer.sgdrop.granularity=element" in line and "\n" not in line
+  assert idle_warning(config, 0.5, 3) is None and idle_warning(config, None, 3) is None
+  assert idle_warning(config_lib.build_config(None, []), 0.0, 3) is None  # ERM changes nothing by design
+
+
+def test_regularized_sample_metrics_count_only_the_changed_samples():
+  from overfocus_jax.train.step import regularized_sample_metrics
+  z = jnp.ones((4, 2, 2, 3))
+  regularized = z.at[1, 0, 0, 0].set(0.0).at[3].set(0.0)  # samples 1 and 3 changed
+  logits = jnp.eye(3)[jnp.array([0, 1, 2, 0])]              # predicts 0, 1, 2, 0
+  labels = jnp.array([0, 1, 0, 1])                           # right on 0 and 1 only
+  metrics = regularized_sample_metrics(z, regularized, logits, labels)
+  assert float(metrics["regularized_share"]) == 0.5
+  assert float(metrics["regularized_hits"]) == 0.25         # sample 1: changed and right; sample 3: wrong
+
+
+def test_partial_batch_records_the_accuracy_of_the_masked_samples(tmp_path, capsys):
+  """metrics.jsonl's train_regularized_accuracy is the masked samples' own: with ρ = 0.9 on half of each batch it
+  is far below the batch accuracy, which the untouched half lifts."""
+  from conftest import BASE_RUN_ARGS
+  code = cli_main(["train", "--workdir", str(tmp_path / "wd"), *BASE_RUN_ARGS, "--config.num_epochs=2",
+                   "--config.regularizer.name=sgdrop", "--config.regularizer.sgdrop.rule=quantile",
+                   "--config.regularizer.sgdrop.rate=0.9", "--config.regularizer.sgdrop.batch_fraction=0.5"])
+  assert code == 0, capsys.readouterr().err
+  last = json.loads((tmp_path / "wd" / "metrics.jsonl").read_text().splitlines()[-1])
+  assert 0.4 < last["train_regularized_share"] < 0.6
+  assert last["train_regularized_accuracy"] < last["train_accuracy"] - 0.1

@@ -40,7 +40,7 @@ BUILDERS: dict[str, Callable[[ml_collections.ConfigDict], Regularizer]] = {
 NAMES = tuple(BUILDERS)
 # The fields of each regularizer's group that set how much it drops: what to lower when training collapses.
 STRENGTH_FIELDS = {
-    "sgdrop": ("rate", "rule", "mass", "ramp_epochs"),
+    "sgdrop": ("mass", "rate", "batch_fraction", "ramp_epochs", "rule"),
     "rsc": ("spatial_fraction", "channel_fraction", "batch_percent"),
     "rsc_domainbed": ("feature_drop", "batch_drop"),
 }

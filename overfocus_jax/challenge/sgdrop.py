@@ -24,6 +24,28 @@ spread thin, and taking half of it away before it has learned anything stops it 
 positions (attribution summed over channels) or channels (summed over positions). No gradient flows through
 ``M``.
 
+**The library's default departs from the paper.** The paper's rule at its setting (``rule="quantile"``, ρ = 0.1 of
+the elements, every sample) removes all of the class evidence on most of the shipped models: its masked samples
+train at or below chance in epoch 1 (4.8% on the default model, 2.3% on ``focus``, 3.0% on ``corner``) and ``corner``
+ends 24 points below ERM. The default is instead ``rule="mass"``, ``mass=0.5``, ``rate=0.5`` (the cap),
+``granularity="spatial"``, ``batch_fraction=0.5``, ``ramp_epochs=1``: drop the fewest *positions* holding half of
+the sample's attribution (at most half of them, never all), on a random half of each batch, the share growing from
+nothing over the first epoch. Each part was measured (experiments/README.md, "SGDrop's defaults", commands beside
+every number):
+
+- the mass rule follows how concentrated the evidence is, where a share of units follows the latent's shape;
+- positions, not elements: a shortcut sits at a place, and dropping a position removes it from every channel;
+- half of each batch stays whole, so the network always sees the full evidence of some samples and cannot collapse
+  (RSC masks part of the batch for the same reason);
+- the ramp keeps the masked samples above chance in the first epoch, when an untrained network's few right answers
+  rest on the units the mask takes.
+
+On the planted patch with the shortcut config it gains about 11 points over ERM on decorrelated test images (the
+paper's rule about 6); on the default config it matches ERM. It does **not** help against a colour cue (a global
+feature in every position and channel, which no latent mask can take out): no SGDrop variant nor RSC beats ERM there.
+``sgdrop(rule="quantile", rate=0.1, granularity="element", batch_fraction=1, ramp_epochs=0)`` is the paper's rule,
+exactly as before.
+
 In the paper the attribution comes from an EMA copy :math:`(\phi', \psi')` of the network,
 :math:`A_{\psi'}(\phi'(x), c)`, and the mask multiplies the online :math:`z`. With ``ema_decay=d`` that teacher is
 SGDrop's own state: ``init`` copies the initial variables, and each step first moves it toward the online
@@ -109,22 +131,26 @@ def update_teacher(teacher_variables, online_variables, decay: float):
   return optax.incremental_update(online_variables, teacher_variables, step_size=1.0 - decay)
 
 
-def sgdrop(*, rate: float = 0.1, granularity: str = "element", target: str = "true", rescale: bool = False,
-           batch_fraction: float = 1.0, ema_decay: float | None = None, rule: str = "quantile",
-           mass: float = 0.5, ramp_epochs: float = 0.0) -> Regularizer:
+def sgdrop(*, rule: str = "mass", mass: float = 0.5, rate: float = 0.5, granularity: str = "spatial",
+           batch_fraction: float = 0.5, target: str = "true", rescale: bool = False, ema_decay: float | None = None,
+           ramp_epochs: float = 1.0) -> Regularizer:
   """The SGDrop regularizer (see the module docstring); ``ema_decay`` in (0, 1) attributes with an EMA teacher.
 
+  The defaults are the library's (the config's): the mass rule, half of the attribution, at most half of the
+  positions, on half of each batch, ramped in over the first epoch. ``sgdrop(rule="quantile", rate=0.1,
+  granularity="element", batch_fraction=1, ramp_epochs=0)`` is the paper's setting.
+
   ``rule="quantile"`` (the paper's) drops ⌈ρN⌉ units per sample; ``rule="mass"`` the fewest units holding a share
-  ``mass`` of the positive attribution, at most ⌈ρN⌉ (``rate`` is then the cap, in (0, 1)). ``ramp_epochs > 0`` grows
-  the drop from nothing over that many epochs. ``rescale`` multiplies the kept units by 1/(1 − ρ) under the unramped
-  quantile rule (the paper's), and otherwise by N / kept, per sample.
+  ``mass`` of the positive attribution, at most min(⌈ρN⌉, N − 1) (``rate`` is then the cap, in (0, 1)).
+  ``ramp_epochs > 0`` grows the drop from nothing over that many epochs. ``rescale`` multiplies the kept units by
+  1/(1 − ρ) under the unramped quantile rule (the paper's), and otherwise by N / kept, per sample.
 
   Examples:
     >>> import jax, jax.numpy as jnp
     >>> w = jnp.arange(4.0)                                       # a linear head: logit_c = Σ z · w_c
     >>> classify_fn = lambda z: jnp.stack([-(z.reshape(1, -1) @ w), z.reshape(1, -1) @ w], -1)[..., 0]
     >>> z = jnp.ones((1, 1, 1, 4))
-    >>> reg = sgdrop(rate=0.25)
+    >>> reg = sgdrop(rule="quantile", rate=0.25, granularity="element", batch_fraction=1.0)  # the paper's rule
     >>> z_masked, state, metrics = reg.apply(reg.init({}), classify_fn, z, jnp.array([1]), jax.random.PRNGKey(0),
     ...                                      StepInfo())
     >>> z_masked.ravel().tolist()                                 # the most salient unit (w = 3) is dropped

@@ -42,16 +42,30 @@ def collapse_warning(config: ml_collections.ConfigDict, train_accuracy: float, n
                      epoch: int) -> str | None:
   """One warning line when a regularizer's masked train accuracy is at or below chance after an epoch, else None.
 
-  The train accuracy is measured on the regularizer's masked batches: at chance, the masks remove all of the class
-  evidence and the network cannot learn (the run goes on; the line names the fields that set how much is dropped).
+  ``train_accuracy`` is the accuracy on the samples the regularizer masked (``train_regularized_accuracy``): at
+  chance, the masks remove all of the class evidence and the network cannot learn from those samples (the run goes
+  on; the line names the fields that set how much is dropped).
   """
   name = config.regularizer.name
   chance = 1.0 / num_classes
   if name == "none" or train_accuracy > chance:
     return None
   flags = ", ".join(f"--config.regularizer.{name}.{field}" for field in STRENGTH_FIELDS.get(name, ()))
-  return (f"overfocus: warning: epoch {epoch}: train accuracy {train_accuracy:.3f} on {name}-masked batches is at or "
+  return (f"overfocus: warning: epoch {epoch}: train accuracy {train_accuracy:.3f} on {name}-masked samples is at or "
           f"below chance ({chance:.3f}): the regularizer removes the class evidence; drop less with {flags}")
+
+
+IDLE_REMEDY = {"sgdrop": "on a 1×1 latent map the spatial units are one position, which is never dropped: use "
+                         "--config.regularizer.sgdrop.granularity=element or channel, or larger images"}
+
+
+def idle_warning(config: ml_collections.ConfigDict, regularized_share: float | None, epoch: int) -> str | None:
+  """One warning line when a regularizer changed no training sample in an epoch (it trains as ERM), else None."""
+  name = config.regularizer.name
+  if name == "none" or regularized_share is None or regularized_share > 0:
+    return None
+  remedy = IDLE_REMEDY.get(name, f"check --config.regularizer.{name}.* against the model's latent shape")
+  return f"overfocus: warning: epoch {epoch}: {name} changed no training sample (it trained as ERM); {remedy}"
 
 
 def _mean_metrics(sums: dict, count: int) -> dict:
@@ -101,6 +115,8 @@ def _run_epochs(exp, state, train_iter, checkpointer, workdir, progress) -> dict
                 "images_per_s": timed_images / max(epoch_time, 1e-9), "epoch_time_s": epoch_time}
       record["learning_rate"] = record.pop("train_learning_rate")
       record["generalization_gap"] = record["train_accuracy"] - test["accuracy"]
+      if record.get("train_regularized_share"):  # accuracy on the samples the regularizer changed, this epoch
+        record["train_regularized_accuracy"] = record["train_regularized_hits"] / record["train_regularized_share"]
       if probe is not None:
         record.update({k: float(v) for k, v in jax.device_get(probe(state, probe_batch)).items()})
       checkpointer.save(step, state, train_iter.get_state())
@@ -108,9 +124,12 @@ def _run_epochs(exp, state, train_iter, checkpointer, workdir, progress) -> dict
       print(f"epoch {epoch + 1}/{config.num_epochs}: train loss {record['train_loss']:.4f} "
             f"acc {record['train_accuracy']:.4f} | test loss {test['loss']:.4f} acc {test['accuracy']:.4f} | "
             f"{record['images_per_s']:.0f} img/s", flush=True)
-      warning = collapse_warning(config, record["train_accuracy"], exp.dataset.num_classes, epoch + 1)
-      if warning:
-        print(warning, file=sys.stderr, flush=True)
+      warning = collapse_warning(config, record.get("train_regularized_accuracy", record["train_accuracy"]),
+                                 exp.dataset.num_classes, epoch + 1)
+      idle = idle_warning(config, record.get("train_regularized_share"), epoch + 1)
+      for line in (warning, idle):
+        if line:
+          print(line, file=sys.stderr, flush=True)
   finally:
     writer.close()
   if not record:  # nothing left to train: report the checkpoint as it is
