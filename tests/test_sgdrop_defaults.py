@@ -56,9 +56,10 @@ def test_default_sgdrop_trains_every_model_config(name, tmp_path):
 
 
 def test_default_sgdrop_on_a_one_by_one_map_drops_nothing_and_says_so(tmp_path, capsys):
-  """resnet18 on 8×8 images ends in a 1×1×512 map: one position, which the spatial mass rule never drops (it would
-  leave the head nothing). The run trains as ERM would and a warning names the fix."""
-  records = train(tmp_path, [("model", "resnet18")], 1)
+  """A 1×1 latent map (as resnet18 gives on 8×8 images; here the tiny CNN at stride 2 throughout: 8 → 4 → 2 → 1) has
+  one position, which the spatial mass rule never drops (it would leave the head nothing). The run trains as ERM
+  would and a warning names the fix."""
+  records = train(tmp_path, TINY_RESNET + [("resnet.stem_strides", "2"), ("resnet.stage_strides", "(2,2)")], 1)
   assert records[0]["train_regularized_share"] == 0.0 and "train_regularized_accuracy" not in records[0]
   err = capsys.readouterr().err
   assert "changed no training sample" in err and "--config.regularizer.sgdrop.granularity=element" in err
