@@ -253,7 +253,7 @@ def _validate_regularizer(reg: ml_collections.ConfigDict) -> None:
              "rule (it caps the share of units dropped)", "set --config.regularizer.sgdrop.rate, e.g. 0.5")
   _require_choice(sgdrop.target, TARGETS, "regularizer.sgdrop.target")
   _require(0 < sgdrop.batch_fraction <= 1, f"config.regularizer.sgdrop.batch_fraction={sgdrop.batch_fraction!r} "
-           "must be in (0, 1]", "set --config.regularizer.sgdrop.batch_fraction, e.g. 1.0")
+           "must be in (0, 1]", "set --config.regularizer.sgdrop.batch_fraction, e.g. 0.5 (the default) or 1")
   _require_fraction(sgdrop.ema_decay, "regularizer.sgdrop.ema_decay")
   _require_fraction(rsc.spatial_fraction, "regularizer.rsc.spatial_fraction")
   _require_fraction(rsc.channel_fraction, "regularizer.rsc.channel_fraction")

@@ -405,6 +405,8 @@ def test_regularizer_on_a_model_without_a_split_is_a_user_error():
     ("--config.regularizer.sgdrop.mass=0", "regularizer.sgdrop.mass"),
     ("--config.regularizer.sgdrop.mass=1.5", "regularizer.sgdrop.mass"),
     ("--config.regularizer.sgdrop.ramp_epochs=-1", "regularizer.sgdrop.ramp_epochs"),
+    ("--config.regularizer.sgdrop.batch_fraction=0", "regularizer.sgdrop.batch_fraction"),
+    ("--config.regularizer.sgdrop.batch_fraction=1.5", "regularizer.sgdrop.batch_fraction"),
 ])
 def test_bad_regularizer_config_is_a_one_line_error(override, fragment, tmp_path, capsys):
   code = cli_main(["train", "--workdir", str(tmp_path / "wd"), override])
