@@ -6,7 +6,8 @@
     overfocus bench [--config FILE] [--config.FIELD=VALUE ...] [--steps N] [--repeats N] [--warmup N]
 
 Bad input ends in one line on stderr naming the problem and the fix, exit code 2, no traceback. ``eval``,
-``explain`` and ``bench`` print one JSON object as their last stdout line.
+``explain`` and ``bench`` print one JSON object as their last stdout line. Compiled programs are cached across runs
+(:mod:`overfocus_jax.compilation_cache`: ``~/.cache/overfocus_jax/xla``; ``OVERFOCUS_COMPILATION_CACHE=DIR|off``).
 """
 
 import argparse
@@ -132,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
   try:
     args, extra = _parser().parse_known_args(sys.argv[1:] if argv is None else argv)
     overrides = split_overrides(extra)
+    from overfocus_jax import compilation_cache
+    compilation_cache.enable()  # before anything compiles; $OVERFOCUS_COMPILATION_CACHE=off turns it off
     COMMANDS[args.command](args, overrides)
   except SettingError as e:  # library code names the setting; here it becomes the flag that sets it
     print(f"overfocus: error: {e.as_flag(CONFIG_PREFIX)}", file=sys.stderr)

@@ -18,6 +18,9 @@ from overfocus_jax import cli
 from overfocus_jax import config as config_lib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+# The CLI caches compiled programs in ~/.cache by default; the suite leaves the home directory alone (the cache's
+# own tests, test_compilation_cache.py, give it a temporary directory).
+os.environ["OVERFOCUS_COMPILATION_CACHE"] = "off"
 
 # The tiny architecture, as --config.FIELD=VALUE pairs.
 TINY_FIELDS = (

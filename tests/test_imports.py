@@ -28,7 +28,8 @@ PACKAGE_DIR = pathlib.Path(__file__).resolve().parent.parent / "overfocus_jax"
 # A module may import its own unit, the other units of its rank, and any lower rank.
 LAYERS = {
     0: ("overfocus_jax", "overfocus_jax.errors"),
-    1: ("overfocus_jax.data", "overfocus_jax.models", "overfocus_jax.parallel", "overfocus_jax.platform_tuning"),
+    1: ("overfocus_jax.data", "overfocus_jax.models", "overfocus_jax.parallel", "overfocus_jax.platform_tuning",
+        "overfocus_jax.compilation_cache"),
     2: ("overfocus_jax.challenge",),  # the regularizers: masks, attribution, sgdrop, rsc and their base API
     3: ("overfocus_jax.train", "overfocus_jax.config", "overfocus_jax.configs"),
     4: ("overfocus_jax.explain",),
