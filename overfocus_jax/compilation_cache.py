@@ -48,6 +48,11 @@ def enable(directory: pathlib.Path | None = None) -> pathlib.Path | None:
     print(f"overfocus: warning: compilation cache {str(directory)!r} is not writable ({e.strerror}); compiling "
           f"without it (set {ENV} to a writable directory, or to {OFF})", file=sys.stderr)
     return None
-  jax.config.update("jax_compilation_cache_dir", str(directory))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_TIME_S)
+  try:
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_TIME_S)
+  except AttributeError as e:  # a jax without these options: run uncached rather than not at all
+    print(f"overfocus: warning: this jax has no persistent compilation cache ({e}); compiling without it",
+          file=sys.stderr)
+    return None
   return directory

@@ -49,3 +49,11 @@ def test_unwritable_location_is_one_warning_and_the_run_goes_on(tmp_path):
   assert result.returncode == 0, result.stderr
   warnings = [line for line in result.stderr.splitlines() if "compilation cache" in line]
   assert len(warnings) == 1 and warnings[0].startswith("overfocus: warning:") and os.fspath(blocker) in warnings[0]
+
+
+def test_a_jax_without_the_options_runs_uncached(tmp_path, monkeypatch, capsys):
+  def refuse(name, value):
+    raise AttributeError(f"Unrecognized config option: {name}")
+  monkeypatch.setattr(compilation_cache.jax.config, "update", refuse)
+  assert compilation_cache.enable(tmp_path / "cache") is None
+  assert "compiling without it" in capsys.readouterr().err
