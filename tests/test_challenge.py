@@ -300,6 +300,28 @@ def test_rsc_coin_gives_both_modes_and_only_challenged_samples_are_masked():
   assert set(modes) == {0.0, 1.0}
 
 
+def test_rsc_computes_only_the_mask_its_coin_picked():
+  """The coin chooses between two branches of a conditional (one top-k runs per step), and each branch is exactly
+  the hand-built mask of its mode."""
+  weights = jax.random.normal(jax.random.PRNGKey(0), (16, 10))
+  z = jax.nn.relu(jax.random.normal(jax.random.PRNGKey(1), (8, 4, 4, 16)))
+  labels = jax.random.randint(jax.random.PRNGKey(2), (8,), 0, 10)
+  reg = rsc.rsc(batch_percent=0.5)
+  apply = lambda key: apply_once(reg, linear_pool_head(weights), z, labels, key, StepInfo(epoch=jnp.array(0)))
+  jaxpr = jax.make_jaxpr(apply)(jax.random.PRNGKey(0))
+  conds = [eqn for eqn in jaxpr.jaxpr.eqns if eqn.primitive.name == "cond"]
+  assert len(conds) == 1
+  assert all(sum(e.primitive.name == "top_k" for e in branch.jaxpr.eqns) == 1 for branch in conds[0].params["branches"])
+  _, grad = attribution.class_score_gradient(linear_pool_head(weights), z, labels)
+  for seed in range(6):
+    out, metrics = apply(jax.random.PRNGKey(seed))
+    expected = (rsc.spatial_mask(z, grad, 1 / 3) if float(metrics["rsc_spatial"]) else
+                rsc.channel_mask(grad, 1 / 3.2)) * jnp.ones_like(z)
+    touched = np.any(np.asarray(out) != np.asarray(z), axis=(1, 2, 3))  # the challenged half keeps the mask
+    assert touched.any()
+    np.testing.assert_array_equal(np.asarray(out)[touched], np.asarray(z * expected)[touched])
+
+
 def test_rsc_domainbed_masks_top_gradient_features_of_most_changed_samples():
   weights = jnp.array([[3.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # D=3, 2 classes
   features = jnp.array([[1.0, 1.0, 1.0], [0.1, 0.1, 5.0], [2.0, 2.0, 0.0]])

@@ -88,8 +88,9 @@ def rsc(*, spatial_fraction: float = 1 / 3, channel_fraction: float = 1 / 3.2, s
     logits, grad = class_score_gradient(classify_fn, z, labels)
     z_stopped = jax.lax.stop_gradient(z)
     use_spatial = jax.random.bernoulli(key, spatial_probability)
-    mask = jnp.where(use_spatial, spatial_mask(z_stopped, grad, spatial_fraction) * jnp.ones_like(z),
-                     channel_mask(grad, channel_fraction) * jnp.ones_like(z))
+    # lax.cond runs only the branch the coin picked: one top-k per step (positions or channels), not both.
+    mask = jax.lax.cond(use_spatial, lambda: spatial_mask(z_stopped, grad, spatial_fraction) * jnp.ones_like(z),
+                        lambda: channel_mask(grad, channel_fraction) * jnp.ones_like(z))
     percent = curriculum_percent(info.epoch) if batch_percent is None else batch_percent
     p_after = true_class_probability(classify_fn(z_stopped * mask), labels)
     keep = most_challenged(true_class_probability(logits, labels), p_after, percent)
