@@ -14,6 +14,8 @@ import sys
 
 import jax
 
+from overfocus_jax.files import make_writable_directory
+
 ENV = "OVERFOCUS_COMPILATION_CACHE"
 OFF = "off"
 # Cache even quick compilations: the train step's many small helpers add up, and a hit costs a file read.
@@ -40,10 +42,7 @@ def enable(directory: pathlib.Path | None = None) -> pathlib.Path | None:
   if directory is None:
     return None
   try:
-    directory.mkdir(parents=True, exist_ok=True)
-    probe = directory / ".writable"
-    probe.write_text("")
-    probe.unlink()
+    make_writable_directory(directory)
   except OSError as e:
     print(f"overfocus: warning: compilation cache {str(directory)!r} is not writable ({e.strerror}); compiling "
           f"without it (set {ENV} to a writable directory, or to {OFF})", file=sys.stderr)

@@ -20,9 +20,9 @@ depends on the latent shape and the network.
 ``ramp_epochs = r > 0`` grows the drop linearly from nothing over the first :math:`r` epochs: at step :math:`t` the
 quantile rule drops :math:`\lceil s_t \lceil \rho N \rceil \rceil` units and the mass rule a share :math:`s_t m`,
 with :math:`s_t = \min(1, (t + 1) / (r \cdot \text{steps per epoch}))` — an untrained network's evidence is
-spread thin, and taking half of it away before it has learned anything stops it from learning. Units are single elements of ``z``, spatial
-positions (attribution summed over channels) or channels (summed over positions). No gradient flows through
-``M``.
+spread thin, and taking half of it away before it has learned anything stops it from learning. Units are single
+elements of ``z``, spatial positions (attribution summed over channels) or channels (summed over positions). No
+gradient flows through ``M``.
 
 **The library's default departs from the paper.** The paper's rule at its setting (``rule="quantile"``, ρ = 0.1 of
 the elements, every sample) removes all of the class evidence on most of the shipped models: its masked samples

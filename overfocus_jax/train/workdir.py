@@ -16,6 +16,7 @@ import ml_collections
 from overfocus_jax import config as config_lib
 from overfocus_jax import parallel
 from overfocus_jax.errors import UserError
+from overfocus_jax.files import make_writable_directory
 from overfocus_jax.train import checkpoint as checkpoint_lib
 from overfocus_jax.train.experiment import Experiment, build_experiment
 from overfocus_jax.train.state import TrainState
@@ -27,10 +28,7 @@ def prepare_workdir(workdir: str | pathlib.Path) -> pathlib.Path:
   """Creates ``workdir`` and proves it writable before any work starts."""
   path = pathlib.Path(workdir).expanduser().resolve()
   try:
-    path.mkdir(parents=True, exist_ok=True)
-    probe = path / ".write_test"
-    probe.write_text("ok")
-    probe.unlink()
+    make_writable_directory(path)
   except OSError as e:
     raise UserError(f"workdir {str(path)!r} is not writable ({e.strerror or type(e).__name__})",
                     "pass a --workdir in a directory you can write to") from None
