@@ -8,10 +8,17 @@ A spec is a JSON object with a ``kind``:
                 exactly what ``overfocus train``/``overfocus bench`` run) on a fixed batch, built from the default
                 config with the spec's fields as config overrides: ``platform_tuning`` (auto | off; default auto:
                 the package as it is), ``dtype`` (float32 | bfloat16), model, batch_size, dataset.
-                ``matmul_precision``: jax's default matmul precision for the process.
+                ``matmul_precision``: jax's default matmul precision for the process. ``overrides``: more
+                ``[FIELD, VALUE]`` config overrides (e.g. ``[["regularizer.name", "rsc"]]``). ``flops``: true to
+                report the model's FLOPs per image (``bench.inference_flops_per_image``, counted by XLA for the
+                CPU where JAX has that backend, so the same number on every platform) in the info.
   jax_part      forward (train-mode BN, loss), or forward+backward (``jax.value_and_grad``) of the same model,
                 jitted with ``experiment.jit`` (the spec's ``platform_tuning``, as the train step).
-  torch_step    the torch peer's train step (torch_peer.TorchStep); ``channels_last`` picks the memory format.
+  torch_step    the torch peer's train step (torch_peer.TorchStep); ``channels_last`` picks the memory format,
+                ``device`` cpu (default) | cuda where model and batch live, ``compile`` none (default) | default |
+                reduce-overhead the ``torch.compile`` mode, ``warmup`` the untimed steps before the first timed
+                block (default 3 eager, 5 compiled; compilation happens in them). On a GPU every timed block
+                starts and ends with ``torch.cuda.synchronize()``.
   torch_part    forward (no autograd graph) or forward+backward of the torch peer.
   jax_conv      one convolution (3×3 by default): ``op`` fwd | dx (input gradient) | dw (weight gradient) | all
                 (fwd + both gradients). ``platform_tuning`` off (default): ``lax.conv_general_dilated`` under a
@@ -75,6 +82,7 @@ def jax_config(spec):
                ("platform_tuning", spec.get("platform_tuning", "auto")), ("dtype", spec.get("dtype", "float32"))]
   if spec.get("dataset", "synthetic") != "synthetic":
     overrides.append(("dataset", spec["dataset"]))
+  overrides += [(field, str(value)) for field, value in spec.get("overrides", [])]
   return config_lib.build_config(None, overrides)
 
 
@@ -101,6 +109,7 @@ def build_jax_step(spec, made=None):
   from overfocus_jax.train import bench
   step, exp, batch = made or make_jax_step(spec)
   n_params = bench.parameter_count(exp.state.params)  # before the first step donates the state's buffers
+  flops = jax_flops_per_image(exp) if spec.get("flops") else None
   holder = {"state": exp.state}
   t = time.perf_counter()
   holder["state"], _ = step(holder["state"], batch)
@@ -114,8 +123,31 @@ def build_jax_step(spec, made=None):
   def finish(out):
     jax.block_until_ready(holder["state"])
 
-  return run, finish, {"compile_s": compile_s, "params": n_params, "backend": jax.default_backend(),
-                       "platform_tuning": exp.config.platform_tuning, "dtype": exp.config.dtype}
+  info = {"compile_s": compile_s, "params": n_params, "backend": jax.default_backend(),
+          "device_kind": jax.devices()[0].device_kind, "platform_tuning": exp.config.platform_tuning,
+          "dtype": exp.config.dtype, "regularizer": exp.config.regularizer.name,
+          "matmul_precision": jax.config.jax_default_matmul_precision}
+  if spec.get("flops"):
+    info["flops_per_image"] = flops
+  return run, finish, info
+
+
+def jax_flops_per_image(exp):
+  """The model's inference FLOPs per image as XLA counts them for the CPU where JAX has its CPU backend (a GPU's
+  convolutions are library calls that its cost analysis may count otherwise), else for the default device; None
+  where that fails."""
+  import jax
+  from overfocus_jax.train import bench
+  try:
+    try:
+      cpu = jax.devices("cpu")[0]
+    except RuntimeError:  # JAX_PLATFORMS without cpu
+      return bench.inference_flops_per_image(exp)
+    with jax.default_device(cpu):
+      return bench.inference_flops_per_image(exp)
+  except Exception:  # noqa: BLE001 -- a missing number, not a failed case
+    traceback.print_exc()
+    return None
 
 
 def build_jax_part(spec):
@@ -204,13 +236,21 @@ def build_torch_step(spec):
   from benchmarks import torch_peer
   torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
   images, labels = fixed_batch(spec)
+  compile_mode = spec.get("compile", "none")
   step = torch_peer.TorchStep(spec.get("model", "resnet"), spec["batch_size"], tuple(spec["image_shape"]),
                               channels_last=spec.get("channels_last", False), images=images, labels=labels,
-                              bf16_autocast=spec.get("dtype") == "bfloat16")
-  for _ in range(3):
-    step()
-  return step, (lambda out: None), {"params": torch_peer.torch_param_count(step.model),
-                                    "threads": torch.get_num_threads()}
+                              bf16_autocast=spec.get("dtype") == "bfloat16", device=spec.get("device", "cpu"),
+                              compile=compile_mode)
+  warmup = spec.get("warmup", 3 if compile_mode == "none" else 5)
+  warmup_s = step.warm_up(warmup)
+  info = {"params": torch_peer.torch_param_count(step.model), "threads": torch.get_num_threads(),
+          "device": str(step.device), "device_name": torch_peer.device_name(step.device), "compile": compile_mode,
+          "dtype": spec.get("dtype", "float32"), "channels_last": spec.get("channels_last", False),
+          "warmup_steps": warmup, "warmup_s": warmup_s}
+  if step.device.type == "cuda":
+    info["allow_tf32"] = {"cuda.matmul": torch.backends.cuda.matmul.allow_tf32,
+                          "cudnn": torch.backends.cudnn.allow_tf32}
+  return step, (lambda out: step.synchronize()), info
 
 
 def build_torch_part(spec):
@@ -298,6 +338,7 @@ def serve() -> None:
   reply({"ready": True, "info": info})
   for line in sys.stdin:
     steps = json.loads(line)["steps"]
+    finish(None)  # nothing left running from before (a GPU's queue) counts in this block
     start, cpu_start = time.perf_counter(), time.process_time()
     out = None
     for _ in range(steps):

@@ -10,6 +10,11 @@ numbers drift.
     workers = start({"jax": {"kind": "jax_step", ...}, "torch": {"kind": "torch_step", ...}})
     seconds = interleave(workers, steps=10, repeats=5)   # {"jax": [s/step, ...], "torch": [...]}
 
+The harness leaves the platform to JAX (a GPU when jax has one) unless asked: ``start(..., platform="cpu")``
+sets ``JAX_PLATFORMS=cpu`` for every worker — what the CPU benchmarks ``step_time`` and ``profile_cpu`` do — and a
+case's own ``env`` overrides it. ``start(..., parallel=True)`` builds the cases at the same time (compilation
+overlaps on a many-core machine); timing never overlaps.
+
 Protocol: the worker reads one JSON spec from stdin, builds the case (compiling and warming it up), answers
 ``@@{"ready": ..., "info": {...}}``; then each ``{"steps": N}`` line is answered ``@@{"seconds": per_step}``.
 Only lines starting with ``@@`` are protocol; anything else the libraries print goes to stderr.
@@ -31,17 +36,26 @@ PROTOCOL = "@@"
 class Worker:
   """One benchmark case in its own process (see the module docstring)."""
 
-  def __init__(self, name: str, spec: dict, *, env: dict | None = None, cpus: list[int] | None = None):
+  def __init__(self, name: str, spec: dict, *, env: dict | None = None, cpus: list[int] | None = None,
+               platform: str | None = None, wait: bool = True):
     self.name, self.spec = name, spec
     self.cpu_per_wall = []  # process CPU time / wall time of each timed block: ~threads kept busy
-    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu", **(env or {})}
+    self.info = None
+    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **worker_env(platform), **(env or {})}
     cmd = [sys.executable, "-m", "benchmarks.cases"]  # cwd: the repository root, where `benchmarks` is a package
     if cpus is not None:
       cmd = ["taskset", "-c", ",".join(map(str, cpus))] + cmd
     self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=full_env, text=True,
                                  cwd=str(ROOT))
     self._send(spec)
-    self.info = self._receive().get("info", {})
+    if wait:
+      self.wait_ready()
+
+  def wait_ready(self) -> dict:
+    """Blocks until the case is built (compiled and warmed up); returns its info."""
+    if self.info is None:
+      self.info = self._receive().get("info", {})
+    return self.info
 
   def _send(self, message: dict) -> None:
     self.proc.stdin.write(json.dumps(message) + "\n")
@@ -74,16 +88,49 @@ class Worker:
         self.proc.kill()
 
 
-def start(cases: dict[str, dict], *, log=print) -> dict[str, Worker]:
-  """Starts one worker per case ({name: spec, with optional "env" and "cpus"}); closes all on failure."""
+def worker_env(platform: str | None) -> dict:
+  """The environment a worker gets for ``platform``: JAX_PLATFORMS only when a platform is asked for."""
+  return {"JAX_PLATFORMS": platform} if platform else {}
+
+
+def start(cases: dict[str, dict], *, log=print, platform: str | None = None, parallel: bool = False,
+          failed: dict | None = None) -> dict[str, Worker]:
+  """Starts one worker per case ({name: spec, with optional "env" and "cpus"}); closes all on failure.
+
+  ``platform``: JAX_PLATFORMS for every worker (None: JAX picks). ``parallel``: build all cases at once.
+  ``failed``: a dict to collect the cases that fail to build ({name: error}), which are then left out instead
+  of failing the whole start.
+  """
   workers = {}
+
+  def give_up(name, error):
+    if failed is None:
+      raise error
+    failed[name] = str(error)
+    log(f"  {name} failed: {error}")
+
   try:
+    t = time.perf_counter()
     for name, spec in cases.items():
       spec = dict(spec)
       env, cpus = spec.pop("env", None), spec.pop("cpus", None)
-      t = time.perf_counter()
-      workers[name] = Worker(name, spec, env=env, cpus=cpus)
-      log(f"  started {name} ({time.perf_counter() - t:.0f} s)")
+      try:
+        workers[name] = Worker(name, spec, env=env, cpus=cpus, platform=platform, wait=not parallel)
+      except RuntimeError as e:
+        give_up(name, e)
+        continue
+      if not parallel:
+        log(f"  started {name} ({time.perf_counter() - t:.0f} s)")
+        t = time.perf_counter()
+    if parallel:
+      for name in list(workers):
+        try:
+          workers[name].wait_ready()
+        except RuntimeError as e:
+          workers.pop(name).close()
+          give_up(name, e)
+          continue
+        log(f"  started {name} ({time.perf_counter() - t:.0f} s since the start of all)")
   except BaseException:
     for worker in workers.values():
       worker.close()

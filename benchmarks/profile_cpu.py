@@ -246,7 +246,7 @@ def thunk_runtime_flag() -> str:
 
 def run_section(name, cases, reference, args, log):
   log(f"[{name}] starting {len(cases)} workers")
-  workers = harness.start(cases, log=log)
+  workers = harness.start(cases, log=log, platform="cpu")  # a CPU profile, on a GPU machine too
   try:
     seconds = harness.interleave(workers, steps=args.steps, repeats=args.repeats, log=log)
   finally:

@@ -127,7 +127,7 @@ def main(argv=None) -> int:
   for text in args.configs or DEFAULT_CONFIGS:
     config = parse_config(text)
     log(f"{text}: starting workers")
-    workers = harness.start(cases_for(config, args), log=log)
+    workers = harness.start(cases_for(config, args), log=log, platform="cpu")  # a CPU benchmark, anywhere
     try:
       n_torch = workers["torch_nchw"].info["params"]
       for mode in args.platform_tuning:

@@ -1,13 +1,16 @@
-r"""PyTorch eager peers of the SGDrop and RSC train steps, timed against the plain step in one process.
+r"""PyTorch peers of the SGDrop and RSC train steps, timed against the plain step in one process.
 
     python -m benchmarks.torch_regularizers              # default CNN, 28×28×1, batch 128, torch threads = cores
     python -m benchmarks.torch_regularizers --threads 1
+    python -m benchmarks.torch_regularizers --device cuda --compile default --dtype bfloat16
 
 The same maths as ``overfocus_jax.challenge`` (see sgdrop.py and rsc.py there), written the way a PyTorch user
 would: the head in eval mode on a detached copy of z, ``torch.autograd.grad`` of the true-class logits,
 ``topk`` masks of exactly ⌈ρN⌉ units, then the loss on ``head(z * mask)``. Rounds are interleaved (plain,
 SGDrop, RSC, plain, …) so machine noise hits all alike. Prints one JSON line per step kind with its median time
-and the ratio to the plain step, and a markdown table.
+and the ratio to the plain step, and a markdown table. ``--device``, ``--compile`` and ``--dtype`` are
+torch_peer's (each step is a ``torch_peer.TorchStep`` whose :meth:`logits` applies the regularizer; under
+``torch.compile`` the head's ``torch.autograd.grad`` is a graph break, so the compiled step comes in pieces).
 """
 
 import argparse
@@ -19,7 +22,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from benchmarks.torch_peer import TorchStep, time_per_step
+from benchmarks.torch_peer import COMPILE_MODES, DTYPES, TorchStep, default_device, time_per_step
 
 
 def topk_drop_mask(scores: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -48,22 +51,16 @@ class SGDropStep(TorchStep):
     super().__init__(*args, **kwargs)
     self.rate, self.granularity = rate, granularity
 
-  def __call__(self):
-    x = self.images_nhwc.permute(0, 3, 1, 2).contiguous(memory_format=self.memory_format)
-    self.optimizer.zero_grad(set_to_none=True)
+  def logits(self, x, labels):
     z = self.model.encoder(x)
-    _, grad = head_gradient(self.model.head, z, self.labels)
+    _, grad = head_gradient(self.model.head, z, labels)
     attribution = F.relu(grad * z.detach())  # (B, C, H, W)
     batch, channels, height, width = attribution.shape
     if self.granularity == "element":
       mask = topk_drop_mask(attribution.flatten(1), self.rate).view_as(attribution)
     else:
       mask = topk_drop_mask(attribution.sum(1).flatten(1), self.rate).view(batch, 1, height, width)
-    logits = self.model.head(z * mask)
-    loss = F.cross_entropy(logits, self.labels)
-    loss.backward()
-    self.optimizer.step()
-    return loss.detach()
+    return self.model.head(z * mask)
 
 
 class RSCStep(TorchStep):
@@ -73,11 +70,9 @@ class RSCStep(TorchStep):
     super().__init__(*args, **kwargs)
     self.percent, self.generator = percent, torch.Generator().manual_seed(0)
 
-  def __call__(self):
-    x = self.images_nhwc.permute(0, 3, 1, 2).contiguous(memory_format=self.memory_format)
-    self.optimizer.zero_grad(set_to_none=True)
+  def logits(self, x, labels):
     z = self.model.encoder(x)
-    logits_before, grad = head_gradient(self.model.head, z, self.labels)
+    logits_before, grad = head_gradient(self.model.head, z, labels)
     batch, channels, height, width = z.shape
     channel_mean = grad.mean(dim=(2, 3))  # (B, C)
     if torch.rand((), generator=self.generator) < 0.5:
@@ -89,17 +84,13 @@ class RSCStep(TorchStep):
       self.model.head.eval()
       logits_after = self.model.head(z.detach() * mask)
       self.model.head.train()
-      p_before = F.softmax(logits_before, 1).gather(1, self.labels[:, None])[:, 0]
-      p_after = F.softmax(logits_after, 1).gather(1, self.labels[:, None])[:, 0]
+      p_before = F.softmax(logits_before, 1).gather(1, labels[:, None])[:, 0]
+      p_after = F.softmax(logits_after, 1).gather(1, labels[:, None])[:, 0]
       change = torch.clamp(p_before - p_after - 1e-4, min=0)
       threshold = change.sort(descending=True).values[min(round(batch * self.percent), batch - 1)]
       keep = (change > threshold).float().view(batch, 1, 1, 1)
       mask = keep * mask + (1 - keep)
-    logits = self.model.head(z * mask)
-    loss = F.cross_entropy(logits, self.labels)
-    loss.backward()
-    self.optimizer.step()
-    return loss.detach()
+    return self.model.head(z * mask)
 
 
 def main() -> int:
@@ -110,10 +101,16 @@ def main() -> int:
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--threads", type=int, default=None)
+  parser.add_argument("--device", choices=("cpu", "cuda"), default=default_device(),
+                      help="where model and data live (default: cuda when available)")
+  parser.add_argument("--compile", choices=COMPILE_MODES, default="none", help="eager or a torch.compile mode")
+  parser.add_argument("--dtype", choices=DTYPES, default="float32", help="bfloat16: autocast forward")
+  parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default 2 eager, 5 compiled)")
   args = parser.parse_args()
   if args.threads:
     torch.set_num_threads(args.threads)
-  common = dict(channels_last=True)
+  common = dict(channels_last=True, device=args.device, compile=args.compile,
+                bf16_autocast=args.dtype == "bfloat16")
   steps = {
       "none": TorchStep(args.model, args.batch_size, args.image_shape, **common),
       "sgdrop (element)": SGDropStep(args.model, args.batch_size, args.image_shape, **common),
@@ -121,20 +118,24 @@ def main() -> int:
                                      rate=0.3, **common),
       "rsc": RSCStep(args.model, args.batch_size, args.image_shape, **common),
   }
-  for step in steps.values():  # warm-up
-    time_per_step(step, 2)
+  warmup = args.warmup if args.warmup is not None else (2 if args.compile == "none" else 5)
+  for step in steps.values():  # warm-up, compilation included
+    step.warm_up(warmup)
   times = {name: [] for name in steps}
   for _ in range(args.rounds):
     for name, step in steps.items():
       times[name].append(time_per_step(step, args.steps))
   base = statistics.median(times["none"])
-  print(f"| regularizer (PyTorch eager, {torch.get_num_threads()} threads) | step ms | × none |\n|---|---|---|")
+  mode = "eager" if args.compile == "none" else f"torch.compile {args.compile}"
+  print(f"| regularizer (PyTorch {mode}, {args.device}, {args.dtype}, {torch.get_num_threads()} threads) | step ms "
+        "| × none |\n|---|---|---|")
   for name, values in times.items():
     print(f"| {name} | {1e3 * statistics.median(values):.1f} | {statistics.median(values) / base:.3f} |")
   for name, values in times.items():
     print(json.dumps({"framework": "torch", "regularizer": name, "step_ms": 1e3 * statistics.median(values),
                       "ratio_to_none": statistics.median(values) / base, "threads": torch.get_num_threads(),
-                      "batch_size": args.batch_size, "image_shape": list(args.image_shape)}))
+                      "batch_size": args.batch_size, "image_shape": list(args.image_shape),
+                      "device": args.device, "compile": args.compile, "dtype": args.dtype}))
   return 0
 
 
