@@ -16,6 +16,7 @@ import ml_collections
 from overfocus_jax import challenge, models, platform_tuning
 from overfocus_jax.challenge.attribution import TARGETS
 from overfocus_jax.challenge.sgdrop import GRANULARITIES, RULES
+from overfocus_jax.data import on_device
 from overfocus_jax.errors import UserError
 from overfocus_jax.models.attention import COMPATIBILITIES, NORMALISATIONS, first_empty_layer
 from overfocus_jax.models.focus import MAX_HARRIS_WINDOW
@@ -134,6 +135,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require_choice(config.model, models.MODELS, "model")
   _require_choice(config.dtype, tuple(models.DTYPES), "dtype")
   _require_choice(config.platform_tuning, platform_tuning.MODES, "platform_tuning")
+  _require_choice(config.data_on_device, on_device.MODES, "data_on_device")
+  _require(isinstance(config.steps_per_dispatch, int) and config.steps_per_dispatch >= 0,
+           f"config.steps_per_dispatch={config.steps_per_dispatch!r} must be an integer of at least 0",
+           "set --config.steps_per_dispatch to K >= 1 steps per compiled call, or 0 for the platform's default")
   _require_choice(config.regularizer.name, challenge.NAMES, "regularizer.name")
   _require_choice(config.optimizer, OPTIMIZERS, "optimizer")
   _require_choice(config.schedule, SCHEDULES, "schedule")

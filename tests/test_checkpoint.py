@@ -66,6 +66,7 @@ def test_checkpointer_round_trip_state_and_data_state(tmp_path, digits):
 
   checkpointer = checkpoint_lib.Checkpointer(tmp_path)
   checkpointer.save(123, state, data_state)
+  checkpointer.wait()  # saves are asynchronous: on disk once this returns
   checkpointer.close()
 
   reader = checkpoint_lib.Checkpointer(tmp_path, read_only=True)
@@ -92,6 +93,7 @@ def test_checkpointer_keeps_the_latest_and_restores_older_steps(tmp_path):
   try:
     for step, state in states.items():
       checkpointer.save(step, state, {"step": step})
+    checkpointer.wait()  # saves are asynchronous: on disk once this returns
     assert checkpointer.latest_step() == 3
     assert checkpoint_steps(checkpointer) == [2, 3]
     restored, data_state = checkpointer.restore(abstract(states[1]), step=2)
@@ -116,6 +118,7 @@ def test_restore_without_a_checkpoint_is_a_user_error(tmp_path):
 def test_restore_into_another_model_is_refused_and_leaves_files(tmp_path):
   checkpointer = checkpoint_lib.Checkpointer(tmp_path)
   checkpointer.save(5, make_state(), {})
+  checkpointer.wait()  # saves are asynchronous: on disk once this returns
   before = snapshot(tmp_path)
   other = make_state(resnet__stage_widths=(8, 32))
   with pytest.raises(UserError, match=r"does not match this model/config .*\(16,\).*\(32,\)"):
@@ -138,6 +141,7 @@ def test_checkpoint_from_before_regularizers_owned_their_state_restores(tmp_path
   state = make_state()
   checkpointer = checkpoint_lib.Checkpointer(tmp_path)
   checkpointer.save(7, legacy_layout(state, {}), {"position": 3})
+  checkpointer.wait()  # saves are asynchronous: on disk once this returns
   restored, data_state = checkpointer.restore(abstract(state))
   checkpointer.close()
   assert isinstance(restored, state_lib.TrainState) and restored.regularizer_state == ()
@@ -150,6 +154,7 @@ def test_checkpoint_with_an_old_layout_ema_teacher_is_refused_in_one_line_and_ke
   state = make_state()
   checkpointer = checkpoint_lib.Checkpointer(tmp_path)
   checkpointer.save(7, legacy_layout(state, {"ema": state.variables}), {})
+  checkpointer.wait()  # saves are asynchronous: on disk once this returns
   before = snapshot(tmp_path)
   new_state = state.replace(regularizer_state={"ema": state.variables})  # what an SGDrop run with a teacher needs
   with pytest.raises(UserError, match=r"written before regularizers kept their own state.*retrain in a new "

@@ -22,7 +22,7 @@ def test_a_second_run_reuses_the_first_runs_programs(tmp_path):
   first = _train(tmp_path, "a", cache)
   assert first.returncode == 0, first.stderr
   written = _entries(cache)
-  assert any(name.startswith("jit_train_step") for name in written), sorted(written)[:5]
+  assert any(name.startswith("jit_train_chunk") for name in written), sorted(written)[:5]
   second = _train(tmp_path, "b", cache)  # same config, another workdir: every program is a cache hit
   assert second.returncode == 0, second.stderr
   assert _entries(cache) == written

@@ -99,6 +99,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.step_decay_factor = 0.1
   config.label_smoothing = 0.0
 
+  # Where the data lives and how often the host talks to the devices (overfocus_jax/train/streams.py, dispatch.py).
+  config.data_on_device = "auto"    # auto: on when the dataset fits in device memory | on | off (grain on the host)
+  config.steps_per_dispatch = 0     # K: train steps per compiled call (one host sync each), at most an epoch;
+                                    # 0: 1 on CPUs (XLA:CPU loops are slow, train/dispatch.py), 20 on accelerators
+
   # Numerics and platform.
   config.dtype = "float32"          # float32 | bfloat16: activations and convolutions (parameters stay float32)
   config.platform_tuning = "auto"   # auto: the measured CPU-only speed-ups on one CPU device | off: plain XLA

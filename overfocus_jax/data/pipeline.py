@@ -61,8 +61,12 @@ def augment_image(
 
 
 def make_train_iterator(
-    dataset: ImageDataset, *, batch_size: int, seed: int, augment: bool) -> grain.DatasetIterator:
+    dataset: ImageDataset, *, batch_size: int, seed: int, augment: bool,
+    normalized: bool = True) -> grain.DatasetIterator:
   """An endless, resumable stream of {'image': float32 (B,H,W,C), 'label': int32 (B,)} batches.
+
+  With `normalized=False` the images stay uint8 (a quarter of the bytes to move) and the caller normalizes them
+  where they are consumed (the train loop does, inside its compiled step).
 
   The order is reshuffled every epoch and, like the augmentation, depends only on `seed`, so the
   same seed reproduces the same stream and `get_state`/`set_state` resume it exactly.
@@ -70,14 +74,13 @@ def make_train_iterator(
   Raises:
     UserError: bad batch size or seed, or fewer training examples than one batch.
   """
-  _check_seed(seed)
-  _check_train_size(dataset, batch_size)
+  check_stream_arguments(dataset, batch_size=batch_size, seed=seed)
   shuffle_seed, augment_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
   records = grain.MapDataset.source(dataset.train).shuffle(seed=shuffle_seed).repeat(None)
   if augment:
     records = records.random_map(_record_augmenter(dataset), seed=augment_seed)
   batches = records.batch(batch_size, drop_remainder=True).map(
-      functools.partial(_model_batch, mean=dataset.mean, std=dataset.std))
+      functools.partial(_model_batch, mean=dataset.mean, std=dataset.std) if normalized else _raw_batch)
   return iter(batches.to_iter_dataset(_read_options()))
 
 
@@ -96,6 +99,12 @@ def eval_batches(
   return _eval_batches(source, batch_size, mean, std)
 
 
+def check_stream_arguments(dataset: ImageDataset, *, batch_size: int, seed: int) -> None:
+  """Raises UserError for a bad batch size or seed, or fewer training examples than one batch."""
+  _check_seed(seed)
+  _check_train_size(dataset, batch_size)
+
+
 def steps_per_epoch(dataset: ImageDataset, batch_size: int) -> int:
   """Full training batches per pass over the train split (at least one)."""
   return max(1, len(dataset.train) // batch_size)
@@ -111,6 +120,11 @@ def _eval_batches(source, batch_size, mean, std) -> Iterator[dict[str, np.ndarra
     yield batch
 
 
+def read_split(source: Source) -> tuple[np.ndarray, np.ndarray]:
+  """Every example of `source` as (uint8 images (N,H,W,C), labels (N,))."""
+  return _read_records(source, np.arange(len(source)))
+
+
 def _read_records(source, indices) -> tuple[np.ndarray, np.ndarray]:
   """Gathers records into arrays, slicing directly when the source is already in memory."""
   if isinstance(source, ArraySource):
@@ -123,6 +137,12 @@ def _model_batch(batch, *, mean, std) -> dict[str, np.ndarray]:
   """Stacked (uint8 images, labels) -> the dict the models and train step consume."""
   images, labels = batch
   return {'image': normalize(images, mean, std), 'label': np.asarray(labels, np.int32)}
+
+
+def _raw_batch(batch) -> dict[str, np.ndarray]:
+  """Stacked (uint8 images, labels) -> the model batch with the images still uint8."""
+  images, labels = batch
+  return {'image': np.asarray(images, np.uint8), 'label': np.asarray(labels, np.int32)}
 
 
 def _record_augmenter(dataset: ImageDataset):

@@ -35,17 +35,25 @@ class Checkpointer:
       absl_logging.set_verbosity(absl_logging.ERROR)
     try:
       options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
-                                             enable_async_checkpointing=False)
+                                             enable_async_checkpointing=not read_only)
       self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
     finally:
       absl_logging.set_verbosity(verbosity)
 
   def latest_step(self) -> int | None:
+    """The newest complete checkpoint's step (after any save in flight has finished)."""
+    self.manager.wait_until_finished()
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, data_state: dict) -> None:
+    """Starts saving ``step``: returns once the arrays are copied off the devices (so the next step may overwrite
+    them) and writes the files in the background. A save waits for the one before it; :meth:`wait` and
+    :meth:`close` wait for the last. Until then the previous checkpoint is the latest complete one."""
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                     data=ocp.args.JsonSave(data_state)))
+
+  def wait(self) -> None:
+    """Blocks until every save started so far is on disk."""
     self.manager.wait_until_finished()
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
@@ -101,6 +109,8 @@ class Checkpointer:
                       "use the config the run was started with, or a new --workdir")
 
   def close(self) -> None:
+    """Finishes any save in flight, then releases the manager."""
+    self.manager.wait_until_finished()
     self.manager.close()
 
 

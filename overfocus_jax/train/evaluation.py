@@ -5,15 +5,19 @@ The probe measures the overfocus statistics of :func:`overfocus_jax.challenge.co
 batch of the first :data:`ATTRIBUTION_IMAGES` test images, so the SGDrop paper's Fig. 1 can be drawn for any run.
 """
 
+from typing import Callable
+
 import jax
+import jax.numpy as jnp
 
 from overfocus_jax import parallel
 from overfocus_jax.challenge.concentration import latent_concentration
-from overfocus_jax.data import pipeline
+from overfocus_jax.data import on_device, pipeline
 from overfocus_jax.data.sources import load_dataset
 from overfocus_jax.errors import UserError
 from overfocus_jax.train.experiment import Experiment, jit, jit_eval_step
 from overfocus_jax.train.state import TrainState
+from overfocus_jax.train.step import make_eval_step
 
 ATTRIBUTION_IMAGES = 64
 
@@ -26,9 +30,44 @@ def evaluate(exp: Experiment, state: TrainState, source, eval_step=None) -> dict
                                      std=exp.dataset.std):
     sums = eval_step(state, parallel.shard_batch(batch, exp.mesh))
     totals = jax.tree.map(lambda a, b: a + b, totals, sums)
+  return _totals_to_metrics(totals)
+
+
+def _totals_to_metrics(totals: dict) -> dict:
   totals = jax.device_get(totals)
   n = float(totals["count"])
   return {"loss": float(totals["loss_sum"]) / n, "accuracy": float(totals["correct"]) / n, "n": int(n)}
+
+
+def jit_resident_evaluation(exp: Experiment):
+  """``(state, batches, mask) -> sums`` over a split already on the device, cut into padded batches
+  (:func:`on_device.padded_eval_batches`): one compiled pass, a ``lax.scan`` over the batches, normalized there."""
+  eval_step = make_eval_step(exp.model)
+  rep, data = parallel.replicated(exp.mesh), parallel.data_sharded(exp.mesh)
+  mean, std = exp.dataset.mean, exp.dataset.std
+
+  def evaluate_split(state, batches, mask):
+    def add_batch(totals, xs):
+      images, labels, valid = xs
+      batch = {"image": on_device.normalize(images, mean, std), "label": labels, "mask": valid}
+      sums = eval_step(state, jax.lax.with_sharding_constraint(batch, data))
+      return jax.tree.map(jnp.add, totals, sums), None
+
+    zeros = {"loss_sum": jnp.float32(0), "correct": jnp.float32(0), "count": jnp.float32(0)}
+    return jax.lax.scan(add_batch, zeros, (batches.images, batches.labels, mask))[0]
+
+  return jit(exp, evaluate_split, in_shardings=(rep, rep, rep), out_shardings=rep)
+
+
+def make_evaluator(exp: Experiment, source, *, resident: bool) -> Callable[[TrainState], dict]:
+  """``evaluate(state) -> {loss, accuracy, n}`` on ``source``: with ``resident``, the split is copied to the devices
+  once and each evaluation is one compiled pass; otherwise host batches through the eval step (:func:`evaluate`)."""
+  if not resident:
+    eval_step = jit_eval_step(exp)
+    return lambda state: evaluate(exp, state, source, eval_step)
+  batches, mask = on_device.padded_eval_batches(on_device.put_split(source, parallel.replicated(exp.mesh)), exp.config.eval_batch_size)
+  evaluate_split = jit_resident_evaluation(exp)
+  return lambda state: _totals_to_metrics(evaluate_split(state, batches, mask))
 
 
 def evaluation_split(exp: Experiment, dataset: str | None):

@@ -19,6 +19,7 @@ from overfocus_jax.data.sources import ImageDataset, load_dataset
 from overfocus_jax.errors import UserError
 from overfocus_jax.models import Model, build_model
 from overfocus_jax.train import state as state_lib
+from overfocus_jax.train.dispatch import Feed, make_train_chunk
 from overfocus_jax.train.step import make_eval_step, make_train_step
 
 
@@ -53,9 +54,11 @@ def build_experiment(config: ml_collections.ConfigDict, *, dataset: ImageDataset
   steps = pipeline.steps_per_epoch(dataset, config.batch_size)
   schedule = state_lib.make_schedule(config, steps)
   tx = state_lib.make_optimizer(config, schedule)
-  state = state_lib.create_train_state(model, tx, seed=config.seed, input_shape=dataset.image_shape,
-                                       regularizer=regularizer)
-  return Experiment(config, dataset, model, mesh, steps, schedule, tx, parallel.replicate(state, mesh), regularizer)
+  # Compiled: eager initialisation dispatches every op of every layer on its own (slow on accelerators).
+  create = lambda: state_lib.create_train_state(model, tx, seed=config.seed, input_shape=dataset.image_shape,
+                                                regularizer=regularizer)
+  state = jax.jit(create, out_shardings=parallel.replicated(mesh))()
+  return Experiment(config, dataset, model, mesh, steps, schedule, tx, state, regularizer)
 
 
 def check_input_shape(model: Model, input_shape: tuple[int, ...]) -> None:
@@ -94,6 +97,19 @@ def jit_train_step(exp: Experiment, regularizer: Regularizer | None = None):
                          label_smoothing=exp.config.label_smoothing, steps_per_epoch=exp.steps_per_epoch)
   rep, data = parallel.replicated(exp.mesh), parallel.data_sharded(exp.mesh)
   return jit(exp, step, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=0)
+
+
+def jit_train_chunk(exp: Experiment, feed: Feed, data_sharding: jax.sharding.Sharding):
+  """``train_chunk(state, data, num_steps) -> (state, metric sums, first_bad_step)``
+  (:func:`overfocus_jax.train.dispatch.make_train_chunk`) for the mesh, compiled once per ``num_steps`` (static):
+  the state replicated and donated, ``data`` laid out as ``data_sharding``, each batch built on the device and
+  sharded over the data axis."""
+  step = make_train_step(exp.model, exp.tx, schedule=exp.schedule, regularizer=exp.regularizer,
+                         label_smoothing=exp.config.label_smoothing, steps_per_epoch=exp.steps_per_epoch)
+  rep = parallel.replicated(exp.mesh)
+  train_chunk = make_train_chunk(step, feed, parallel.data_sharded(exp.mesh))
+  return jit(exp, train_chunk, in_shardings=(rep, data_sharding), out_shardings=(rep, rep, rep),
+             static_argnums=2, donate_argnums=0)
 
 
 def jit_eval_step(exp: Experiment):

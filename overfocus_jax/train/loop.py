@@ -16,25 +16,25 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import tqdm
 
 from overfocus_jax import config as config_lib
 from overfocus_jax import parallel
 from overfocus_jax.challenge import STRENGTH_FIELDS, Regularizer
-from overfocus_jax.data import pipeline
 from overfocus_jax.errors import UserError
 from overfocus_jax.train import checkpoint as checkpoint_lib
-from overfocus_jax.train.evaluation import attribution_batch, evaluate, jit_attribution_probe
-from overfocus_jax.train.experiment import build_experiment, jit_eval_step, jit_train_step
+from overfocus_jax.train import dispatch, streams
+from overfocus_jax.train.evaluation import attribution_batch, jit_attribution_probe, make_evaluator
+from overfocus_jax.train.experiment import build_experiment, jit_train_chunk
 from overfocus_jax.train.workdir import MetricWriter, prepare_workdir, restore_or_init
 
 
 def _check_finite(metrics: dict, step: int) -> None:
   for name, value in metrics.items():
     if not math.isfinite(value):
-      raise UserError(f"train {name} became {value} by step {step}",
+      raise UserError(f"train {name} became {value} at step {step}",
                       "lower --config.learning_rate (or raise warmup_epochs); the last good checkpoint is kept")
 
 
@@ -69,7 +69,7 @@ def idle_warning(config: ml_collections.ConfigDict, regularized_share: float | N
 
 
 def _mean_metrics(sums: dict, count: int) -> dict:
-  return {k: float(v) / count for k, v in jax.device_get(sums).items()}
+  return {k: float(v) / count for k, v in sums.items()}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
@@ -81,45 +81,62 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   config_lib.validate(config)
   workdir = prepare_workdir(workdir)
   exp = build_experiment(config, regularizer=regularizer)
-  train_iter = pipeline.make_train_iterator(exp.dataset, batch_size=config.batch_size, seed=config.seed,
-                                            augment=config.augment)
   checkpointer = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
   try:
-    state = restore_or_init(exp, checkpointer, train_iter)
+    state, data_state = restore_or_init(exp, checkpointer)
+    stream = streams.make_stream(exp, data_state)
     (workdir / "config.json").write_text(config_lib.config_to_json(config))
-    return _run_epochs(exp, state, train_iter, checkpointer, workdir, progress)
+    return _run_epochs(exp, state, stream, checkpointer, workdir, progress)
   finally:
-    checkpointer.close()
+    checkpointer.close()  # waits for an asynchronous save still in flight: every checkpoint is complete on return
 
 
-def _run_epochs(exp, state, train_iter, checkpointer, workdir, progress) -> dict:
+def steps_per_dispatch(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  """K, the train steps one compiled call runs: ``config.steps_per_dispatch``, or the platform's default for 0
+  (:func:`dispatch.default_steps_per_dispatch`), at most an epoch."""
+  chosen = config.steps_per_dispatch or dispatch.default_steps_per_dispatch(jax.default_backend())
+  return min(chosen, steps_per_epoch)
+
+
+def compile_chunks(exp, state, stream, chunk_size: int) -> dict:
+  """The compiled chunk for each length an epoch needs (K, and the epoch's remainder when K does not divide it),
+  ahead of time so that no epoch's clock includes compilation."""
+  jitted = jit_train_chunk(exp, stream.feed, stream.sharding)
+  lengths = {chunk_size, exp.steps_per_epoch % chunk_size} - {0}
+  return {n: jitted.lower(state, stream.abstract_data(n), n).compile() for n in sorted(lengths)}
+
+
+def _run_epochs(exp, state, stream, checkpointer, workdir, progress) -> dict:
   config, steps = exp.config, exp.steps_per_epoch
-  train_step = jit_train_step(exp)
-  eval_step = jit_eval_step(exp)
+  chunk_size = steps_per_dispatch(config, steps)
+  train_chunks = compile_chunks(exp, state, stream, chunk_size)
+  evaluate_test = make_evaluator(exp, exp.dataset.test, resident=stream.resident)
   writer = MetricWriter(workdir)
   probe_batch = attribution_batch(exp)
   probe = jit_attribution_probe(exp) if probe_batch is not None else None
+  if probe_batch is not None:
+    probe_batch = parallel.replicate(probe_batch, exp.mesh)
   start_epoch = int(jax.device_get(state.step)) // steps
   run_start, trained_images, trained_time = time.perf_counter(), 0, 0.0
   record = {}
   try:
     for epoch in range(start_epoch, config.num_epochs):
-      state, train_metrics, epoch_time, timed_images = _train_epoch(exp, state, train_iter, train_step, epoch,
-                                                                   progress)
-      trained_images, trained_time = trained_images + timed_images, trained_time + epoch_time
-      test = evaluate(exp, state, exp.dataset.test, eval_step)
+      state, train_metrics, epoch_time = _train_epoch(exp, state, stream, train_chunks, chunk_size, epoch,
+                                                       progress)
+      trained_images, trained_time = trained_images + steps * config.batch_size, trained_time + epoch_time
+      test = evaluate_test(state)
       step = int(jax.device_get(state.step))
       record = {"epoch": epoch + 1, "step": step,
                 **{f"train_{k}": v for k, v in train_metrics.items()},
                 "test_loss": test["loss"], "test_accuracy": test["accuracy"],
-                "images_per_s": timed_images / max(epoch_time, 1e-9), "epoch_time_s": epoch_time}
+                "images_per_s": steps * config.batch_size / max(epoch_time, 1e-9), "epoch_time_s": epoch_time}
       record["learning_rate"] = record.pop("train_learning_rate")
       record["generalization_gap"] = record["train_accuracy"] - test["accuracy"]
       if record.get("train_regularized_share"):  # accuracy on the samples the regularizer changed, this epoch
         record["train_regularized_accuracy"] = record["train_regularized_hits"] / record["train_regularized_share"]
       if probe is not None:
         record.update({k: float(v) for k, v in jax.device_get(probe(state, probe_batch)).items()})
-      checkpointer.save(step, state, train_iter.get_state())
+      checkpointer.save(step, state, stream.state())  # asynchronous: written while the next epoch trains
       writer.write(step, record)
       print(f"epoch {epoch + 1}/{config.num_epochs}: train loss {record['train_loss']:.4f} "
             f"acc {record['train_accuracy']:.4f} | test loss {test['loss']:.4f} acc {test['accuracy']:.4f} | "
@@ -133,12 +150,13 @@ def _run_epochs(exp, state, train_iter, checkpointer, workdir, progress) -> dict
   finally:
     writer.close()
   if not record:  # nothing left to train: report the checkpoint as it is
-    test = evaluate(exp, state, exp.dataset.test, eval_step)
+    test = evaluate_test(state)
     record = {"epoch": start_epoch, "step": int(jax.device_get(state.step)), "test_loss": test["loss"],
               "test_accuracy": test["accuracy"]}
   summary = {
       "dataset": config.dataset, "model": config.model, "regularizer": config.regularizer.name,
       "epochs": record["epoch"], "steps": record["step"], "devices": exp.mesh.devices.size,
+      "data_on_device": stream.resident, "steps_per_dispatch": chunk_size,
       "test_accuracy": record["test_accuracy"], "test_loss": record["test_loss"],
       "train_accuracy": record.get("train_accuracy"), "train_loss": record.get("train_loss"),
       "images_per_s": trained_images / trained_time if trained_time else None,
@@ -148,28 +166,41 @@ def _run_epochs(exp, state, train_iter, checkpointer, workdir, progress) -> dict
   return summary
 
 
-def _train_epoch(exp, state, train_iter, train_step, epoch, progress):
-  """One epoch of steps. Throughput excludes the first step of the run (compilation)."""
+def _train_epoch(exp, state, stream, train_chunks, chunk_size, epoch,
+                                                       progress):
+  """One epoch in chunks of at most ``chunk_size`` steps, one host sync per chunk.
+
+  The next chunk is dispatched before the previous one's metrics are read, so the device never waits for the
+  host: the host stream stacks the next K batches while the device runs the current chunk.
+  """
   steps, config = exp.steps_per_epoch, exp.config
-  sums, timed_images, start = None, 0, None
+  first_step = epoch * steps
+  sums, done, pending = None, 0, None
   bar = tqdm.tqdm(total=steps, desc=f"epoch {epoch + 1}/{config.num_epochs}", unit="step", leave=False,
                   disable=(not progress) if progress is not None else None, dynamic_ncols=True)
+  start = time.perf_counter()
+
+  def collect(chunk):
+    nonlocal sums, done
+    chunk_sums, first_bad, count = jax.device_get(chunk)
+    if first_bad >= 0:
+      bad = {k: float(v) for k, v in chunk_sums.items() if not math.isfinite(float(v))}
+      _check_finite(bad or {"loss": math.nan}, int(first_bad))
+    sums = chunk_sums if sums is None else jax.tree.map(np.add, sums, chunk_sums)
+    done += count
+    means = _mean_metrics(sums, done)
+    elapsed = time.perf_counter() - start
+    bar.set_postfix(loss=f"{means['loss']:.3f}", acc=f"{means['accuracy']:.3f}",
+                    img_s=f"{done * config.batch_size / elapsed:.0f}" if elapsed > 0 else "-")
+    bar.update(count)
+
   with bar:
-    for i in range(steps):
-      batch = parallel.shard_batch(next(train_iter), exp.mesh)
-      state, metrics = train_step(state, batch)
-      sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
-      if start is None:  # the first step compiles: start the clock once it is done
-        jax.block_until_ready(state)
-        start = time.perf_counter()
-      else:
-        timed_images += config.batch_size
-      if (i + 1) % 10 == 0 or i + 1 == steps:
-        means = _mean_metrics(sums, i + 1)
-        _check_finite(means, int(jax.device_get(state.step)))
-        elapsed = time.perf_counter() - start
-        bar.set_postfix(loss=f"{means['loss']:.3f}", acc=f"{means['accuracy']:.3f}",
-                        img_s=f"{timed_images / elapsed:.0f}" if elapsed > 0 else "-")
-      bar.update(1)
+    for chunk_start in range(first_step, first_step + steps, chunk_size):
+      count = min(chunk_size, first_step + steps - chunk_start)
+      state, chunk_sums, first_bad = train_chunks[count](state, stream.chunk_data(chunk_start, count))
+      if pending is not None:
+        collect(pending)
+      pending = (chunk_sums, first_bad, count)
+    collect(pending)
   jax.block_until_ready(state)
-  return state, _mean_metrics(sums, steps), time.perf_counter() - start, timed_images
+  return state, _mean_metrics(sums, steps), time.perf_counter() - start

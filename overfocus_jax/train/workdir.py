@@ -76,15 +76,13 @@ class MetricWriter:
     self.tensorboard.close()
 
 
-def restore_or_init(exp: Experiment, checkpointer: checkpoint_lib.Checkpointer, train_iter=None) -> TrainState:
-  """The latest checkpoint's state (and iterator position) if there is one, else the experiment's fresh state."""
+def restore_or_init(exp: Experiment, checkpointer: checkpoint_lib.Checkpointer) -> tuple[TrainState, dict | None]:
+  """``(state, data_state)`` of the latest checkpoint if there is one (the data state is the train stream's
+  position, :mod:`.streams`), else the experiment's fresh state and None."""
   if checkpointer.latest_step() is None:
-    return exp.state
+    return exp.state, None
   abstract = checkpoint_lib.abstract_like(exp.state, parallel.replicated(exp.mesh))
-  state, data_state = checkpointer.restore(abstract)
-  if train_iter is not None:
-    train_iter.set_state(data_state)
-  return state
+  return checkpointer.restore(abstract)
 
 
 @dataclasses.dataclass
@@ -108,7 +106,7 @@ def load_trained(workdir: str | pathlib.Path) -> TrainedRun:
     step = checkpointer.latest_step()
     if step is None:
       raise UserError(f"no checkpoint in {workdir / 'checkpoints'}", "train first: overfocus train --workdir DIR")
-    state = restore_or_init(exp, checkpointer)
+    state, _ = restore_or_init(exp, checkpointer)
   finally:
     checkpointer.close()
   return TrainedRun(workdir, config, exp, state, int(step))

@@ -1,0 +1,174 @@
+r"""Data on the device: a dataset's uint8 images live in accelerator memory and each step's batch is built inside the
+jitted step, so the host does no per-step work at all.
+
+    perm_e  = permutation(fold_in(shuffle_key, e), N)                  epoch e's order (a function of e alone)
+    rows(t) = perm_e[(t mod S)·B : (t mod S)·B + B],   e = ⌊t / S⌋       step t's examples, S = ⌊N / B⌋ steps an epoch
+    x(t)    = (crop_flip(images[rows(t)], fold_in(augment_key, t)) / 255 − μ) / σ
+
+The position in the stream is the step ``t`` itself, so a run restored from the checkpoint of step t continues the
+same stream exactly, with nothing more to save. The augmentation is the host pipeline's (:mod:`.pipeline`): a
+translation of up to ``crop_padding`` pixels with zero fill, and a coin-flip horizontal mirror for natural images
+only; its random numbers come from the JAX PRNG instead of NumPy's, so the two paths draw different (equally
+distributed) streams from the same seed.
+
+The arrays are replicated on every device of the mesh: each device gathers its own rows of the (sharded) batch
+with no communication, and today's datasets (MNIST, Fashion-MNIST, CIFAR-10: at most 180 MB) fit many times over.
+:func:`fits` decides ``config.data_on_device=auto``.
+"""
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from overfocus_jax.data.pipeline import check_stream_arguments, crop_padding, read_split, steps_per_epoch
+from overfocus_jax.data.sources import ImageDataset, Source
+from overfocus_jax.errors import SettingError
+
+MODES = ("auto", "on", "off")
+# auto keeps the data on the device when it takes at most this share of one device's memory (or, where the
+# backend reports none, such as the CPU, at most HOST_BUDGET_BYTES).
+DEVICE_MEMORY_SHARE = 0.25
+HOST_BUDGET_BYTES = 4 << 30
+
+
+@flax.struct.dataclass
+class Split:
+  """One split on the device: uint8 images (N, H, W, C) and int32 labels (N,), replicated over the mesh."""
+
+  images: jax.Array
+  labels: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamSpec:
+  """What the train stream needs besides the arrays: sizes, the seed's two keys and the augmentation."""
+
+  batch_size: int
+  steps_per_epoch: int
+  seed: int
+  augment: bool
+  padding: int
+  flip: bool
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+
+
+def split_bytes(source: Source, image_shape: Sequence[int]) -> int:
+  """The bytes a split takes on the device: uint8 pixels plus int32 labels."""
+  return len(source) * (int(np.prod(image_shape)) + 4)
+
+
+def device_budget_bytes(device: jax.Device) -> int:
+  """How many bytes of ``device`` the data may take under ``auto``."""
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  limit = (stats or {}).get("bytes_limit")
+  return int(limit * DEVICE_MEMORY_SHARE) if limit else HOST_BUDGET_BYTES
+
+
+def fits(dataset: ImageDataset, device: jax.Device) -> bool:
+  """Whether both splits together fit ``auto``'s budget on ``device``."""
+  total = split_bytes(dataset.train, dataset.image_shape) + split_bytes(dataset.test, dataset.image_shape)
+  return total <= device_budget_bytes(device)
+
+
+def resolve(mode: str, dataset: ImageDataset, mesh: jax.sharding.Mesh) -> bool:
+  """``config.data_on_device`` → whether this run keeps its data on the device."""
+  if mode not in MODES:
+    raise SettingError("data_on_device", f"data_on_device={mode!r} is not one of {', '.join(MODES)}",
+                       "auto, on or off")
+  if mode == "auto":
+    return fits(dataset, mesh.devices.flat[0])
+  return mode == "on"
+
+
+def put_split(source: Source, sharding: jax.sharding.Sharding) -> Split:
+  """Copies every example of ``source`` to the devices, laid out as ``sharding`` (replicated, for the loop), once."""
+  images, labels = read_split(source)
+  return jax.device_put(Split(images=np.asarray(images, np.uint8), labels=np.asarray(labels, np.int32)), sharding)
+
+
+def stream_spec(dataset: ImageDataset, *, batch_size: int, seed: int, augment: bool) -> StreamSpec:
+  """The stream of ``make_train_iterator``'s arguments, for the device.
+
+  Raises:
+    UserError: bad batch size or seed, or fewer training examples than one batch (as the host pipeline).
+  """
+  check_stream_arguments(dataset, batch_size=batch_size, seed=seed)
+  return StreamSpec(batch_size=batch_size, steps_per_epoch=steps_per_epoch(dataset, batch_size), seed=seed,
+                    augment=augment, padding=crop_padding(dataset.image_shape), flip=dataset.natural_images,
+                    mean=tuple(dataset.mean), std=tuple(dataset.std))
+
+
+def stream_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+  """The shuffle and augmentation keys of a seed (independent of the model's keys, which split PRNGKey(seed))."""
+  base = jax.random.fold_in(jax.random.PRNGKey(seed), 0x0DA7A)
+  return jax.random.fold_in(base, 0), jax.random.fold_in(base, 1)
+
+
+def epoch_order(shuffle_key: jax.Array, epoch: jax.Array, count: int) -> jax.Array:
+  """Epoch ``epoch``'s permutation of the ``count`` training examples."""
+  return jax.random.permutation(jax.random.fold_in(shuffle_key, epoch), count)
+
+
+def step_rows(order: jax.Array, step: jax.Array, spec: StreamSpec) -> jax.Array:
+  """The indices of step ``step``'s examples in its epoch's ``order``."""
+  start = (step % spec.steps_per_epoch) * spec.batch_size
+  return jax.lax.dynamic_slice_in_dim(order, start, spec.batch_size)
+
+
+def random_crop(images: jax.Array, key: jax.Array, padding: int) -> jax.Array:
+  """Each image shifted by its own uniform offset in [−padding, padding]² with zero fill (as the host pipeline)."""
+  height, width = images.shape[1:3]
+  padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  offsets = jax.random.randint(key, (images.shape[0], 2), 0, 2 * padding + 1)
+  crop = lambda image, offset: jax.lax.dynamic_slice(image, (offset[0], offset[1], 0),
+                                                     (height, width, images.shape[3]))
+  return jax.vmap(crop)(padded, offsets)
+
+
+def random_flip(images: jax.Array, key: jax.Array) -> jax.Array:
+  """Each image mirrored left-right with probability 1/2."""
+  coins = jax.random.bernoulli(key, 0.5, (images.shape[0], 1, 1, 1))
+  return jnp.where(coins, images[:, :, ::-1], images)
+
+
+def augment(images: jax.Array, key: jax.Array, *, padding: int, flip: bool) -> jax.Array:
+  """The host pipeline's augmentation on a uint8 batch: random crop, then a mirror only when ``flip``."""
+  crop_key, flip_key = jax.random.split(key)
+  images = random_crop(images, crop_key, padding)
+  return random_flip(images, flip_key) if flip else images
+
+
+def normalize(images: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
+  """uint8 pixels → ``(x / 255 − mean) / std`` in float32, per channel (as ``pipeline.normalize``)."""
+  mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
+  return (images.astype(jnp.float32) / jnp.float32(255.0) - mean) / std
+
+
+def train_batch(split: Split, step: jax.Array, order: jax.Array, spec: StreamSpec) -> dict:
+  """Step ``step``'s batch, ``{'image': float32 (B, H, W, C), 'label': int32 (B,)}``, from the device split.
+
+  ``order`` is ``epoch_order`` of the step's epoch (computed once per chunk of steps by the caller).
+  """
+  rows = step_rows(order, step, spec)
+  images, labels = split.images[rows], split.labels[rows]
+  if spec.augment:
+    images = augment(images, jax.random.fold_in(stream_keys(spec.seed)[1], step), padding=spec.padding,
+                     flip=spec.flip)
+  return {"image": normalize(images, spec.mean, spec.std), "label": labels}
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def padded_eval_batches(split: Split, batch_size: int) -> tuple[Split, jax.Array]:
+  """The split cut into ⌈N / batch_size⌉ batches (a leading axis), the last padded with its final example, and
+  the (batches, batch_size) validity mask: one shape, so evaluation is one compiled pass."""
+  count = split.labels.shape[0]
+  batches = -(-count // batch_size)
+  index = jnp.minimum(jnp.arange(batches * batch_size), count - 1).reshape(batches, batch_size)
+  mask = (jnp.arange(batches * batch_size) < count).astype(jnp.float32).reshape(batches, batch_size)
+  return Split(images=split.images[index], labels=split.labels[index]), mask
