@@ -4,6 +4,7 @@
     overfocus eval  --workdir DIR [--dataset SOURCE]
     overfocus explain --workdir DIR [--dataset SOURCE] [--out DIR] [--n N] [--methods a,b] [--compare DIR]
     overfocus bench [--config FILE] [--config.FIELD=VALUE ...] [--steps N] [--repeats N] [--warmup N]
+                    [--end-to-end-epochs N]
 
 Bad input ends in one line on stderr naming the problem and the fix, exit code 2, no traceback. ``eval``,
 ``explain`` and ``bench`` print one JSON object as their last stdout line. Compiled programs are cached across runs
@@ -70,11 +71,15 @@ def _parser() -> argparse.ArgumentParser:
                        help="integrated-gradients baseline: mean (every pixel at the dataset mean) or black (zeros)")
   explain.add_argument("--compare", help="a second run's workdir, drawn beside this one")
   explain.add_argument("--no-progress", action="store_true", help="no progress bar")
-  bench = sub.add_parser("bench", help="time the compiled train step", allow_abbrev=False)
+  bench = sub.add_parser("bench", help="time the compiled train step and the train loop end to end",
+                         allow_abbrev=False)
   bench.add_argument("--config", help="ml_collections config file")
   bench.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
   bench.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported")
   bench.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
+  bench.add_argument("--end-to-end-epochs", type=int, default=1,
+                     help="epochs of the train loop timed after an untimed one (data stream + K steps per dispatch); "
+                          "0: skip")
   return parser
 
 
@@ -118,11 +123,16 @@ def cmd_bench(args, overrides) -> None:
   for name in ("steps", "repeats"):
     if getattr(args, name) < 1:
       raise UserError(f"--{name}={getattr(args, name)} must be at least 1", f"pass --{name}=20")
-  if args.warmup < 0:
-    raise UserError(f"--warmup={args.warmup} must be at least 0", "pass --warmup=3")
+  for name, default in (("warmup", 3), ("end_to_end_epochs", 1)):
+    if getattr(args, name) < 0:
+      flag = "--" + name.replace("_", "-")
+      raise UserError(f"{flag}={getattr(args, name)} must be at least 0", f"pass {flag}={default}")
   config = config_lib.build_config(args.config, overrides)
   exp = experiment.build_experiment(config)
-  print(json.dumps(bench.time_train_step(exp, steps=args.steps, repeats=args.repeats, warmup=args.warmup)))
+  result = bench.time_train_step(exp, steps=args.steps, repeats=args.repeats, warmup=args.warmup)
+  if args.end_to_end_epochs:
+    result.update(bench.time_end_to_end(exp, epochs=args.end_to_end_epochs))
+  print(json.dumps(result))
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "explain": cmd_explain, "bench": cmd_bench}

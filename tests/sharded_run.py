@@ -69,11 +69,31 @@ def main(out_path: str, expected_devices: int, extra_fields=()) -> None:
     rejects_12 = False
   except UserError as e:
     rejects_12 = "12" in str(e)
-  np.savez(out_path, losses=np.array(losses), accuracies=np.array(accuracies), shards=np.array(shards),
+  chunked = chunked_device_stream(config)
+  np.savez(out_path, **chunked, losses=np.array(losses), accuracies=np.array(accuracies), shards=np.array(shards),
            rows=np.array(rows), device_count=jax.device_count(), params_replicated=replicated,
            test_loss=test["loss"], test_accuracy=test["accuracy"], test_n=test["n"], step=int(state.step),
            rejects_12=rejects_12, regularizer_metrics=np.array(regularizer_metrics),
            concentration=np.array([concentration[k] for k in sorted(concentration)]), **variables)
+
+
+def chunked_device_stream(config) -> dict:
+  """The loop's own path: the data on the devices, crops drawn inside two compiled chunks of 2 steps, the resident
+  evaluation."""
+  from overfocus_jax.train import loop, streams
+  config = config.copy_and_resolve_references()
+  config.augment = True
+  exp = experiment.build_experiment(config)
+  stream = streams.DeviceStream(exp)
+  chunk = loop.compile_chunks(exp, exp.state, stream, 2)[2]
+  state, loss_sums = exp.state, []
+  for first_step in (0, 2):
+    state, sums, first_bad = chunk(state, stream.chunk_data(first_step, 2))
+    assert int(first_bad) == -1
+    loss_sums.append(float(sums["loss"]))
+  resident = evaluation.make_evaluator(exp, exp.dataset.test, resident=True)(state)
+  return {"chunk_loss_sums": np.array(loss_sums), "resident_test_loss": resident["loss"],
+          "resident_test_accuracy": resident["accuracy"], "chunk_step": int(state.step)}
 
 
 if __name__ == "__main__":

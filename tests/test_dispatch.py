@@ -198,3 +198,49 @@ def test_every_checkpoint_is_complete_when_the_run_returns(tmp_path):
     assert (tmp_path / "checkpoints" / str(step) / "_CHECKPOINT_METADATA").is_file()
   state, _ = restore_final_state(tmp_path)
   assert int(state.step) == 3 * STEPS_PER_EPOCH
+
+
+def test_a_resume_off_an_epoch_end_is_refused_and_leaves_the_run(trained_workdir, tmp_path, capsys):
+  """Batch 32 makes the epoch 44 steps: the checkpoint of step 22 is mid-epoch, the stream would not line up."""
+  workdir = tmp_path / "run"
+  shutil.copytree(trained_workdir, workdir)
+  before = snapshot(workdir)
+  code, _, err = run_cli(capsys, "train", "--workdir", workdir, *BASE_RUN_ARGS, "--config.num_epochs=2",
+                         "--config.batch_size=32")
+  assert_one_line_error(code, err, f"step {STEPS_PER_EPOCH}, not at an epoch end", "batch_size")
+  assert snapshot(workdir) == before
+
+
+def test_weights_that_become_non_finite_at_an_epochs_end_are_not_checkpointed(tmp_path, monkeypatch):
+  """The last step's update can make the weights NaN while that step's metrics were finite: the test loss shows
+  it, and the epoch is not saved."""
+  real = loop.make_evaluator
+  monkeypatch.setattr(loop, "make_evaluator", lambda *a, **k: (lambda state: {**real(*a, **k)(state),
+                                                                              "loss": float("nan")}))
+  with pytest.raises(UserError, match=rf"test loss became nan at step {STEPS_PER_EPOCH}\b"):
+    loop.train_and_evaluate(tiny_config(num_epochs=1), tmp_path, progress=False)
+  checkpointer = checkpoint_lib.Checkpointer(tmp_path, read_only=True)
+  try:
+    assert checkpointer.latest_step() is None
+  finally:
+    checkpointer.close()
+
+
+def test_a_resumed_run_drops_the_lines_of_epochs_it_trains_again(tmp_path):
+  """A crash after an epoch's line was written but before its asynchronous checkpoint was complete: the resumed
+  run trains that epoch again and keeps one line per step."""
+  config = tiny_config(num_epochs=1)
+  loop.train_and_evaluate(config, tmp_path, progress=False)
+  first = read_metrics(tmp_path)
+  with (tmp_path / "metrics.jsonl").open("a") as f:  # the orphan line of an epoch 2 whose save never completed
+    f.write(json.dumps({**first[0], "epoch": 2, "step": 2 * STEPS_PER_EPOCH, "train_loss": -1.0}) + "\n")
+  loop.train_and_evaluate(tiny_config(num_epochs=2), tmp_path, progress=False)
+  records = read_metrics(tmp_path)
+  assert [r["step"] for r in records] == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
+  assert records[0] == first[0] and records[1]["train_loss"] > 0
+
+
+def test_a_data_state_grain_cannot_read_is_one_user_error():
+  exp = experiment.build_experiment(tiny_config(data_on_device="off"))
+  with pytest.raises(UserError, match="not one the grain pipeline can resume"):
+    streams.make_stream(exp, {"unexpected": 1})

@@ -11,7 +11,7 @@ from overfocus_jax import parallel
 from overfocus_jax.data import on_device, pipeline
 from overfocus_jax.data.sources import ArraySource, ImageDataset, load_dataset
 from overfocus_jax.errors import UserError
-from overfocus_jax.train import evaluation, experiment
+from overfocus_jax.train import evaluation, experiment, streams
 
 from conftest import DIGITS_TRAIN, tiny_config
 
@@ -85,19 +85,22 @@ def test_normalize_matches_the_host_pipeline():
                              pipeline.normalize(images, mean, std), rtol=1e-6, atol=1e-6)
 
 
-def test_a_steps_batch_depends_on_the_step_alone(digits, digits_split):
-  """What makes resuming exact: the batch of step t is the same whenever it is built."""
-  spec = spec_for(digits)
-  key = on_device.stream_keys(0)[0]
-  order = lambda t: on_device.epoch_order(key, jnp.int32(t // spec.steps_per_epoch), DIGITS_TRAIN)
-  step = jnp.int32(spec.steps_per_epoch + 3)  # in the second epoch
-  first = on_device.train_batch(digits_split, step, order(int(step)), spec)
-  again = on_device.train_batch(digits_split, step, order(int(step)), spec)
-  other = on_device.train_batch(digits_split, step + 1, order(int(step) + 1), spec)
-  np.testing.assert_array_equal(first["image"], again["image"])
+def test_a_steps_batch_depends_on_the_step_alone():
+  """What makes resuming exact: step t's batch from a stream that has run since step 0 equals the one from a fresh
+  stream (a resumed run) that starts at step t, also across the epoch whose order the stream keeps."""
+  exp = experiment.build_experiment(tiny_config())
+  build = lambda stream, step: stream.feed(stream.chunk_data(step, 1), jnp.int32(step), 0)
+  ran, fresh = streams.DeviceStream(exp), streams.DeviceStream(exp)
+  steps = exp.steps_per_epoch
+  for step in range(0, steps + 4, 3):  # through epoch 0 into epoch 1
+    build(ran, step)
+  for step in (steps + 3, 5, 2 * steps + 1):
+    first, again = build(ran, step), build(fresh, step)
+    np.testing.assert_array_equal(first["image"], again["image"])
+    np.testing.assert_array_equal(first["label"], again["label"])
   assert first["image"].dtype == jnp.float32 and first["label"].dtype == jnp.int32
   assert first["image"].shape == (64, 8, 8, 1)
-  assert not np.array_equal(first["label"], other["label"])
+  assert not np.array_equal(build(fresh, 5)["label"], build(fresh, 6)["label"])
 
 
 def test_without_augmentation_the_batch_is_the_normalized_rows(digits, digits_split):
@@ -148,3 +151,5 @@ def test_auto_keeps_data_on_the_device_when_it_fits_and_not_otherwise(digits):
   big = ImageDataset("huge", Huge(np.zeros((1, 8, 8, 1)), np.zeros(1)), digits.test, (8, 8, 1), 10, False,
                      digits.mean, digits.std)
   assert not on_device.resolve("auto", big, mesh)
+  with pytest.raises(UserError, match=r"data_on_device=on: the dataset takes .* GiB, more than"):
+    on_device.resolve("on", big, mesh)

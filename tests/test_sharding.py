@@ -85,6 +85,16 @@ def test_one_and_eight_devices_train_the_same(runs):
   assert one["concentration"].shape == (4,) and np.all(one["concentration"] > 0)
 
 
+def test_one_and_eight_devices_train_the_same_from_data_on_the_device(runs):
+  """The loop's path: replicated uint8 splits, batches built and sharded inside compiled chunks of 2 steps."""
+  one, eight = runs["one"], runs["eight"]
+  assert int(one["chunk_step"]) == int(eight["chunk_step"]) == 4
+  np.testing.assert_allclose(eight["chunk_loss_sums"], one["chunk_loss_sums"], rtol=1e-4)
+  assert one["chunk_loss_sums"][1] != one["chunk_loss_sums"][0]  # it trained
+  np.testing.assert_allclose(eight["resident_test_loss"], one["resident_test_loss"], rtol=1e-4)
+  np.testing.assert_allclose(eight["resident_test_accuracy"], one["resident_test_accuracy"], atol=1e-6)
+
+
 def test_batch_not_divisible_by_devices_is_a_user_error(runs):
   assert bool(runs["eight"]["rejects_12"])
   mesh = types.SimpleNamespace(devices=np.empty(8))  # check_batch_size needs only the device count

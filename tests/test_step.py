@@ -337,3 +337,33 @@ def test_a_bfloat16_train_step_runs_and_keeps_float32_state(setup):
   chex.assert_trees_all_equal_dtypes(new_state.params, state.params)
   chex.assert_trees_all_equal_dtypes(new_state.batch_stats, state.batch_stats)
   assert {leaf.dtype for leaf in jax.tree.leaves(new_state.params)} == {jnp.dtype(jnp.float32)}
+
+
+@pytest.mark.parametrize("name", ["sgdrop", "rsc", "rsc_domainbed"])
+def test_bfloat16_regularizers_rank_in_float32_and_keep_the_latent_dtype(name):
+  """With a bf16 model, the head's gradient and SGDrop's attribution are float32 (ties and rounding of bf16 scores
+  would change which units are dropped); the masked map keeps the model's dtype; the train step runs."""
+  from overfocus_jax import challenge
+  from overfocus_jax.challenge.attribution import gradient_times_activation
+  from overfocus_jax.train import experiment
+  config = tiny_config(dtype="bfloat16", regularizer__name=name)
+  exp = experiment.build_experiment(config)
+  split = challenge.build_regularizer(config).split
+  encode, classify = exp.model.split(split)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(16, 8, 8, 1)), jnp.float32)
+  labels = jnp.arange(16) % 10
+  z, _ = encode(exp.state.variables, x, train=False)
+  classify_fn = lambda latent: classify(exp.state.variables, latent, train=False)[0]
+  assert z.dtype == jnp.bfloat16
+  if split == "latent":
+    assert gradient_times_activation(classify_fn, z, labels).dtype == jnp.float32
+  regularizer = challenge.build_regularizer(config)
+  info = challenge.StepInfo(step=jnp.int32(100), epoch=jnp.int32(3), steps_per_epoch=22, images=x,
+                            variables=exp.state.variables, encode=lambda v, x: encode(v, x, train=False)[0],
+                            classify=lambda v, latent: classify(v, latent, train=False)[0])
+  masked, _, _ = regularizer.apply(exp.state.regularizer_state, classify_fn, z, labels, jax.random.PRNGKey(0), info)
+  assert masked.dtype == jnp.bfloat16 and masked.shape == z.shape
+  assert bool(jnp.any(masked != z))  # it did drop something
+  state, metrics = experiment.jit_train_step(exp)(exp.state, {"image": x, "label": labels})
+  assert np.isfinite(float(metrics["loss"]))
+  assert {leaf.dtype for leaf in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}

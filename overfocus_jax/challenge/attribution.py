@@ -47,12 +47,14 @@ def class_score_vjp(fn: Callable, x: jax.Array, choose_classes: Callable[[jax.Ar
 
 def class_score_gradient(classify_fn: ClassifyFn, z: jax.Array, labels: jax.Array,
                          target: str = "true") -> tuple[jax.Array, jax.Array]:
-  """``(logits, ∂ψ_c(z)/∂z)`` from one forward and one backward pass through the head.
+  """``(logits, ∂ψ_c(z)/∂z)`` from one forward and one backward pass through the head; the gradient in float32
+  (or wider) whatever ``z``'s dtype.
 
   Both are constants for the outer gradient of the train step (``z`` is stopped).
   """
-  logits, grad = class_score_vjp(classify_fn, jax.lax.stop_gradient(z),
-                                 lambda logits: target_classes(logits, labels, target))
+  # At float32 at least, so that a bfloat16 model's attributions and the masks ranked on them keep float32.
+  z = jax.lax.stop_gradient(z).astype(jnp.promote_types(z.dtype, jnp.float32))
+  logits, grad = class_score_vjp(classify_fn, z, lambda logits: target_classes(logits, labels, target))
   return jax.lax.stop_gradient(logits), jax.lax.stop_gradient(grad)
 
 
@@ -60,7 +62,7 @@ def gradient_times_activation(classify_fn: ClassifyFn, z: jax.Array, labels: jax
                               target: str = "true") -> jax.Array:
   """:math:`A(z, c) = \\mathrm{ReLU}(\\partial\\psi_c/\\partial z \\odot z)`, same shape as ``z``."""
   _, grad = class_score_gradient(classify_fn, z, labels, target)
-  return jax.nn.relu(grad * jax.lax.stop_gradient(z))
+  return jax.nn.relu(grad * jax.lax.stop_gradient(z).astype(grad.dtype))
 
 
 def latent_attribution(model, variables: dict, x: jax.Array, labels: jax.Array,

@@ -97,7 +97,7 @@ def rsc(*, spatial_fraction: float = 1 / 3, channel_fraction: float = 1 / 3.2, s
     mask = jax.lax.stop_gradient(jnp.where(keep[:, None, None, None], mask, 1.0))
     metrics = {"rsc_spatial": use_spatial.astype(jnp.float32), "rsc_batch_masked_fraction": jnp.mean(keep),
                "rsc_dropped_fraction": dropped_fraction(mask), "rsc_percent": jnp.asarray(percent, jnp.float32)}
-    return z * mask, metrics
+    return (z * mask).astype(z.dtype), metrics
 
   return stateless(regularizer)
 
@@ -119,6 +119,6 @@ def rsc_domainbed(*, feature_drop: float = 1 / 3, batch_drop: float = 1 / 3) -> 
     muted = top_k_select(change, drop_count(batch_drop, features.shape[0]))
     mask = jax.lax.stop_gradient(jnp.where(muted[:, None], mask_f, 1.0))
     metrics = {"rsc_batch_masked_fraction": jnp.mean(muted), "rsc_dropped_fraction": dropped_fraction(mask)}
-    return features * mask, metrics
+    return (features * mask).astype(features.dtype), metrics
 
   return stateless(regularizer, split="pooled")

@@ -196,6 +196,6 @@ def sgdrop(*, rule: str = "mass", mass: float = 0.5, rate: float = 0.5, granular
     dropped = jnp.where(chosen, mask, 1.0) * jnp.ones_like(z)
     metrics = {"sgdrop_dropped_fraction": dropped_fraction(dropped),
                "sgdrop_batch_fraction": jnp.mean(chosen.astype(jnp.float32))}
-    return z * jax.lax.stop_gradient(multiplier), state, metrics
+    return (z * jax.lax.stop_gradient(multiplier)).astype(z.dtype), state, metrics
 
   return Regularizer(init=init, apply=apply)

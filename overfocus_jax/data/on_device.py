@@ -11,8 +11,8 @@ translation of up to ``crop_padding`` pixels with zero fill, and a coin-flip hor
 only; its random numbers come from the JAX PRNG instead of NumPy's, so the two paths draw different (equally
 distributed) streams from the same seed.
 
-The arrays are replicated on every device of the mesh: each device gathers its own rows of the (sharded) batch
-with no communication, and today's datasets (MNIST, Fashion-MNIST, CIFAR-10: at most 180 MB) fit many times over.
+The arrays are replicated on every device of the mesh, so each device can gather its own rows of the (sharded)
+batch, and today's datasets (MNIST, Fashion-MNIST, CIFAR-10: at most 180 MB) fit many times over.
 :func:`fits` decides ``config.data_on_device=auto``.
 """
 
@@ -63,26 +63,36 @@ def split_bytes(source: Source, image_shape: Sequence[int]) -> int:
   return len(source) * (int(np.prod(image_shape)) + 4)
 
 
-def device_budget_bytes(device: jax.Device) -> int:
-  """How many bytes of ``device`` the data may take under ``auto``."""
+def device_budget_bytes(device: jax.Device, share: float = DEVICE_MEMORY_SHARE) -> int:
+  """How many bytes of ``device`` the data may take: ``share`` of its memory, or HOST_BUDGET_BYTES where the
+  backend reports none (the CPU, whose "device memory" is the host's)."""
   stats = device.memory_stats() if hasattr(device, "memory_stats") else None
   limit = (stats or {}).get("bytes_limit")
-  return int(limit * DEVICE_MEMORY_SHARE) if limit else HOST_BUDGET_BYTES
+  return int(limit * share) if limit else HOST_BUDGET_BYTES
 
 
-def fits(dataset: ImageDataset, device: jax.Device) -> bool:
-  """Whether both splits together fit ``auto``'s budget on ``device``."""
-  total = split_bytes(dataset.train, dataset.image_shape) + split_bytes(dataset.test, dataset.image_shape)
-  return total <= device_budget_bytes(device)
+def dataset_bytes(dataset: ImageDataset) -> int:
+  return split_bytes(dataset.train, dataset.image_shape) + split_bytes(dataset.test, dataset.image_shape)
+
+
+def fits(dataset: ImageDataset, device: jax.Device, share: float = DEVICE_MEMORY_SHARE) -> bool:
+  """Whether both splits together fit ``share`` of ``device``'s memory (``auto``'s budget by default)."""
+  return dataset_bytes(dataset) <= device_budget_bytes(device, share)
 
 
 def resolve(mode: str, dataset: ImageDataset, mesh: jax.sharding.Mesh) -> bool:
-  """``config.data_on_device`` → whether this run keeps its data on the device."""
+  """``config.data_on_device`` → whether this run keeps its data on the device (this process's first device
+  decides; every device holds the whole dataset)."""
   if mode not in MODES:
     raise SettingError("data_on_device", f"data_on_device={mode!r} is not one of {', '.join(MODES)}",
                        "auto, on or off")
+  device = mesh.local_devices[0]
   if mode == "auto":
-    return fits(dataset, mesh.devices.flat[0])
+    return fits(dataset, device)
+  if mode == "on" and not fits(dataset, device, share=1.0):
+    raise SettingError("data_on_device", f"data_on_device=on: the dataset takes {dataset_bytes(dataset) / 2**30:.1f} "
+                       f"GiB, more than the {device_budget_bytes(device, 1.0) / 2**30:.1f} GiB of one device",
+                       "auto or off (the grain pipeline on the host)")
   return mode == "on"
 
 

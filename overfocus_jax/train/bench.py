@@ -1,8 +1,10 @@
-"""Timing the compiled train step, and what a model costs: parameters and XLA-counted FLOPs per image.
+"""Timing the compiled train step and the train loop end to end, and what a model costs: parameters and
+XLA-counted FLOPs per image.
 
-``overfocus bench`` prints :func:`time_train_step`'s dict. Times are host wall-clock around
-``jax.block_until_ready``, after compilation and warm-up, the median of ``repeats`` runs of ``steps`` steps on one
-batch.
+``overfocus bench`` prints :func:`time_train_step`'s dict merged with :func:`time_end_to_end`'s. The step: host
+wall-clock around ``jax.block_until_ready``, after compilation and warm-up, the median of ``repeats`` runs of
+``steps`` steps on one batch. End to end: whole epochs of the loop's own path (:func:`overfocus_jax.train.loop.
+train_epoch`: the run's data stream, K steps per dispatch, one host sync per chunk), after one untimed epoch.
 """
 
 import time
@@ -14,6 +16,7 @@ import numpy as np
 from overfocus_jax import parallel
 from overfocus_jax.data import pipeline
 from overfocus_jax.models import parameter_count
+from overfocus_jax.train import loop, streams
 from overfocus_jax.train.experiment import Experiment, jit_train_step
 
 
@@ -38,7 +41,7 @@ def time_train_step(exp: Experiment, *, steps: int = 20, repeats: int = 3, warmu
   batch = parallel.shard_batch(next(pipeline.make_train_iterator(
       exp.dataset, batch_size=config.batch_size, seed=config.seed, augment=config.augment)), exp.mesh)
   params, flops = parameter_count(exp.state.params), inference_flops_per_image(exp)  # before donation frees them
-  state = exp.state
+  state = jax.tree.map(jnp.copy, exp.state)  # the step donates its state; the experiment's stays usable
   start = time.perf_counter()
   state, _ = train_step(state, batch)
   jax.block_until_ready(state)
@@ -62,3 +65,22 @@ def time_train_step(exp: Experiment, *, steps: int = 20, repeats: int = 3, warmu
       "device_kind": jax.devices()[0].device_kind, "dtype": config.dtype, "platform_tuning": config.platform_tuning,
       "compile_s": compile_s, "step_ms_repeats": [t * 1e3 for t in per_step],
   }
+
+
+def time_end_to_end(exp: Experiment, *, epochs: int = 1) -> dict:
+  """Images/s of ``epochs`` whole epochs through the train loop's path, after an untimed first epoch; the data
+  stream and K follow the config (``data_on_device``, ``steps_per_dispatch``)."""
+  if epochs < 1:
+    raise ValueError(f"need epochs >= 1; got {epochs=}")
+  stream = streams.make_stream(exp, None)
+  chunk_size = loop.steps_per_dispatch(exp.config, exp.steps_per_epoch)
+  state = jax.tree.map(jnp.copy, exp.state)  # the chunks donate their state; the experiment's stays usable
+  chunks = loop.compile_chunks(exp, state, stream, chunk_size)
+  seconds = []
+  for epoch in range(epochs + 1):
+    state, _, elapsed = loop.train_epoch(exp, state, stream, chunks, chunk_size, epoch, progress=False)
+    seconds.append(elapsed)
+  images = epochs * exp.steps_per_epoch * exp.config.batch_size
+  timed = sum(seconds[1:])
+  return {"end_to_end_images_per_s": images / timed, "end_to_end_step_ms": timed / (epochs * exp.steps_per_epoch) * 1e3,
+          "end_to_end_epochs": epochs, "data_on_device": stream.resident, "steps_per_dispatch": chunk_size}

@@ -1,5 +1,6 @@
 """Orbax checkpoints in ``WORKDIR/checkpoints``: the whole :class:`TrainState` (params, optimizer state, batch
-statistics, step, PRNG key, regularizer state) and the grain iterator's state, saved together per step.
+statistics, step, PRNG key, regularizer state) and the data stream's position (grain's iterator state, or
+``{"on_device": true}`` for data on the device, whose position is the step), saved together per step.
 
 A checkpoint that cannot be read, or that belongs to another model, is reported as a :class:`UserError` and left
 untouched on disk: nothing is overwritten until a restore has succeeded.
@@ -47,7 +48,8 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_state: dict) -> None:
     """Starts saving ``step``: returns once the arrays are copied off the devices (so the next step may overwrite
-    them) and writes the files in the background. A save waits for the one before it; :meth:`wait` and
+    them; orbax copies every array before returning unless ``save_device_host_concurrent_bytes`` is set, which this
+    class must therefore not set — tests/test_dispatch.py checks it) and writes the files in the background. A save waits for the one before it; :meth:`wait` and
     :meth:`close` wait for the last. Until then the previous checkpoint is the latest complete one."""
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                     data=ocp.args.JsonSave(data_state)))

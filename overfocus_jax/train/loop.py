@@ -1,6 +1,7 @@
-"""``train_and_evaluate``: the epoch loop — sharded jitted steps, per-epoch evaluation, logs and checkpoints —
-resuming from ``WORKDIR/checkpoints`` when there is one. The pieces it uses: :mod:`.experiment` (what a config
-builds), :mod:`.evaluation`, :mod:`.workdir` (files, reading runs back), :mod:`.checkpoint`.
+"""``train_and_evaluate``: the epoch loop — compiled chunks of K sharded train steps, per-epoch evaluation, logs
+and asynchronous checkpoints — resuming from ``WORKDIR/checkpoints`` when there is one. The pieces it uses:
+:mod:`.experiment` (what a config builds), :mod:`.streams` (where batches come from), :mod:`.dispatch` (K steps per
+compiled call), :mod:`.evaluation`, :mod:`.workdir` (files, reading runs back), :mod:`.checkpoint`.
 
 Besides loss and accuracy, each epoch's record holds the overfocus measurements of the attribution probe
 (:mod:`.evaluation`) and ``generalization_gap`` = train accuracy − test accuracy, so the SGDrop paper's Fig. 1 can
@@ -34,7 +35,7 @@ from overfocus_jax.train.workdir import MetricWriter, prepare_workdir, restore_o
 def _check_finite(metrics: dict, step: int) -> None:
   for name, value in metrics.items():
     if not math.isfinite(value):
-      raise UserError(f"train {name} became {value} at step {step}",
+      raise UserError(f"{name} became {value} at step {step}",
                       "lower --config.learning_rate (or raise warmup_epochs); the last good checkpoint is kept")
 
 
@@ -84,11 +85,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   checkpointer = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
   try:
     state, data_state = restore_or_init(exp, checkpointer)
+    check_at_epoch_end(int(jax.device_get(state.step)), exp.steps_per_epoch)
     stream = streams.make_stream(exp, data_state)
     (workdir / "config.json").write_text(config_lib.config_to_json(config))
     return _run_epochs(exp, state, stream, checkpointer, workdir, progress)
   finally:
     checkpointer.close()  # waits for an asynchronous save still in flight: every checkpoint is complete on return
+
+
+def check_at_epoch_end(step: int, steps_per_epoch: int) -> None:
+  """A run resumes at an epoch end (checkpoints are saved there); another step means the epoch length changed."""
+  if step % steps_per_epoch:
+    raise UserError(f"the checkpoint is at step {step}, not at an epoch end of this config ({steps_per_epoch} steps "
+                    "an epoch)", "resume with the batch_size and dataset the run was started with, or use a new "
+                    "--workdir")
 
 
 def steps_per_dispatch(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
@@ -116,12 +126,14 @@ def _run_epochs(exp, state, stream, checkpointer, workdir, progress) -> dict:
   probe = jit_attribution_probe(exp) if probe_batch is not None else None
   if probe_batch is not None:
     probe_batch = parallel.replicate(probe_batch, exp.mesh)
-  start_epoch = int(jax.device_get(state.step)) // steps
+  start_step = int(jax.device_get(state.step))
+  start_epoch = start_step // steps
+  writer.keep_until(start_step)  # lines of epochs after the checkpoint (a crash before their save) are retrained
   run_start, trained_images, trained_time = time.perf_counter(), 0, 0.0
   record = {}
   try:
     for epoch in range(start_epoch, config.num_epochs):
-      state, train_metrics, epoch_time = _train_epoch(exp, state, stream, train_chunks, chunk_size, epoch,
+      state, train_metrics, epoch_time = train_epoch(exp, state, stream, train_chunks, chunk_size, epoch,
                                                        progress)
       trained_images, trained_time = trained_images + steps * config.batch_size, trained_time + epoch_time
       test = evaluate_test(state)
@@ -136,6 +148,8 @@ def _run_epochs(exp, state, stream, checkpointer, workdir, progress) -> dict:
         record["train_regularized_accuracy"] = record["train_regularized_hits"] / record["train_regularized_share"]
       if probe is not None:
         record.update({k: float(v) for k, v in jax.device_get(probe(state, probe_batch)).items()})
+      # Weights that became non-finite on the epoch's last step leave its train metrics finite; the test loss shows it.
+      _check_finite({"test loss": test["loss"]}, step)
       checkpointer.save(step, state, stream.state())  # asynchronous: written while the next epoch trains
       writer.write(step, record)
       print(f"epoch {epoch + 1}/{config.num_epochs}: train loss {record['train_loss']:.4f} "
@@ -166,12 +180,12 @@ def _run_epochs(exp, state, stream, checkpointer, workdir, progress) -> dict:
   return summary
 
 
-def _train_epoch(exp, state, stream, train_chunks, chunk_size, epoch,
-                                                       progress):
-  """One epoch in chunks of at most ``chunk_size`` steps, one host sync per chunk.
+def train_epoch(exp, state, stream, train_chunks, chunk_size, epoch, progress):
+  """One epoch in chunks of at most ``chunk_size`` steps (``train_chunks``: :func:`compile_chunks`), one host sync
+  per chunk; returns ``(state, the epoch's mean metrics, seconds)``.
 
-  The next chunk is dispatched before the previous one's metrics are read, so the device never waits for the
-  host: the host stream stacks the next K batches while the device runs the current chunk.
+  The next chunk is dispatched before the previous one's metrics are read: the host prepares chunk i+1 (the host
+  stream stacks its K batches) while the device runs chunk i.
   """
   steps, config = exp.steps_per_epoch, exp.config
   first_step = epoch * steps
@@ -184,8 +198,9 @@ def _train_epoch(exp, state, stream, train_chunks, chunk_size, epoch,
     nonlocal sums, done
     chunk_sums, first_bad, count = jax.device_get(chunk)
     if first_bad >= 0:
-      bad = {k: float(v) for k, v in chunk_sums.items() if not math.isfinite(float(v))}
-      _check_finite(bad or {"loss": math.nan}, int(first_bad))
+      bad = {f"train {k}": float(v) for k, v in chunk_sums.items()
+             if k not in dispatch.NOT_CHECKED and not math.isfinite(float(v))}
+      _check_finite(bad or {"train loss": math.nan}, int(first_bad))
     sums = chunk_sums if sums is None else jax.tree.map(np.add, sums, chunk_sums)
     done += count
     means = _mean_metrics(sums, done)

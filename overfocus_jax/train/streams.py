@@ -97,10 +97,19 @@ class HostStream:
     self.image_shape = tuple(dataset.image_shape)
     self.feed: Feed = host_feed(dataset.mean, dataset.std)
     self.sharding = NamedSharding(exp.mesh, P(None, parallel.DATA_AXIS))
+    if jax.process_count() > 1:  # each process would need its own share of grain's records (issue 13)
+      raise UserError("data_on_device=off does not yet split the grain pipeline over several processes",
+                      "use --config.data_on_device=on (the data is replicated on every host)")
 
   def restore(self, data_state: dict | None) -> None:
-    if data_state is not None:
+    if data_state is None:
+      return
+    try:
       self.iterator.set_state(data_state)
+    except (KeyError, TypeError, ValueError) as e:
+      raise UserError(f"the checkpoint's data-stream position {data_state!r} is not one the grain pipeline can "
+                      f"resume ({type(e).__name__}: {e})", "restore the checkpoint from a backup, or train in a new "
+                      "--workdir") from None
 
   def chunk_data(self, first_step: int, num_steps: int) -> dict:
     """The next ``num_steps`` batches (the stream's position is its own, whatever ``first_step`` says)."""

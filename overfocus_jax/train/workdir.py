@@ -64,6 +64,13 @@ class MetricWriter:
     self.jsonl = workdir / METRICS_FILE
     self.tensorboard = SummaryWriter(str(workdir))
 
+  def keep_until(self, step: int) -> None:
+    """Drops the records of steps after ``step`` (epochs a resumed run trains again: their checkpoint was never
+    completed), so that each step has one line."""
+    records = read_metrics(self.jsonl.parent)
+    if any(r.get("step", 0) > step for r in records):
+      self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in records if r.get("step", 0) <= step))
+
   def write(self, step: int, record: dict) -> None:
     with self.jsonl.open("a") as f:
       f.write(json.dumps(record) + "\n")
