@@ -342,7 +342,7 @@ def test_a_bfloat16_train_step_runs_and_keeps_float32_state(setup):
 @pytest.mark.parametrize("name", ["sgdrop", "rsc", "rsc_domainbed"])
 def test_bfloat16_regularizers_rank_in_float32_and_keep_the_latent_dtype(name):
   """With a bf16 model, the head's gradient and SGDrop's attribution are float32 (ties and rounding of bf16 scores
-  would change which units are dropped); the masked map keeps the model's dtype; the train step runs."""
+  would change which units are dropped); the masked map keeps the model's dtype."""
   from overfocus_jax import challenge
   from overfocus_jax.challenge.attribution import gradient_times_activation
   from overfocus_jax.train import experiment
@@ -364,6 +364,3 @@ def test_bfloat16_regularizers_rank_in_float32_and_keep_the_latent_dtype(name):
   masked, _, _ = regularizer.apply(exp.state.regularizer_state, classify_fn, z, labels, jax.random.PRNGKey(0), info)
   assert masked.dtype == jnp.bfloat16 and masked.shape == z.shape
   assert bool(jnp.any(masked != z))  # it did drop something
-  state, metrics = experiment.jit_train_step(exp)(exp.state, {"image": x, "label": labels})
-  assert np.isfinite(float(metrics["loss"]))
-  assert {leaf.dtype for leaf in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
