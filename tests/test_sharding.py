@@ -25,10 +25,14 @@ EIGHT_DEVICES = "--xla_force_host_platform_device_count=8"
 # an all-reduce more than XLA's default 40 s after the others, and XLA then aborts the process: a scheduling delay,
 # not a hang. A longer wait, where this jaxlib knows the flag (XLA aborts on flags it does not know).
 PATIENT_COLLECTIVES = "--xla_cpu_collective_call_terminate_timeout_seconds=600"
+# Each simulated device runs its operations on its own thread instead of sharing the 2-thread Eigen pool: once, on a
+# busy machine, the 8-device run stopped for good early on (no CPU used, the parent waiting on it), as if devices
+# that reached an all-reduce held the pool's threads that the devices still on their way needed.
+SINGLE_THREADED_DEVICES = "--xla_cpu_multi_thread_eigen=false"
 
 
 def _eight_device_env() -> dict:
-  patient = f"{EIGHT_DEVICES} {PATIENT_COLLECTIVES}"
+  patient = f"{EIGHT_DEVICES} {PATIENT_COLLECTIVES} {SINGLE_THREADED_DEVICES}"
   probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], capture_output=True, timeout=300,
                          env=subprocess_env({"XLA_FLAGS": patient}))
   return {"XLA_FLAGS": patient if probe.returncode == 0 else EIGHT_DEVICES}
