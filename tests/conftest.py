@@ -75,6 +75,17 @@ def assert_one_line_error(code, err, *fragments):
     assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
 
 
+def assert_resume_refused(capsys, trained_workdir, tmp_path, overrides, *fragments):
+  """Resuming a copy of ``trained_workdir`` with ``overrides`` is a one-line error that leaves every file as it was."""
+  import shutil
+  workdir = tmp_path / "run"
+  shutil.copytree(trained_workdir, workdir)
+  before = snapshot(workdir)
+  code, _, err = run_cli(capsys, "train", "--workdir", workdir, *BASE_RUN_ARGS, "--config.num_epochs=2", *overrides)
+  assert_one_line_error(code, err, *fragments)
+  assert snapshot(workdir) == before
+
+
 def last_json_line(out):
   return json.loads(out.strip().splitlines()[-1])
 

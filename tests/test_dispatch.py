@@ -20,8 +20,8 @@ from overfocus_jax.train import checkpoint as checkpoint_lib
 from overfocus_jax.train import dispatch, experiment, loop, streams
 from overfocus_jax.train.step import make_train_step
 
-from conftest import (BASE_RUN_ARGS, DIGITS_TRAIN, assert_one_line_error, read_metrics, restore_final_state, run_cli,
-                      snapshot, tiny_config)
+from conftest import (BASE_RUN_ARGS, DIGITS_TRAIN, assert_resume_refused, read_metrics, restore_final_state, run_cli,
+                      tiny_config)
 
 STEPS_PER_EPOCH = DIGITS_TRAIN // 64  # 22
 
@@ -144,13 +144,9 @@ def test_a_run_in_chunks_resumes_exactly(tmp_path, capsys, mode, k):
 
 
 def test_resuming_on_the_other_stream_is_refused_and_leaves_the_run(trained_workdir, tmp_path, capsys):
-  workdir = tmp_path / "run"
-  shutil.copytree(trained_workdir, workdir)  # trained with data_on_device=auto: on, for digits on a CPU
-  before = snapshot(workdir)
-  code, _, err = run_cli(capsys, "train", "--workdir", workdir, *BASE_RUN_ARGS, "--config.num_epochs=2",
-                         "--config.data_on_device=off")
-  assert_one_line_error(code, err, "data_on_device=on", "--config.data_on_device=on")
-  assert snapshot(workdir) == before
+  # trained with data_on_device=auto: on, for digits on a CPU
+  assert_resume_refused(capsys, trained_workdir, tmp_path, ["--config.data_on_device=off"], "data_on_device=on",
+                        "--config.data_on_device=on")
 
 
 def test_auto_resumes_on_the_stream_the_checkpoint_was_written_with(tmp_path):
@@ -204,13 +200,8 @@ def test_every_checkpoint_is_complete_when_the_run_returns(tmp_path):
 
 def test_a_resume_off_an_epoch_end_is_refused_and_leaves_the_run(trained_workdir, tmp_path, capsys):
   """Batch 32 makes the epoch 44 steps: the checkpoint of step 22 is mid-epoch, the stream would not line up."""
-  workdir = tmp_path / "run"
-  shutil.copytree(trained_workdir, workdir)
-  before = snapshot(workdir)
-  code, _, err = run_cli(capsys, "train", "--workdir", workdir, *BASE_RUN_ARGS, "--config.num_epochs=2",
-                         "--config.batch_size=32")
-  assert_one_line_error(code, err, f"step {STEPS_PER_EPOCH}, not at an epoch end", "batch_size")
-  assert snapshot(workdir) == before
+  assert_resume_refused(capsys, trained_workdir, tmp_path, ["--config.batch_size=32"],
+                        f"step {STEPS_PER_EPOCH}, not at an epoch end", "batch_size")
 
 
 def test_weights_that_become_non_finite_at_an_epochs_end_are_not_checkpointed(tmp_path, monkeypatch):

@@ -19,7 +19,6 @@ on_device`); :func:`host_feed` reads batch ``i`` of K uint8 batches stacked on a
 and normalizes it on the device.
 """
 
-import dataclasses
 from typing import Any, Callable
 
 import jax
