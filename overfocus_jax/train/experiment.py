@@ -87,16 +87,20 @@ def jit(exp: Experiment, fun, **jit_kwargs):
   return platform_tuning.jit(fun, exp.mesh, exp.config.platform_tuning, **jit_kwargs)
 
 
+def _train_step(exp: Experiment, regularizer: Regularizer | None = None):
+  """The experiment's :func:`make_train_step`, with ``regularizer`` in place of its own when given."""
+  return make_train_step(exp.model, exp.tx, schedule=exp.schedule, regularizer=regularizer or exp.regularizer,
+                         label_smoothing=exp.config.label_smoothing, steps_per_epoch=exp.steps_per_epoch)
+
+
 def jit_train_step(exp: Experiment, regularizer: Regularizer | None = None):
   """The train step compiled once for the mesh: state replicated, batch sharded, state buffers donated.
 
   ``regularizer`` defaults to the experiment's; its state must have the structure of
   ``exp.state.regularizer_state`` (build the experiment with it: ``build_experiment(config, regularizer=...)``).
   """
-  step = make_train_step(exp.model, exp.tx, schedule=exp.schedule, regularizer=regularizer or exp.regularizer,
-                         label_smoothing=exp.config.label_smoothing, steps_per_epoch=exp.steps_per_epoch)
   rep, data = parallel.replicated(exp.mesh), parallel.data_sharded(exp.mesh)
-  return jit(exp, step, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=0)
+  return jit(exp, _train_step(exp, regularizer), in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=0)
 
 
 def jit_train_chunk(exp: Experiment, feed: Feed, data_sharding: jax.sharding.Sharding):
@@ -104,10 +108,8 @@ def jit_train_chunk(exp: Experiment, feed: Feed, data_sharding: jax.sharding.Sha
   (:func:`overfocus_jax.train.dispatch.make_train_chunk`) for the mesh, compiled once per ``num_steps`` (static):
   the state replicated and donated, ``data`` laid out as ``data_sharding``, each batch built on the device and
   sharded over the data axis."""
-  step = make_train_step(exp.model, exp.tx, schedule=exp.schedule, regularizer=exp.regularizer,
-                         label_smoothing=exp.config.label_smoothing, steps_per_epoch=exp.steps_per_epoch)
   rep = parallel.replicated(exp.mesh)
-  train_chunk = make_train_chunk(step, feed, parallel.data_sharded(exp.mesh))
+  train_chunk = make_train_chunk(_train_step(exp), feed, parallel.data_sharded(exp.mesh))
   return jit(exp, train_chunk, in_shardings=(rep, data_sharding), out_shardings=(rep, rep, rep),
              static_argnums=2, donate_argnums=0)
 

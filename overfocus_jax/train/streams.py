@@ -57,11 +57,11 @@ class DeviceStream:
 
   def __init__(self, exp: Experiment):
     config = exp.config
-    self.split = on_device.put_split(exp.dataset.train, parallel.replicated(exp.mesh))
+    self.sharding = parallel.replicated(exp.mesh)
+    self.split = on_device.put_split(exp.dataset.train, self.sharding)
     self.spec = on_device.stream_spec(exp.dataset, batch_size=config.batch_size, seed=config.seed,
                                       augment=config.augment)
     self.feed: Feed = device_feed(self.spec)
-    self.sharding = parallel.replicated(exp.mesh)
     shuffle_key, count = on_device.stream_keys(config.seed)[0], len(exp.dataset.train)
     self._order = jax.jit(lambda epoch: on_device.epoch_order(shuffle_key, epoch, count), out_shardings=self.sharding)
     self._epoch, self._epoch_order = None, None
@@ -77,7 +77,7 @@ class DeviceStream:
     return {"split": self.split, "order": self._epoch_order}
 
   def abstract_data(self, num_steps: int):
-    data = {"split": self.split, "order": self._order(np.int32(0))}
+    data = {"split": self.split, "order": jax.eval_shape(self._order, np.int32(0))}  # shapes only: nothing runs
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.sharding), data)
 
   def state(self) -> dict:
