@@ -7,7 +7,9 @@
                     [--end-to-end-epochs N]
 
 Bad input ends in one line on stderr naming the problem and the fix, exit code 2, no traceback. ``eval``,
-``explain`` and ``bench`` print one JSON object as their last stdout line. Compiled programs are cached across runs
+``explain`` and ``bench`` print one JSON object as their last stdout line. ``train`` stops cleanly on SIGTERM or
+SIGUSR1 (exit 0, so that a scheduler requeues the job) and on SIGINT (exit 130) after saving a checkpoint; a second
+signal exits at once (:mod:`overfocus_jax.train.preemption`). Compiled programs are cached across runs
 (:mod:`overfocus_jax.compilation_cache`: ``~/.cache/overfocus_jax/xla``; ``OVERFOCUS_COMPILATION_CACHE=DIR|off``).
 """
 
@@ -17,6 +19,7 @@ import os
 import sys
 
 from overfocus_jax.errors import SettingError, UserError
+from overfocus_jax.train.preemption import Stopped  # numpy only: the CLI still starts without importing JAX
 
 CONFIG_PREFIX = "--config."
 
@@ -155,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
   except KeyboardInterrupt:
     print("overfocus: interrupted; the last checkpoint is kept", file=sys.stderr)
     return 130
+  except Stopped as e:  # a scheduler's signal: the checkpoint is saved; SIGTERM exits 0 so that the job requeues
+    print(f"overfocus: {e}", file=sys.stderr)
+    return e.exit_code
   return 0
 
 

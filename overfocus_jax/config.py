@@ -139,6 +139,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(isinstance(config.steps_per_dispatch, int) and config.steps_per_dispatch >= 0,
            f"config.steps_per_dispatch={config.steps_per_dispatch!r} must be an integer of at least 0",
            "set --config.steps_per_dispatch to K >= 1 steps per compiled call, or 0 for the platform's default")
+  _require(isinstance(config.checkpoint_every_steps, int) and config.checkpoint_every_steps >= 0,
+           f"config.checkpoint_every_steps={config.checkpoint_every_steps!r} must be an integer of at least 0",
+           "set --config.checkpoint_every_steps to N >= 1 steps between checkpoints inside an epoch, or 0 for off")
+  _require(math.isfinite(config.checkpoint_every_minutes) and config.checkpoint_every_minutes >= 0,
+           f"config.checkpoint_every_minutes={config.checkpoint_every_minutes!r} must be a number of at least 0",
+           "set --config.checkpoint_every_minutes, e.g. 30, or 0 for off")
   _require_choice(config.regularizer.name, challenge.NAMES, "regularizer.name")
   _require_choice(config.optimizer, OPTIMIZERS, "optimizer")
   _require_choice(config.schedule, SCHEDULES, "schedule")

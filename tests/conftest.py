@@ -135,6 +135,14 @@ def trained_workdir(tmp_path_factory):
   return workdir
 
 
+@pytest.fixture(scope="session")
+def uninterrupted_constant(tmp_path_factory):
+  """The base run's config, trained for 2 epochs in one go: what every resumed run must reproduce."""
+  workdir = tmp_path_factory.mktemp("uninterrupted") / "run"
+  assert cli.main(["train", "--workdir", str(workdir), *BASE_RUN_ARGS, "--config.num_epochs=2"]) == 0
+  return workdir
+
+
 def assert_split_is_exact(model, variables, x):
   """``classify(encode(x)) == apply(x)`` in inference and in training; returns the train-mode
   ``(apply_state, z, encode_state, classify_state)`` so the caller can check which batch-norm statistics each

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from overfocus_jax import cli, parallel
+from overfocus_jax import parallel
 from overfocus_jax.data import pipeline
 from overfocus_jax.data.sources import load_dataset
 from overfocus_jax.errors import UserError
@@ -202,14 +202,6 @@ def test_checkpoint_holds_the_state_and_iterator_position(trained_workdir):
 
 
 # ----------------------------------------------------------------------------- resuming
-
-
-@pytest.fixture(scope="module")
-def uninterrupted_constant(tmp_path_factory):
-  """The base run's config, trained for 2 epochs in one go."""
-  workdir = tmp_path_factory.mktemp("uninterrupted") / "run"
-  assert cli.main(["train", "--workdir", str(workdir), *BASE_RUN_ARGS, "--config.num_epochs=2"]) == 0
-  return workdir
 
 
 def assert_same_run(resumed, reference):

@@ -111,5 +111,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Bookkeeping.
   config.seed = 0
-  config.keep_checkpoints = 3
+  config.keep_checkpoints = 3           # the newest N checkpoints stay (epoch ends and those in between)
+  config.checkpoint_every_steps = 0     # also save every N steps inside an epoch (0: off; train/preemption.py)
+  config.checkpoint_every_minutes = 30.0  # and every N minutes (0: off), so a preempted job loses at most that
   return config

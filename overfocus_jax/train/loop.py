@@ -26,7 +26,7 @@ from overfocus_jax import parallel
 from overfocus_jax.challenge import STRENGTH_FIELDS, Regularizer
 from overfocus_jax.errors import UserError
 from overfocus_jax.train import checkpoint as checkpoint_lib
-from overfocus_jax.train import dispatch, streams
+from overfocus_jax.train import dispatch, preemption, streams
 from overfocus_jax.train.evaluation import attribution_batch, jit_attribution_probe, make_evaluator
 from overfocus_jax.train.experiment import build_experiment, jit_train_chunk
 from overfocus_jax.train.workdir import MetricWriter, prepare_workdir, restore_or_init
@@ -74,10 +74,13 @@ def _mean_metrics(sums: dict, count: int) -> dict:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
-                       regularizer: Regularizer | None = None, progress: bool | None = None) -> dict:
+                       regularizer: Regularizer | None = None, progress: bool | None = None,
+                       handle_signals: bool = True) -> dict:
   """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint) and returns the summary.
 
-  ``regularizer`` replaces the one the config names (your own, or a ``challenge.chain`` of several).
+  ``regularizer`` replaces the one the config names (your own, or a ``challenge.chain`` of several). With
+  ``handle_signals`` (and in the main thread), SIGTERM, SIGUSR1 and SIGINT stop the run cleanly after a checkpoint
+  (:mod:`.preemption`): :class:`~.preemption.Stopped` is raised once it is on disk.
   """
   config_lib.validate(config)
   workdir = prepare_workdir(workdir)
@@ -85,20 +88,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   checkpointer = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
   try:
     state, data_state = restore_or_init(exp, checkpointer)
-    check_at_epoch_end(int(jax.device_get(state.step)), exp.steps_per_epoch)
+    data_state, progress_record = preemption.split_progress(data_state)
+    resume = check_resume_point(int(jax.device_get(state.step)), exp.steps_per_epoch, progress_record)
     stream = streams.make_stream(exp, data_state)
     (workdir / "config.json").write_text(config_lib.config_to_json(config))
-    return _run_epochs(exp, state, stream, checkpointer, workdir, progress)
+    schedule = preemption.CheckpointSchedule(config.checkpoint_every_steps, config.checkpoint_every_minutes)
+    with preemption.watching_signals(handle_signals) as watch:
+      saver = preemption.Saver(checkpointer, schedule, watch, exp.steps_per_epoch)
+      return _run_epochs(exp, state, stream, saver, workdir, progress, resume)
   finally:
     checkpointer.close()  # waits for an asynchronous save still in flight: every checkpoint is complete on return
 
 
-def check_at_epoch_end(step: int, steps_per_epoch: int) -> None:
-  """A run resumes at an epoch end (checkpoints are saved there); another step means the epoch length changed."""
-  if step % steps_per_epoch:
-    raise UserError(f"the checkpoint is at step {step}, not at an epoch end of this config ({steps_per_epoch} steps "
-                    "an epoch)", "resume with the batch_size and dataset the run was started with, or use a new "
-                    "--workdir")
+def check_resume_point(step: int, steps_per_epoch: int, progress_record: dict | None) -> preemption.EpochProgress:
+  """Where the first epoch resumes: at an epoch end, or inside an epoch that the checkpoint's progress record
+  describes (saved between epoch ends, :mod:`.preemption`). Another step means the epoch length changed."""
+  inside = step % steps_per_epoch
+  if progress_record is None and not inside:
+    return preemption.EpochProgress()
+  if progress_record is not None and progress_record.get("steps_per_epoch") == steps_per_epoch \
+      and progress_record.get("steps") == inside:
+    return preemption.EpochProgress.from_json(progress_record)
+  raise UserError(f"the checkpoint is at step {step}, not at an epoch end of this config ({steps_per_epoch} steps "
+                  "an epoch)", "resume with the batch_size and dataset the run was started with, or use a new "
+                  "--workdir")
 
 
 def steps_per_dispatch(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
@@ -108,34 +121,56 @@ def steps_per_dispatch(config: ml_collections.ConfigDict, steps_per_epoch: int) 
   return min(chosen, steps_per_epoch)
 
 
-def compile_chunks(exp, state, stream, chunk_size: int) -> dict:
-  """The compiled chunk for each length an epoch needs (K, and the epoch's remainder when K does not divide it),
-  ahead of time so that no epoch's clock includes compilation."""
-  jitted = jit_train_chunk(exp, stream.feed, stream.sharding)
-  lengths = {chunk_size, exp.steps_per_epoch % chunk_size} - {0}
-  return {n: jitted.lower(state, stream.abstract_data(n), n).compile() for n in sorted(lengths)}
+class CompiledChunks(dict):
+  """Chunk length → its compiled program (:func:`compile_chunks`); a length not compiled ahead (a run resumed
+  between epoch ends with another K) is compiled when first asked for."""
+
+  def __init__(self, jitted, state, stream):
+    super().__init__()
+    self._lower = lambda n: jitted.lower(state, stream.abstract_data(n), n)
+
+  def compile(self, num_steps: int) -> None:
+    self[num_steps] = self._lower(num_steps).compile()
+
+  def __missing__(self, num_steps: int):
+    self.compile(num_steps)
+    return self[num_steps]
 
 
-def _run_epochs(exp, state, stream, checkpointer, workdir, progress) -> dict:
+def compile_chunks(exp, state, stream, chunk_size: int, resume_steps: int = 0) -> CompiledChunks:
+  """The compiled chunk for each length an epoch needs (K, and the epoch's remainder when K does not divide it, also
+  from ``resume_steps`` into the first epoch), ahead of time so that no epoch's clock includes compilation."""
+  chunks = CompiledChunks(jit_train_chunk(exp, stream.feed, stream.sharding), state, stream)
+  steps = exp.steps_per_epoch
+  for n in sorted({chunk_size, steps % chunk_size, (steps - resume_steps) % chunk_size} - {0}):
+    chunks.compile(n)
+  return chunks
+
+
+def _run_epochs(exp, state, stream, saver, workdir, progress, resume) -> dict:
   config, steps = exp.config, exp.steps_per_epoch
   chunk_size = steps_per_dispatch(config, steps)
-  train_chunks = compile_chunks(exp, state, stream, chunk_size)
+  train_chunks = compile_chunks(exp, state, stream, chunk_size, resume.steps)
   evaluate_test = make_evaluator(exp, exp.dataset.test, resident=stream.resident)
-  writer = MetricWriter(workdir)
+  start_step = int(jax.device_get(state.step))
+  start_epoch = start_step // steps
+  saver.schedule.saved(start_step)
+  # Lines (and TensorBoard events) of steps after the checkpoint — a crash before their save was complete — are
+  # dropped: those steps train again, and each step keeps one record.
+  writer = MetricWriter(workdir, resumed_at=start_step)
   probe_batch = attribution_batch(exp)
   probe = jit_attribution_probe(exp) if probe_batch is not None else None
   if probe_batch is not None:
     probe_batch = parallel.replicate(probe_batch, exp.mesh)
-  start_step = int(jax.device_get(state.step))
-  start_epoch = start_step // steps
-  writer.keep_until(start_step)  # lines of epochs after the checkpoint (a crash before their save) are retrained
   run_start, trained_images, trained_time = time.perf_counter(), 0, 0.0
   record = {}
   try:
     for epoch in range(start_epoch, config.num_epochs):
+      epoch_resume = resume if epoch == start_epoch else preemption.EpochProgress()
       state, train_metrics, epoch_time = train_epoch(exp, state, stream, train_chunks, chunk_size, epoch,
-                                                       progress)
-      trained_images, trained_time = trained_images + steps * config.batch_size, trained_time + epoch_time
+                                                       progress, resume=epoch_resume, saver=saver)
+      trained = (steps - epoch_resume.steps) * config.batch_size
+      trained_images, trained_time = trained_images + trained, trained_time + epoch_time - epoch_resume.seconds
       test = evaluate_test(state)
       step = int(jax.device_get(state.step))
       record = {"epoch": epoch + 1, "step": step,
@@ -150,7 +185,7 @@ def _run_epochs(exp, state, stream, checkpointer, workdir, progress) -> dict:
         record.update({k: float(v) for k, v in jax.device_get(probe(state, probe_batch)).items()})
       # Weights that became non-finite on the epoch's last step leave its train metrics finite; the test loss shows it.
       _check_finite({"test loss": test["loss"]}, step)
-      checkpointer.save(step, state, stream.state())  # asynchronous: written while the next epoch trains
+      saver.save(step, state, stream.state())  # asynchronous: written while the next epoch trains
       writer.write(step, record)
       print(f"epoch {epoch + 1}/{config.num_epochs}: train loss {record['train_loss']:.4f} "
             f"acc {record['train_accuracy']:.4f} | test loss {test['loss']:.4f} acc {test['accuracy']:.4f} | "
@@ -161,6 +196,8 @@ def _run_epochs(exp, state, stream, checkpointer, workdir, progress) -> dict:
       for line in (warning, idle):
         if line:
           print(line, file=sys.stderr, flush=True)
+      if epoch + 1 < config.num_epochs:
+        saver.stop_if_requested(step)
   finally:
     writer.close()
   if not record:  # nothing left to train: report the checkpoint as it is
@@ -180,19 +217,24 @@ def _run_epochs(exp, state, stream, checkpointer, workdir, progress) -> dict:
   return summary
 
 
-def train_epoch(exp, state, stream, train_chunks, chunk_size, epoch, progress):
+def train_epoch(exp, state, stream, train_chunks, chunk_size, epoch, progress, *,
+                resume: preemption.EpochProgress | None = None, saver: preemption.Saver | None = None):
   """One epoch in chunks of at most ``chunk_size`` steps (``train_chunks``: :func:`compile_chunks`), one host sync
-  per chunk; returns ``(state, the epoch's mean metrics, seconds)``.
+  per chunk; returns ``(state, the epoch's mean metrics, seconds)``. ``resume``: the epoch's progress in a
+  checkpoint saved inside it; ``saver``: saves at the chunk boundaries its schedule or a signal asks for (and stops
+  the run after a signal's save).
 
   The next chunk is dispatched before the previous one's metrics are read: the host prepares chunk i+1 (the host
-  stream stacks its K batches) while the device runs chunk i.
+  stream stacks its K batches) while the device runs chunk i. A save inside the epoch reads the chunk first (its
+  metrics go into the checkpoint) and then hands the state to orbax before the next chunk donates it.
   """
   steps, config = exp.steps_per_epoch, exp.config
-  first_step = epoch * steps
-  sums, done, pending = None, 0, None
-  bar = tqdm.tqdm(total=steps, desc=f"epoch {epoch + 1}/{config.num_epochs}", unit="step", leave=False,
-                  disable=(not progress) if progress is not None else None, dynamic_ncols=True)
-  start = time.perf_counter()
+  resume = resume or preemption.EpochProgress()
+  first_step, last_step = epoch * steps, (epoch + 1) * steps
+  sums, done, pending = resume.sums, resume.steps, None
+  bar = tqdm.tqdm(total=steps, initial=done, desc=f"epoch {epoch + 1}/{config.num_epochs}", unit="step",
+                  leave=False, disable=(not progress) if progress is not None else None, dynamic_ncols=True)
+  start = time.perf_counter() - resume.seconds
 
   def collect(chunk):
     nonlocal sums, done
@@ -210,12 +252,19 @@ def train_epoch(exp, state, stream, train_chunks, chunk_size, epoch, progress):
     bar.update(count)
 
   with bar:
-    for chunk_start in range(first_step, first_step + steps, chunk_size):
-      count = min(chunk_size, first_step + steps - chunk_start)
+    for chunk_start in range(first_step + resume.steps, last_step, chunk_size):
+      count = min(chunk_size, last_step - chunk_start)
       state, chunk_sums, first_bad = train_chunks[count](state, stream.chunk_data(chunk_start, count))
       if pending is not None:
         collect(pending)
       pending = (chunk_sums, first_bad, count)
-    collect(pending)
+      end = chunk_start + count
+      if saver is not None and end < last_step and saver.due(end):
+        collect(pending)
+        pending = None
+        saver.save(end, state, stream.state(), preemption.EpochProgress(done, sums, time.perf_counter() - start))
+        saver.stop_if_requested(end)
+    if pending is not None:
+      collect(pending)
   jax.block_until_ready(state)
   return state, _mean_metrics(sums, steps), time.perf_counter() - start

@@ -59,14 +59,17 @@ def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
 class MetricWriter:
   """One JSON object per epoch in ``metrics.jsonl`` and the same scalars as TensorBoard events."""
 
-  def __init__(self, workdir: pathlib.Path):
+  def __init__(self, workdir: pathlib.Path, resumed_at: int = 0):
+    """``resumed_at``: the step a run resumes from; records and TensorBoard events of later steps (written before a
+    crash, by epochs whose checkpoint was never completed) are dropped, so that each step keeps one record."""
     from tensorboardX import SummaryWriter  # imported here: only training writes events
     self.jsonl = workdir / METRICS_FILE
-    self.tensorboard = SummaryWriter(str(workdir))
+    self.keep_until(resumed_at)
+    # purge_step: TensorBoard discards the events of earlier files at steps >= it.
+    self.tensorboard = SummaryWriter(str(workdir), purge_step=resumed_at + 1 if resumed_at else None)
 
   def keep_until(self, step: int) -> None:
-    """Drops the records of steps after ``step`` (epochs a resumed run trains again: their checkpoint was never
-    completed), so that each step has one line."""
+    """Drops the records of steps after ``step``."""
     records = read_metrics(self.jsonl.parent)
     if any(r.get("step", 0) > step for r in records):
       self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in records if r.get("step", 0) <= step))
