@@ -25,6 +25,9 @@ after every group, so an interrupted run keeps what it measured):
                 frameworks let float32 convolutions use TF32 by default); null on a device not in ``PEAKS``.
   regularizers  the JAX step with ``--config.regularizer.name=sgdrop`` (the library's default SGDrop) and ``rsc``
                 vs the plain one, per model, at the smallest batch size, float32 (goal ≤ 1.05× the plain step).
+  mask_kernels  ``python -m benchmarks.mask_kernels --rounds R`` on the device: the drop mask's ``lax.top_k`` and
+                threshold kernels at SGDrop's shapes (batch 128, N = 256 … 16384, ρ = 0.1), the ratio behind
+                ``overfocus_jax.challenge.masks.mask_kernel``'s accelerator rule (threshold for k > 16).
   end_to_end    ``python -m overfocus_jax bench`` (= ``overfocus bench``) as a subprocess for each model, batch
                 size and dtype, its JSON recorded whole; its ``end_to_end_images_per_s``/``end_to_end_step_ms``
                 (the train loop with its input pipeline) when that version of the package reports them, else null.
@@ -60,7 +63,7 @@ MODELS = {  # the input each model is measured on, as benchmarks.step_time's con
 DTYPES = ("float32", "bfloat16")
 TORCH_MODES = {"eager": "none", "compile default": "default", "compile reduce-overhead": "reduce-overhead"}
 REGULARIZERS = {"none": [], "sgdrop": [["regularizer.name", "sgdrop"]], "rsc": [["regularizer.name", "rsc"]]}
-SECTIONS = ("check", "steps", "regularizers", "end_to_end")
+SECTIONS = ("check", "steps", "regularizers", "mask_kernels", "end_to_end")
 GOALS = {"jax_over_torch_eager": 1.5, "jax_over_torch_compile": 1.0, "regularizer_overhead": 1.05}
 TRAIN_STEP_FLOPS_PER_INFERENCE_FLOP = 3  # forward + backward (input and weight gradients) ≈ 3 forwards
 JAX_MEMORY_SHARE = 0.5  # of the GPU's memory, split between a group's JAX workers; torch's workers use the rest
@@ -235,6 +238,18 @@ def run_check(model: str, args, log) -> dict:
   return {"model": model, "image_shape": shape, **check, "passed": proc.returncode == 0 and not check["failures"]}
 
 
+def mask_kernels(args, log) -> dict:
+  """``benchmarks.mask_kernels`` on the device (a subprocess): its JSON line, or the error."""
+  cmd = [sys.executable, "-m", "benchmarks.mask_kernels", "--rounds", str(args.rounds)]
+  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **harness.worker_env(args.platform)}
+  log(f"[mask_kernels] {' '.join(cmd[1:])}")
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(harness.ROOT))
+  lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+  if proc.returncode != 0 or not lines:
+    return {"error": f"exit {proc.returncode}: {proc.stderr.strip()[-2000:]}"}
+  return json.loads(lines[-1])
+
+
 def synthetic_npz(path: pathlib.Path, image_shape, n_train: int, seed: int = 0) -> str:
   """Random uint8 images and labels in the package's ``npz:`` format; returns the ``--config.dataset`` value."""
   import numpy as np
@@ -278,7 +293,7 @@ def fmt(value, spec: str = ".2f", missing: str = "—") -> str:
 
 
 def markdown(record: dict) -> str:
-  """The record's tables: the check, steps with ratios and MFU, regularizer overhead, end-to-end."""
+  """The record's tables: the check, steps with ratios and MFU, regularizer overhead, mask kernels, end-to-end."""
   lines = []
   for check in record.get("check", []):
     verdict = "passed" if check.get("passed") else "FAILED"
@@ -319,6 +334,13 @@ def markdown(record: dict) -> str:
         short = name.removeprefix("jax ")
         lines.append(f"| {g['model']} | {g['batch_size']} | {short} | {fmt(row.get('step_ms'), '.2f', 'failed')} "
                      f"| **{fmt(g['ratio_to_none'].get(short), '.3f')}** |")
+  kernels = record.get("mask_kernels", {})
+  if kernels.get("rows"):
+    lines += ["", f"| drop mask B × N ({kernels.get('device_kind')}) | k | top_k ms | threshold ms | threshold / "
+              "top_k | auto picks |", "|---|---|---|---|---|---|"]
+    for row in kernels["rows"]:
+      lines.append(f"| {row['batch']} × {row['size']} | {row['k']} | {row['ms_per_call']['top_k']:.3f} | "
+                   f"{row['ms_per_call']['threshold']:.3f} | **{row['threshold_over_top_k']:.2f}** | {row['auto']} |")
   e2e = record.get("end_to_end", [])
   if e2e:
     lines += ["", "| model | batch | dtype | `overfocus bench` step ms | img/s | end_to_end_images_per_s | "
@@ -427,6 +449,9 @@ def main(argv=None) -> int:
       rows = run_group(regularizer_cases(model, batch_size, args.device, ["none", *args.regularizers]), args, log)
       record["regularizers"].append(summarize_regularizers(model, batch_size, rows))
       save()
+  if "mask_kernels" in args.sections:
+    record["mask_kernels"] = mask_kernels(args, log)
+    save()
   if "end_to_end" in args.sections:
     record["end_to_end"] = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 
 from overfocus_jax.challenge.attribution import class_score_gradient
 from overfocus_jax.challenge.base import Regularizer, stateless
-from overfocus_jax.challenge.masks import drop_count, dropped_fraction, top_k_drop_mask, top_k_select
+from overfocus_jax.challenge.masks import drop_count, drop_mask, dropped_fraction, top_k_select
 
 CHANGE_OFFSET = 1e-4  # the official code's margin before a drop in confidence counts
 
@@ -53,13 +53,13 @@ def spatial_mask(z: jax.Array, grad: jax.Array, fraction: float) -> jax.Array:
   """(B, H, W, 1): drops the positions with the largest Σ_c z · mean_hw(grad)."""
   batch, height, width, _ = z.shape
   scores = jnp.sum(z * jnp.mean(grad, axis=(1, 2), keepdims=True), axis=-1).reshape(batch, -1)
-  return top_k_drop_mask(scores, fraction).reshape(batch, height, width, 1)
+  return drop_mask(scores, fraction).reshape(batch, height, width, 1)
 
 
 def channel_mask(grad: jax.Array, fraction: float) -> jax.Array:
   """(B, 1, 1, C): drops the channels with the largest mean_hw(grad)."""
   batch, _, _, channels = grad.shape
-  return top_k_drop_mask(jnp.mean(grad, axis=(1, 2)), fraction).reshape(batch, 1, 1, channels)
+  return drop_mask(jnp.mean(grad, axis=(1, 2)), fraction).reshape(batch, 1, 1, channels)
 
 
 def most_challenged(p_before: jax.Array, p_after: jax.Array, percent: jax.Array) -> jax.Array:
@@ -88,7 +88,7 @@ def rsc(*, spatial_fraction: float = 1 / 3, channel_fraction: float = 1 / 3.2, s
     logits, grad = class_score_gradient(classify_fn, z, labels)
     z_stopped = jax.lax.stop_gradient(z)
     use_spatial = jax.random.bernoulli(key, spatial_probability)
-    # lax.cond runs only the branch the coin picked: one top-k per step (positions or channels), not both.
+    # lax.cond runs only the branch the coin picked: one mask per step (positions or channels), not both.
     mask = jax.lax.cond(use_spatial, lambda: spatial_mask(z_stopped, grad, spatial_fraction) * jnp.ones_like(z),
                         lambda: channel_mask(grad, channel_fraction) * jnp.ones_like(z))
     percent = curriculum_percent(info.epoch) if batch_percent is None else batch_percent
@@ -113,7 +113,7 @@ def rsc_domainbed(*, feature_drop: float = 1 / 3, batch_drop: float = 1 / 3) -> 
     if features.ndim != 2:
       raise ValueError(f"rsc_domainbed works on pooled (B, D) features, got shape {features.shape}")
     logits, grad = class_score_gradient(classify_fn, features, labels)
-    mask_f = top_k_drop_mask(grad, feature_drop)
+    mask_f = drop_mask(grad, feature_drop)
     stopped = jax.lax.stop_gradient(features)
     change = true_class_probability(logits, labels) - true_class_probability(classify_fn(stopped * mask_f), labels)
     muted = top_k_select(change, drop_count(batch_drop, features.shape[0]))

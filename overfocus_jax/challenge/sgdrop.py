@@ -62,8 +62,8 @@ import optax
 
 from overfocus_jax.challenge.attribution import TARGETS, gradient_times_activation
 from overfocus_jax.challenge.base import Regularizer, StepInfo
-from overfocus_jax.challenge.masks import (drop_count, dropped_fraction, mass_drop_mask, ramped_top_k_drop_mask,
-                                           top_k_drop_mask, top_k_select)
+from overfocus_jax.challenge.masks import (drop_count, drop_mask, dropped_fraction, mass_drop_mask, ramped_drop_mask,
+                                           top_k_select)
 
 GRANULARITIES = ("element", "spatial", "channel")
 RULES = ("quantile", "mass")
@@ -92,7 +92,7 @@ def saliency_mask(attribution: jax.Array, rate: float, granularity: str, *, rule
   value in [0, 1], None: 1) shrinks the count or the share."""
   scores, shape = unit_scores(attribution, granularity)
   if rule == "quantile":
-    mask = top_k_drop_mask(scores, rate) if scale is None else ramped_top_k_drop_mask(scores, rate, scale)
+    mask = drop_mask(scores, rate) if scale is None else ramped_drop_mask(scores, rate, scale)
     return mask.reshape(shape)
   if rule == "mass":
     return mass_drop_mask(scores, mass if scale is None else scale * mass, rate).reshape(shape)
