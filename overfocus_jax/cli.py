@@ -1,6 +1,7 @@
 """The ``overfocus`` command: ``train``, ``eval``, ``explain`` and ``bench``.
 
     overfocus train --workdir DIR [--config FILE] [--config.FIELD=VALUE ...]
+                    [--coordinator HOST:PORT --num-processes N --process-id I] [--distributed-timeout S]
     overfocus eval  --workdir DIR [--dataset SOURCE]
     overfocus explain --workdir DIR [--dataset SOURCE] [--out DIR] [--n N] [--methods a,b] [--compare DIR]
     overfocus bench [--config FILE] [--config.FIELD=VALUE ...] [--steps N] [--repeats N] [--warmup N]
@@ -55,6 +56,13 @@ def _parser() -> argparse.ArgumentParser:
   train.add_argument("--workdir", required=True, help="where checkpoints, logs and metrics go")
   train.add_argument("--config", help="ml_collections config file (default: the residual CNN on mnist5k)")
   train.add_argument("--no-progress", action="store_true", help="no progress bar")
+  cluster = train.add_argument_group("several processes (hosts)", "without these, a SLURM, Open MPI or TPU-pod "
+                                     "environment with more than one process starts jax.distributed by itself")
+  cluster.add_argument("--coordinator", help="HOST:PORT of process 0, which serves it")
+  cluster.add_argument("--num-processes", type=int, help="how many processes take part")
+  cluster.add_argument("--process-id", type=int, help="this process's id, 0 .. num-processes - 1")
+  cluster.add_argument("--distributed-timeout", type=float, default=300.0,
+                       help="seconds to wait for every process to join (default 300)")
   evaluate = sub.add_parser("eval", help="evaluate the latest checkpoint on a test split", allow_abbrev=False)
   evaluate.add_argument("--workdir", required=True)
   evaluate.add_argument("--dataset", help="test on this source instead of the training dataset")
@@ -86,12 +94,41 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
+def start_distributed(args) -> None:
+  """Joins a multi-process run (explicit flags or a detected cluster) before anything touches a device. JAX aborts
+  the process when the other processes never join; a watchdog ends it first, with one line and exit code 2."""
+  import threading
+  from overfocus_jax import parallel
+  spec = parallel.Distributed(args.coordinator, args.num_processes, args.process_id)
+  if args.distributed_timeout <= 0:
+    raise UserError(f"--distributed-timeout {args.distributed_timeout} must be positive", "e.g. 300 seconds")
+  parallel.check_distributed(spec)
+  where = f"coordinator {spec.coordinator}" if spec.explicit else f"the {parallel.detected_cluster()} cluster"
+
+  def give_up():
+    print(f"overfocus: error: not every process joined {where} within {args.distributed_timeout:g} s: start all "
+          f"{spec.num_processes or ''} processes with the same --coordinator and --num-processes (process 0 on the "
+          "coordinator's host), or raise --distributed-timeout", file=sys.stderr, flush=True)
+    os._exit(UserError.exit_code)
+
+  watchdog = threading.Timer(args.distributed_timeout, give_up)
+  watchdog.daemon = True
+  watchdog.start()
+  try:  # JAX's own deadline comes later, so the watchdog's line is what the user sees
+    parallel.start_distributed(spec, timeout_s=args.distributed_timeout + 30)
+  finally:
+    watchdog.cancel()
+
+
 def cmd_train(args, overrides) -> None:
   from overfocus_jax import config as config_lib
-  from overfocus_jax.train import loop
-  config = config_lib.build_config(args.config, overrides)
+  from overfocus_jax.train import loop, workdir
+  config = config_lib.build_config(args.config, overrides)  # what can fail alone is checked before joining others
+  workdir.prepare_workdir(args.workdir)
+  start_distributed(args)
   summary = loop.train_and_evaluate(config, args.workdir, progress=False if args.no_progress else None)
-  print(json.dumps(summary))
+  if summary.get("process_index", 0) == 0:  # several processes: process 0 speaks for the run
+    print(json.dumps(summary))
 
 
 def cmd_eval(args, overrides) -> None:

@@ -99,7 +99,11 @@ def resolve(mode: str, dataset: ImageDataset, mesh: jax.sharding.Mesh) -> bool:
 def put_split(source: Source, sharding: jax.sharding.Sharding) -> Split:
   """Copies every example of ``source`` to the devices, laid out as ``sharding`` (replicated, for the loop), once."""
   images, labels = read_split(source)
-  return jax.device_put(Split(images=np.asarray(images, np.uint8), labels=np.asarray(labels, np.int32)), sharding)
+  split = Split(images=np.asarray(images, np.uint8), labels=np.asarray(labels, np.int32))
+  if jax.process_count() == 1:
+    return jax.device_put(split, sharding)
+  # Several processes: each holds the whole split and copies what its own devices hold.
+  return jax.tree.map(lambda a: jax.make_array_from_callback(a.shape, sharding, lambda index: a[index]), split)
 
 
 def stream_spec(dataset: ImageDataset, *, batch_size: int, seed: int, augment: bool) -> StreamSpec:

@@ -62,7 +62,7 @@ def augment_image(
 
 def make_train_iterator(
     dataset: ImageDataset, *, batch_size: int, seed: int, augment: bool,
-    normalized: bool = True) -> grain.DatasetIterator:
+    normalized: bool = True, rows: slice | None = None) -> grain.DatasetIterator:
   """An endless, resumable stream of {'image': float32 (B,H,W,C), 'label': int32 (B,)} batches.
 
   With `normalized=False` the images stay uint8 (a quarter of the bytes to move) and the caller normalizes them
@@ -71,17 +71,40 @@ def make_train_iterator(
   The order is reshuffled every epoch and, like the augmentation, depends only on `seed`, so the
   same seed reproduces the same stream and `get_state`/`set_state` resume it exactly.
 
+  `rows` (a slice of range(batch_size)): only those rows of every batch, each read, augmented and batched
+  exactly as in the whole stream — what one process of several feeds of each global batch.
+
   Raises:
     UserError: bad batch size or seed, or fewer training examples than one batch.
   """
   check_stream_arguments(dataset, batch_size=batch_size, seed=seed)
   shuffle_seed, augment_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
   records = grain.MapDataset.source(dataset.train).shuffle(seed=shuffle_seed).repeat(None)
-  if augment:
+  if augment:  # before the rows are picked: each record's random draw depends on its place in the whole stream
     records = records.random_map(_record_augmenter(dataset), seed=augment_seed)
-  batches = records.batch(batch_size, drop_remainder=True).map(
+  rows = slice(*(rows or slice(0, batch_size)).indices(batch_size)[:2])
+  if (rows.start, rows.stop) != (0, batch_size):
+    records = grain.MapDataset.source(_BatchRows(records, batch_size, rows))
+  batches = records.batch(rows.stop - rows.start, drop_remainder=True).map(
       functools.partial(_model_batch, mean=dataset.mean, std=dataset.std) if normalized else _raw_batch)
   return iter(batches.to_iter_dataset(_read_options()))
+
+
+class _BatchRows:
+  """The records at ``rows`` of every batch of ``batch_size`` of ``records``, in order (a random-access source)."""
+
+  def __init__(self, records, batch_size: int, rows: slice):
+    self.records, self.batch_size, self.rows = records, batch_size, rows
+    self.per_batch = rows.stop - rows.start
+    if self.per_batch < 1:
+      raise ValueError(f'rows {rows} of a batch of {batch_size} select nothing')
+
+  def __len__(self) -> int:
+    return len(self.records) // self.batch_size * self.per_batch
+
+  def __getitem__(self, index: int):
+    batch, row = divmod(index, self.per_batch)
+    return self.records[batch * self.batch_size + self.rows.start + row]
 
 
 def eval_batches(

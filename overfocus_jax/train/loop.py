@@ -69,6 +69,20 @@ def idle_warning(config: ml_collections.ConfigDict, regularized_share: float | N
   return f"overfocus: warning: epoch {epoch}: {name} changed no training sample (it trained as ERM); {remedy}"
 
 
+def report_epoch(config: ml_collections.ConfigDict, record: dict, num_classes: int) -> None:
+  """The epoch's line on stdout, and the regularizer's warnings on stderr."""
+  epoch = record["epoch"]
+  print(f"epoch {epoch}/{config.num_epochs}: train loss {record['train_loss']:.4f} "
+        f"acc {record['train_accuracy']:.4f} | test loss {record['test_loss']:.4f} acc {record['test_accuracy']:.4f} "
+        f"| {record['images_per_s']:.0f} img/s", flush=True)
+  warning = collapse_warning(config, record.get("train_regularized_accuracy", record["train_accuracy"]),
+                             num_classes, epoch)
+  idle = idle_warning(config, record.get("train_regularized_share"), epoch)
+  for line in (warning, idle):
+    if line:
+      print(line, file=sys.stderr, flush=True)
+
+
 def _mean_metrics(sums: dict, count: int) -> dict:
   return {k: float(v) / count for k, v in sums.items()}
 
@@ -91,7 +105,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     data_state, progress_record = preemption.split_progress(data_state)
     resume = check_resume_point(int(jax.device_get(state.step)), exp.steps_per_epoch, progress_record)
     stream = streams.make_stream(exp, data_state)
-    (workdir / "config.json").write_text(config_lib.config_to_json(config))
+    if parallel.is_primary():  # process 0 writes the run's files; every process writes its part of a checkpoint
+      (workdir / "config.json").write_text(config_lib.config_to_json(config))
     schedule = preemption.CheckpointSchedule(config.checkpoint_every_steps, config.checkpoint_every_minutes)
     with preemption.watching_signals(handle_signals) as watch:
       saver = preemption.Saver(checkpointer, schedule, watch, exp.steps_per_epoch)
@@ -157,7 +172,7 @@ def _run_epochs(exp, state, stream, saver, workdir, progress, resume) -> dict:
   saver.schedule.saved(start_step)
   # Lines (and TensorBoard events) of steps after the checkpoint — a crash before their save was complete — are
   # dropped: those steps train again, and each step keeps one record.
-  writer = MetricWriter(workdir, resumed_at=start_step)
+  writer = MetricWriter(workdir, resumed_at=start_step) if parallel.is_primary() else None
   probe_batch = attribution_batch(exp)
   probe = jit_attribution_probe(exp) if probe_batch is not None else None
   if probe_batch is not None:
@@ -186,20 +201,14 @@ def _run_epochs(exp, state, stream, saver, workdir, progress, resume) -> dict:
       # Weights that became non-finite on the epoch's last step leave its train metrics finite; the test loss shows it.
       _check_finite({"test loss": test["loss"]}, step)
       saver.save(step, state, stream.state())  # asynchronous: written while the next epoch trains
-      writer.write(step, record)
-      print(f"epoch {epoch + 1}/{config.num_epochs}: train loss {record['train_loss']:.4f} "
-            f"acc {record['train_accuracy']:.4f} | test loss {test['loss']:.4f} acc {test['accuracy']:.4f} | "
-            f"{record['images_per_s']:.0f} img/s", flush=True)
-      warning = collapse_warning(config, record.get("train_regularized_accuracy", record["train_accuracy"]),
-                                 exp.dataset.num_classes, epoch + 1)
-      idle = idle_warning(config, record.get("train_regularized_share"), epoch + 1)
-      for line in (warning, idle):
-        if line:
-          print(line, file=sys.stderr, flush=True)
-      if epoch + 1 < config.num_epochs:
-        saver.stop_if_requested(step)
+      if writer is not None:
+        writer.write(step, record)
+        report_epoch(config, record, exp.dataset.num_classes)
+      if epoch + 1 < config.num_epochs and saver.poll(step)[1]:
+        saver.stop(step)
   finally:
-    writer.close()
+    if writer is not None:
+      writer.close()
   if not record:  # nothing left to train: report the checkpoint as it is
     test = evaluate_test(state)
     record = {"epoch": start_epoch, "step": int(jax.device_get(state.step)), "test_loss": test["loss"],
@@ -207,13 +216,15 @@ def _run_epochs(exp, state, stream, saver, workdir, progress, resume) -> dict:
   summary = {
       "dataset": config.dataset, "model": config.model, "regularizer": config.regularizer.name,
       "epochs": record["epoch"], "steps": record["step"], "devices": exp.mesh.devices.size,
+      "processes": jax.process_count(), "process_index": jax.process_index(),
       "data_on_device": stream.resident, "steps_per_dispatch": chunk_size,
       "test_accuracy": record["test_accuracy"], "test_loss": record["test_loss"],
       "train_accuracy": record.get("train_accuracy"), "train_loss": record.get("train_loss"),
       "images_per_s": trained_images / trained_time if trained_time else None,
       "wall_time_s": time.perf_counter() - run_start,
   }
-  (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+  if parallel.is_primary():
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
   return summary
 
 
@@ -233,7 +244,8 @@ def train_epoch(exp, state, stream, train_chunks, chunk_size, epoch, progress, *
   first_step, last_step = epoch * steps, (epoch + 1) * steps
   sums, done, pending = resume.sums, resume.steps, None
   bar = tqdm.tqdm(total=steps, initial=done, desc=f"epoch {epoch + 1}/{config.num_epochs}", unit="step",
-                  leave=False, disable=(not progress) if progress is not None else None, dynamic_ncols=True)
+                  leave=False, dynamic_ncols=True,
+                  disable=True if not parallel.is_primary() else (not progress) if progress is not None else None)
   start = time.perf_counter() - resume.seconds
 
   def collect(chunk):
@@ -259,11 +271,13 @@ def train_epoch(exp, state, stream, train_chunks, chunk_size, epoch, progress, *
         collect(pending)
       pending = (chunk_sums, first_bad, count)
       end = chunk_start + count
-      if saver is not None and end < last_step and saver.due(end):
+      save, stop = saver.poll(end) if saver is not None and end < last_step else (False, False)
+      if save:
         collect(pending)
         pending = None
         saver.save(end, state, stream.state(), preemption.EpochProgress(done, sums, time.perf_counter() - start))
-        saver.stop_if_requested(end)
+      if stop:
+        saver.stop(end)
     if pending is not None:
       collect(pending)
   jax.block_until_ready(state)

@@ -115,10 +115,14 @@ class CheckpointSchedule:
   last_step: int = 0
   last_time: float = dataclasses.field(default_factory=lambda: time.monotonic())
 
+  def due_by_steps(self, step: int) -> bool:
+    return self.every_steps > 0 and step - self.last_step >= self.every_steps
+
+  def due_by_time(self) -> bool:
+    return self.every_minutes > 0 and time.monotonic() - self.last_time >= 60 * self.every_minutes
+
   def due(self, step: int) -> bool:
-    by_steps = self.every_steps > 0 and step - self.last_step >= self.every_steps
-    by_time = self.every_minutes > 0 and time.monotonic() - self.last_time >= 60 * self.every_minutes
-    return by_steps or by_time
+    return self.due_by_steps(step) or self.due_by_time()
 
   def saved(self, step: int) -> None:
     self.last_step, self.last_time = step, time.monotonic()
@@ -132,12 +136,20 @@ class Saver:
     self.steps_per_epoch = steps_per_epoch
 
   @property
-  def stop_requested(self) -> str | None:
+  def signal_received(self) -> str | None:
+    """The signal this process received, if any."""
     return self.watch.received if self.watch is not None else None
 
-  def due(self, step: int) -> bool:
-    """Whether to save at this chunk boundary inside an epoch."""
-    return self.stop_requested is not None or self.schedule.due(step)
+  def poll(self, step: int) -> tuple[bool, bool]:
+    """``(save now, stop after the save)`` at a chunk boundary. Every process of a multi-process run gets the same
+    answer (their clocks and signals are combined with one small all-gather), so they save the same step together
+    and stop together."""
+    signalled, timed = self.signal_received is not None, self.schedule.due_by_time()
+    if jax_process_count() > 1:
+      from jax.experimental import multihost_utils
+      signalled, timed = (bool(v) for v in np.max(multihost_utils.process_allgather(
+          np.array([signalled, timed], np.int32)), axis=0))
+    return self.schedule.due_by_steps(step) or timed or signalled, signalled
 
   def save(self, step: int, state, stream_state: dict, progress: EpochProgress | None = None) -> None:
     """Saves ``step`` (asynchronously); inside an epoch with its ``progress``."""
@@ -145,11 +157,15 @@ class Saver:
     self.checkpointer.save(step, state, data_state)
     self.schedule.saved(step)
 
-  def stop_if_requested(self, step: int) -> None:
-    """After a save: when a signal came, waits until the checkpoint is on disk and raises :class:`Stopped`."""
-    if self.stop_requested is not None:
-      self.checkpointer.wait()
-      raise Stopped(self.stop_requested, step)
+  def stop(self, step: int) -> None:
+    """Waits until the checkpoint of ``step`` is on disk and raises :class:`Stopped`."""
+    self.checkpointer.wait()
+    raise Stopped(self.signal_received or "SIGTERM", step)  # a peer process's signal stops this one alike
+
+
+def jax_process_count() -> int:
+  import jax  # here: the CLI imports this module before JAX
+  return jax.process_count()
 
 
 @contextlib.contextmanager

@@ -6,8 +6,9 @@
   normalization run inside the compiled chunk. Its position is the train step, so its checkpointed state is only
   a marker (``{"on_device": true}``).
 - :class:`HostStream`: the grain pipeline (:func:`overfocus_jax.data.pipeline.make_train_iterator`, uint8 batches)
-  stacked K at a time and sent to the devices while the previous chunk runs; normalized on the device. Its
-  checkpointed state is grain's iterator state, as before chunks existed.
+  stacked K at a time and sent to the devices while the previous chunk runs; normalized on the device. On several
+  processes each reads only its own rows of every batch. Its checkpointed state is grain's iterator state, as
+  before chunks existed (every process is at the same position).
 
 ``chunk_data(first_step, num_steps)`` is what one compiled chunk (:mod:`.dispatch`) reads; ``abstract_data(K)`` its
 shapes, to compile ahead of time.
@@ -91,15 +92,15 @@ class HostStream:
 
   def __init__(self, exp: Experiment):
     config, dataset = exp.config, exp.dataset
+    # Each process reads, augments and sends only the rows of every global batch that its devices hold.
+    rows = parallel.process_rows(config.batch_size, exp.mesh)
     self.iterator = pipeline.make_train_iterator(dataset, batch_size=config.batch_size, seed=config.seed,
-                                                 augment=config.augment, normalized=False)
+                                                 augment=config.augment, normalized=False, rows=rows)
     self.batch_size = config.batch_size
+    self.local_batch_size = rows.stop - rows.start
     self.image_shape = tuple(dataset.image_shape)
     self.feed: Feed = host_feed(dataset.mean, dataset.std)
     self.sharding = NamedSharding(exp.mesh, P(None, parallel.DATA_AXIS))
-    if jax.process_count() > 1:  # each process would need its own share of grain's records (issue 13)
-      raise UserError("data_on_device=off does not yet split the grain pipeline over several processes",
-                      "use --config.data_on_device=on (the data is replicated on every host)")
 
   def restore(self, data_state: dict | None) -> None:
     if data_state is None:
@@ -112,9 +113,10 @@ class HostStream:
                       "--workdir") from None
 
   def chunk_data(self, first_step: int, num_steps: int) -> dict:
-    """The next ``num_steps`` batches (the stream's position is its own, whatever ``first_step`` says)."""
-    images = np.empty((num_steps, self.batch_size, *self.image_shape), np.uint8)
-    labels = np.empty((num_steps, self.batch_size), np.int32)
+    """This process's rows of the next ``num_steps`` batches (the stream's position is its own, whatever
+    ``first_step`` says), assembled into global arrays."""
+    images = np.empty((num_steps, self.local_batch_size, *self.image_shape), np.uint8)
+    labels = np.empty((num_steps, self.local_batch_size), np.int32)
     for i in range(num_steps):
       batch = next(self.iterator)
       images[i], labels[i] = batch["image"], batch["label"]
