@@ -94,15 +94,22 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
+def check_distributed_flags(args):
+  """The multi-process flags as a :class:`parallel.Distributed`, or a one-line error."""
+  from overfocus_jax import parallel
+  if args.distributed_timeout <= 0:
+    raise UserError(f"--distributed-timeout {args.distributed_timeout} must be positive", "e.g. 300 seconds")
+  spec = parallel.Distributed(args.coordinator, args.num_processes, args.process_id)
+  parallel.check_distributed(spec)
+  return spec
+
+
 def start_distributed(args) -> None:
   """Joins a multi-process run (explicit flags or a detected cluster) before anything touches a device. JAX aborts
   the process when the other processes never join; a watchdog ends it first, with one line and exit code 2."""
   import threading
   from overfocus_jax import parallel
-  spec = parallel.Distributed(args.coordinator, args.num_processes, args.process_id)
-  if args.distributed_timeout <= 0:
-    raise UserError(f"--distributed-timeout {args.distributed_timeout} must be positive", "e.g. 300 seconds")
-  parallel.check_distributed(spec)
+  spec = check_distributed_flags(args)
   where = f"coordinator {spec.coordinator}" if spec.explicit else f"the {parallel.detected_cluster()} cluster"
 
   def give_up():
@@ -123,7 +130,8 @@ def start_distributed(args) -> None:
 def cmd_train(args, overrides) -> None:
   from overfocus_jax import config as config_lib
   from overfocus_jax.train import loop, workdir
-  config = config_lib.build_config(args.config, overrides)  # what can fail alone is checked before joining others
+  check_distributed_flags(args)  # what can fail in one process alone is checked before it joins the others
+  config = config_lib.build_config(args.config, overrides)
   workdir.prepare_workdir(args.workdir)
   start_distributed(args)
   summary = loop.train_and_evaluate(config, args.workdir, progress=False if args.no_progress else None)

@@ -24,6 +24,7 @@ from overfocus_jax.models.resnet import STEM_POOLS
 from overfocus_jax.train.state import OPTIMIZERS, SCHEDULES
 
 PACKAGE_ROOT = pathlib.Path(__file__).resolve().parent
+BATCH_NORM_MODES = ("global", "local")
 DEFAULT_CONFIG_NAME = "default.py"
 
 
@@ -136,6 +137,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require_choice(config.dtype, tuple(models.DTYPES), "dtype")
   _require_choice(config.platform_tuning, platform_tuning.MODES, "platform_tuning")
   _require_choice(config.data_on_device, on_device.MODES, "data_on_device")
+  _require_choice(config.batch_norm, BATCH_NORM_MODES, "batch_norm")
   _require(isinstance(config.steps_per_dispatch, int) and config.steps_per_dispatch >= 0,
            f"config.steps_per_dispatch={config.steps_per_dispatch!r} must be an integer of at least 0",
            "set --config.steps_per_dispatch to K >= 1 steps per compiled call, or 0 for the platform's default")

@@ -70,7 +70,8 @@ def main(out_path: str, expected_devices: int, extra_fields=()) -> None:
   except UserError as e:
     rejects_12 = "12" in str(e)
   chunked = chunked_device_stream(config)
-  np.savez(out_path, **chunked, losses=np.array(losses), accuracies=np.array(accuracies), shards=np.array(shards),
+  local = local_batch_norm(config) if expected_devices > 1 and not extra_fields else {}
+  np.savez(out_path, **chunked, **local, losses=np.array(losses), accuracies=np.array(accuracies), shards=np.array(shards),
            rows=np.array(rows), device_count=jax.device_count(), params_replicated=replicated,
            test_loss=test["loss"], test_accuracy=test["accuracy"], test_n=test["n"], step=int(state.step),
            rejects_12=rejects_12, regularizer_metrics=np.array(regularizer_metrics),
@@ -94,6 +95,30 @@ def chunked_device_stream(config) -> dict:
   resident = evaluation.make_evaluator(exp, exp.dataset.test, resident=True)(state)
   return {"chunk_loss_sums": np.array(loss_sums), "resident_test_loss": resident["loss"],
           "resident_test_accuracy": resident["accuracy"], "chunk_step": int(state.step)}
+
+
+def local_batch_norm(config) -> dict:
+  """One step with ``batch_norm=local`` on every device, and its reference: the global step on one device for each
+  device's rows alone (its own batch-norm statistics), the results averaged — what averaging the gradients and
+  statistics gives after a first SGD step, which is linear in the gradient."""
+  config = config.copy_and_resolve_references()
+  config.batch_norm = "local"
+  exp = experiment.build_experiment(config)
+  batch = next(pipeline.make_train_iterator(exp.dataset, batch_size=BATCH, seed=0, augment=False))
+  state, metrics = experiment.jit_train_step(exp)(exp.state, parallel.shard_batch(batch, exp.mesh))
+  per_device = BATCH // jax.device_count()
+  config.batch_norm, config.batch_size = "global", per_device
+  single = experiment.build_experiment(config, mesh=parallel.make_mesh(jax.devices()[:1]))
+  step = experiment.jit_train_step(single)
+  fresh = lambda: jax.tree.map(lambda a: a.copy(), single.state)  # the step donates the state it is given
+  results = [step(fresh(), parallel.shard_batch({k: v[i:i + per_device] for k, v in batch.items()}, single.mesh))
+             for i in range(0, BATCH, per_device)]
+  mean = lambda tree: jax.tree.map(lambda *leaves: np.mean(np.stack(leaves), axis=0), *jax.device_get(tree))
+  reference = mean([r[0].variables for r in results])
+  flat = lambda tree, tag: {f"{tag}:{jax.tree_util.keystr(path)}": np.asarray(leaf)
+                            for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]}
+  return {**flat(state.variables, "local"), **flat(reference, "local_reference"), "local_loss": float(metrics["loss"]),
+          "local_reference_loss": float(np.mean([float(r[1]["loss"]) for r in results]))}
 
 
 if __name__ == "__main__":

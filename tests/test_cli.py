@@ -119,6 +119,7 @@ CONFIG_ERRORS = [
     (["--config.batch_size"], ["--config.batch_size has no value"]),
     (["--config.data_on_device=gpu"], ["unknown data_on_device 'gpu'", "auto, on, off"]),
     (["--config.steps_per_dispatch=-2"], ["config.steps_per_dispatch=-2", "--config.steps_per_dispatch"]),
+    (["--config.batch_norm=sync"], ["unknown batch_norm 'sync'", "global, local"]),
     (["stray"], ["unknown argument 'stray'"]),
 ]
 

@@ -99,6 +99,19 @@ def test_one_and_eight_devices_train_the_same_from_data_on_the_device(runs):
   np.testing.assert_allclose(eight["resident_test_accuracy"], one["resident_test_accuracy"], atol=1e-6)
 
 
+def test_local_batch_norm_averages_what_each_device_learns_from_its_own_rows(runs):
+  """``batch_norm=local`` on 8 devices (2 rows each): the step equals the mean of 8 one-device steps, each on one
+  device's rows with its own statistics; and it differs from the global statistics' step."""
+  eight = runs["eight"]
+  names = sorted(k for k in eight if k.startswith("local:"))
+  assert any("batch_stats" in k for k in names) and any("params" in k for k in names)
+  for name in names:
+    np.testing.assert_allclose(eight[name], eight[name.replace("local:", "local_reference:")], atol=1e-6, rtol=1e-5,
+                               err_msg=name)
+  np.testing.assert_allclose(eight["local_loss"], eight["local_reference_loss"], rtol=1e-5)
+  assert abs(float(eight["local_loss"]) - float(eight["losses"][0])) > 1e-4  # per-device statistics change the loss
+
+
 def test_batch_not_divisible_by_devices_is_a_user_error(runs):
   assert bool(runs["eight"]["rejects_12"])
   mesh = types.SimpleNamespace(devices=np.empty(8))  # check_batch_size needs only the device count

@@ -20,7 +20,7 @@ from overfocus_jax.errors import UserError
 from overfocus_jax.models import Model, build_model
 from overfocus_jax.train import state as state_lib
 from overfocus_jax.train.dispatch import Feed, make_train_chunk
-from overfocus_jax.train.step import make_eval_step, make_train_step
+from overfocus_jax.train.step import local_batch_norm_step, make_eval_step, make_train_step
 
 
 @dataclasses.dataclass
@@ -88,9 +88,13 @@ def jit(exp: Experiment, fun, **jit_kwargs):
 
 
 def _train_step(exp: Experiment, regularizer: Regularizer | None = None):
-  """The experiment's :func:`make_train_step`, with ``regularizer`` in place of its own when given."""
-  return make_train_step(exp.model, exp.tx, schedule=exp.schedule, regularizer=regularizer or exp.regularizer,
-                         label_smoothing=exp.config.label_smoothing, steps_per_epoch=exp.steps_per_epoch)
+  """The experiment's :func:`make_train_step`, with ``regularizer`` in place of its own when given; with
+  ``config.batch_norm = local``, run per device (:func:`local_batch_norm_step`)."""
+  local = exp.config.batch_norm == "local"
+  step = make_train_step(exp.model, exp.tx, schedule=exp.schedule, regularizer=regularizer or exp.regularizer,
+                         label_smoothing=exp.config.label_smoothing, steps_per_epoch=exp.steps_per_epoch,
+                         axis_name=parallel.DATA_AXIS if local else None)
+  return local_batch_norm_step(step, exp.mesh, parallel.DATA_AXIS) if local else step
 
 
 def jit_train_step(exp: Experiment, regularizer: Regularizer | None = None):

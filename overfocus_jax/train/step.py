@@ -48,12 +48,16 @@ def regularized_sample_metrics(z: jax.Array, regularized: jax.Array, logits: jax
 
 
 def make_train_step(model: Model, tx: optax.GradientTransformation, *, schedule: optax.Schedule | None = None,
-                    regularizer: Regularizer = NONE, label_smoothing: float = 0.0,
-                    steps_per_epoch: int = 1) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+                    regularizer: Regularizer = NONE, label_smoothing: float = 0.0, steps_per_epoch: int = 1,
+                    axis_name: str | None = None) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """Returns ``train_step(state, batch) -> (state, metrics)``, a pure function ready for ``jax.jit``.
 
   ``batch`` holds ``image`` (B, H, W, C) float and ``label`` (B,) int32. ``metrics`` are batch means.
   ``state.regularizer_state`` must come from ``regularizer.init`` (see ``state.create_train_state``).
+
+  ``axis_name``: the step runs per device under ``shard_map`` over that mesh axis (:func:`local_batch_norm_step`):
+  forward, batch-norm statistics and regularizer on the device's own rows, then one all-reduce averages the
+  gradients, the new running statistics and the metrics over the devices.
   """
   encode, classify = model.split(regularizer.split)
   infer_encode = lambda variables, x: encode(variables, x, train=False)[0]
@@ -79,21 +83,40 @@ def make_train_step(model: Model, tx: optax.GradientTransformation, *, schedule:
       return loss, (logits, merge_batch_stats(state.batch_stats, encoder_state, head_state), reg_state,
                     reg_metrics)
 
-    (loss, (logits, batch_stats, reg_state, reg_metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
+    # Under shard_map, gradients taken at the replicated parameters would come out already summed over the
+    # devices; taken at a per-device view of them they are each device's own, and the mean below is the one
+    # all-reduce of the step.
+    params = state.params if axis_name is None else jax.lax.pcast(state.params, axis_name, to="varying")
+    (loss, (logits, batch_stats, reg_state, reg_metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels), **reg_metrics}
+    if axis_name is not None:  # equal rows per device: the mean of the devices' means is the batch mean
+      grads, batch_stats, reg_state, metrics = mean_over_devices((grads, batch_stats, reg_state, metrics), axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {
-        "loss": loss,
-        "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
-        "learning_rate": schedule(state.step) if schedule is not None else jnp.nan,
-        **reg_metrics,
-    }
+    metrics["learning_rate"] = schedule(state.step) if schedule is not None else jnp.nan
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
                               rng=rng, regularizer_state=jax.lax.stop_gradient(reg_state))
     return new_state, metrics
 
   return train_step
+
+
+def mean_over_devices(tree, axis_name: str):
+  """``lax.pmean`` of every float leaf of ``tree`` over ``axis_name`` (integer leaves, such as counters, are the same
+  on every device), in one all-reduce."""
+  leaves, treedef = jax.tree.flatten(tree)
+  floating = [i for i, leaf in enumerate(leaves) if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
+  means = jax.lax.pmean([leaves[i] for i in floating], axis_name)
+  for i, mean in zip(floating, means):
+    leaves[i] = mean
+  return jax.tree.unflatten(treedef, leaves)
+
+
+def local_batch_norm_step(train_step: Callable, mesh: jax.sharding.Mesh, axis_name: str) -> Callable:
+  """``train_step`` (made with ``axis_name``) run on each device's rows of the batch, the state replicated:
+  batch-norm statistics per device, as large-scale data-parallel ResNet training computes them."""
+  replicated, rows = jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec(axis_name)
+  return jax.shard_map(train_step, mesh=mesh, in_specs=(replicated, rows), out_specs=(replicated, replicated))
 
 
 def make_eval_step(model: Model) -> Callable[[TrainState, dict], dict]:
