@@ -138,6 +138,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require_choice(config.platform_tuning, platform_tuning.MODES, "platform_tuning")
   _require_choice(config.data_on_device, on_device.MODES, "data_on_device")
   _require_choice(config.batch_norm, BATCH_NORM_MODES, "batch_norm")
+  _require(isinstance(config.data_workers, int) and config.data_workers >= 0,
+           f"config.data_workers={config.data_workers!r} must be an integer of at least 0",
+           "set --config.data_workers to N >= 1 grain worker processes, or 0 for threads")
   _require(isinstance(config.steps_per_dispatch, int) and config.steps_per_dispatch >= 0,
            f"config.steps_per_dispatch={config.steps_per_dispatch!r} must be an integer of at least 0",
            "set --config.steps_per_dispatch to K >= 1 steps per compiled call, or 0 for the platform's default")

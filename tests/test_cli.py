@@ -120,6 +120,7 @@ CONFIG_ERRORS = [
     (["--config.data_on_device=gpu"], ["unknown data_on_device 'gpu'", "auto, on, off"]),
     (["--config.steps_per_dispatch=-2"], ["config.steps_per_dispatch=-2", "--config.steps_per_dispatch"]),
     (["--config.batch_norm=sync"], ["unknown batch_norm 'sync'", "global, local"]),
+    (["--config.data_workers=-1"], ["config.data_workers=-1", "--config.data_workers"]),
     (["stray"], ["unknown argument 'stray'"]),
 ]
 

@@ -73,6 +73,29 @@ def test_resume_from_state_gives_identical_batches(mnist):
   assert_same_batches(expected, take(resumed, 3))
 
 
+def test_worker_processes_give_the_same_stream_and_resume_it():
+  """Two grain worker processes (batch i from worker i mod 2) stream the batches threads give, across an epoch end;
+  their state resumes them, and is refused by a pipeline with another worker count."""
+  dataset = indexed_dataset()
+  make = lambda workers: make_train_iterator(dataset, batch_size=8, seed=3, augment=True, normalized=False,
+                                             workers=workers)
+  threads, workers = make(0), make(2)
+  try:
+    expected = take(threads, 9)  # 5 batches an epoch
+    assert_same_batches(expected[:6], take(workers, 6))
+    state = json.loads(json.dumps(workers.get_state()))
+  finally:
+    workers.close()
+  resumed = make(2)
+  try:
+    resumed.set_state(state)
+    assert_same_batches(expected[6:], take(resumed, 3))
+  finally:
+    resumed.close()
+  with pytest.raises(KeyError):
+    make(0).set_state(state)
+
+
 def test_every_epoch_covers_all_examples_in_a_new_order():
   dataset = indexed_dataset(40)
   batches = take(make_train_iterator(dataset, batch_size=10, seed=0, augment=False), 8)

@@ -10,6 +10,7 @@ from collections.abc import Iterator, Sequence
 import functools
 import os
 
+from absl import flags as absl_flags
 import grain
 import numpy as np
 
@@ -62,7 +63,7 @@ def augment_image(
 
 def make_train_iterator(
     dataset: ImageDataset, *, batch_size: int, seed: int, augment: bool,
-    normalized: bool = True, rows: slice | None = None) -> grain.DatasetIterator:
+    normalized: bool = True, rows: slice | None = None, workers: int = 0) -> grain.DatasetIterator:
   """An endless, resumable stream of {'image': float32 (B,H,W,C), 'label': int32 (B,)} batches.
 
   With `normalized=False` the images stay uint8 (a quarter of the bytes to move) and the caller normalizes them
@@ -73,6 +74,10 @@ def make_train_iterator(
 
   `rows` (a slice of range(batch_size)): only those rows of every batch, each read, augmented and batched
   exactly as in the whole stream — what one process of several feeds of each global batch.
+
+  `workers` > 0 reads, augments and batches in that many grain worker processes (`mp_prefetch`: batch i comes from
+  worker i mod N, so the stream is the same as with threads; its state then holds each worker's position, and
+  resumes only with the same count), out of reach of this process's GIL; 0 uses threads of this process.
 
   Raises:
     UserError: bad batch size or seed, or fewer training examples than one batch.
@@ -87,7 +92,13 @@ def make_train_iterator(
     records = grain.MapDataset.source(_BatchRows(records, batch_size, rows))
   batches = records.batch(rows.stop - rows.start, drop_remainder=True).map(
       functools.partial(_model_batch, mean=dataset.mean, std=dataset.std) if normalized else _raw_batch)
-  return iter(batches.to_iter_dataset(_read_options()))
+  batches = batches.to_iter_dataset(_read_options())
+  if workers:
+    if not absl_flags.FLAGS.is_parsed():  # grain's workers read absl flags; a library has none of its own to parse
+      absl_flags.FLAGS.mark_as_parsed()
+    batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
+                                                               per_worker_buffer_size=_PREFETCH_BATCHES))
+  return iter(batches)
 
 
 class _BatchRows:

@@ -77,9 +77,12 @@ def time_end_to_end(exp: Experiment, *, epochs: int = 1) -> dict:
   state = jax.tree.map(jnp.copy, exp.state)  # the chunks donate their state; the experiment's stays usable
   chunks = loop.compile_chunks(exp, state, stream, chunk_size)
   seconds = []
-  for epoch in range(epochs + 1):
-    state, _, elapsed = loop.train_epoch(exp, state, stream, chunks, chunk_size, epoch, progress=False)
-    seconds.append(elapsed)
+  try:
+    for epoch in range(epochs + 1):
+      state, _, elapsed = loop.train_epoch(exp, state, stream, chunks, chunk_size, epoch, progress=False)
+      seconds.append(elapsed)
+  finally:
+    stream.close()
   images = epochs * exp.steps_per_epoch * exp.config.batch_size
   timed = sum(seconds[1:])
   return {"end_to_end_images_per_s": images / timed, "end_to_end_step_ms": timed / (epochs * exp.steps_per_epoch) * 1e3,

@@ -10,6 +10,7 @@ accuracy — on augmented batches, after the regularizer's masks, while the weig
 can be negative, and a regularizer that masks lowers it by construction; near convergence it is the usual gap.
 """
 
+import contextlib
 import json
 import math
 import pathlib
@@ -100,19 +101,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   workdir = prepare_workdir(workdir)
   exp = build_experiment(config, regularizer=regularizer)
   checkpointer = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
-  try:
+  with contextlib.ExitStack() as closing:
+    # On the way out, in this order: the data stream's workers stop, then any asynchronous save in flight is
+    # finished (every checkpoint is complete on return).
+    closing.callback(checkpointer.close)
     state, data_state = restore_or_init(exp, checkpointer)
     data_state, progress_record = preemption.split_progress(data_state)
     resume = check_resume_point(int(jax.device_get(state.step)), exp.steps_per_epoch, progress_record)
     stream = streams.make_stream(exp, data_state)
+    closing.callback(stream.close)
     if parallel.is_primary():  # process 0 writes the run's files; every process writes its part of a checkpoint
       (workdir / "config.json").write_text(config_lib.config_to_json(config))
     schedule = preemption.CheckpointSchedule(config.checkpoint_every_steps, config.checkpoint_every_minutes)
     with preemption.watching_signals(handle_signals) as watch:
       saver = preemption.Saver(checkpointer, schedule, watch, exp.steps_per_epoch)
       return _run_epochs(exp, state, stream, saver, workdir, progress, resume)
-  finally:
-    checkpointer.close()  # waits for an asynchronous save still in flight: every checkpoint is complete on return
 
 
 def check_resume_point(step: int, steps_per_epoch: int, progress_record: dict | None) -> preemption.EpochProgress:

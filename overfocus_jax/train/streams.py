@@ -84,6 +84,9 @@ class DeviceStream:
   def state(self) -> dict:
     return {DEVICE_MARKER: True}
 
+  def close(self) -> None:
+    """Nothing runs beside the devices."""
+
 
 class HostStream:
   """K uint8 batches of the grain pipeline per chunk, stacked on a leading axis and sharded on the batch axis."""
@@ -95,7 +98,8 @@ class HostStream:
     # Each process reads, augments and sends only the rows of every global batch that its devices hold.
     rows = parallel.process_rows(config.batch_size, exp.mesh)
     self.iterator = pipeline.make_train_iterator(dataset, batch_size=config.batch_size, seed=config.seed,
-                                                 augment=config.augment, normalized=False, rows=rows)
+                                                 augment=config.augment, normalized=False, rows=rows,
+                                                 workers=config.data_workers)
     self.batch_size = config.batch_size
     self.local_batch_size = rows.stop - rows.start
     self.image_shape = tuple(dataset.image_shape)
@@ -109,8 +113,9 @@ class HostStream:
       self.iterator.set_state(data_state)
     except (KeyError, TypeError, ValueError) as e:
       raise UserError(f"the checkpoint's data-stream position {data_state!r} is not one the grain pipeline can "
-                      f"resume ({type(e).__name__}: {e})", "restore the checkpoint from a backup, or train in a new "
-                      "--workdir") from None
+                      f"resume ({type(e).__name__}: {e})", "resume with the --config.data_workers the run was "
+                      "started with (the position of N workers is N positions), restore the checkpoint from a "
+                      "backup, or train in a new --workdir") from None
 
   def chunk_data(self, first_step: int, num_steps: int) -> dict:
     """This process's rows of the next ``num_steps`` batches (the stream's position is its own, whatever
@@ -130,6 +135,10 @@ class HostStream:
 
   def state(self) -> dict:
     return self.iterator.get_state()
+
+  def close(self) -> None:
+    """Stops grain's worker processes and threads."""
+    self.iterator.close()
 
 
 def make_stream(exp: Experiment, data_state: dict | None):
