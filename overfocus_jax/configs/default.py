@@ -11,9 +11,10 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
-  # Data: mnist5k | digits | tfds:NAME | idx:DIR | npz:FILE.
+  # Data: mnist5k | digits | tfds:NAME | idx:DIR | npz:FILE | imagefolder:DIR[:SIZE][:domains] (data/imagefolder.py).
   config.dataset = "mnist5k"
   config.data_dir = ""  # a prepared TFDS directory, for tfds:NAME ("" = TFDS's default)
+  config.skip_bad_images = False  # imagefolder: leave out unreadable/non-image files and count them (else an error)
   config.augment = True  # random crop with padding; horizontal flip only for natural images
 
   # Model: resnet (the seeds' pre-activation residual CNN) | resnet18 | attention | focus | corner.

@@ -1,8 +1,8 @@
 """Image classification datasets behind one spec string.
 
-`load_dataset(spec)` turns a short string (`mnist5k`, `digits`, `tfds:NAME`, `idx:DIR`, `npz:FILE`)
-into an :class:`ImageDataset`: two random-access sources of `(uint8 HWC image, int label)`
-pairs plus the metadata the pipeline and models need (shape, class count, normalization
+`load_dataset(spec)` turns a short string (`mnist5k`, `digits`, `tfds:NAME`, `idx:DIR`, `npz:FILE`,
+`imagefolder:DIR` — see imagefolder.py) into an :class:`ImageDataset`: two random-access sources of
+`(uint8 HWC image, int label)` pairs plus the metadata the pipeline and models need (shape, class count, normalization
 statistics, whether a horizontal flip is a valid augmentation). Everything is validated on load,
 so a bad file or path fails here with a :class:`UserError` instead of deep inside a jitted
 training step.
@@ -29,7 +29,8 @@ VALID_SPECS = (
     "'mnist5k' (default), 'mnist5k_shortcut[:P]', 'mnist5k_color[:P]', 'mnist5k_rgb', 'digits', "
     "'tfds:NAME' (e.g. tfds:fashion_mnist), "
     "'idx:DIR' (a directory of MNIST IDX files), "
-    "'npz:FILE' (a .npz with x_train, y_train, x_test, y_test)"
+    "'npz:FILE' (a .npz with x_train, y_train, x_test, y_test), "
+    "'imagefolder:DIR[:SIZE][:domains]' (folders of PNG/JPEG images, one per class)"
 )
 
 _SPLIT_SEED = 0  # fixed: the train/test split must not depend on the user's seed
@@ -103,8 +104,10 @@ class ImageDataset:
     image_shape: (H, W, C) of every image.
     num_classes: labels lie in [0, num_classes).
     natural_images: True when a horizontal flip preserves the label (photos); False for digits.
-    mean: per-channel mean of train images scaled to [0, 1].
-    std: per-channel standard deviation of train images scaled to [0, 1].
+    mean: per-channel mean of train images scaled to [0, 1] (ImageNet's for `imagefolder:`).
+    std: per-channel standard deviation of train images scaled to [0, 1] (ImageNet's for `imagefolder:`).
+    class_names: the label of class i is class_names[i], where the data names its classes (`imagefolder:`).
+    domain_names: the domains of `imagefolder:DIR:domains` (each example's is `source.domains[i]`), else ().
   """
 
   name: str
@@ -115,17 +118,21 @@ class ImageDataset:
   natural_images: bool
   mean: tuple[float, ...]
   std: tuple[float, ...]
+  class_names: tuple[str, ...] = ()
+  domain_names: tuple[str, ...] = ()
 
 
-def load_dataset(spec: str, *, data_dir: str | None = None) -> ImageDataset:
+def load_dataset(spec: str, *, data_dir: str | None = None, skip_bad_images: bool = False) -> ImageDataset:
   """Loads and validates the dataset named by `spec`.
 
   Args:
     spec: 'mnist5k', 'mnist5k_shortcut[:P]', 'mnist5k_color[:P]', 'mnist5k_rgb' (see shifts.py), 'digits',
       'tfds:NAME',
-      'idx:DIR' or 'npz:FILE'.
+      'idx:DIR', 'npz:FILE' or 'imagefolder:DIR[:SIZE][:domains]' (see imagefolder.py).
     data_dir: TFDS data directory for 'tfds:' specs (default: TFDS_DATA_DIR or
       ~/tensorflow_datasets); ignored by the other forms.
+    skip_bad_images: 'imagefolder:' leaves out (and counts on stderr) the files it cannot read instead of
+      raising; ignored by the other forms.
 
   Raises:
     UserError: the spec is unknown, or its data is missing, corrupt or inconsistent.
@@ -148,13 +155,15 @@ def load_dataset(spec: str, *, data_dir: str | None = None) -> ImageDataset:
     rgb = _load_mnist5k_rgb('mnist5k_rgb')  # normalised like its clean counterpart, whatever P
     return _replace_images(rgb, *shifts.tint_shortcut(rgb.train.images, rgb.train.labels, rgb.test.images,
                                                       correlation), name=spec)
-  if not separator or kind not in ('tfds', 'idx', 'npz'):
+  if not separator or kind not in ('tfds', 'idx', 'npz', 'imagefolder'):
     raise UserError(f'unknown dataset {spec!r}', f'use one of {VALID_SPECS}')
   arg = arg.strip()
   if not arg:
     raise UserError(f'dataset {spec!r} is missing its argument', f'write it as {kind}:<value>')
   if kind == 'tfds':
     return _load_tfds(spec, arg, data_dir)
+  if kind == 'imagefolder':
+    return _load_imagefolder(spec, arg, skip_bad_images)
   path = os.path.expanduser(arg)
   return _load_idx(spec, path) if kind == 'idx' else _load_npz(spec, path)
 
@@ -311,6 +320,21 @@ def _read_only(array: np.ndarray) -> np.ndarray:
 def _as_hwc(image: np.ndarray) -> np.ndarray:
   """Grayscale images may come as HxW; the rest of the library expects HxWxC."""
   return image[..., None] if image.ndim == 2 else image
+
+
+# ----------------------------------------------------------------------------- imagefolder
+
+
+def _load_imagefolder(spec: str, arg: str, skip_bad_images: bool) -> ImageDataset:
+  """Folders of PNG/JPEG images, decoded when read (imagefolder.py); ImageNet normalisation, flips allowed."""
+  from overfocus_jax.data import imagefolder  # pylint: disable=g-import-not-at-top  # PIL only when needed
+
+  folder = imagefolder.load(spec, arg, skip_bad_images=skip_bad_images)
+  _check_has_examples(spec, 'test', len(folder.test))
+  return ImageDataset(
+      name=spec, train=folder.train, test=folder.test, image_shape=folder.image_shape,
+      num_classes=len(folder.class_names), natural_images=True, mean=folder.mean, std=folder.std,
+      class_names=folder.class_names, domain_names=folder.domain_names)
 
 
 # ----------------------------------------------------------------------------- npz
