@@ -97,6 +97,51 @@ def test_a_bad_checkpoint_interval_is_one_line(tmp_path, capsys, field, value):
 # ----------------------------------------------------------------------------- real processes, real signals
 
 
+def tensorboard_events(workdir) -> list:
+  """Every event of the run's TensorBoard files, file by file in the order they were written (TFRecord framing:
+  length, its CRC, the serialized Event, its CRC)."""
+  from tensorboardX.proto import event_pb2
+  events = []
+  for path in sorted(pathlib.Path(workdir).glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime_ns):
+    data, offset = path.read_bytes(), 0
+    while offset < len(data):
+      length = int.from_bytes(data[offset:offset + 8], "little")
+      events.append(event_pb2.Event.FromString(data[offset + 12:offset + 12 + length]))
+      offset += 12 + length + 4
+  return events
+
+
+def assert_tensorboard_keeps_one_value_per_step(workdir):
+  """What TensorBoard shows: a SessionLog START at step s drops the earlier events of steps >= s; then each scalar
+  has one value per step, at the epoch ends."""
+  from tensorboardX.proto import event_pb2
+  shown = {}
+  for event in tensorboard_events(workdir):
+    if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+      shown = {key: value for key, value in shown.items() if key[1] < event.step}
+    for value in event.summary.value:
+      assert (value.tag, event.step) not in shown, f"{value.tag} twice at step {event.step}"
+      shown[value.tag, event.step] = value.simple_value
+  assert {step for _, step in shown} == {STEPS_PER_EPOCH, TOTAL_STEPS}
+
+
+def test_a_resumed_writer_drops_the_records_and_events_of_steps_trained_again(tmp_path):
+  """Epoch 2 (step 44) was logged, then the run died before its checkpoint was complete; the rerun resumes at step
+  22 and logs step 44 again: one line and one TensorBoard value per step remain."""
+  import time as time_lib
+  from overfocus_jax.train.workdir import MetricWriter
+  first = MetricWriter(tmp_path)
+  for step, loss in ((STEPS_PER_EPOCH, 2.0), (TOTAL_STEPS, 1.5)):
+    first.write(step, {"epoch": step // STEPS_PER_EPOCH, "step": step, "train_loss": loss})
+  first.close()
+  time_lib.sleep(1.1)  # TensorBoard names its files by the second
+  again = MetricWriter(tmp_path, resumed_at=STEPS_PER_EPOCH)
+  again.write(TOTAL_STEPS, {"epoch": 2, "step": TOTAL_STEPS, "train_loss": 1.25})
+  again.close()
+  assert [r["train_loss"] for r in read_metrics(tmp_path)] == [2.0, 1.25]
+  assert_tensorboard_keeps_one_value_per_step(tmp_path)
+
+
 def checkpoint_steps(workdir) -> set[int]:
   """Every step with a checkpoint directory, complete or still being written (``STEP.orbax-checkpoint-tmp-…``)."""
   directory = pathlib.Path(workdir) / "checkpoints"
@@ -151,4 +196,5 @@ def test_sigkill_at_three_random_steps_and_sigterm_resume_bit_identically(uninte
                    "--config.checkpoint_every_steps=1"]) == 0
   assert not [p for p in (workdir / "checkpoints").iterdir() if "tmp" in p.name]
   assert_bit_identical_run(workdir, uninterrupted_constant)
+  assert_tensorboard_keeps_one_value_per_step(workdir)
   assert math.isfinite(read_metrics(workdir)[-1]["images_per_s"])
