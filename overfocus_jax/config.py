@@ -154,7 +154,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require_choice(config.optimizer, OPTIMIZERS, "optimizer")
   _require_choice(config.schedule, SCHEDULES, "schedule")
   _require(isinstance(config.dataset, str) and config.dataset, "config.dataset is empty",
-           "set --config.dataset=mnist5k (or digits, tfds:NAME, idx:DIR, npz:FILE)")
+           "set --config.dataset=mnist5k (or digits, tfds:NAME, idx:DIR, npz:FILE, imagefolder:DIR)")
   for field in ("batch_size", "eval_batch_size", "num_epochs", "keep_checkpoints"):
     value = config[field]
     _require(isinstance(value, int) and value > 0, f"config.{field}={value!r} must be a positive integer",

@@ -332,11 +332,15 @@ def test_skip_bad_images_is_a_boolean_config_field(tmp_path, capsys):
 
 
 def test_train_one_epoch_on_an_image_folder(tmp_path, capsys):
+  """With a bad file skipped (--config.skip_bad_images=true reaches the loader), and the host stream chosen by
+  data_on_device=auto: an image folder is decoded in grain's threads, never all at once."""
   root = make_split_folder(tmp_path / "pets", train={"cat": 6, "dog": 6, "fish": 4})
+  corrupt_png(root)
   code, out, err = run_cli(capsys, "train", "--workdir", tmp_path / "run", *BASE_RUN_ARGS, "--config.num_epochs=1",
                            f"--config.dataset=imagefolder:{root}:12", "--config.batch_size=8",
-                           "--config.eval_batch_size=8", "--config.data_on_device=off")
+                           "--config.eval_batch_size=8", "--config.skip_bad_images=true")
   assert code == 0, err
+  assert "skipped 1 bad file" in err
   summary = last_json_line(out)
-  assert summary["dataset"] == f"imagefolder:{root}:12"
+  assert summary["dataset"] == f"imagefolder:{root}:12" and summary["data_on_device"] is False
   assert 0 <= summary["test_accuracy"] <= 1

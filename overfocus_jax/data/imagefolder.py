@@ -74,6 +74,8 @@ class ImageFolderSource:
     domains: read-only int64 domain indices into `domain_names` (the `:domains` layout), else None.
   """
 
+  decoded_on_read = True  # reading a whole split decodes every file: data_on_device=auto keeps it on the host
+
   def __init__(self, paths, labels, domains, *, size: int, mode: str, class_names, domain_names=()):
     self.paths = list(paths)
     self.labels = _read_only(np.asarray(labels, np.int64))

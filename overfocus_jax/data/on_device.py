@@ -80,6 +80,12 @@ def fits(dataset: ImageDataset, device: jax.Device, share: float = DEVICE_MEMORY
   return dataset_bytes(dataset) <= device_budget_bytes(device, share)
 
 
+def decoded_on_read(dataset: ImageDataset) -> bool:
+  """Whether the dataset's files are decoded as they are read (an image folder): the host stream decodes them in
+  grain's threads or workers; copying them to the device would first decode every file in this process."""
+  return any(getattr(split, "decoded_on_read", False) for split in (dataset.train, dataset.test))
+
+
 def resolve(mode: str, dataset: ImageDataset, mesh: jax.sharding.Mesh) -> bool:
   """``config.data_on_device`` → whether this run keeps its data on the device (this process's first device
   decides; every device holds the whole dataset)."""
@@ -88,7 +94,7 @@ def resolve(mode: str, dataset: ImageDataset, mesh: jax.sharding.Mesh) -> bool:
                        "auto, on or off")
   device = mesh.local_devices[0]
   if mode == "auto":
-    return fits(dataset, device)
+    return fits(dataset, device) and not decoded_on_read(dataset)
   if mode == "on" and not fits(dataset, device, share=1.0):
     raise SettingError("data_on_device", f"data_on_device=on: the dataset takes {dataset_bytes(dataset) / 2**30:.1f} "
                        f"GiB, more than the {device_budget_bytes(device, 1.0) / 2**30:.1f} GiB of one device",

@@ -41,7 +41,8 @@ class Experiment:
 def build_experiment(config: ml_collections.ConfigDict, *, dataset: ImageDataset | None = None,
                      mesh: jax.sharding.Mesh | None = None, regularizer: Regularizer | None = None) -> Experiment:
   """Builds ``config``'s experiment; ``regularizer`` replaces the one the config names (e.g. your own)."""
-  dataset = dataset or load_dataset(config.dataset, data_dir=config.data_dir or None)
+  dataset = dataset or load_dataset(config.dataset, data_dir=config.data_dir or None,
+                                    skip_bad_images=config.skip_bad_images)
   mesh = mesh or parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
