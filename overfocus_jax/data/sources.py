@@ -1,7 +1,8 @@
 """Image classification datasets behind one spec string.
 
 `load_dataset(spec)` turns a short string (`mnist5k`, `digits`, `tfds:NAME`, `idx:DIR`, `npz:FILE`,
-`imagefolder:DIR` — see imagefolder.py) into an :class:`ImageDataset`: two random-access sources of
+`imagefolder:DIR` — see imagefolder.py; `colored_mnist[:BASE]`, `rotated_mnist[:BASE]` — see environments.py)
+into an :class:`ImageDataset`: two random-access sources of
 `(uint8 HWC image, int label)` pairs plus the metadata the pipeline and models need (shape, class count, normalization
 statistics, whether a horizontal flip is a valid augmentation). Everything is validated on load,
 so a bad file or path fails here with a :class:`UserError` instead of deep inside a jitted
@@ -30,7 +31,8 @@ VALID_SPECS = (
     "'tfds:NAME' (e.g. tfds:fashion_mnist), "
     "'idx:DIR' (a directory of MNIST IDX files), "
     "'npz:FILE' (a .npz with x_train, y_train, x_test, y_test), "
-    "'imagefolder:DIR[:SIZE][:domains]' (folders of PNG/JPEG images, one per class)"
+    "'imagefolder:DIR[:SIZE][:domains]' (folders of PNG/JPEG images, one per class), "
+    "'colored_mnist[:BASE]', 'rotated_mnist[:BASE]' (DomainBed's environments; BASE e.g. idx:DIR, default mnist5k)"
 )
 
 _SPLIT_SEED = 0  # fixed: the train/test split must not depend on the user's seed
@@ -65,12 +67,14 @@ class Source(Protocol):
 class ArraySource:
   """Examples held in memory as one uint8 NHWC array and one integer label array.
 
-  The arrays are made read-only so that an augmentation can never corrupt the shared copy.
+  The arrays are made read-only so that an augmentation can never corrupt the shared copy. `domains` is each
+  example's environment, an index into `ImageDataset.domain_names` (environment datasets, environments.py), else None.
   """
 
-  def __init__(self, images: np.ndarray, labels: np.ndarray):
+  def __init__(self, images: np.ndarray, labels: np.ndarray, domains: np.ndarray | None = None):
     self.images = _read_only(np.asarray(images, dtype=np.uint8))
     self.labels = _read_only(np.asarray(labels, dtype=np.int64))
+    self.domains = None if domains is None else _read_only(np.asarray(domains, dtype=np.int64))
 
   def __len__(self) -> int:
     return len(self.labels)
@@ -107,7 +111,8 @@ class ImageDataset:
     mean: per-channel mean of train images scaled to [0, 1] (ImageNet's for `imagefolder:`).
     std: per-channel standard deviation of train images scaled to [0, 1] (ImageNet's for `imagefolder:`).
     class_names: the label of class i is class_names[i], where the data names its classes (`imagefolder:`).
-    domain_names: the domains of `imagefolder:DIR:domains` (each example's is `source.domains[i]`), else ().
+    domain_names: the domains of `imagefolder:DIR:domains` or the environments of `colored_mnist`/`rotated_mnist`
+      (each example's is `source.domains[i]`), else ().
   """
 
   name: str
@@ -128,7 +133,8 @@ def load_dataset(spec: str, *, data_dir: str | None = None, skip_bad_images: boo
   Args:
     spec: 'mnist5k', 'mnist5k_shortcut[:P]', 'mnist5k_color[:P]', 'mnist5k_rgb' (see shifts.py), 'digits',
       'tfds:NAME',
-      'idx:DIR', 'npz:FILE' or 'imagefolder:DIR[:SIZE][:domains]' (see imagefolder.py).
+      'idx:DIR', 'npz:FILE', 'imagefolder:DIR[:SIZE][:domains]' (see imagefolder.py), or 'colored_mnist[:BASE]',
+      'rotated_mnist[:BASE]' (see environments.py).
     data_dir: TFDS data directory for 'tfds:' specs (default: TFDS_DATA_DIR or
       ~/tensorflow_datasets); ignored by the other forms.
     skip_bad_images: 'imagefolder:' leaves out (and counts on stderr) the files it cannot read instead of
@@ -155,6 +161,8 @@ def load_dataset(spec: str, *, data_dir: str | None = None, skip_bad_images: boo
     rgb = _load_mnist5k_rgb('mnist5k_rgb')  # normalised like its clean counterpart, whatever P
     return _replace_images(rgb, *shifts.tint_shortcut(rgb.train.images, rgb.train.labels, rgb.test.images,
                                                       correlation), name=spec)
+  if kind.strip() in ('colored_mnist', 'rotated_mnist'):
+    return _load_environments(spec, kind.strip(), arg if separator else None, data_dir)
   if not separator or kind not in ('tfds', 'idx', 'npz', 'imagefolder'):
     raise UserError(f'unknown dataset {spec!r}', f'use one of {VALID_SPECS}')
   arg = arg.strip()
@@ -320,6 +328,24 @@ def _read_only(array: np.ndarray) -> np.ndarray:
 def _as_hwc(image: np.ndarray) -> np.ndarray:
   """Grayscale images may come as HxW; the rest of the library expects HxWxC."""
   return image[..., None] if image.ndim == 2 else image
+
+
+# ----------------------------------------------------------------------------- environments
+
+
+def _load_environments(spec: str, kind: str, arg: str | None, data_dir: str | None) -> ImageDataset:
+  """DomainBed's environments built from an MNIST-like base (environments.py): in-splits as train, out-splits as
+  test, each example's environment in `domains`; pixels not normalised (x / 255, as DomainBed), no flips."""
+  from overfocus_jax.data import environments  # pylint: disable=g-import-not-at-top  # PIL only when needed
+
+  base = load_dataset(environments.parse_spec(spec, kind, arg), data_dir=data_dir)
+  built = environments.build(spec, kind, base)
+  channels = built.image_shape[-1]
+  return ImageDataset(
+      name=spec, train=ArraySource(built.train.images, built.train.labels, built.train.domains),
+      test=ArraySource(built.test.images, built.test.labels, built.test.domains), image_shape=built.image_shape,
+      num_classes=built.num_classes, natural_images=False, mean=(0.0,) * channels, std=(1.0,) * channels,
+      domain_names=built.domain_names)
 
 
 # ----------------------------------------------------------------------------- imagefolder

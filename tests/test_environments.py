@@ -1,0 +1,256 @@
+"""Tests for overfocus_jax.data.environments: DomainBed's ColoredMNIST and RotatedMNIST built from an MNIST-like base.
+
+The statistics are checked within 4 binomial standard deviations of the documented rates for each environment's
+size (about 1,667 examples on mnist5k), and the construction is re-derived step by step from the base.
+"""
+
+import gzip
+import pathlib
+import struct
+import types
+
+import numpy as np
+import pytest
+
+from overfocus_jax.data import environments as env
+from overfocus_jax.data.sources import load_dataset
+from overfocus_jax.errors import UserError
+from tests.conftest import BASE_RUN_ARGS, assert_one_line_error, run_cli
+
+README = pathlib.Path(__file__).resolve().parents[1] / 'README.md'
+
+
+@pytest.fixture(scope='module')
+def base():
+  return load_dataset('mnist5k')
+
+
+@pytest.fixture(scope='module')
+def colored():
+  return load_dataset('colored_mnist')
+
+
+@pytest.fixture(scope='module')
+def rotated():
+  return load_dataset('rotated_mnist')
+
+
+def base_environments(base, num_envs):
+  """The base's environments before colouring or rotation: (images, digits) per environment, re-derived."""
+  rng = np.random.default_rng(env.DATA_SEED)
+  return env.split_environments(*env.shuffle_base(*env.base_arrays(base), rng), num_envs)
+
+
+def environment_examples(dataset, index):
+  """Environment ``index``'s in- then out-split (images, labels), and the keys that picked them from the env."""
+  (in_x, in_y), (out_x, out_y) = env.environment_arrays(dataset, index)
+  return np.concatenate([in_x, out_x]), np.concatenate([in_y, out_y])
+
+
+def environment_keys(count, index):
+  in_keys, out_keys = env.split_keys(count, index)
+  return np.concatenate([in_keys, out_keys])
+
+
+def within_binomial(rate, p, n, sigmas=4.0):
+  return abs(rate - p) <= sigmas * np.sqrt(p * (1 - p) / n)
+
+
+def write_idx_dir(directory, split_arrays):
+  """MNIST-named gzipped IDX files for {'train': (images, labels), 't10k': (images, labels)}."""
+  for prefix, (images, labels) in split_arrays.items():
+    for stem, array in (('images', images[..., 0]), ('labels', labels)):
+      array = np.asarray(array, np.uint8)
+      header = bytes([0, 0, 0x08, array.ndim]) + b''.join(struct.pack('>I', d) for d in array.shape)
+      (directory / f'{prefix}-{stem}-idx{array.ndim}-ubyte.gz').write_bytes(gzip.compress(header + array.tobytes()))
+  return directory
+
+
+# ----------------------------------------------------------------------------- ColoredMNIST
+
+
+def test_colored_shape_and_metadata(colored):
+  assert colored.image_shape == (28, 28, 2) and colored.train.images.shape[1:] == (28, 28, 2)
+  assert colored.num_classes == 2 and not colored.natural_images
+  assert colored.domain_names == ('+90%', '+80%', '-90%')
+  assert colored.mean == (0.0, 0.0) and colored.std == (1.0, 1.0)  # x / 255, as DomainBed's ToTensor
+  assert set(np.unique(colored.train.labels)) == {0, 1}
+
+
+def test_colored_one_channel_holds_the_digit_the_other_is_zero(colored, base):
+  for index, (digit_images, _) in enumerate(base_environments(base, 3)):
+    images, _ = environment_examples(colored, index)
+    keys = environment_keys(len(digit_images), index)
+    lit = images.reshape(len(images), -1, 2).max(axis=1) > 0
+    assert not np.any(lit[:, 0] & lit[:, 1]), 'both channels lit in one image'
+    colour = lit[:, 1].astype(int)
+    np.testing.assert_array_equal(images[np.arange(len(images)), :, :, colour], digit_images[keys][..., 0])
+    np.testing.assert_array_equal(images[np.arange(len(images)), :, :, 1 - colour], 0)
+
+
+@pytest.mark.parametrize('index', [0, 1, 2])
+def test_colored_colour_agrees_with_label_at_one_minus_e(colored, index):
+  images, labels = environment_examples(colored, index)
+  colour = (images[..., 1].reshape(len(images), -1).max(axis=1) > 0).astype(int)
+  agreement = np.mean(colour == labels)
+  assert within_binomial(agreement, 1 - env.COLOR_FLIPS[index], len(labels)), (index, agreement)
+
+
+@pytest.mark.parametrize('index', [0, 1, 2])
+def test_colored_label_is_digit_below_five_with_25_percent_noise(colored, base, index):
+  _, digits = base_environments(base, 3)[index]
+  _, labels = environment_examples(colored, index)
+  clean = (digits[environment_keys(len(digits), index)] < 5).astype(int)
+  noise = np.mean(labels != clean)
+  assert within_binomial(noise, env.LABEL_NOISE, len(labels)), (index, noise)
+
+
+def test_colorize_puts_the_digit_in_the_colour_channel():
+  images = np.arange(2 * 2 * 2, dtype=np.uint8).reshape(2, 2, 2, 1) + 1
+  out = env.colorize(images, np.array([0, 1]))
+  np.testing.assert_array_equal(out[0, ..., 0], images[0, ..., 0])
+  np.testing.assert_array_equal(out[0, ..., 1], 0)
+  np.testing.assert_array_equal(out[1, ..., 1], images[1, ..., 0])
+  np.testing.assert_array_equal(out[1, ..., 0], 0)
+
+
+# ----------------------------------------------------------------------------- RotatedMNIST
+
+
+def test_rotated_shape_and_metadata(rotated):
+  assert rotated.image_shape == (28, 28, 1) and rotated.num_classes == 10
+  assert rotated.domain_names == ('0', '15', '30', '45', '60', '75')
+  assert rotated.mean == (0.0,) and rotated.std == (1.0,)
+
+
+def test_rotated_environments_are_the_base_digits_rotated_by_their_angle(rotated, base):
+  for index, (digit_images, digits) in enumerate(base_environments(base, 6)):
+    images, labels = environment_examples(rotated, index)
+    keys = environment_keys(len(digits), index)
+    np.testing.assert_array_equal(labels, digits[keys])
+    sample = slice(0, 25)
+    np.testing.assert_array_equal(images[sample], env.rotate_images(digit_images[keys][sample], env.ANGLES[index]))
+  zero_images, _ = environment_examples(rotated, 0)
+  np.testing.assert_array_equal(zero_images, base_environments(base, 6)[0][0][environment_keys(len(zero_images), 0)])
+
+
+def test_rotation_is_counter_clockwise_about_the_centre():
+  image = np.zeros((1, 28, 28, 1), np.uint8)
+  image[0, 13:15, 20:26, 0] = 255  # a bar right of the centre (14, 14)
+  np.testing.assert_array_equal(env.rotate_images(image, 90), np.rot90(image, axes=(1, 2)))  # right → top
+  np.testing.assert_array_equal(env.rotate_images(image, 0), image)
+  tilted = env.rotate_images(image, 45)[0, ..., 0].astype(float)
+  rows, cols = np.indices(tilted.shape)
+  centroid = (np.sum(rows * tilted) / tilted.sum(), np.sum(cols * tilted) / tilted.sum())
+  # the bar's centre, 9 px right of the image centre (pixel index 13.5, 13.5), moves up along the 45° diagonal
+  assert centroid[0] == pytest.approx(13.5 - 9 / np.sqrt(2), abs=0.1)
+  assert centroid[1] == pytest.approx(13.5 + 9 / np.sqrt(2), abs=0.1)
+
+
+def test_rotated_digits_keep_their_ink(rotated):
+  """Bicubic interpolation with zero fill keeps each environment's total intensity within a few percent of the
+  unrotated environment's (the digits are centred, so little ink leaves the frame)."""
+  ink = [environment_examples(rotated, index)[0].astype(float).mean() for index in range(6)]
+  assert all(0.95 < value / ink[0] < 1.05 for value in ink), ink
+
+
+# ----------------------------------------------------------------------------- environments and splits
+
+
+@pytest.mark.parametrize('spec, sizes', [('colored_mnist', [1667, 1667, 1666]),
+                                         ('rotated_mnist', [834, 834, 833, 833, 833, 833])])
+def test_environment_sizes_and_80_20_in_out(spec, sizes, colored, rotated):
+  dataset = colored if spec == 'colored_mnist' else rotated
+  assert len(dataset.train) + len(dataset.test) == 5000
+  for index, size in enumerate(sizes):
+    in_rows, out_rows = env.environment_rows(dataset, index)
+    assert (len(in_rows), len(out_rows)) == (size - int(size * 0.2), int(size * 0.2))
+  assert dataset.train.domains.dtype == np.int64 and not dataset.train.domains.flags.writeable
+  np.testing.assert_array_equal(np.bincount(dataset.train.domains) + np.bincount(dataset.test.domains), sizes)
+  assert np.all(np.diff(dataset.train.domains) >= 0)  # environment 0's in-split first, then 1's, ...
+
+
+def test_split_keys_are_domainbeds_split_dataset():
+  in_keys, out_keys = env.split_keys(1667, 2)
+  assert len(out_keys) == 333 and len(in_keys) == 1334
+  assert sorted(np.concatenate([in_keys, out_keys]).tolist()) == list(range(1667))
+  again_in, again_out = env.split_keys(1667, 2)
+  np.testing.assert_array_equal(in_keys, again_in)
+  np.testing.assert_array_equal(out_keys, again_out)
+  assert not np.array_equal(out_keys, env.split_keys(1667, 1)[1])  # seeded per environment
+  assert not np.array_equal(out_keys, env.split_keys(1667, 2, trial_seed=1)[1])  # and per trial
+  # DomainBed: keys = list(range(n)); RandomState(seed_hash(trial_seed, env_i)).shuffle(keys); out = keys[:n // 5]
+  keys = list(range(1667))
+  np.random.RandomState(env.seed_hash(0, 2)).shuffle(keys)
+  assert out_keys.tolist() == keys[:333] and in_keys.tolist() == keys[333:]
+  assert env.seed_hash(0, 2) == int(__import__('hashlib').md5(b'(0, 2)').hexdigest(), 16) % 2**31
+
+
+def test_environment_rows_errors(base, colored):
+  with pytest.raises(UserError, match='has no environments'):
+    env.environment_rows(base, 0)
+  with pytest.raises(UserError, match=r'no environment 3; use one of 0 \(\+90%\), 1 \(\+80%\), 2 \(-90%\)'):
+    env.environment_rows(colored, 3)
+
+
+# ----------------------------------------------------------------------------- checksums and bases
+
+
+def test_checksums_match_the_documentation(colored, rotated):
+  assert env.fingerprint(colored) == env.COLORED_MNIST5K_SHA256
+  assert env.fingerprint(rotated) == env.ROTATED_MNIST5K_SHA256
+  readme = ' '.join(README.read_text().split())
+  for digest in (env.COLORED_MNIST5K_SHA256, env.ROTATED_MNIST5K_SHA256):
+    assert digest in env.__doc__ and digest in readme
+
+
+def test_any_mnist_like_base_gives_the_same_construction(tmp_path, base, colored):
+  """`colored_mnist:idx:DIR` holding mnist5k's split builds the same arrays; so does a record-by-record source
+  (a TFDS split has no `.images`)."""
+  directory = write_idx_dir(tmp_path, {'train': (base.train.images, base.train.labels),
+                                       't10k': (base.test.images, base.test.labels)})
+  assert env.fingerprint(load_dataset(f'colored_mnist:idx:{directory}')) == env.COLORED_MNIST5K_SHA256
+  assert env.fingerprint(load_dataset('colored_mnist:mnist5k')) == env.COLORED_MNIST5K_SHA256
+
+  class Records:
+    def __init__(self, source):
+      self.source = source
+
+    def __len__(self):
+      return len(self.source)
+
+    def __getitem__(self, i):
+      return self.source[i]
+
+  record_base = types.SimpleNamespace(name='records', train=Records(base.train), test=Records(base.test),
+                                      image_shape=(28, 28, 1), num_classes=10, domain_names=())
+  built = env.build('colored_mnist:records', env.COLORED, record_base)
+  np.testing.assert_array_equal(built.train.images, colored.train.images)
+  np.testing.assert_array_equal(built.test.labels, colored.test.labels)
+
+
+def test_too_small_base_is_an_error(tmp_path, base):
+  np.savez(tmp_path / 'tiny.npz', x_train=base.train.images[:10], y_train=np.arange(10),
+           x_test=base.test.images[:2], y_test=np.arange(2))
+  with pytest.raises(UserError, match='too few for 6 environments'):
+    load_dataset(f'rotated_mnist:npz:{tmp_path / "tiny.npz"}')
+
+
+@pytest.mark.parametrize('spec, fragments', [
+    ('colored_mnist:nosuch', ("unknown dataset 'nosuch'",)),
+    ('rotated_mnist:digits', ("base 'digits' has 8x8x1 images, not MNIST's 28x28x1", 'rotated_mnist[:BASE]')),
+    ('colored_mnist:mnist5k_rgb', ('28x28x3 images',)),
+    ('colored_mnist:', ('missing its base',)),
+    ('colored_mnist:rotated_mnist', ('itself an environment dataset',)),
+])
+def test_bad_specs_are_one_line_errors(capsys, tmp_path, spec, fragments):
+  code, _, err = run_cli(capsys, 'train', '--workdir', tmp_path / 'run', *BASE_RUN_ARGS, f'--config.dataset={spec}')
+  assert_one_line_error(code, err, *fragments)
+
+
+def test_base_without_ten_classes_is_a_one_line_error(capsys, tmp_path, base):
+  np.savez(tmp_path / 'binary.npz', x_train=base.train.images[:100], y_train=base.train.labels[:100] % 2,
+           x_test=base.test.images[:20], y_test=base.test.labels[:20] % 2)
+  spec = f'colored_mnist:npz:{tmp_path / "binary.npz"}'
+  code, _, err = run_cli(capsys, 'train', '--workdir', tmp_path / 'run', *BASE_RUN_ARGS, f'--config.dataset={spec}')
+  assert_one_line_error(code, err, 'has 2 classes, not 10')
