@@ -139,9 +139,23 @@ def test_resident_evaluation_equals_host_batches():
   np.testing.assert_allclose(resident["loss"], host["loss"], rtol=1e-5)
 
 
-def test_auto_keeps_data_on_the_device_when_it_fits_and_not_otherwise(digits):
+class Accelerator:
+  """Stands for one GPU with 80 GB in ``on_device.resolve`` (its platform and memory are all it reads)."""
+
+  platform = "gpu"
+
+  def memory_stats(self):
+    return {"bytes_limit": 80 * 2**30}
+
+
+class AcceleratorMesh:
+  local_devices = [Accelerator()]
+
+
+def test_auto_keeps_data_on_an_accelerator_when_it_fits_and_takes_the_host_stream_on_a_cpu(digits):
   mesh = parallel.make_mesh()
-  assert on_device.resolve("auto", digits, mesh)
+  assert not on_device.resolve("auto", digits, mesh)  # this CPU: grain's threads beside the step
+  assert on_device.resolve("auto", digits, AcceleratorMesh())
   assert on_device.resolve("on", digits, mesh) and not on_device.resolve("off", digits, mesh)
 
   class Huge(ArraySource):
@@ -150,6 +164,6 @@ def test_auto_keeps_data_on_the_device_when_it_fits_and_not_otherwise(digits):
 
   big = ImageDataset("huge", Huge(np.zeros((1, 8, 8, 1)), np.zeros(1)), digits.test, (8, 8, 1), 10, False,
                      digits.mean, digits.std)
-  assert not on_device.resolve("auto", big, mesh)
+  assert not on_device.resolve("auto", big, AcceleratorMesh())  # 68 GB: more than a quarter of 80 GB
   with pytest.raises(UserError, match=r"data_on_device=on: the dataset takes .* GiB, more than"):
     on_device.resolve("on", big, mesh)
