@@ -20,7 +20,8 @@ from overfocus_jax.data import on_device
 from overfocus_jax.errors import UserError
 from overfocus_jax.models.attention import COMPATIBILITIES, NORMALISATIONS, first_empty_layer
 from overfocus_jax.models.focus import MAX_HARRIS_WINDOW
-from overfocus_jax.models.resnet import STEM_POOLS
+from overfocus_jax.models.resnet import ACTIVATIONS, NORMS, STEM_POOLS
+from overfocus_jax.models.vgg import HEADS as VGG_HEADS
 from overfocus_jax.train.state import OPTIMIZERS, SCHEDULES
 
 PACKAGE_ROOT = pathlib.Path(__file__).resolve().parent
@@ -184,6 +185,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(isinstance(arch[field], int) and arch[field] > 0, f"config.resnet.{field}={arch[field]!r} must be a "
              "positive integer", f"set --config.resnet.{field}")
   _require_choice(arch.stem_pool, STEM_POOLS, "resnet.stem_pool")
+  _require_choice(arch.activation, tuple(ACTIVATIONS), "resnet.activation")
+  _require_choice(arch.norm, NORMS, "resnet.norm")
+  _validate_vgg(config.vgg)
   _validate_attention(config.attention)
   _validate_focus(config.focus, config.corner)
   _validate_regularizer(config.regularizer)
@@ -192,6 +196,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def _require_positive_int(value, field: str, example) -> None:
   _require(isinstance(value, int) and value > 0, f"config.{field}={value!r} must be a positive integer",
            f"set --config.{field}, e.g. {example}")
+
+
+def _validate_vgg(arch: ml_collections.ConfigDict) -> None:
+  _require(isinstance(arch.batch_norm, bool), f"config.vgg.batch_norm={arch.batch_norm!r} must be true or false",
+           "set --config.vgg.batch_norm=true or false")
+  _require(isinstance(arch.width, (int, float)) and math.isfinite(arch.width) and arch.width > 0,
+           f"config.vgg.width={arch.width!r} must be a positive number (it multiplies every conv's width)",
+           "set --config.vgg.width, e.g. 0.25 or 1")
+  _require(isinstance(arch.max_pools, int) and 0 <= arch.max_pools <= 5,
+           f"config.vgg.max_pools={arch.max_pools!r} must be an integer in 0..5 (VGG-16 has five blocks)",
+           "set --config.vgg.max_pools, e.g. 5 (the paper) or 3 for 28x28 images")
+  _require_choice(arch.head, VGG_HEADS, "vgg.head")
+  _require_positive_int(arch.hidden, "vgg.hidden", 4096)
+  _require_positive_int(arch.head_pool, "vgg.head_pool", 7)
 
 
 def _validate_attention(arch: ml_collections.ConfigDict) -> None:

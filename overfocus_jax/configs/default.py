@@ -17,7 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.skip_bad_images = False  # imagefolder: leave out unreadable/non-image files and count them (else an error)
   config.augment = True  # random crop with padding; horizontal flip only for natural images
 
-  # Model: resnet (the seeds' pre-activation residual CNN) | resnet18 | attention | focus | corner.
+  # Model: resnet (the seeds' pre-activation residual CNN) | resnet18 | attention | focus | corner | vgg16.
   config.model = "resnet"
   config.resnet = ml_collections.ConfigDict(dict(
       stem_features=16,
@@ -27,6 +27,17 @@ def get_config() -> ml_collections.ConfigDict:
       stem_kernel=3,
       stem_strides=1,
       stem_pool="none",  # none | max | avg
+      activation="relu",  # relu | gelu (exact) — resnet and resnet18
+      norm="batch",       # batch | group (GroupNorm: at most 32 groups of at least 4 channels) | none
+  ))
+  # VGG-16 (models/vgg.py): conv3×3 layers 64-64-M-128-128-M-256×3-M-512×3-M-512×3-M, z = the last block's map.
+  config.vgg = ml_collections.ConfigDict(dict(
+      batch_norm=True,  # BN after every conv (torchvision's vgg16_bn) | False: the paper's (lower learning_rate)
+      width=1.0,        # multiplies every conv's width: 0.25 gives 16-…-128, for small images and CPUs
+      max_pools=5,      # the first N blocks end in a 2×2 max-pool (5: the paper; fewer: a larger z on small images)
+      head="gap",       # gap: global average pool → dense | classic: adaptive pool → 4096-4096 MLP → dense (paper)
+      hidden=4096,      # the classic head's two hidden layers
+      head_pool=7,      # the classic head's adaptive average pool: head_pool × head_pool bins (torchvision: 7)
   ))
   # Learn to Pay Attention (models/attention.py): conv3×3-BN-ReLU layers numbered from 1, a 2×2 max-pool after
   # the layers in pool_after, attention on the listed layers' maps against a global feature of width

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from overfocus_jax.models import attention, focus, resnet
+from overfocus_jax.models import attention, focus, resnet, vgg
 
 Variables = dict[str, Any]
 
@@ -117,14 +117,21 @@ def _resnet(config, **common) -> nn.Module:
   return resnet.PreActResNet(
       stem_features=arch.stem_features, stage_widths=tuple(arch.stage_widths), stage_sizes=tuple(arch.stage_sizes),
       stage_strides=tuple(arch.stage_strides), stem_kernel=arch.stem_kernel, stem_strides=arch.stem_strides,
-      stem_pool=arch.stem_pool, **common)
+      stem_pool=arch.stem_pool, norm=arch.norm, activation=arch.activation, **common)
 
 
 def _resnet18(config, **common) -> nn.Module:
-  # The CIFAR-style stem (3×3, stride 1, no pool) unless the resnet group asks for an ImageNet one.
+  # The CIFAR-style stem (3×3, stride 1, no pool) unless the resnet group asks for an ImageNet one; the group's
+  # normalisation and activation too.
   arch = config.resnet
   return resnet.ResNet18(stem_kernel=arch.stem_kernel, stem_strides=arch.stem_strides, stem_pool=arch.stem_pool,
-                         **common)
+                         norm=arch.norm, activation=arch.activation, **common)
+
+
+def _vgg16(config, **common) -> nn.Module:
+  arch = config.vgg
+  return vgg.VGG(blocks=vgg.VGG16_BLOCKS, batch_norm=arch.batch_norm, width=arch.width, max_pools=arch.max_pools,
+                 head_kind=arch.head, hidden=arch.hidden, head_pool=arch.head_pool, **common)
 
 
 def _attention(config, **common) -> nn.Module:
@@ -155,6 +162,7 @@ def _corner(config, **common) -> nn.Module:
 # name -> builder(config, num_classes=, dtype=, conv=) reading the model's own config group(s)
 BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "resnet": _resnet, "resnet18": _resnet18, "attention": _attention, "focus": _focus, "corner": _corner,
+    "vgg16": _vgg16,
 }
 MODELS = tuple(BUILDERS)
 

@@ -14,6 +14,10 @@ so that ``jax.grad`` of a class score with respect to ``z`` runs through the hea
 pooled feature vector.
 ``PreActResNet`` is the seeds' residual CNN (three stages, widths 16→32/64/128); ``ResNet18`` the RSC
 papers' backbone (four stages of two blocks, widths 64→512).
+
+Both take the seeds' options: ``activation`` (``relu``, or ``gelu``: exact, as torch's) and ``norm`` — ``batch``
+(above), ``group`` (GroupNorm, Wu & He 2018: at most 32 groups of at least 4 channels that divide the width,
+:func:`group_count`) or ``none`` (no normalisation; the convolutions then get biases).
 """
 
 import functools
@@ -24,6 +28,47 @@ import jax.numpy as jnp
 
 ModuleDef = Any  # a flax module class or a functools.partial of one (flax's examples' convention)
 STEM_POOLS = ("none", "max", "avg")
+ACTIVATIONS = {"relu": nn.relu, "gelu": functools.partial(nn.gelu, approximate=False)}
+NORMS = ("batch", "group", "none")
+MAX_GROUPS = 32     # Wu & He's default
+MIN_GROUP_SIZE = 4  # channels per group: groups of one channel (instance norm) trained slowest on the tiny CNN
+
+
+def group_count(channels: int, max_groups: int = MAX_GROUPS, min_size: int = MIN_GROUP_SIZE) -> int:
+  """The largest number of groups that divides ``channels``, at most ``max_groups`` and, where the width allows,
+  with at least ``min_size`` channels each: 8 → 2, 16 → 4, 64 → 16, 128 and wider → 32; 3 → 1."""
+  limit = max(1, min(max_groups, channels // min_size))
+  return max(g for g in range(1, limit + 1) if channels % g == 0)
+
+
+class GroupNorm(nn.Module):
+  """GroupNorm over :func:`group_count` groups of the input's channels; ``use_running_average`` is ignored."""
+
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, use_running_average: bool | None = None):
+    del use_running_average  # no running statistics: the same in training and inference
+    return nn.GroupNorm(num_groups=group_count(x.shape[-1]), epsilon=self.epsilon, dtype=self.dtype, name="gn")(x)
+
+
+class Identity(nn.Module):
+  """``norm = none``: the input unchanged."""
+
+  def __call__(self, x, use_running_average: bool | None = None):
+    del use_running_average
+    return x
+
+
+def norm_def(kind: str, dtype: Any, train: bool | None = None) -> ModuleDef:
+  """The normalisation module of ``kind`` (one of NORMS); ``train`` binds batch norm's mode when given."""
+  if kind == "group":
+    return functools.partial(GroupNorm, epsilon=1e-5, dtype=dtype)
+  if kind == "none":
+    return Identity
+  mode = {} if train is None else {"use_running_average": not train}
+  return functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5, dtype=dtype, **mode)
 
 
 class PreActBlock(nn.Module):
@@ -60,13 +105,13 @@ class Encoder(nn.Module):
   stem_pool: str = "none"  # one of STEM_POOLS: a 3×3 stride-2 pool after the stem (ImageNet style) or none
   dtype: Any = jnp.float32
   conv: ModuleDef = nn.Conv
-  norm: ModuleDef = nn.BatchNorm
+  norm: str = "batch"  # one of NORMS
+  activation: str = "relu"  # a key of ACTIVATIONS
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = functools.partial(self.conv, use_bias=False, padding="SAME", dtype=self.dtype)
-    norm = functools.partial(self.norm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                             dtype=self.dtype)
+    conv = functools.partial(self.conv, use_bias=self.norm == "none", padding="SAME", dtype=self.dtype)
+    norm = norm_def(self.norm, self.dtype, train)
     x = conv(self.stem_features, (self.stem_kernel,) * 2, strides=self.stem_strides, name="stem")(x)
     if self.stem_pool == "max":
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
@@ -74,24 +119,27 @@ class Encoder(nn.Module):
       x = nn.avg_pool(x, (3, 3), strides=(2, 2), padding="SAME")
     for stage, (width, size, stride) in enumerate(zip(self.stage_widths, self.stage_sizes, self.stage_strides)):
       for block in range(size):
-        x = PreActBlock(width, stride if block == 0 else 1, conv=conv, norm=norm,
+        x = PreActBlock(width, stride if block == 0 else 1, conv=conv, norm=norm, act=ACTIVATIONS[self.activation],
                         name=f"stage{stage + 1}_block{block + 1}")(x)
     return x
 
 
 class Head(nn.Module):
-  """The classifier ψ: BN → ReLU → global average pool (``pool``) → dense (``linear``)."""
+  """The classifier ψ: BN → ReLU (or the chosen norm and activation) → global average pool (``pool``) → dense
+  (``linear``)."""
 
   num_classes: int
   dtype: Any = jnp.float32
-  norm: ModuleDef = nn.BatchNorm
+  norm: str = "batch"
+  activation: str = "relu"
 
   def setup(self):
-    self.bn = self.norm(momentum=0.9, epsilon=1e-5, dtype=self.dtype)
+    self.bn = norm_def(self.norm, self.dtype)()
     self.dense = nn.Dense(self.num_classes, dtype=self.dtype)
 
   def pool(self, z, train: bool):
-    return jnp.mean(nn.relu(self.bn(z, use_running_average=not train)), axis=(1, 2))
+    act = ACTIVATIONS[self.activation]
+    return jnp.mean(act(self.bn(z, use_running_average=not train)), axis=(1, 2))
 
   def linear(self, pooled):
     return self.dense(pooled).astype(jnp.float32)
@@ -113,13 +161,15 @@ class PreActResNet(nn.Module):
   stem_pool: str = "none"
   dtype: Any = jnp.float32
   conv: ModuleDef = nn.Conv
-  norm: ModuleDef = nn.BatchNorm
+  norm: str = "batch"  # one of NORMS
+  activation: str = "relu"  # a key of ACTIVATIONS
 
   def setup(self):
     self.encoder = Encoder(self.stem_features, self.stage_widths, self.stage_sizes, self.stage_strides,
                            stem_kernel=self.stem_kernel, stem_strides=self.stem_strides,
-                           stem_pool=self.stem_pool, dtype=self.dtype, conv=self.conv, norm=self.norm)
-    self.head = Head(self.num_classes, dtype=self.dtype, norm=self.norm)
+                           stem_pool=self.stem_pool, dtype=self.dtype, conv=self.conv, norm=self.norm,
+                           activation=self.activation)
+    self.head = Head(self.num_classes, dtype=self.dtype, norm=self.norm, activation=self.activation)
 
   def __call__(self, x, train: bool = False):
     return self.head(self.encoder(x, train), train)
