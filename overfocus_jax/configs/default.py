@@ -112,7 +112,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.label_smoothing = 0.0
 
   # Where the data lives and how often the host talks to the devices (overfocus_jax/train/streams.py, dispatch.py).
-  config.data_on_device = "auto"    # auto: on when the dataset fits in device memory | on | off (grain on the host)
+  config.data_on_device = "auto"    # auto: on for an accelerator the data fits, off on CPUs | on | off (grain)
   config.data_workers = 0           # off: grain worker processes that read and augment (0: threads of this process)
   config.steps_per_dispatch = 0     # K: train steps per compiled call (one host sync each), at most an epoch;
                                     # 0: 1 on CPUs (XLA:CPU loops are slow, train/dispatch.py), 20 on accelerators
