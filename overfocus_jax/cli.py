@@ -104,12 +104,12 @@ def check_distributed_flags(args):
   return spec
 
 
-def start_distributed(args) -> None:
-  """Joins a multi-process run (explicit flags or a detected cluster) before anything touches a device. JAX aborts
-  the process when the other processes never join; a watchdog ends it first, with one line and exit code 2."""
+def start_distributed(args, spec) -> None:
+  """Joins a multi-process run (``spec``: :func:`check_distributed_flags`, or a detected cluster) before anything
+  touches a device. JAX aborts the process when the other processes never join; a watchdog ends it first, with one
+  line and exit code 2."""
   import threading
   from overfocus_jax import parallel
-  spec = check_distributed_flags(args)
   where = f"coordinator {spec.coordinator}" if spec.explicit else f"the {parallel.detected_cluster()} cluster"
 
   def give_up():
@@ -130,10 +130,10 @@ def start_distributed(args) -> None:
 def cmd_train(args, overrides) -> None:
   from overfocus_jax import config as config_lib
   from overfocus_jax.train import loop, workdir
-  check_distributed_flags(args)  # what can fail in one process alone is checked before it joins the others
+  spec = check_distributed_flags(args)  # what can fail in one process alone is checked before it joins the others
   config = config_lib.build_config(args.config, overrides)
   workdir.prepare_workdir(args.workdir)
-  start_distributed(args)
+  start_distributed(args, spec)
   summary = loop.train_and_evaluate(config, args.workdir, progress=False if args.no_progress else None)
   if summary.get("process_index", 0) == 0:  # several processes: process 0 speaks for the run
     print(json.dumps(summary))

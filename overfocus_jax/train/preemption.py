@@ -121,9 +121,6 @@ class CheckpointSchedule:
   def due_by_time(self) -> bool:
     return self.every_minutes > 0 and time.monotonic() - self.last_time >= 60 * self.every_minutes
 
-  def due(self, step: int) -> bool:
-    return self.due_by_steps(step) or self.due_by_time()
-
   def saved(self, step: int) -> None:
     self.last_step, self.last_time = step, time.monotonic()
 
