@@ -32,7 +32,7 @@ LAYERS = {
         "overfocus_jax.compilation_cache"),
     2: ("overfocus_jax.challenge",),  # the regularizers: masks, attribution, sgdrop, rsc and their base API
     3: ("overfocus_jax.train", "overfocus_jax.config", "overfocus_jax.configs"),
-    4: ("overfocus_jax.explain",),
+    4: ("overfocus_jax.explain", "overfocus_jax.dg"),
     5: ("overfocus_jax.cli", "overfocus_jax.__main__"),
 }
 INDEPENDENT_RANKS = (1,)  # the units of these ranks do not import one another (data does not import models, ...)
