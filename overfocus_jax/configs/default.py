@@ -17,7 +17,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.skip_bad_images = False  # imagefolder: leave out unreadable/non-image files and count them (else an error)
   config.augment = True  # random crop with padding; horizontal flip only for natural images
 
-  # Model: resnet (the seeds' pre-activation residual CNN) | resnet18 | attention | focus | corner | vgg16.
+  # Model: resnet (the seeds' pre-activation residual CNN) | resnet18 | attention | focus | corner | vgg16 |
+  # mnist_cnn (DomainBed's MNIST_CNN, models/mnist_cnn.py: no options).
   config.model = "resnet"
   config.resnet = ml_collections.ConfigDict(dict(
       stem_features=16,

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from overfocus_jax.models import attention, focus, resnet, vgg
+from overfocus_jax.models import attention, focus, mnist_cnn, resnet, vgg
 
 Variables = dict[str, Any]
 
@@ -134,6 +134,11 @@ def _vgg16(config, **common) -> nn.Module:
                  head_kind=arch.head, hidden=arch.hidden, head_pool=arch.head_pool, **common)
 
 
+def _mnist_cnn(config, **common) -> nn.Module:
+  del config  # DomainBed's fixed architecture: no options
+  return mnist_cnn.MNISTCNN(**common)
+
+
 def _attention(config, **common) -> nn.Module:
   arch = config.attention
   return attention.AttentionNet(
@@ -162,7 +167,7 @@ def _corner(config, **common) -> nn.Module:
 # name -> builder(config, num_classes=, dtype=, conv=) reading the model's own config group(s)
 BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "resnet": _resnet, "resnet18": _resnet18, "attention": _attention, "focus": _focus, "corner": _corner,
-    "vgg16": _vgg16,
+    "vgg16": _vgg16, "mnist_cnn": _mnist_cnn,
 }
 MODELS = tuple(BUILDERS)
 
