@@ -1,0 +1,543 @@
+r"""DomainBed's sweep: every (trial seed, dataset, algorithm, test environments, hparams seed) trained by
+``overfocus train``, one after another, each run leaving DomainBed's ``results.jsonl`` and ``done`` in its folder.
+
+    python -m overfocus_jax.dg.sweep --out DIR [--datasets colored_mnist ...] [--algorithms erm irm ...]
+                                     [--n-hparams N] [--n-trials T] [--test-envs I ...] [--leave-one-out]
+                                     [--config FILE] [--epochs N] [--dry-run] [--config.FIELD=VALUE ...]
+    python -m overfocus_jax.dg.tables DIR
+
+Source: facebookresearch/DomainBed, ``domainbed/scripts/sweep.py`` (``make_args_list``, ``Job``),
+``domainbed/hparams_registry.py`` (``_hparams``, ``random_hparams``), ``domainbed/scripts/train.py`` (how a run
+picks its hparams) and ``domainbed/lib/misc.py`` (``seed_hash``: :func:`overfocus_jax.data.environments.seed_hash`).
+
+The runs, in DomainBed's order: trial seeds ``0 .. T-1``, then datasets, algorithms, test environments, hparams
+seeds ``0 .. N-1``. Test environments: each environment alone (DomainBed's ``--single_test_envs``), or those of
+``--test-envs``; ``--leave-one-out`` adds, for each test environment ``t``, the runs holding out ``[t, v]`` for every
+other ``v`` (each pair once, ``[min, max]``), which :mod:`overfocus_jax.dg.selection`'s leave-one-domain-out method
+needs — over all environments, DomainBed's ``all_test_env_combinations``. A run's folder is
+``DIR/<dataset>-<algorithm>-te<envs>-h<hparams_seed>-t<trial_seed>`` (``te0_2`` for ``[0, 2]``; a dataset spec with
+characters other than letters, digits, ``.``, ``_``, ``-`` has them replaced by ``_`` and its md5's first 8 hex
+digits appended); its ``config.seed`` is DomainBed's per-job seed ``seed_hash(dataset, algorithm, test_envs,
+hparams_seed, trial_seed)`` (already below 2**31), of the names as given here (``'colored_mnist'``, ``'erm'``).
+
+The trial seed picks the runs' seeds and hparams draws, as in DomainBed, but not the environments' in/out splits:
+:mod:`overfocus_jax.data.environments` fixes them at DomainBed's ``trial_seed`` 0, so the trials of a sweep share
+them (DomainBed splits each trial anew).
+
+Algorithms, as config overrides (the name is recorded as given): ``erm`` → objective erm, regularizer none; ``irm``,
+``vrex`` → that objective (regularizer none); ``rsc_domainbed``, ``rsc``, ``sgdrop`` → that regularizer (objective
+erm). Hparams: seed 0 changes nothing (the config's values, as DomainBed's seed 0 is its defaults; its batch_size is
+the global batch of ``config.environments.balanced``: mnist_cnn.py's 64 is 32 per environment with two training
+environments, where DomainBed's default is 64 each). Seed ``h > 0`` draws DomainBed's random hparams:
+``random_hparams(algorithm, dataset, seed_hash(h, trial_seed))``, each hparam from its own
+``np.random.RandomState(seed_hash(that seed, name))`` — so a value depends on its name alone, never on the other
+hparams — in :data:`HPARAMS`: DomainBed's names, ranges and order (the algorithm's first, then lr, weight_decay,
+batch_size), DomainBed's ``SMALL_IMAGES`` ranges for colored_mnist and rotated_mnist and its general ranges for
+other datasets (``imagefolder:DIR:domains``; its DomainNet and ARM cases do not arise). batch_size is DomainBed's
+per environment: ``config.batch_size`` = the draw × the run's training environments. DomainBed's other hparams
+(data_augmentation, resnet18, resnet_dropout, class_balanced, nonlinear_classifier) change nothing of these runs and
+are not drawn. The last three rows — our rsc's spatial and channel fractions U(0, 0.5) and sgdrop's mass
+U(0.2, 0.8) — are ours, not DomainBed's (names and ranges chosen here), drawn the same way. ``--config.FIELD=VALUE``
+overrides go to every run after the sweep's own, so they win over a draw, as DomainBed's ``--hparams``.
+
+Each run is ``python -m overfocus_jax train --workdir RUN --config FILE --no-progress --config.FIELD=VALUE ...``
+in a subprocess (stdout and stderr appended to ``RUN/out.txt`` and ``RUN/err.txt``, as DomainBed's), then, if it
+succeeded, ``RUN/results.jsonl`` — one DomainBed record per line of its ``metrics.jsonl``::
+
+    {"args": {"algorithm", "dataset", "test_envs", "hparams_seed", "trial_seed", "seed", "output_dir"},
+     "hparams": {config field: value as trained, from RUN/config.json}, "step", "epoch", "env0_in_acc", ...}
+
+and an empty ``RUN/done``. Resumable: a run with ``done`` is skipped, one without is launched again (``overfocus
+train`` resumes its checkpoint). One status line per run (done, skipped, or failed with the last stderr line); a
+failed run does not stop the sweep, and the exit code is then 1. ``--dry-run`` prints the commands of the runs not
+done, and runs nothing. Bad input (an unknown algorithm, a dataset without environments, a test environment out of
+range, a bad ``--config.FIELD``, ...) is found before the first run: one line on stderr naming the problem and the
+fix, exit code 2, no traceback. Importing this module loads numpy and PIL only; checking a sweep loads the config
+(JAX) and the datasets.
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import pathlib
+import re
+import shlex
+import subprocess
+import sys
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+from overfocus_jax.data.environments import KINDS as SMALL_IMAGE_KINDS
+from overfocus_jax.data.environments import seed_hash
+from overfocus_jax.dg.selection import record_problem
+from overfocus_jax.errors import SettingError, UserError
+
+PROG = "python -m overfocus_jax.dg.sweep"
+CONFIG_PREFIX = "--config."
+DEFAULT_CONFIG = "mnist_cnn.py"
+PACKAGE_ROOT = pathlib.Path(__file__).resolve().parent.parent
+DONE_FILE, RESULTS_FILE = "done", "results.jsonl"
+
+# Algorithm → the config overrides that make it.
+ALGORITHMS = {
+    "erm": (("objective.name", "erm"), ("regularizer.name", "none")),
+    "irm": (("objective.name", "irm"), ("regularizer.name", "none")),
+    "vrex": (("objective.name", "vrex"), ("regularizer.name", "none")),
+    "rsc_domainbed": (("objective.name", "erm"), ("regularizer.name", "rsc_domainbed")),
+    "rsc": (("objective.name", "erm"), ("regularizer.name", "rsc")),
+    "sgdrop": (("objective.name", "erm"), ("regularizer.name", "sgdrop")),
+}
+
+# Fields the sweep sets for every run: an override of them would be ignored or break the sweep.
+RESERVED_FIELDS = {
+    "dataset": "pass the datasets with --datasets",
+    "seed": "each run's seed is DomainBed's seed_hash of its arguments; more trials: --n-trials",
+    "environments.test_envs": "pass the test environments with --test-envs (and --leave-one-out)",
+    "environments.train_envs": "leave it out: each run trains on every environment it does not hold out, as DomainBed",
+    "objective.name": "pick algorithms with --algorithms",
+    "regularizer.name": "pick algorithms with --algorithms",
+}
+
+# The config fields each record's "hparams" holds, besides the drawn and overridden ones.
+RECORDED_FIELDS = ("model", "optimizer", "learning_rate", "batch_size", "weight_decay", "schedule", "num_epochs",
+                   "augment", "environments.balanced", "objective.name", "regularizer.name")
+
+Draw = Callable[[np.random.RandomState], float | int]
+
+
+def pow10(low: float, high: float) -> Draw:
+  return lambda r: float(10 ** r.uniform(low, high))
+
+
+def uniform(low: float, high: float) -> Draw:
+  return lambda r: float(r.uniform(low, high))
+
+
+def int_pow2(low: float, high: float) -> Draw:
+  return lambda r: int(2 ** r.uniform(low, high))
+
+
+def int_pow10(low: float, high: float) -> Draw:
+  return lambda r: int(10 ** r.uniform(low, high))
+
+
+def constant(value: float) -> Draw:
+  return lambda r: value  # DomainBed's lambda r: 0. draws nothing
+
+
+ALL = ""  # an hparam of every algorithm
+
+
+@dataclasses.dataclass(frozen=True)
+class Hparam:
+  """One random hparam: DomainBed's ``name`` (it seeds the draw), the config ``field`` it sets, the ``algorithm`` it
+  belongs to (:data:`ALL`: every one), its draw on MNIST-sized datasets (DomainBed's SMALL_IMAGES) and on the others
+  (``large``, None: the same)."""
+  name: str
+  field: str
+  algorithm: str
+  small: Draw
+  large: Draw | None = None
+  per_environment: bool = False  # DomainBed's batch_size: examples of each training environment
+
+
+HPARAMS = (
+    # Hparam(DomainBed's name, config field, algorithm, draw on MNIST-sized datasets[, draw on the others]), in
+    # DomainBed's order; its ranges.
+    Hparam("rsc_f_drop_factor", "regularizer.rsc_domainbed.feature_drop", "rsc_domainbed", uniform(0, 0.5)),
+    Hparam("rsc_b_drop_factor", "regularizer.rsc_domainbed.batch_drop", "rsc_domainbed", uniform(0, 0.5)),
+    Hparam("irm_lambda", "objective.irm.penalty_weight", "irm", pow10(-1, 5)),
+    Hparam("irm_penalty_anneal_iters", "objective.irm.anneal_steps", "irm", int_pow10(0, 4)),
+    Hparam("vrex_lambda", "objective.vrex.penalty_weight", "vrex", pow10(-1, 5)),
+    Hparam("vrex_penalty_anneal_iters", "objective.vrex.anneal_steps", "vrex", int_pow10(0, 4)),
+    Hparam("lr", "learning_rate", ALL, pow10(-4.5, -2.5), pow10(-5, -3.5)),
+    Hparam("weight_decay", "weight_decay", ALL, constant(0.0), pow10(-6, -2)),
+    Hparam("batch_size", "batch_size", ALL, int_pow2(3, 9), int_pow2(3, 5.5), per_environment=True),
+    # Ours, not DomainBed's: the strengths of this library's rsc and sgdrop (names and ranges chosen here).
+    Hparam("rsc_spatial_fraction", "regularizer.rsc.spatial_fraction", "rsc", uniform(0, 0.5)),
+    Hparam("rsc_channel_fraction", "regularizer.rsc.channel_fraction", "rsc", uniform(0, 0.5)),
+    Hparam("sgdrop_mass", "regularizer.sgdrop.mass", "sgdrop", uniform(0.2, 0.8)),
+)
+
+
+# ------------------------------------------------------------------------------------------------ hparams
+
+
+def small_images(dataset: str) -> bool:
+  """Whether DomainBed's SMALL_IMAGES ranges apply: its ColoredMNIST and RotatedMNIST, whatever their base."""
+  return dataset.partition(":")[0].strip() in SMALL_IMAGE_KINDS
+
+
+def algorithm_hparams(algorithm: str) -> tuple[Hparam, ...]:
+  return tuple(h for h in HPARAMS if h.algorithm in (ALL, algorithm))
+
+
+def draw(hparam: Hparam, random_seed: int, small: bool) -> float | int:
+  """One hparam's value, from its own ``np.random.RandomState(seed_hash(random_seed, name))`` as DomainBed's
+  ``_hparam``."""
+  sample = hparam.small if small or hparam.large is None else hparam.large
+  return sample(np.random.RandomState(seed_hash(random_seed, hparam.name)))
+
+
+def random_hparams(algorithm: str, dataset: str, random_seed: int) -> dict[str, float | int]:
+  """DomainBed's ``random_hparams(algorithm, dataset, random_seed)`` over :data:`HPARAMS`: name → value."""
+  return {h.name: draw(h, random_seed, small_images(dataset)) for h in algorithm_hparams(algorithm)}
+
+
+def hparam_overrides(algorithm: str, dataset: str, hparams_seed: int, trial_seed: int,
+                     train_envs: int) -> dict[str, float | int]:
+  """Config field → value of a run's hparams: none for hparams seed 0 (the config's own), else DomainBed's draws for
+  ``seed_hash(hparams_seed, trial_seed)`` (as its train.py), per-environment ones × ``train_envs``."""
+  if hparams_seed == 0:
+    return {}
+  drawn = random_hparams(algorithm, dataset, seed_hash(hparams_seed, trial_seed))
+  return {h.field: drawn[h.name] * (train_envs if h.per_environment else 1) for h in algorithm_hparams(algorithm)}
+
+
+# ------------------------------------------------------------------------------------------------ jobs
+
+
+def job_seed(dataset: str, algorithm: str, test_envs: Sequence[int], hparams_seed: int, trial_seed: int) -> int:
+  """DomainBed's per-job seed (sweep.py's ``train_args['seed']``); ``test_envs`` hashes as a list, as there."""
+  return seed_hash(dataset, algorithm, list(test_envs), hparams_seed, trial_seed) % 2**31
+
+
+def test_env_sets(n_envs: int, test_envs: Sequence[int] | None, leave_one_out: bool) -> list[tuple[int, ...]]:
+  """The test environments of a dataset's runs: each of ``test_envs`` (default: every environment) alone, followed
+  with ``leave_one_out`` by its pairs with every other environment; each set once, pairs sorted."""
+  sets = []
+  for test in (range(n_envs) if test_envs is None else test_envs):
+    sets.append((test,))
+    if leave_one_out:
+      sets += [tuple(sorted((test, other))) for other in range(n_envs) if other != test]
+  return list(dict.fromkeys(sets))
+
+
+def safe_name(dataset: str) -> str:
+  """``dataset`` as a folder-name part: itself if plain, else its odd characters as ``_`` and a short hash."""
+  if re.fullmatch(r"[A-Za-z0-9._-]+", dataset):
+    return dataset
+  return re.sub(r"[^A-Za-z0-9._-]+", "_", dataset).strip("_") + "-" + hashlib.md5(dataset.encode()).hexdigest()[:8]
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """One run of the sweep and the config overrides the sweep gives it (before the user's)."""
+  dataset: str
+  algorithm: str
+  test_envs: tuple[int, ...]
+  hparams_seed: int
+  trial_seed: int
+  seed: int
+  overrides: tuple[tuple[str, object], ...]
+
+  @property
+  def name(self) -> str:
+    envs = "_".join(map(str, self.test_envs))
+    return f"{safe_name(self.dataset)}-{self.algorithm}-te{envs}-h{self.hparams_seed}-t{self.trial_seed}"
+
+
+def make_job(dataset: str, n_envs: int, algorithm: str, test_envs: tuple[int, ...], hparams_seed: int,
+             trial_seed: int, epochs: int | None) -> Job:
+  seed = job_seed(dataset, algorithm, test_envs, hparams_seed, trial_seed)
+  hparams = hparam_overrides(algorithm, dataset, hparams_seed, trial_seed, n_envs - len(test_envs))
+  overrides = (("dataset", dataset), *ALGORITHMS[algorithm], ("environments.test_envs", test_envs), ("seed", seed),
+               *hparams.items(), *((("num_epochs", epochs),) if epochs is not None else ()))
+  return Job(dataset, algorithm, test_envs, hparams_seed, trial_seed, seed, overrides)
+
+
+def make_jobs(env_counts: dict[str, int], algorithms: Sequence[str], n_hparams: int, n_trials: int,
+              test_envs: Sequence[int] | None = None, leave_one_out: bool = False,
+              epochs: int | None = None) -> list[Job]:
+  """Every run, in DomainBed's order (trial, dataset, algorithm, test environments, hparams seed);
+  ``env_counts``: dataset → its number of environments."""
+  return [make_job(dataset, n_envs, algorithm, envs, hparams_seed, trial_seed, epochs)
+          for trial_seed in range(n_trials)
+          for dataset, n_envs in env_counts.items()
+          for algorithm in algorithms
+          for envs in test_env_sets(n_envs, test_envs, leave_one_out)
+          for hparams_seed in range(n_hparams)]
+
+
+def format_value(value) -> str:
+  """A value as ``--config.FIELD=`` text that the config parser reads back to it."""
+  if isinstance(value, bool):
+    return "true" if value else "false"
+  if isinstance(value, tuple):
+    return "(" + ",".join(map(str, value)) + ("," if len(value) == 1 else "") + ")"
+  return repr(value) if isinstance(value, float) else str(value)
+
+
+def config_pairs(job: Job, user_overrides: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+  """(field, text) of every override of a run: the sweep's, then the user's (which win)."""
+  return [(field, format_value(value)) for field, value in job.overrides] + list(user_overrides)
+
+
+def train_command(job: Job, workdir: pathlib.Path, config_path: pathlib.Path,
+                  user_overrides: Sequence[tuple[str, str]]) -> list[str]:
+  return [sys.executable, "-m", "overfocus_jax", "train", "--workdir", str(workdir), "--config", str(config_path),
+          "--no-progress", *(f"{CONFIG_PREFIX}{field}={text}" for field, text in config_pairs(job, user_overrides))]
+
+
+# ------------------------------------------------------------------------------------------------ results
+
+
+def config_value(config: dict, field: str):
+  """``config.<field>`` of a saved config.json (nested dicts); None where it has no such field."""
+  node = config
+  for part in field.split("."):
+    if not isinstance(node, dict) or part not in node:
+      return None
+    node = node[part]
+  return node
+
+
+def recorded_hparams(job: Job, config: dict, user_fields: Sequence[str]) -> dict:
+  """The config values a record keeps: the usual ones, the algorithm's hparams, whatever the sweep or the user
+  overrode (the dataset, seed and test environments are in the record's args)."""
+  fields = [*RECORDED_FIELDS, *(h.field for h in algorithm_hparams(job.algorithm)),
+            *(field for field, _ in job.overrides), *user_fields]
+  kept = [f for f in dict.fromkeys(fields) if f not in ("dataset", "seed", "environments.test_envs")]
+  return {field: config_value(config, field) for field in kept}
+
+
+def results_records(job: Job, workdir: pathlib.Path, metrics: Sequence[dict], config: dict,
+                    user_fields: Sequence[str] = ()) -> list[dict]:
+  """One DomainBed record per line of the run's metrics.jsonl."""
+  args = {"algorithm": job.algorithm, "dataset": job.dataset, "test_envs": list(job.test_envs),
+          "hparams_seed": job.hparams_seed, "trial_seed": job.trial_seed, "seed": job.seed,
+          "output_dir": str(workdir)}
+  hparams = recorded_hparams(job, config, user_fields)
+  return [{"args": args, "hparams": hparams, "step": line["step"], "epoch": line.get("epoch"),
+           **{k: v for k, v in line.items() if re.fullmatch(r"env\d+_(in|out)_acc", k)}} for line in metrics]
+
+
+def read_jsonl(path: pathlib.Path) -> list[dict]:
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_results(job: Job, workdir: pathlib.Path, user_fields: Sequence[str]) -> None:
+  """``results.jsonl`` from the run's metrics.jsonl and config.json, checked as the selection reads it.
+
+  Raises:
+    ValueError: a missing or unreadable file, or a record the model selection could not read.
+  """
+  try:
+    metrics, config = read_jsonl(workdir / "metrics.jsonl"), json.loads((workdir / "config.json").read_text())
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"cannot read the run's metrics.jsonl and config.json ({e})") from None
+  records = results_records(job, workdir, metrics, config, user_fields)
+  if not records:
+    raise ValueError("metrics.jsonl holds no epoch")
+  for number, record in enumerate(records, start=1):
+    problem = record_problem(record)
+    if problem is not None:
+      raise ValueError(f"metrics.jsonl line {number}: {problem}")
+  partial = workdir / (RESULTS_FILE + ".tmp")  # renamed when whole: a crash never leaves half a file
+  partial.write_text("".join(json.dumps(record) + "\n" for record in records))
+  partial.replace(workdir / RESULTS_FILE)
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+def last_line(path: pathlib.Path) -> str:
+  try:
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+  except OSError:
+    return ""
+  return lines[-1].strip() if lines else ""
+
+
+def run_job(job: Job, workdir: pathlib.Path, command: Sequence[str], user_fields: Sequence[str]) -> str | None:
+  """Trains one run and writes its results and ``done``; None on success, else why it failed (one line)."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  with open(workdir / "out.txt", "a") as out, open(workdir / "err.txt", "a") as err:
+    process = subprocess.Popen(command, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+    try:
+      code = process.wait()
+    except KeyboardInterrupt:  # the run got the same SIGINT: let it save its checkpoint first
+      process.wait()
+      raise
+  if code != 0:
+    return f"exit {code}: {last_line(workdir / 'err.txt') or 'no stderr'} (log: {workdir / 'err.txt'})"
+  try:
+    write_results(job, workdir, user_fields)
+  except ValueError as e:
+    return f"no results: {e}"
+  (workdir / DONE_FILE).touch()
+  return None
+
+
+def run_sweep(jobs: Sequence[Job], out: pathlib.Path, config_path: pathlib.Path,
+              user_overrides: Sequence[tuple[str, str]]) -> int:
+  """Runs every job not done, one status line each; 1 if any failed, else 0."""
+  user_fields = [field for field, _ in user_overrides]
+  done_before = sum((out / job.name / DONE_FILE).exists() for job in jobs)
+  print(f"sweep: {len(jobs)} runs in {out} ({done_before} done, {len(jobs) - done_before} to run)", flush=True)
+  counts = {"done": 0, "skipped": 0, "failed": 0}
+  for i, job in enumerate(jobs, start=1):
+    workdir = out / job.name
+    prefix = f"[{i}/{len(jobs)}] {job.name}"
+    if (workdir / DONE_FILE).exists():
+      counts["skipped"] += 1
+      print(f"{prefix}: skipped (done)", flush=True)
+      continue
+    print(f"{prefix}: ", end="", flush=True)
+    start = time.perf_counter()
+    failure = run_job(job, workdir, train_command(job, workdir, config_path, user_overrides), user_fields)
+    counts["failed" if failure else "done"] += 1
+    print(f"failed, {failure}" if failure else f"done ({time.perf_counter() - start:.0f} s)", flush=True)
+  print(f"sweep: {counts['done']} done, {counts['skipped']} skipped (done before), {counts['failed']} failed; "
+        f"results: {out}/*/{RESULTS_FILE}")
+  print(f"tables: python -m overfocus_jax.dg.tables {shlex.quote(str(out))}")
+  return 1 if counts["failed"] else 0
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+
+def default_config_path() -> pathlib.Path:
+  """experiments/configs/mnist_cnn.py: shipped with the package, or in the checkout that holds it."""
+  for path in (PACKAGE_ROOT / "configs" / DEFAULT_CONFIG, PACKAGE_ROOT.parent / "experiments" / "configs" /
+               DEFAULT_CONFIG):
+    if path.is_file():
+      return path
+  raise UserError(f"the default config {DEFAULT_CONFIG} is not in this installation",
+                  "pass --config FILE (e.g. experiments/configs/mnist_cnn.py of a checkout)")
+
+
+def split_overrides(extra: Sequence[str]) -> list[tuple[str, str]]:
+  """``--config.a.b=1`` or ``--config.a.b 1`` → ``[("a.b", "1")]``; anything else is an error."""
+  overrides, i = [], 0
+  while i < len(extra):
+    arg = extra[i]
+    if not arg.startswith(CONFIG_PREFIX):
+      raise UserError(f"unknown argument {arg!r}", f"fields are set as --config.FIELD=VALUE; see '{PROG} --help'")
+    field, eq, value = arg[len(CONFIG_PREFIX):].partition("=")
+    if not eq:
+      if i + 1 >= len(extra):
+        raise UserError(f"{arg} has no value", f"write {arg}=VALUE")
+      value, i = extra[i + 1], i + 1
+    overrides.append((field, value))
+    i += 1
+  return overrides
+
+
+def check_user_overrides(overrides: Sequence[tuple[str, str]], epochs: int | None) -> None:
+  for field, _ in overrides:
+    if field in RESERVED_FIELDS:
+      raise UserError(f"--config.{field} is set by the sweep for each run", RESERVED_FIELDS[field])
+    if field == "num_epochs" and epochs is not None:
+      raise UserError("both --epochs and --config.num_epochs are given", "pass one of them")
+
+
+def check_counts(args) -> None:
+  unknown = [a for a in args.algorithms if a not in ALGORITHMS]
+  if unknown:
+    raise UserError(f"unknown algorithm {unknown[0]!r}", f"use some of {', '.join(ALGORITHMS)}")
+  for flag, value in (("--n-hparams", args.n_hparams), ("--n-trials", args.n_trials), ("--epochs", args.epochs)):
+    if value is not None and value < 1:
+      raise UserError(f"{flag}={value} must be at least 1", f"pass {flag}=1 or more")
+
+
+def environment_counts(datasets: Sequence[str], config) -> dict[str, int]:
+  """Dataset → its number of environments, each loaded once (with the config's data_dir)."""
+  from overfocus_jax.data import sources  # loaded only when a sweep is checked
+  counts = {}
+  for spec in dict.fromkeys(datasets):
+    dataset = sources.load_dataset(spec, data_dir=config.data_dir or None, skip_bad_images=config.skip_bad_images)
+    names = tuple(getattr(dataset, "domain_names", ()) or ())
+    if not names:
+      raise UserError(f"dataset {spec!r} has no environments",
+                      "use colored_mnist, rotated_mnist (each [:BASE]) or imagefolder:DIR:domains in --datasets")
+    counts[spec] = len(names)
+  return counts
+
+
+def check_test_envs(env_counts: dict[str, int], test_envs: Sequence[int] | None, leave_one_out: bool) -> None:
+  for dataset, n_envs in env_counts.items():
+    outside = [env for env in test_envs or () if not 0 <= env < n_envs]
+    if outside:
+      raise UserError(f"--test-envs {outside[0]} is not an environment of {dataset!r}",
+                      f"use environments 0 to {n_envs - 1}")
+    if leave_one_out and n_envs < 3:
+      raise UserError(f"--leave-one-out needs 3 or more environments and {dataset!r} has {n_envs}",
+                      "leave out --leave-one-out for this dataset")
+
+
+def check_jobs(jobs: Sequence[Job], config_path: pathlib.Path, user_overrides: Sequence[tuple[str, str]]) -> None:
+  """Builds and validates every run's config as ``overfocus train`` will, so that none fails on its flags."""
+  from overfocus_jax import config as config_lib  # JAX: loaded only when a sweep is checked
+  for job in jobs:
+    try:
+      config_lib.build_config(str(config_path), config_pairs(job, user_overrides))
+    except UserError as e:
+      raise UserError(f"run {job.name}: {e}") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+  class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, instead of argparse's usage text
+      raise UserError(f"{self.prog}: {message}", f"see '{self.prog} --help'")
+
+  parser = Parser(prog=PROG, description=__doc__.split("\n\n")[0], allow_abbrev=False)
+  parser.add_argument("--out", required=True, help="the sweep's folder: one subfolder per run")
+  parser.add_argument("--datasets", nargs="+", help="datasets of environments (default: the config's dataset)")
+  parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS),
+                      help=f"some of {' '.join(ALGORITHMS)} (default: all)")
+  parser.add_argument("--n-hparams", type=int, default=1,
+                      help="hparams seeds 0 .. N-1; 0 is the config's values (default 1; DomainBed: 20)")
+  parser.add_argument("--n-trials", type=int, default=1, help="trial seeds 0 .. T-1 (default 1; DomainBed: 3)")
+  parser.add_argument("--test-envs", nargs="+", type=int, help="test environments (default: each one alone)")
+  parser.add_argument("--leave-one-out", action="store_true",
+                      help="also hold out each pair [t, v] (leave-one-domain-out model selection)")
+  parser.add_argument("--config", help=f"config file (default: experiments/configs/{DEFAULT_CONFIG})")
+  parser.add_argument("--epochs", type=int, help="config.num_epochs of every run (default: the config's)")
+  parser.add_argument("--dry-run", action="store_true", help="print the commands of the runs not done; run nothing")
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  try:
+    args, extra = _parser().parse_known_args(sys.argv[1:] if argv is None else argv)
+    user_overrides = split_overrides(extra)
+    check_counts(args)
+    check_user_overrides(user_overrides, args.epochs)
+    config_path = pathlib.Path(args.config).expanduser().resolve() if args.config else default_config_path()
+    from overfocus_jax import config as config_lib  # JAX: only once the arguments are known good
+    base = config_lib.build_config(str(config_path), user_overrides)
+    env_counts = environment_counts(args.datasets or [base.dataset], base)
+    check_test_envs(env_counts, args.test_envs, args.leave_one_out)
+    test_envs = None if args.test_envs is None else list(dict.fromkeys(args.test_envs))
+    jobs = make_jobs(env_counts, list(dict.fromkeys(args.algorithms)), args.n_hparams, args.n_trials, test_envs,
+                     args.leave_one_out, args.epochs)
+    check_jobs(jobs, config_path, user_overrides)
+    out = pathlib.Path(args.out).expanduser().resolve()
+    if args.dry_run:
+      for job in jobs:
+        if not (out / job.name / DONE_FILE).exists():
+          print(shlex.join(train_command(job, out / job.name, config_path, user_overrides)))
+      return 0
+    try:
+      out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+      raise UserError(f"cannot create --out {str(out)!r} ({e.strerror or type(e).__name__})",
+                      "pass a folder you can write to") from None
+    return run_sweep(jobs, out, config_path, user_overrides)
+  except SettingError as e:  # a dataset's setting: worded as the flag that sets it
+    print(f"overfocus: error: {e.as_flag(CONFIG_PREFIX)}", file=sys.stderr)
+    return UserError.exit_code
+  except UserError as e:
+    print(f"overfocus: error: {e}", file=sys.stderr)
+    return UserError.exit_code
+  except KeyboardInterrupt:
+    print("overfocus: interrupted; run the same command again to resume the sweep", file=sys.stderr)
+    return 130
+
+
+if __name__ == "__main__":
+  sys.exit(main())
