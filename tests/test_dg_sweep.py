@@ -171,7 +171,9 @@ def test_tiny_sweep_resumes_and_makes_a_table(tmp_path, capsys, cpu_children):
   assert records[0]["args"] == {"algorithm": "erm", "dataset": "colored_mnist", "test_envs": [1], "hparams_seed": 0,
                                 "trial_seed": 0, "seed": seed, "output_dir": str(run)}
   hparams = records[0]["hparams"]
-  assert hparams["learning_rate"] == 1e-3 and hparams["model"] == "resnet" and hparams["batch_size"] == 64
+  default = config_lib.load_config_file(sweep.default_config_path())
+  assert hparams["learning_rate"] == 1e-3 and hparams["model"] == "resnet"
+  assert hparams["batch_size"] == default.batch_size and hparams["num_epochs"] == 1  # seed 0: the config's
   assert hparams["objective.name"] == "erm" and hparams["resnet.stage_widths"] == [8, 16]
   assert json.loads((run / "config.json").read_text())["seed"] == seed
   assert all(0 <= records[0][f"env{i}_{s}_acc"] <= 1 for i in range(3) for s in ("in", "out"))

@@ -27,8 +27,8 @@ them (DomainBed splits each trial anew).
 Algorithms, as config overrides (the name is recorded as given): ``erm`` → objective erm, regularizer none; ``irm``,
 ``vrex`` → that objective (regularizer none); ``rsc_domainbed``, ``rsc``, ``sgdrop`` → that regularizer (objective
 erm). Hparams: seed 0 changes nothing (the config's values, as DomainBed's seed 0 is its defaults; its batch_size is
-the global batch of ``config.environments.balanced``: mnist_cnn.py's 64 is 32 per environment with two training
-environments, where DomainBed's default is 64 each). Seed ``h > 0`` draws DomainBed's random hparams:
+the whole batch of ``config.environments.balanced``, the same for every run, so a leave-one-out run, one training
+environment fewer, draws more of each). Seed ``h > 0`` draws DomainBed's random hparams:
 ``random_hparams(algorithm, dataset, seed_hash(h, trial_seed))``, each hparam from its own
 ``np.random.RandomState(seed_hash(that seed, name))`` — so a value depends on its name alone, never on the other
 hparams — in :data:`HPARAMS`: DomainBed's names, ranges and order (the algorithm's first, then lr, weight_decay,
