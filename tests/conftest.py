@@ -7,8 +7,10 @@ epoch of ``digits`` (1,438 training images) takes a fraction of a second once co
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import jax
 import numpy as np
@@ -18,9 +20,25 @@ from overfocus_jax import cli
 from overfocus_jax import config as config_lib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-# The CLI caches compiled programs in ~/.cache by default; the suite leaves the home directory alone (the cache's
-# own tests, test_compilation_cache.py, give it a temporary directory).
-os.environ["OVERFOCUS_COMPILATION_CACHE"] = "off"
+
+
+def _suite_compilation_cache() -> pathlib.Path:
+  """One persistent compilation cache for this test run, shared by the xdist workers and every CLI subprocess they
+  start: the suite trains the same tiny models in dozens of fresh processes, and each compiles them only once. The
+  home directory is left alone (the cache's own tests, test_compilation_cache.py, use their own directories); the
+  directory goes at the end of the run (:func:`pytest_sessionfinish`)."""
+  run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
+  return pathlib.Path(tempfile.gettempdir()) / f"overfocus-test-xla-{run}"
+
+
+SUITE_COMPILATION_CACHE = _suite_compilation_cache()
+os.environ["OVERFOCUS_COMPILATION_CACHE"] = str(SUITE_COMPILATION_CACHE)
+
+
+def pytest_sessionfinish(session):
+  del session
+  if "PYTEST_XDIST_WORKER" not in os.environ:  # the controller (or a run without xdist), after every worker
+    shutil.rmtree(SUITE_COMPILATION_CACHE, ignore_errors=True)
 
 # The tiny architecture, as --config.FIELD=VALUE pairs.
 TINY_FIELDS = (
@@ -77,7 +95,6 @@ def assert_one_line_error(code, err, *fragments):
 
 def assert_resume_refused(capsys, trained_workdir, tmp_path, overrides, *fragments):
   """Resuming a copy of ``trained_workdir`` with ``overrides`` is a one-line error that leaves every file as it was."""
-  import shutil
   workdir = tmp_path / "run"
   shutil.copytree(trained_workdir, workdir)
   before = snapshot(workdir)
