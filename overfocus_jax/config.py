@@ -14,6 +14,7 @@ import pathlib
 import ml_collections
 
 from overfocus_jax import challenge, models, platform_tuning
+from overfocus_jax.challenge import invariance
 from overfocus_jax.challenge.attribution import TARGETS
 from overfocus_jax.challenge.sgdrop import GRANULARITIES, RULES
 from overfocus_jax.data import on_device
@@ -191,6 +192,31 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _validate_attention(config.attention)
   _validate_focus(config.focus, config.corner)
   _validate_regularizer(config.regularizer)
+  _validate_environments(config)
+
+
+def _validate_environments(config: ml_collections.ConfigDict) -> None:
+  envs, objective = config.environments, config.objective
+  for field in ("test_envs", "train_envs"):
+    _require(isinstance(envs[field], tuple) and all(isinstance(i, int) and i >= 0 for i in envs[field]),
+             f"config.environments.{field}={envs[field]!r} must be a tuple of environment indices",
+             f"e.g. --config.environments.{field}=2 or (0,1), or () for the default")
+  _require(isinstance(envs.balanced, bool), f"config.environments.balanced={envs.balanced!r} must be true or false",
+           "set --config.environments.balanced=true or false")
+  _require_choice(objective.name, invariance.NAMES, "objective.name")
+  for name in ("irm", "vrex"):
+    group = objective[name]
+    _require(isinstance(group.penalty_weight, (int, float)) and math.isfinite(group.penalty_weight)
+             and group.penalty_weight >= 0, f"config.objective.{name}.penalty_weight={group.penalty_weight!r} must "
+             "be a number >= 0", f"set --config.objective.{name}.penalty_weight, e.g. 100")
+    _require(isinstance(group.anneal_steps, int) and group.anneal_steps >= 0,
+             f"config.objective.{name}.anneal_steps={group.anneal_steps!r} must be an integer >= 0",
+             f"set --config.objective.{name}.anneal_steps, e.g. 500 (0: the full penalty from the first step)")
+  if objective.name != "erm":
+    _require(envs.balanced, f"objective {objective.name!r} needs environment-balanced batches (it compares the "
+             "training environments' risks)", "set --config.environments.balanced=true, or --config.objective.name=erm")
+    _require(config.batch_norm == "global", f"objective {objective.name!r} compares risks over the whole batch, and "
+             "batch_norm=local computes each device's part alone", "set --config.batch_norm=global")
 
 
 def _require_positive_int(value, field: str, example) -> None:

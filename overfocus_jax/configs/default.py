@@ -98,6 +98,21 @@ def get_config() -> ml_collections.ConfigDict:
       ),
   ))
 
+  # Environments (colored_mnist, rotated_mnist, imagefolder:DIR:domains), as DomainBed trains on them
+  # (data/balanced.py); every evaluation also logs each environment's env{i}_in_acc and env{i}_out_acc.
+  config.environments = ml_collections.ConfigDict(dict(
+      test_envs=(),    # held out, never trained on; test_accuracy is then their in-split accuracy (DomainBed's)
+      train_envs=(),   # the environments trained on; () = every one not held out
+      balanced=True,   # each batch: batch_size / E examples of each of the E training environments
+  ))
+  # The loss over a batch (challenge/invariance.py): erm (the mean) | irm | vrex — penalties over the training
+  # environments' risks (balanced batches); λ from step anneal_steps on (1 before), the optimizer restarted there.
+  config.objective = ml_collections.ConfigDict(dict(
+      name="erm",
+      irm=dict(penalty_weight=100.0, anneal_steps=500),   # DomainBed's defaults
+      vrex=dict(penalty_weight=10.0, anneal_steps=500),
+  ))
+
   # Optimisation.
   config.num_epochs = 10
   config.batch_size = 128

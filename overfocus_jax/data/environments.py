@@ -41,10 +41,11 @@ per example, as ``imagefolder:DIR:domains``) and the dataset's ``domain_names`` 
 :func:`environment_rows` and :func:`environment_arrays` give one environment's in/out split. Pixels are not
 normalised (mean 0, std 1), so a model sees ``pixel / 255`` as DomainBed's ``ToTensor``; no flips.
 
-What ``overfocus train`` does with them today: it trains on ``train`` (every environment's in-split, pooled) and
-evaluates on ``test`` (every out-split, pooled), as for ``imagefolder:DIR:domains`` — no environment is held out, so
-the accuracy is not a domain-generalisation number; the DomainBed protocol (environment-balanced batches, a held-out
-test environment, model selection) builds on :func:`environment_rows`.
+What ``overfocus train`` does with them (:mod:`overfocus_jax.data.balanced`): it trains on the in-splits of the
+training environments (every one not in ``config.environments.test_envs``), in environment-balanced batches by
+default, reports the held-out environments' in-split accuracy as ``test_accuracy`` (with none held out: the pooled
+out-splits), and logs every environment's ``env{i}_in_acc`` and ``env{i}_out_acc`` at each evaluation, DomainBed's
+records; ``config.objective`` adds IRM's or V-REx's penalty.
 
 Checksums (:func:`fingerprint`: sha256 over ``train.images``, ``train.labels``, ``train.domains``, ``test.images``,
 ``test.labels``, ``test.domains``, in that order, labels and domains as little-endian int64), default base mnist5k:

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from overfocus_jax.data.balanced import Layout
 from overfocus_jax.data.pipeline import check_stream_arguments, crop_padding, read_split, steps_per_epoch
 from overfocus_jax.data.sources import ImageDataset, Source
 from overfocus_jax.errors import SettingError
@@ -117,14 +118,17 @@ def put_split(source: Source, sharding: jax.sharding.Sharding) -> Split:
   return jax.tree.map(lambda a: jax.make_array_from_callback(a.shape, sharding, lambda index: a[index]), split)
 
 
-def stream_spec(dataset: ImageDataset, *, batch_size: int, seed: int, augment: bool) -> StreamSpec:
-  """The stream of ``make_train_iterator``'s arguments, for the device.
+def stream_spec(dataset: ImageDataset, *, batch_size: int, seed: int, augment: bool,
+                layout: Layout | None = None) -> StreamSpec:
+  """The stream of ``make_train_iterator``'s arguments, for the device (``layout``: environment-balanced batches,
+  whose epochs are :func:`overfocus_jax.data.balanced.device_epoch_order`).
 
   Raises:
     UserError: bad batch size or seed, or fewer training examples than one batch (as the host pipeline).
   """
   check_stream_arguments(dataset, batch_size=batch_size, seed=seed)
-  return StreamSpec(batch_size=batch_size, steps_per_epoch=steps_per_epoch(dataset, batch_size), seed=seed,
+  steps = layout.steps_per_epoch if layout is not None else steps_per_epoch(dataset, batch_size)
+  return StreamSpec(batch_size=batch_size, steps_per_epoch=steps, seed=seed,
                     augment=augment, padding=crop_padding(dataset.image_shape), flip=dataset.natural_images,
                     mean=tuple(dataset.mean), std=tuple(dataset.std))
 

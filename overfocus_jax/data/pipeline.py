@@ -14,6 +14,7 @@ from absl import flags as absl_flags
 import grain
 import numpy as np
 
+from overfocus_jax.data.balanced import BalancedRecords, Layout
 from overfocus_jax.data.sources import ArraySource, ImageDataset, Source
 from overfocus_jax.errors import SettingError
 
@@ -63,7 +64,8 @@ def augment_image(
 
 def make_train_iterator(
     dataset: ImageDataset, *, batch_size: int, seed: int, augment: bool,
-    normalized: bool = True, rows: slice | None = None, workers: int = 0) -> grain.DatasetIterator:
+    normalized: bool = True, rows: slice | None = None, workers: int = 0,
+    balanced: Layout | None = None) -> grain.DatasetIterator:
   """An endless, resumable stream of {'image': float32 (B,H,W,C), 'label': int32 (B,)} batches.
 
   With `normalized=False` the images stay uint8 (a quarter of the bytes to move) and the caller normalizes them
@@ -79,12 +81,21 @@ def make_train_iterator(
   worker i mod N, so the stream is the same as with threads; its state then holds each worker's position, and
   resumes only with the same count), out of reach of this process's GIL; 0 uses threads of this process.
 
+  `balanced` (a :class:`~overfocus_jax.data.balanced.Layout` of `batch_size`): environment-balanced batches, each
+  environment in its own block of rows, each epoch's order drawn per environment (balanced.py) instead of one
+  shuffle of the whole split.
+
   Raises:
     UserError: bad batch size or seed, or fewer training examples than one batch.
   """
   check_stream_arguments(dataset, batch_size=batch_size, seed=seed)
   shuffle_seed, augment_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
-  records = grain.MapDataset.source(dataset.train).shuffle(seed=shuffle_seed).repeat(None)
+  if balanced is not None:
+    if balanced.batch_size != batch_size:
+      raise ValueError(f'the balanced layout is for batches of {balanced.batch_size}, not {batch_size}')
+    records = grain.MapDataset.source(BalancedRecords(dataset.train, balanced, shuffle_seed))
+  else:
+    records = grain.MapDataset.source(dataset.train).shuffle(seed=shuffle_seed).repeat(None)
   if augment:  # before the rows are picked: each record's random draw depends on its place in the whole stream
     records = records.random_map(_record_augmenter(dataset), seed=augment_seed)
   rows = slice(*(rows or slice(0, batch_size)).indices(batch_size)[:2])

@@ -83,6 +83,33 @@ class ArraySource:
     return self.images[index], int(self.labels[index])
 
 
+def subset(source: Source, rows: np.ndarray) -> Source:
+  """The examples of ``source`` at ``rows``, in that order (their ``domains`` too): an :class:`ArraySource` of the
+  rows for an in-memory source, otherwise a view that reads through to ``source``."""
+  rows = np.asarray(rows, np.int64)
+  if isinstance(source, ArraySource):
+    domains = None if source.domains is None else source.domains[rows]
+    return ArraySource(source.images[rows], source.labels[rows], domains)
+  return RowsSource(source, rows)
+
+
+class RowsSource:
+  """``source[rows[i]]`` as example ``i`` (:func:`subset` of a source read on demand, such as an image folder)."""
+
+  def __init__(self, source: Source, rows: np.ndarray):
+    self.source, self.rows = source, np.asarray(rows, np.int64)
+    self.labels = _read_only(np.asarray(source.labels)[self.rows]) if hasattr(source, 'labels') else None
+    domains = getattr(source, 'domains', None)
+    self.domains = None if domains is None else _read_only(np.asarray(domains)[self.rows])
+    self.decoded_on_read = getattr(source, 'decoded_on_read', False)
+
+  def __len__(self) -> int:
+    return len(self.rows)
+
+  def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+    return self.source[int(self.rows[index])]
+
+
 class TfdsSource:
   """A `tfds.data_source` split, with each record dict mapped to an `(image, label)` pair."""
 
@@ -113,6 +140,9 @@ class ImageDataset:
     class_names: the label of class i is class_names[i], where the data names its classes (`imagefolder:`).
     domain_names: the domains of `imagefolder:DIR:domains` or the environments of `colored_mnist`/`rotated_mnist`
       (each example's is `source.domains[i]`), else ().
+    environment_splits: `(("env0_in", source), ("env0_out", source), ...)`, every environment's in- and out-split
+      of the whole dataset, held-out environments included, for per-environment evaluation (DomainBed's
+      `env{i}_in_acc`); set by `environments.training_view`, else ().
   """
 
   name: str
@@ -125,6 +155,7 @@ class ImageDataset:
   std: tuple[float, ...]
   class_names: tuple[str, ...] = ()
   domain_names: tuple[str, ...] = ()
+  environment_splits: tuple[tuple[str, Source], ...] = ()
 
 
 def load_dataset(spec: str, *, data_dir: str | None = None, skip_bad_images: bool = False) -> ImageDataset:

@@ -14,7 +14,8 @@ import ml_collections
 from overfocus_jax import config as config_lib
 from overfocus_jax import parallel, platform_tuning
 from overfocus_jax.challenge import Regularizer, build_regularizer
-from overfocus_jax.data import pipeline
+from overfocus_jax.challenge import invariance
+from overfocus_jax.data import balanced, pipeline
 from overfocus_jax.data.sources import ImageDataset, load_dataset
 from overfocus_jax.errors import UserError
 from overfocus_jax.models import Model, build_model
@@ -36,6 +37,8 @@ class Experiment:
   tx: Any
   state: state_lib.TrainState  # freshly initialised, replicated over the mesh
   regularizer: Regularizer
+  layout: balanced.Layout | None = None  # environment-balanced batches (data/balanced.py), else None
+  objective: invariance.Objective = invariance.ERM
 
 
 def build_experiment(config: ml_collections.ConfigDict, *, dataset: ImageDataset | None = None,
@@ -43,6 +46,7 @@ def build_experiment(config: ml_collections.ConfigDict, *, dataset: ImageDataset
   """Builds ``config``'s experiment; ``regularizer`` replaces the one the config names (e.g. your own)."""
   dataset = dataset or load_dataset(config.dataset, data_dir=config.data_dir or None,
                                     skip_bad_images=config.skip_bad_images)
+  dataset, layout = environment_training(config, dataset)
   mesh = mesh or parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
@@ -52,14 +56,41 @@ def build_experiment(config: ml_collections.ConfigDict, *, dataset: ImageDataset
   check_input_shape(model, dataset.image_shape)
   regularizer = regularizer or build_regularizer(config)
   check_regularizer_fits(model, regularizer, config.regularizer.name)
-  steps = pipeline.steps_per_epoch(dataset, config.batch_size)
+  steps = layout.steps_per_epoch if layout else pipeline.steps_per_epoch(dataset, config.batch_size)
+  objective = invariance.build_objective(config.objective.name, config.objective.get(config.objective.name),
+                                         len(layout.ids) if layout else 0, layout.ids if layout else None)
   schedule = state_lib.make_schedule(config, steps)
   tx = state_lib.make_optimizer(config, schedule)
   # Compiled: eager initialisation dispatches every op of every layer on its own (slow on accelerators).
   create = lambda: state_lib.create_train_state(model, tx, seed=config.seed, input_shape=dataset.image_shape,
                                                 regularizer=regularizer)
   state = jax.jit(create, out_shardings=parallel.replicated(mesh))()
-  return Experiment(config, dataset, model, mesh, steps, schedule, tx, state, regularizer)
+  return Experiment(config, dataset, model, mesh, steps, schedule, tx, state, regularizer, layout, objective)
+
+
+def environment_training(config: ml_collections.ConfigDict, dataset: ImageDataset):
+  """``(dataset, layout)``: for a dataset of environments, the view a run trains on (held-out ``test_envs``,
+  per-environment evaluation splits: :func:`balanced.training_view`) and, with ``environments.balanced``, the
+  balanced batch layout over the training environments; any other dataset as it is, and no layout.
+
+  Raises:
+    UserError: test environments or an environment objective for a dataset without environments, bad test
+      environments, or a batch that does not divide over the training environments.
+  """
+  envs = config.environments
+  if not balanced.has_environments(dataset):
+    balanced.check_environments(dataset, envs.test_envs, envs.train_envs)  # () passes; anything else is an error
+    if config.objective.name != "erm":
+      raise UserError(f"objective {config.objective.name!r} needs a dataset of environments, and "
+                      f"{dataset.name!r} has none", "use colored_mnist, rotated_mnist or imagefolder:DIR:domains, "
+                      "or --config.objective.name=erm")
+    return dataset, None
+  if not dataset.environment_splits:  # not already a training view
+    dataset = balanced.training_view(dataset, envs.test_envs, envs.train_envs)
+  if not envs.balanced:
+    return dataset, None
+  train_envs = balanced.training_environments(dataset, envs.test_envs, envs.train_envs)
+  return dataset, balanced.make_layout(dataset.train.domains, config.batch_size, train_envs, dataset.domain_names)
 
 
 def check_input_shape(model: Model, input_shape: tuple[int, ...]) -> None:
@@ -94,7 +125,7 @@ def _train_step(exp: Experiment, regularizer: Regularizer | None = None):
   local = exp.config.batch_norm == "local"
   step = make_train_step(exp.model, exp.tx, schedule=exp.schedule, regularizer=regularizer or exp.regularizer,
                          label_smoothing=exp.config.label_smoothing, steps_per_epoch=exp.steps_per_epoch,
-                         axis_name=parallel.DATA_AXIS if local else None)
+                         axis_name=parallel.DATA_AXIS if local else None, objective=exp.objective)
   return local_batch_norm_step(step, exp.mesh, parallel.DATA_AXIS) if local else step
 
 

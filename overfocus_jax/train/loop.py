@@ -118,6 +118,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       return _run_epochs(exp, state, stream, saver, workdir, progress, resume)
 
 
+def environment_evaluators(exp, *, resident: bool):
+  """``evaluate(state) -> {"env0_in_acc": ..., "env0_out_acc": ..., ...}``: the accuracy on every environment's in-
+  and out-split (held-out ones included), DomainBed's record of each evaluation; ``{}`` for a dataset without
+  environments."""
+  evaluators = [(name, make_evaluator(exp, source, resident=resident))
+                for name, source in exp.dataset.environment_splits]
+  return lambda state: {f"{name}_acc": evaluate(state)["accuracy"] for name, evaluate in evaluators}
+
+
 def check_resume_point(step: int, steps_per_epoch: int, progress_record: dict | None) -> preemption.EpochProgress:
   """Where the first epoch resumes: at an epoch end, or inside an epoch that the checkpoint's progress record
   describes (saved between epoch ends, :mod:`.preemption`). Another step means the epoch length changed."""
@@ -170,6 +179,7 @@ def _run_epochs(exp, state, stream, saver, workdir, progress, resume) -> dict:
   chunk_size = steps_per_dispatch(config, steps)
   train_chunks = compile_chunks(exp, state, stream, chunk_size, resume.steps)
   evaluate_test = make_evaluator(exp, exp.dataset.test, resident=stream.resident)
+  evaluate_environments = environment_evaluators(exp, resident=stream.resident)
   start_step = int(jax.device_get(state.step))
   start_epoch = start_step // steps
   saver.schedule.saved(start_step)
@@ -199,6 +209,7 @@ def _run_epochs(exp, state, stream, saver, workdir, progress, resume) -> dict:
       record["generalization_gap"] = record["train_accuracy"] - test["accuracy"]
       if record.get("train_regularized_share"):  # accuracy on the samples the regularizer changed, this epoch
         record["train_regularized_accuracy"] = record["train_regularized_hits"] / record["train_regularized_share"]
+      record.update(evaluate_environments(state))
       if probe is not None:
         record.update({k: float(v) for k, v in jax.device_get(probe(state, probe_batch)).items()})
       # Weights that became non-finite on the epoch's last step leave its train metrics finite; the test loss shows it.
@@ -215,7 +226,7 @@ def _run_epochs(exp, state, stream, saver, workdir, progress, resume) -> dict:
   if not record:  # nothing left to train: report the checkpoint as it is
     test = evaluate_test(state)
     record = {"epoch": start_epoch, "step": int(jax.device_get(state.step)), "test_loss": test["loss"],
-              "test_accuracy": test["accuracy"]}
+              "test_accuracy": test["accuracy"], **evaluate_environments(state)}
   summary = {
       "dataset": config.dataset, "model": config.model, "regularizer": config.regularizer.name,
       "epochs": record["epoch"], "steps": record["step"], "devices": exp.mesh.devices.size,
@@ -226,6 +237,9 @@ def _run_epochs(exp, state, stream, saver, workdir, progress, resume) -> dict:
       "images_per_s": trained_images / trained_time if trained_time else None,
       "wall_time_s": time.perf_counter() - run_start,
   }
+  if exp.dataset.environment_splits:  # DomainBed's per-environment accuracies, at the end of the run
+    summary["test_envs"] = list(config.environments.test_envs)
+    summary.update({k: v for k, v in record.items() if k.startswith("env") and k.endswith("_acc")})
   if parallel.is_primary():
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
   return summary

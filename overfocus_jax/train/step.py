@@ -4,7 +4,7 @@
     z                 = encode(x)                                      (online encoder, train mode)
     z̃, s', aux        = regularizer.apply(s, classify_fn, z, y, key, info)   (SGDrop/RSC masks; identity for NONE)
     logits            = classify(z̃)                                   (online head, train mode)
-    loss              = mean_i CE(logits_i, smooth(y_i))
+    loss              = objective(CE(logits_i, smooth(y_i)) for each i)     (the batch mean for ERM; IRM, V-REx)
 
 A regularizer is a :class:`overfocus_jax.challenge.Regularizer`, an ``init``/``apply`` pair of pure functions;
 its state ``s`` lives in ``TrainState.regularizer_state`` and is checkpointed with the rest. ``classify_fn(z) ->
@@ -12,7 +12,8 @@ logits`` closes over the current variables with the head in inference mode and s
 regularizer may call ``jax.grad``/``jax.vjp`` through the head alone to decide what to drop. ``info`` is a
 :class:`overfocus_jax.challenge.StepInfo`: step, epoch, the batch's images, the online variables and the model's
 inference-mode ``encode``/``classify`` at the regularizer's split point (``regularizer.split``: the feature map
-or the pooled vector, ``Model.split``).
+or the pooled vector, ``Model.split``). An objective (:mod:`overfocus_jax.challenge.invariance`) turns the per-example
+losses into the loss: their mean (ERM), or the risks of the batch's environments with IRM's or V-REx's penalty.
 """
 
 from typing import Callable
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from overfocus_jax.challenge import NONE, Regularizer, StepInfo
+from overfocus_jax.challenge.invariance import ERM, Objective, reset_optimizer_state
 from overfocus_jax.models import Model, merge_batch_stats
 from overfocus_jax.train.state import TrainState
 
@@ -49,7 +51,8 @@ def regularized_sample_metrics(z: jax.Array, regularized: jax.Array, logits: jax
 
 def make_train_step(model: Model, tx: optax.GradientTransformation, *, schedule: optax.Schedule | None = None,
                     regularizer: Regularizer = NONE, label_smoothing: float = 0.0, steps_per_epoch: int = 1,
-                    axis_name: str | None = None) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+                    axis_name: str | None = None,
+                    objective: Objective = ERM) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """Returns ``train_step(state, batch) -> (state, metrics)``, a pure function ready for ``jax.jit``.
 
   ``batch`` holds ``image`` (B, H, W, C) float and ``label`` (B,) int32. ``metrics`` are batch means.
@@ -58,7 +61,12 @@ def make_train_step(model: Model, tx: optax.GradientTransformation, *, schedule:
   ``axis_name``: the step runs per device under ``shard_map`` over that mesh axis (:func:`local_batch_norm_step`):
   forward, batch-norm statistics and regularizer on the device's own rows, then one all-reduce averages the
   gradients, the new running statistics and the metrics over the devices.
+
+  ``objective``: the loss over the batch's per-example losses (ERM: their mean); an environment objective reads the
+  batch as ``objective.environments`` equal blocks of rows, and may restart the optimizer's state at one step.
   """
+  if objective.environments and axis_name is not None:
+    raise ValueError(f"objective {objective.name!r} needs the whole batch; it cannot run per device")
   encode, classify = model.split(regularizer.split)
   infer_encode = lambda variables, x: encode(variables, x, train=False)[0]
   infer_classify = lambda variables, latent: classify(variables, latent, train=False)[0]
@@ -77,9 +85,11 @@ def make_train_step(model: Model, tx: optax.GradientTransformation, *, schedule:
       regularized, reg_state, reg_metrics = regularizer.apply(state.regularizer_state, classify_fn, z, labels,
                                                               step_key, info)
       logits, head_state = classify(variables, regularized, train=True)
-      loss = jnp.mean(cross_entropy(logits, labels, label_smoothing))
+      loss, objective_metrics = objective.loss(cross_entropy(logits, labels, label_smoothing), logits, labels,
+                                               state.step)
       if regularizer is not NONE:
         reg_metrics = {**reg_metrics, **regularized_sample_metrics(z, regularized, logits, labels)}
+      reg_metrics = {**reg_metrics, **objective_metrics}
       return loss, (logits, merge_batch_stats(state.batch_stats, encoder_state, head_state), reg_state,
                     reg_metrics)
 
@@ -91,7 +101,10 @@ def make_train_step(model: Model, tx: optax.GradientTransformation, *, schedule:
     metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels), **reg_metrics}
     if axis_name is not None:  # equal rows per device: the mean of the devices' means is the batch mean
       grads, batch_stats, reg_state, metrics = mean_over_devices((grads, batch_stats, reg_state, metrics), axis_name)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    opt_state = state.opt_state
+    if objective.reset_optimizer_at is not None:  # DomainBed restarts Adam where the penalty's weight jumps
+      opt_state = reset_optimizer_state(state.step, objective.reset_optimizer_at, tx.init(state.params), opt_state)
+    updates, opt_state = tx.update(grads, opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics["learning_rate"] = schedule(state.step) if schedule is not None else jnp.nan
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,

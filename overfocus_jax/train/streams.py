@@ -22,7 +22,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from overfocus_jax import parallel
-from overfocus_jax.data import on_device, pipeline
+from overfocus_jax.data import balanced, on_device, pipeline
 from overfocus_jax.errors import UserError
 from overfocus_jax.train.dispatch import Feed, device_feed, host_feed
 from overfocus_jax.train.experiment import Experiment
@@ -61,10 +61,12 @@ class DeviceStream:
     self.sharding = parallel.replicated(exp.mesh)
     self.split = on_device.put_split(exp.dataset.train, self.sharding)
     self.spec = on_device.stream_spec(exp.dataset, batch_size=config.batch_size, seed=config.seed,
-                                      augment=config.augment)
+                                      augment=config.augment, layout=exp.layout)
     self.feed: Feed = device_feed(self.spec)
-    shuffle_key, count = on_device.stream_keys(config.seed)[0], len(exp.dataset.train)
-    self._order = jax.jit(lambda epoch: on_device.epoch_order(shuffle_key, epoch, count), out_shardings=self.sharding)
+    shuffle_key, count, layout = on_device.stream_keys(config.seed)[0], len(exp.dataset.train), exp.layout
+    order = ((lambda epoch: balanced.device_epoch_order(layout, shuffle_key, epoch)) if layout is not None else
+             (lambda epoch: on_device.epoch_order(shuffle_key, epoch, count)))
+    self._order = jax.jit(order, out_shardings=self.sharding)
     self._epoch, self._epoch_order = None, None
 
   def restore(self, data_state: dict | None) -> None:
@@ -99,7 +101,7 @@ class HostStream:
     rows = parallel.process_rows(config.batch_size, exp.mesh)
     self.iterator = pipeline.make_train_iterator(dataset, batch_size=config.batch_size, seed=config.seed,
                                                  augment=config.augment, normalized=False, rows=rows,
-                                                 workers=config.data_workers)
+                                                 workers=config.data_workers, balanced=exp.layout)
     self.batch_size = config.batch_size
     self.local_batch_size = rows.stop - rows.start
     self.image_shape = tuple(dataset.image_shape)
