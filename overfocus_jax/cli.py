@@ -20,9 +20,9 @@ import os
 import sys
 
 from overfocus_jax.errors import SettingError, UserError
+from overfocus_jax.overrides import CONFIG_PREFIX, split_overrides
 from overfocus_jax.train.preemption import Stopped  # numpy only: the CLI still starts without importing JAX
 
-CONFIG_PREFIX = "--config."
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,23 +30,6 @@ class _Parser(argparse.ArgumentParser):
 
   def error(self, message):
     raise UserError(f"{self.prog}: {message}", f"see '{self.prog} --help'")
-
-
-def split_overrides(extra: list[str]) -> list[tuple[str, str]]:
-  """``--config.a.b=1`` or ``--config.a.b 1`` → ``[("a.b", "1")]``; anything else is an error."""
-  overrides, i = [], 0
-  while i < len(extra):
-    arg = extra[i]
-    if not arg.startswith(CONFIG_PREFIX):
-      raise UserError(f"unknown argument {arg!r}", "fields are set as --config.FIELD=VALUE; see 'overfocus --help'")
-    field, eq, value = arg[len(CONFIG_PREFIX):].partition("=")
-    if not eq:
-      if i + 1 >= len(extra):
-        raise UserError(f"{arg} has no value", f"write {arg}=VALUE")
-      value, i = extra[i + 1], i + 1
-    overrides.append((field, value))
-    i += 1
-  return overrides
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -74,9 +74,9 @@ from overfocus_jax.data.environments import KINDS as SMALL_IMAGE_KINDS
 from overfocus_jax.data.environments import seed_hash
 from overfocus_jax.dg.selection import record_problem
 from overfocus_jax.errors import SettingError, UserError
+from overfocus_jax.overrides import CONFIG_PREFIX, split_overrides
 
 PROG = "python -m overfocus_jax.dg.sweep"
-CONFIG_PREFIX = "--config."
 DEFAULT_CONFIG = "mnist_cnn.py"
 PACKAGE_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DONE_FILE, RESULTS_FILE = "done", "results.jsonl"
@@ -410,23 +410,6 @@ def default_config_path() -> pathlib.Path:
                   "pass --config FILE (e.g. experiments/configs/mnist_cnn.py of a checkout)")
 
 
-def split_overrides(extra: Sequence[str]) -> list[tuple[str, str]]:
-  """``--config.a.b=1`` or ``--config.a.b 1`` → ``[("a.b", "1")]``; anything else is an error."""
-  overrides, i = [], 0
-  while i < len(extra):
-    arg = extra[i]
-    if not arg.startswith(CONFIG_PREFIX):
-      raise UserError(f"unknown argument {arg!r}", f"fields are set as --config.FIELD=VALUE; see '{PROG} --help'")
-    field, eq, value = arg[len(CONFIG_PREFIX):].partition("=")
-    if not eq:
-      if i + 1 >= len(extra):
-        raise UserError(f"{arg} has no value", f"write {arg}=VALUE")
-      value, i = extra[i + 1], i + 1
-    overrides.append((field, value))
-    i += 1
-  return overrides
-
-
 def check_user_overrides(overrides: Sequence[tuple[str, str]], epochs: int | None) -> None:
   for field, _ in overrides:
     if field in RESERVED_FIELDS:
@@ -504,7 +487,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
   try:
     args, extra = _parser().parse_known_args(sys.argv[1:] if argv is None else argv)
-    user_overrides = split_overrides(extra)
+    user_overrides = split_overrides(extra, PROG)
     check_counts(args)
     check_user_overrides(user_overrides, args.epochs)
     config_path = pathlib.Path(args.config).expanduser().resolve() if args.config else default_config_path()
