@@ -22,6 +22,8 @@ from overfocus_jax.errors import UserError
 from overfocus_jax.models.attention import COMPATIBILITIES, NORMALISATIONS, first_empty_layer
 from overfocus_jax.models.focus import MAX_HARRIS_WINDOW
 from overfocus_jax.models.resnet import ACTIVATIONS, NORMS, STEM_POOLS
+from overfocus_jax.models.resnet_tv import STEMS as RESNET_TV_STEMS
+from overfocus_jax.models.weights import LAYOUTS
 from overfocus_jax.models.vgg import HEADS as VGG_HEADS
 from overfocus_jax.train.state import OPTIMIZERS, SCHEDULES
 
@@ -193,6 +195,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _validate_focus(config.focus, config.corner)
   _validate_regularizer(config.regularizer)
   _validate_environments(config)
+  _validate_resnet_tv(config.resnet_tv)
+  _validate_pretrained(config)
 
 
 def _validate_environments(config: ml_collections.ConfigDict) -> None:
@@ -236,6 +240,23 @@ def _validate_vgg(arch: ml_collections.ConfigDict) -> None:
   _require_choice(arch.head, VGG_HEADS, "vgg.head")
   _require_positive_int(arch.hidden, "vgg.hidden", 4096)
   _require_positive_int(arch.head_pool, "vgg.head_pool", 7)
+
+
+def _validate_resnet_tv(arch: ml_collections.ConfigDict) -> None:
+  _require_choice(arch.stem, RESNET_TV_STEMS, "resnet_tv.stem")
+  _require(isinstance(arch.zero_init_residual, bool),
+           f"config.resnet_tv.zero_init_residual={arch.zero_init_residual!r} must be true or false",
+           "set --config.resnet_tv.zero_init_residual=true or false")
+
+
+def _validate_pretrained(config: ml_collections.ConfigDict) -> None:
+  """The fields only; the file itself is read (and refused when it is a pickle, missing or does not fit) when a new
+  run starts (models/weights.py)."""
+  _require(isinstance(config.init_from, str), f"config.init_from={config.init_from!r} must be a path",
+           "set --config.init_from=PATH to a .safetensors file, or '' for none")
+  _require_choice(config.init_from_layout, LAYOUTS, "init_from_layout")
+  _require(isinstance(config.freeze_backbone, bool), f"config.freeze_backbone={config.freeze_backbone!r} must be "
+           "true or false", "set --config.freeze_backbone=true or false")
 
 
 def _validate_attention(arch: ml_collections.ConfigDict) -> None:

@@ -40,6 +40,18 @@ def get_config() -> ml_collections.ConfigDict:
       hidden=4096,      # the classic head's two hidden layers
       head_pool=7,      # the classic head's adaptive average pool: head_pool × head_pool bins (torchvision: 7)
   ))
+  # resnet18_tv | resnet50_tv (models/resnet_tv.py): torchvision's resnet18/resnet50 (post-activation, v1.5),
+  # z = layer4's map; its layer names, so torchvision's weights load (init_from below).
+  config.resnet_tv = ml_collections.ConfigDict(dict(
+      stem="cifar",              # cifar: conv3×3/1, no pool (28×28 → z 4×4) | imagenet: conv7×7/2 + max-pool 3×3/2
+                                 # (torchvision's, for 224×224 images and its weights; 28×28 → z 1×1)
+      zero_init_residual=False,  # each block's last BN scale starts at 0 (torchvision's option, off by default)
+  ))
+  # Pretrained weights (models/weights.py): a .safetensors state dict, mapped onto the model when a run starts (a
+  # resumed run restores its checkpoint instead); pickles (.pth) are never read. The head is re-initialised when the
+  # class count differs.
+  config.init_from = ""                    # a .safetensors file ("" = none)
+  config.init_from_layout = "torchvision"  # torchvision | timm: whose tensor names the file has
   # Learn to Pay Attention (models/attention.py): conv3×3-BN-ReLU layers numbered from 1, a 2×2 max-pool after
   # the layers in pool_after, attention on the listed layers' maps against a global feature of width
   # global_features; z = the first attention layer's map.
@@ -126,6 +138,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.step_decay_epochs = (30, 60)  # for schedule=step
   config.step_decay_factor = 0.1
   config.label_smoothing = 0.0
+  config.freeze_backbone = False  # train the head only: the encoder's updates are zero (its BN statistics still move)
 
   # Where the data lives and how often the host talks to the devices (overfocus_jax/train/streams.py, dispatch.py).
   config.data_on_device = "auto"    # auto: on for an accelerator the data fits, off on CPUs | on | off (grain)

@@ -17,6 +17,9 @@ Models that look at parts of the image say where, in inference mode, or return N
     maps = model.attention_maps(variables, x)   # attention: a tuple of (B, h, w) maps
     points = model.keypoints(variables, x)      # focus, corner: (B, K, 2) = (x, y) in [-1, 1], x the column
 
+Pretrained weights (``config.init_from``): :mod:`overfocus_jax.models.weights` maps a ``.safetensors`` state dict
+onto a model through its module's ``from_<layout>`` function (e.g. ``resnet_tv.from_torchvision``).
+
 :func:`build_model` builds the model ``config.model`` names (:data:`MODELS`: the names, declared once here) with
 the convolution module and dtype it is given: ``conv`` is a flax ``ModuleDef`` (``nn.Conv`` or a partial of it,
 see :mod:`overfocus_jax.platform_tuning`), ``config.dtype`` (:data:`DTYPES`) the dtype of activations and
@@ -24,6 +27,7 @@ convolutions; parameters are float32 either way.
 """
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -31,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from overfocus_jax.models import attention, focus, mnist_cnn, resnet, vgg
+from overfocus_jax.models import attention, focus, mnist_cnn, resnet, resnet_tv, vgg
 
 Variables = dict[str, Any]
 
@@ -134,6 +138,11 @@ def _vgg16(config, **common) -> nn.Module:
                  head_kind=arch.head, hidden=arch.hidden, head_pool=arch.head_pool, **common)
 
 
+def _resnet_tv(factory, config, **common) -> nn.Module:
+  arch = config.resnet_tv
+  return factory(stem=arch.stem, zero_init_residual=arch.zero_init_residual, **common)
+
+
 def _mnist_cnn(config, **common) -> nn.Module:
   del config  # DomainBed's fixed architecture: no options
   return mnist_cnn.MNISTCNN(**common)
@@ -168,6 +177,8 @@ def _corner(config, **common) -> nn.Module:
 BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "resnet": _resnet, "resnet18": _resnet18, "attention": _attention, "focus": _focus, "corner": _corner,
     "vgg16": _vgg16, "mnist_cnn": _mnist_cnn,
+    "resnet18_tv": functools.partial(_resnet_tv, resnet_tv.ResNet18TV),
+    "resnet50_tv": functools.partial(_resnet_tv, resnet_tv.ResNet50TV),
 }
 MODELS = tuple(BUILDERS)
 

@@ -116,6 +116,17 @@ class Checkpointer:
     self.manager.close()
 
 
+def has_checkpoint(workdir: str | pathlib.Path) -> bool:
+  """Whether ``workdir`` holds a complete checkpoint; creates nothing."""
+  if not (pathlib.Path(workdir).resolve() / "checkpoints").is_dir():
+    return False
+  checkpointer = Checkpointer(workdir, read_only=True)
+  try:
+    return checkpointer.latest_step() is not None
+  finally:
+    checkpointer.close()
+
+
 def _shapes(tree: Any) -> dict[str, tuple]:
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   # simple keys: a saved dataclass comes back as a dict, so ".params" and "['params']" must compare equal

@@ -18,7 +18,7 @@ from overfocus_jax.challenge import invariance
 from overfocus_jax.data import balanced, pipeline
 from overfocus_jax.data.sources import ImageDataset, load_dataset
 from overfocus_jax.errors import UserError
-from overfocus_jax.models import Model, build_model
+from overfocus_jax.models import Model, build_model, weights
 from overfocus_jax.train import state as state_lib
 from overfocus_jax.train.dispatch import Feed, make_train_chunk
 from overfocus_jax.train.step import local_batch_norm_step, make_eval_step, make_train_step
@@ -42,8 +42,13 @@ class Experiment:
 
 
 def build_experiment(config: ml_collections.ConfigDict, *, dataset: ImageDataset | None = None,
-                     mesh: jax.sharding.Mesh | None = None, regularizer: Regularizer | None = None) -> Experiment:
-  """Builds ``config``'s experiment; ``regularizer`` replaces the one the config names (e.g. your own)."""
+                     mesh: jax.sharding.Mesh | None = None, regularizer: Regularizer | None = None,
+                     pretrained: bool = False) -> Experiment:
+  """Builds ``config``'s experiment; ``regularizer`` replaces the one the config names (e.g. your own).
+
+  ``pretrained``: the state starts from ``config.init_from``'s weights, when it names a file (a new run; a resumed
+  run or a finished one restores its checkpoint instead, and so never reads the file).
+  """
   dataset = dataset or load_dataset(config.dataset, data_dir=config.data_dir or None,
                                     skip_bad_images=config.skip_bad_images)
   dataset, layout = environment_training(config, dataset)
@@ -61,11 +66,28 @@ def build_experiment(config: ml_collections.ConfigDict, *, dataset: ImageDataset
                                          len(layout.ids) if layout else 0, layout.ids if layout else None)
   schedule = state_lib.make_schedule(config, steps)
   tx = state_lib.make_optimizer(config, schedule)
+  variables = pretrained_variables(config, model, dataset.image_shape) if pretrained else None
   # Compiled: eager initialisation dispatches every op of every layer on its own (slow on accelerators).
-  create = lambda: state_lib.create_train_state(model, tx, seed=config.seed, input_shape=dataset.image_shape,
-                                                regularizer=regularizer)
-  state = jax.jit(create, out_shardings=parallel.replicated(mesh))()
+  create = lambda variables: state_lib.create_train_state(model, tx, seed=config.seed, input_shape=dataset.image_shape,
+                                                          regularizer=regularizer, variables=variables)
+  state = jax.jit(create, out_shardings=parallel.replicated(mesh))(
+      None if variables is None else parallel.replicate(variables, mesh))
   return Experiment(config, dataset, model, mesh, steps, schedule, tx, state, regularizer, layout, objective)
+
+
+def pretrained_variables(config: ml_collections.ConfigDict, model: Model, image_shape: tuple[int, ...]):
+  """``config.init_from``'s weights on the model's fresh variables (host arrays), or None when it is empty.
+
+  Raises:
+    UserError: a layout the model has no mapping for, a pickle, a missing or unreadable file (these before the model
+      is initialised), or a tensor that does not fit (models/weights.py).
+  """
+  if not config.init_from:
+    return None
+  weights.converter(model, config.init_from_layout)  # a layout without a mapping fails before the file is read,
+  state = weights.read_safetensors(config.init_from)  # and a bad file before the model is initialised
+  fresh = jax.jit(lambda: state_lib.initial_variables(model, config.seed, image_shape))()
+  return weights.map_state(model, state, jax.device_get(fresh), config.init_from_layout, config.init_from)
 
 
 def environment_training(config: ml_collections.ConfigDict, dataset: ImageDataset):

@@ -99,7 +99,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   """
   config_lib.validate(config)
   workdir = prepare_workdir(workdir)
-  exp = build_experiment(config, regularizer=regularizer)
+  # Pretrained weights start a new run only: a resumed one restores its checkpoint (and never reads the file).
+  pretrained = bool(config.init_from) and not checkpoint_lib.has_checkpoint(workdir)
+  exp = build_experiment(config, regularizer=regularizer, pretrained=pretrained)
   checkpointer = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
   with contextlib.ExitStack() as closing:
     # On the way out, in this order: the data stream's workers stop, then any asynchronous save in flight is

@@ -48,22 +48,40 @@ def make_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> op
 
 
 def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
-  """SGD with momentum and coupled weight decay (as torch.optim.SGD), Adam (L2 in the gradient) or AdamW."""
+  """SGD with momentum and coupled weight decay (as torch.optim.SGD), Adam (L2 in the gradient) or AdamW; with
+  ``config.freeze_backbone``, for the head only (:func:`head_only`)."""
   if config.optimizer == "sgd":
-    return optax.chain(optax.add_decayed_weights(config.weight_decay),
-                       optax.sgd(schedule, momentum=config.momentum or None))
-  if config.optimizer == "adam":
-    return optax.chain(optax.add_decayed_weights(config.weight_decay), optax.adam(schedule))
-  if config.optimizer == "adamw":
-    return optax.adamw(schedule, weight_decay=config.weight_decay)
-  raise ValueError(f"unknown optimizer {config.optimizer=}")
+    tx = optax.chain(optax.add_decayed_weights(config.weight_decay),
+                     optax.sgd(schedule, momentum=config.momentum or None))
+  elif config.optimizer == "adam":
+    tx = optax.chain(optax.add_decayed_weights(config.weight_decay), optax.adam(schedule))
+  elif config.optimizer == "adamw":
+    tx = optax.adamw(schedule, weight_decay=config.weight_decay)
+  else:
+    raise ValueError(f"unknown optimizer {config.optimizer=}")
+  return head_only(tx) if config.freeze_backbone else tx
+
+
+def head_only(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """``tx`` on the ``head`` parameters; the ``encoder``'s updates are zero (no weight decay either, no optimizer
+  state kept for it). Its batch-norm statistics still follow the data in training, as a PyTorch backbone with
+  ``requires_grad=False`` in train mode."""
+  return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()},
+                               lambda params: {part: "freeze" if part == "encoder" else "train" for part in params})
+
+
+def initial_variables(model: Model, seed: int, input_shape: tuple[int, ...]) -> dict:
+  """The model's fresh variables for ``seed``, as :func:`create_train_state` draws them."""
+  init_key, _ = jax.random.split(jax.random.PRNGKey(seed))
+  return model.init(init_key, input_shape)
 
 
 def create_train_state(model: Model, tx: optax.GradientTransformation, *, seed: int, input_shape: tuple[int, ...],
-                       regularizer: Regularizer = NONE) -> TrainState:
-  """Fresh variables from ``seed``, the optimizer's and the regularizer's initial states, step 0."""
-  init_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
-  variables = model.init(init_key, input_shape)
+                       regularizer: Regularizer = NONE, variables: dict | None = None) -> TrainState:
+  """Fresh variables from ``seed`` (or ``variables``: e.g. pretrained ones), the optimizer's and the regularizer's
+  initial states, step 0."""
+  _, train_key = jax.random.split(jax.random.PRNGKey(seed))
+  variables = initial_variables(model, seed, input_shape) if variables is None else variables
   params = variables["params"]
   batch_stats = variables.get("batch_stats", {})
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,

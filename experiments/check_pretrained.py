@@ -1,0 +1,159 @@
+r"""Our resnet18_tv / resnet50_tv against torchvision's (and timm's) resnet18 / resnet50: the same weights through a
+.safetensors file, the same logits.
+
+    pip install torch==2.13.0 torchvision==0.28.0 --index-url https://download.pytorch.org/whl/cpu  # not a dependency
+    python experiments/check_pretrained.py               # 224×224×3, batch 2, 1,000 classes, float32, CPU; timm too if
+                                                         # it is installed (--libraries torchvision timm)
+
+For each model and library it builds the library's network with random weights (no pretrained ones offline), puts its
+batch norms away from the identity (random weight and bias; running mean and variance measured on random images, so
+that a mix-up of any of them shows and the logits have a trained network's scale), saves ``state_dict()`` with
+``safetensors.torch.save_file``, loads that file into ours (``models/weights.py``: ``--config.init_from_layout`` =
+the library, the ImageNet stem) and compares eval-mode logits on the same random input (NCHW for torch, NHWC for us):
+the largest absolute difference must be at most 1e-4. It also checks the parameter counts, and that the one-line
+conversion of a pickled ``.pth`` (``weights.CONVERSION``, run in a subprocess) gives a file that loads.
+
+Result (torch 2.13.0+cpu, torchvision 0.28.0, timm 1.0.31, jax 0.10.2, a shared 2-core CPU, float32; 2 min):
+
+    model        library      params (peer)  params (ours)  input        max |logit|  max |Δ logit|
+    resnet18_tv  torchvision     11,689,512     11,689,512  2×224×224×3        1.645       2.10e-06
+    resnet18_tv  timm            11,689,512     11,689,512  2×224×224×3        1.645       2.10e-06
+    resnet50_tv  torchvision     25,557,032     25,557,032  2×224×224×3        1.952       2.67e-05
+    resnet50_tv  timm            25,557,032     25,557,032  2×224×224×3        1.952       2.67e-05
+    conversion line (.pth → .safetensors → resnet18_tv): max |Δ logit| 3.59e-06
+
+(timm's plain resnet18/resnet50 have torchvision's tensor names and, from the same seed, its weights. The torchvision
+wheel at hand offline was a CUDA build whose C ops do not load with CPU torch: its pure-Python models were imported
+without them.)
+"""
+
+import argparse
+import importlib.util
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+import jax
+import numpy as np
+
+from overfocus_jax import config as config_lib
+from overfocus_jax.models import build_model, parameter_count, weights
+
+TOLERANCE = 1e-4
+PEERS = {"resnet18_tv": "resnet18", "resnet50_tv": "resnet50"}  # the same name in torchvision and timm
+LIBRARIES = ("torchvision", "timm")
+
+
+def peer_net(name: str, library: str, num_classes: int, seed: int, size: int = 224):
+  """``library``'s network for our ``name``, eval mode: random weights, each batch norm's weight and bias random and
+  its running statistics measured on random ``size``×``size`` images (so the logits have a trained network's scale,
+  not the blow-up of random statistics)."""
+  import torch
+  torch.manual_seed(seed)
+  if library == "timm":
+    import timm
+    net = timm.create_model(PEERS[name], pretrained=False, num_classes=num_classes)
+  else:
+    from torchvision import models
+    net = getattr(models, PEERS[name])(weights=None, num_classes=num_classes)
+  with torch.no_grad():
+    for norm in (module for module in net.modules() if isinstance(module, torch.nn.BatchNorm2d)):
+      norm.weight.uniform_(0.5, 1.5)
+      norm.bias.normal_(0.0, 0.1)
+      norm.reset_running_stats()
+      norm.momentum = None  # a cumulative average over the calibration batches
+    net.train()
+    for _ in range(2):
+      net(torch.randn(4, 3, size, size))
+  return net.eval()
+
+
+def load_ours(name: str, path: pathlib.Path, layout: str, num_classes: int, input_shape: tuple[int, ...]):
+  """``(model, variables)``: our model (ImageNet stem) with ``path``'s weights in ``layout``."""
+  model = build_model(config_lib.build_config(None, [("model", name), ("resnet_tv.stem", "imagenet")]), num_classes)
+  # Shapes are all the mapping needs when every tensor comes from the file (the head too): nothing to initialise.
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), input_shape))
+  return model, weights.load_pretrained(model, jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes), path, layout)
+
+
+def max_difference(net, model, variables, x: np.ndarray) -> tuple[float, float]:
+  """``(max |logit| of the peer, max |Δ logit|)`` on NHWC images ``x``."""
+  import torch
+  with torch.no_grad():
+    expected = net(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+  logits = np.asarray(jax.jit(lambda v, x: model.apply(v, x)[0])(variables, x))
+  return float(np.abs(expected).max()), float(np.abs(logits - expected).max())
+
+
+def compare(name: str, directory: pathlib.Path, *, library: str = "torchvision", size: int = 224, batch: int = 2,
+            num_classes: int = 1000, seed: int = 0) -> dict:
+  """Saves ``library``'s ``name`` to ``directory``, loads it into ours, and compares the logits."""
+  from safetensors.torch import save_file
+  net = peer_net(name, library, num_classes, seed, size)
+  path = directory / f"{library}_{PEERS[name]}.safetensors"
+  save_file(net.state_dict(), str(path))
+  model, variables = load_ours(name, path, library, num_classes, (size, size, 3))
+  x = np.random.default_rng(seed).normal(size=(batch, size, size, 3)).astype(np.float32)
+  largest, difference = max_difference(net, model, variables, x)
+  return {"model": name, "library": library, "peer_params": sum(p.numel() for p in net.parameters()),
+          "params": parameter_count(variables["params"]), "input": f"{batch}×{size}×{size}×3",
+          "max_abs_logit": largest, "max_abs_diff": difference}
+
+
+def check_conversion(directory: pathlib.Path, *, size: int = 64, seed: int = 1) -> float:
+  """``torch.save`` torchvision's resnet18 state dict as ``.pth``, convert it with :data:`weights.CONVERSION`, load
+  the ``.safetensors`` file: the logits' largest difference."""
+  import torch
+  net = peer_net("resnet18_tv", "torchvision", 10, seed, size)
+  torch.save(net.state_dict(), directory / "converted.pth")
+  command = weights.CONVERSION.replace("W.", "converted.").removeprefix('python -c "').removesuffix('"')
+  subprocess.run([sys.executable, "-c", command], cwd=directory, check=True)
+  model, variables = load_ours("resnet18_tv", directory / "converted.safetensors", "torchvision", 10,
+                               (size, size, 3))
+  x = np.random.default_rng(seed).normal(size=(2, size, size, 3)).astype(np.float32)
+  return max_difference(net, model, variables, x)[1]
+
+
+def available(library: str) -> bool:
+  try:
+    if library == "timm":
+      return importlib.util.find_spec("timm") is not None and available("torchvision")
+    from torchvision import models  # noqa: F401
+    return True
+  except ImportError:
+    return False
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--models", nargs="+", default=list(PEERS), choices=tuple(PEERS))
+  parser.add_argument("--libraries", nargs="+", default=list(LIBRARIES), choices=LIBRARIES)
+  parser.add_argument("--size", type=int, default=224)
+  parser.add_argument("--batch", type=int, default=2)
+  args = parser.parse_args(argv)
+  if not available("torchvision"):
+    print("check_pretrained: needs torch and torchvision (see the docstring); nothing checked", file=sys.stderr)
+    return 2
+  libraries = [library for library in args.libraries if available(library)]
+  failures = 0
+  print(f"{'model':12} {'library':11} {'params (peer)':>14} {'params (ours)':>14}  {'input':12} {'max |logit|':>11}  "
+        f"{'max |Δ logit|':>13}")
+  with tempfile.TemporaryDirectory() as tmp:
+    for name in args.models:
+      for library in libraries:
+        row = compare(name, pathlib.Path(tmp), library=library, size=args.size, batch=args.batch)
+        print(f"{row['model']:12} {library:11} {row['peer_params']:>14,} {row['params']:>14,}  {row['input']:12} "
+              f"{row['max_abs_logit']:>11.3f}  {row['max_abs_diff']:>13.2e}", flush=True)
+        failures += row["max_abs_diff"] > TOLERANCE or row["params"] != row["peer_params"]
+    converted = check_conversion(pathlib.Path(tmp))
+    print(f"conversion line (.pth → .safetensors → resnet18_tv): max |Δ logit| {converted:.2e}")
+    failures += converted > TOLERANCE
+  skipped = sorted(set(args.libraries) - set(libraries))
+  print(("OK" if not failures else f"FAILED: {failures} check(s) above the tolerance {TOLERANCE:g}")
+        + (f" ({', '.join(skipped)} not installed: not checked)" if skipped else ""))
+  return 1 if failures else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
