@@ -19,6 +19,7 @@ from overfocus_jax.challenge.attribution import TARGETS
 from overfocus_jax.challenge.sgdrop import GRANULARITIES, RULES
 from overfocus_jax.data import on_device
 from overfocus_jax.errors import UserError
+from overfocus_jax.models import convnext
 from overfocus_jax.models.attention import COMPATIBILITIES, NORMALISATIONS, first_empty_layer
 from overfocus_jax.models.focus import MAX_HARRIS_WINDOW
 from overfocus_jax.models.resnet import ACTIVATIONS, NORMS, STEM_POOLS
@@ -191,6 +192,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require_choice(arch.activation, tuple(ACTIVATIONS), "resnet.activation")
   _require_choice(arch.norm, NORMS, "resnet.norm")
   _validate_vgg(config.vgg)
+  _validate_convnext(config.convnext)
   _validate_attention(config.attention)
   _validate_focus(config.focus, config.corner)
   _validate_regularizer(config.regularizer)
@@ -240,6 +242,22 @@ def _validate_vgg(arch: ml_collections.ConfigDict) -> None:
   _require_choice(arch.head, VGG_HEADS, "vgg.head")
   _require_positive_int(arch.hidden, "vgg.hidden", 4096)
   _require_positive_int(arch.head_pool, "vgg.head_pool", 7)
+
+
+def _validate_convnext(arch: ml_collections.ConfigDict) -> None:
+  _require_choice(arch.size, tuple(convnext.SIZES), "convnext.size")
+  _require_choice(arch.stem, tuple(convnext.STEMS), "convnext.stem")
+  _require(isinstance(arch.width, (int, float)) and math.isfinite(arch.width) and arch.width > 0,
+           f"config.convnext.width={arch.width!r} must be a positive number (it multiplies every stage's width)",
+           "set --config.convnext.width, e.g. 1 (timm's widths) or 0.5")
+  _require(isinstance(arch.drop_path_rate, (int, float)) and 0 <= arch.drop_path_rate < 1,
+           f"config.convnext.drop_path_rate={arch.drop_path_rate!r} must be in [0, 1)",
+           "set --config.convnext.drop_path_rate, e.g. 0 or 0.1")
+  for field in ("layer_scale_init", "head_init_scale"):
+    value = arch[field]
+    _require(isinstance(value, (int, float)) and math.isfinite(value) and value > 0,
+             f"config.convnext.{field}={value!r} must be a positive number", f"set --config.convnext.{field}, e.g. "
+             f"{1e-6 if field == 'layer_scale_init' else 1.0}")
 
 
 def _validate_resnet_tv(arch: ml_collections.ConfigDict) -> None:

@@ -1,8 +1,9 @@
 r"""Platform tuning: what makes the train step faster on one platform without changing its maths — one module,
 one switch (``config.platform_tuning``: ``auto`` | ``off``).
 
-``auto`` applies, on a one-device CPU mesh only, two measured changes (BENCHMARKS.md); ``off`` (and every other
-mesh: GPUs, TPUs, several devices) compiles plain XLA. Both keep the results equal to float rounding.
+``auto`` applies, on a one-device CPU mesh only, three measured changes (BENCHMARKS.md; the third, for ConvNeXt, is
+measured below); ``off`` (and every other mesh: GPUs, TPUs, several devices) compiles plain XLA. Both keep the
+results equal to float rounding.
 
 1. **Compiler option.** jaxlib 0.10's CPU backend sends convolutions to YNNPACK, which runs them on one core;
    Eigen's convolutions use every core and made the whole train step 1.8× faster on 2 cores
@@ -26,6 +27,23 @@ mesh: GPUs, TPUs, several devices) compiles plain XLA. Both keep the results equ
    hands the models an ``nn.Conv`` that uses it. It is a custom VJP: reverse-mode autodiff only (``grad``,
    ``vjp``), no forward mode (``jvp``, ``jacfwd``) through a model built with it. On a GPU the weight gradient is
    one cuDNN call, and slices would only add launches.
+
+3. **Depthwise convolutions as shifted sums** (ConvNeXt's 7×7, one group per channel). XLA:CPU runs a
+   convolution with ``feature_group_count = C`` slowly: on a (128, 14, 14, 40) map with a 7×7 kernel, 104 ms
+   forward and 300–880 ms forward and backward. Written out, the same sums are elementwise work that XLA fuses:
+
+       y[b, h, w, c]  = Σ_{i,j} x_pad[b, h + i, w + j, c] · K[i, j, c]                       (5 ms)
+       ∂L/∂x          = the same sum over g padded by (k − 1 − low, k − 1 − high), K flipped   (4 ms)
+       ∂L/∂K[i, j, c] = Σ_{b,h,w} x_pad[b, h + i, w + j, c] · g[b, h, w, c]                  (30 ms: one reduction
+                                                                                              per offset, channels
+                                                                                              major)
+
+   each accumulated in float32. :func:`shifted_depthwise_conv_general_dilated` takes that path for stride-1 NHWC
+   depthwise convolutions and is ``lax.conv_general_dilated`` otherwise. ConvNeXt-atto's train step (small stem,
+   batch 128 of 28×28, ``overfocus bench --config experiments/configs/convnext.py``): 1.26 s with ``auto``, 3.23 s
+   with ``off`` and 3.7 s with point 1 alone (Eigen's grouped convolutions are slower still than YNNPACK's), the
+   same loss to 4 decimals; compilation 20 s instead of 12 s (2 cores shared with other jobs, load ≈ 4: the ratios
+   hold, not the times). A custom VJP too: reverse mode only.
 """
 
 import functools
@@ -72,12 +90,15 @@ def jit(fun, mesh, mode: str, **jit_kwargs):
 # channels on a 14×14 map) but its step ran 14% slower sliced (``overfocus bench --config
 # experiments/configs/focus.py --config.platform_tuning=auto|off``); attention gained nothing.
 SLICED_MODELS = ("resnet", "resnet18")
+DEPTHWISE_MODELS = ("convnext",)  # the models with depthwise convolutions (point 3)
 
 
 def conv_module(mesh, mode: str, model: str = "resnet"):
   """The ``nn.Conv`` that model ``model`` builds its convolutions from on this mesh (a flax ``ModuleDef``)."""
   if applies(mesh, mode) and model in SLICED_MODELS:
     return functools.partial(nn.Conv, conv_general_dilated=sliced_conv_general_dilated)
+  if applies(mesh, mode) and model in DEPTHWISE_MODELS:
+    return functools.partial(nn.Conv, conv_general_dilated=shifted_depthwise_conv_general_dilated)
   return nn.Conv
 
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -186,3 +207,74 @@ def sliced_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=
                                     preferred_element_type, out_sharding=out_sharding)
   strides = tuple(int(s) for s in window_strides)
   return _sliced_conv(lhs, rhs, strides, explicit_pads(lhs, rhs, strides, padding), slices)
+
+
+# ----------------------------------------------------------------------------- depthwise convolutions (point 3)
+
+
+def _shifted_sum(x_pad, kernel, out_hw):
+  """Σ_ij x_pad[:, i:i+H, j:j+W, :] · kernel[i, j, 0, :] over the (kh, kw, 1, C) kernel, accumulated in float32."""
+  height, width = out_hw
+  acc = jnp.zeros((x_pad.shape[0], height, width, x_pad.shape[3]), jnp.promote_types(x_pad.dtype, jnp.float32))
+  for i in range(kernel.shape[0]):
+    for j in range(kernel.shape[1]):
+      acc = acc + (x_pad[:, i:i + height, j:j + width, :] * kernel[i, j, 0]).astype(acc.dtype)
+  return acc
+
+
+def _pad_hw(x, pads):
+  return jnp.pad(x, ((0, 0), *pads, (0, 0)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _depthwise(x, kernel, pads):
+  out_hw = tuple(side + lo + hi - k + 1 for side, (lo, hi), k in zip(x.shape[1:3], pads, kernel.shape[:2]))
+  return _shifted_sum(_pad_hw(x, pads), kernel, out_hw).astype(x.dtype)
+
+
+def _depthwise_fwd(x, kernel, pads):
+  return _depthwise(x, kernel, pads), (x, kernel)
+
+
+def _depthwise_bwd(pads, residuals, g):
+  x, kernel = residuals
+  kh, kw = kernel.shape[:2]
+  back = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip((kh, kw), pads))
+  dx = _shifted_sum(_pad_hw(g, back), kernel[::-1, ::-1], x.shape[1:3]).astype(x.dtype)
+  # Channels major, so that each offset's sum over (batch, rows, columns) reduces minor axes (6× faster on XLA:CPU
+  # than over the major ones); one loop step per offset keeps the compiled program small.
+  x_t, g_t = jnp.transpose(_pad_hw(x, pads), (3, 0, 1, 2)), jnp.transpose(g, (3, 0, 1, 2))
+  acc = jnp.promote_types(x.dtype, jnp.float32)
+
+  def offset(t, dk):
+    window = lax.dynamic_slice(x_t, (0, 0, t // kw, t % kw), (*x_t.shape[:2], *g.shape[1:3]))
+    return dk.at[t].set(jnp.sum((window * g_t).astype(acc), axis=(1, 2, 3)))
+
+  dk = lax.fori_loop(0, kh * kw, offset, jnp.zeros((kh * kw, x.shape[3]), acc))
+  return dx, dk.reshape(kh, kw, 1, -1).astype(kernel.dtype)
+
+
+_depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
+def is_depthwise_nhwc(lhs, rhs, window_strides, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
+                      batch_group_count) -> bool:
+  """Whether a ``conv_general_dilated`` call is a stride-1, undilated 2-D NHWC/HWIO convolution with one group per
+  input channel and one output channel per group (a (kh, kw, 1, C) kernel)."""
+  layout = is_plain_nhwc(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, 1, batch_group_count)
+  return (layout and feature_group_count == lhs.shape[3] == rhs.shape[3] and rhs.shape[2] == 1
+          and all(int(s) == 1 for s in window_strides))
+
+
+def shifted_depthwise_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                                           dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+                                           precision=None, preferred_element_type=None, out_sharding=None):
+  """``lax.conv_general_dilated`` (flax's ``nn.Conv(conv_general_dilated=...)`` hook) with depthwise convolutions
+  (:func:`is_depthwise_nhwc`) as shifted sums (point 3 of the module docstring); any other call unchanged."""
+  if not (is_depthwise_nhwc(lhs, rhs, window_strides, lhs_dilation, rhs_dilation, dimension_numbers,
+                            feature_group_count, batch_group_count)
+          and precision is None and preferred_element_type is None and out_sharding is None):
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                    dimension_numbers, feature_group_count, batch_group_count, precision,
+                                    preferred_element_type, out_sharding=out_sharding)
+  return _depthwise(lhs, rhs, explicit_pads(lhs, rhs, (1, 1), padding))

@@ -18,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.augment = True  # random crop with padding; horizontal flip only for natural images
 
   # Model: resnet (the seeds' pre-activation residual CNN) | resnet18 | attention | focus | corner | vgg16 |
-  # mnist_cnn (DomainBed's MNIST_CNN, models/mnist_cnn.py: no options).
+  # mnist_cnn (DomainBed's MNIST_CNN, models/mnist_cnn.py: no options) | convnext.
   config.model = "resnet"
   config.resnet = ml_collections.ConfigDict(dict(
       stem_features=16,
@@ -39,6 +39,17 @@ def get_config() -> ml_collections.ConfigDict:
       head="gap",       # gap: global average pool → dense | classic: adaptive pool → 4096-4096 MLP → dense (paper)
       hidden=4096,      # the classic head's two hidden layers
       head_pool=7,      # the classic head's adaptive average pool: head_pool × head_pool bins (torchvision: 7)
+  ))
+  # ConvNeXt (models/convnext.py): timm's convnext_<size>; dwconv7×7 → LayerNorm → MLP 4× → layer scale blocks,
+  # z = the last stage's map. The ImageNet stem (4×4, stride 4) is timm's; 28×28 images want the small one.
+  config.convnext = ml_collections.ConfigDict(dict(
+      size="atto",             # atto | femto | pico | nano | tiny
+      stem="imagenet",         # imagenet: 4×4 stride 4 (28 → 7 → 4 → 2 → 1) | small: 2×2 stride 2 (28 → … → 2) |
+                               # pixel: 1×1 (28 → … → 4)
+      width=1.0,               # multiplies every stage's width (not timm's model unless 1)
+      drop_path_rate=0.0,      # stochastic depth at the last block, linear from 0 (training only)
+      layer_scale_init=1e-6,   # γ's initial value
+      head_init_scale=1.0,     # the classifier's initial kernel times this (timm's head_init_scale)
   ))
   # resnet18_tv | resnet50_tv (models/resnet_tv.py): torchvision's resnet18/resnet50 (post-activation, v1.5),
   # z = layer4's map; its layer names, so torchvision's weights load (init_from below).

@@ -7,6 +7,10 @@
 
 ``model.split("pooled")`` gives the same pair one step later, at the pooled feature vector (B, C).
 
+In training, ``rng`` (an optional PRNG key: ``model.apply(variables, x, train=True, rng=key)``, the same for
+``encode``, ``classify`` and the pooled split) is the module's ``dropout`` stream, for models with random layers in
+training (ConvNeXt's drop path); the train step passes one derived from its own key every step. Inference needs none.
+
 ``state`` holds the updated batch-norm statistics of the part that ran — the ``encoder`` sub-tree for ``encode``,
 the ``head`` sub-tree for ``classify``, both for ``apply`` — and ``{}`` when ``train=False``: nothing is hidden in
 the module, so the train step decides what to keep. A model module therefore names its two halves ``encoder``
@@ -35,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from overfocus_jax.models import attention, focus, mnist_cnn, resnet, resnet_tv, vgg
+from overfocus_jax.models import attention, convnext, focus, mnist_cnn, resnet, resnet_tv, vgg
 
 Variables = dict[str, Any]
 
@@ -51,23 +55,25 @@ class Model:
     x = jnp.zeros((1, *input_shape), jnp.float32)
     return dict(self.module.init(key, x, train=False))
 
-  def _run(self, method, variables: Variables, inputs: jax.Array, train: bool, parts: tuple[str, ...]):
+  def _run(self, method, variables: Variables, inputs: jax.Array, train: bool, parts: tuple[str, ...],
+           rng: jax.Array | None = None):
     if not train:
       return self.module.apply(variables, inputs, train=False, method=method), {}
-    out, state = self.module.apply(variables, inputs, train=True, method=method, mutable=["batch_stats"])
+    rngs = {} if rng is None else {"dropout": rng}
+    out, state = self.module.apply(variables, inputs, train=True, method=method, mutable=["batch_stats"], rngs=rngs)
     # Flax returns the whole collection; keep only the half that ran, or the other half's old statistics
     # would overwrite its fresh ones when the step merges them.
     stats = state.get("batch_stats", {})
     return out, {"batch_stats": {k: stats[k] for k in parts if k in stats}}
 
-  def apply(self, variables: Variables, x: jax.Array, *, train: bool = False):
-    return self._run(self.module.__call__, variables, x, train, ("encoder", "head"))
+  def apply(self, variables: Variables, x: jax.Array, *, train: bool = False, rng: jax.Array | None = None):
+    return self._run(self.module.__call__, variables, x, train, ("encoder", "head"), rng)
 
-  def encode(self, variables: Variables, x: jax.Array, *, train: bool = False):
-    return self._run(self.module.encode, variables, x, train, ("encoder",))
+  def encode(self, variables: Variables, x: jax.Array, *, train: bool = False, rng: jax.Array | None = None):
+    return self._run(self.module.encode, variables, x, train, ("encoder",), rng)
 
-  def classify(self, variables: Variables, z: jax.Array, *, train: bool = False):
-    return self._run(self.module.classify, variables, z, train, ("head",))
+  def classify(self, variables: Variables, z: jax.Array, *, train: bool = False, rng: jax.Array | None = None):
+    return self._run(self.module.classify, variables, z, train, ("head",), rng)
 
   def has(self, name: str) -> bool:
     """Whether the module has the method ``name`` (e.g. ``attention_maps`` or ``keypoints``)."""
@@ -94,10 +100,10 @@ class Model:
     if level == "latent":
       return self.encode, self.classify
     if level == "pooled":
-      embed = lambda variables, x, *, train=False: self._run(self.module.embed, variables, x, train,
-                                                             ("encoder", "head"))
-      classify = lambda variables, p, *, train=False: self._run(self.module.classify_embedding, variables, p,
-                                                                train, ())
+      embed = lambda variables, x, *, train=False, rng=None: self._run(self.module.embed, variables, x, train,
+                                                                       ("encoder", "head"), rng)
+      classify = lambda variables, p, *, train=False, rng=None: self._run(self.module.classify_embedding, variables,
+                                                                          p, train, (), rng)
       return embed, classify
     raise ValueError(f"unknown split level {level=}; use 'latent' or 'pooled'")
 
@@ -138,6 +144,14 @@ def _vgg16(config, **common) -> nn.Module:
                  head_kind=arch.head, hidden=arch.hidden, head_pool=arch.head_pool, **common)
 
 
+def _convnext(config, **common) -> nn.Module:
+  arch = config.convnext
+  depths, dims, _ = convnext.SIZES[arch.size]
+  return convnext.ConvNeXt(depths=depths, dims=convnext.scaled_dims(dims, arch.width),
+                           patch_size=convnext.STEMS[arch.stem], drop_path_rate=arch.drop_path_rate,
+                           layer_scale_init=arch.layer_scale_init, head_init_scale=arch.head_init_scale, **common)
+
+
 def _resnet_tv(factory, config, **common) -> nn.Module:
   arch = config.resnet_tv
   return factory(stem=arch.stem, zero_init_residual=arch.zero_init_residual, **common)
@@ -176,7 +190,7 @@ def _corner(config, **common) -> nn.Module:
 # name -> builder(config, num_classes=, dtype=, conv=) reading the model's own config group(s)
 BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "resnet": _resnet, "resnet18": _resnet18, "attention": _attention, "focus": _focus, "corner": _corner,
-    "vgg16": _vgg16, "mnist_cnn": _mnist_cnn,
+    "vgg16": _vgg16, "mnist_cnn": _mnist_cnn, "convnext": _convnext,
     "resnet18_tv": functools.partial(_resnet_tv, resnet_tv.ResNet18TV),
     "resnet50_tv": functools.partial(_resnet_tv, resnet_tv.ResNet50TV),
 }

@@ -1,7 +1,7 @@
 """The train step: forward, regularizer, loss, gradients, optax update, batch-norm statistics, metrics — one
 ``jax.jit``-compiled function.
 
-    z                 = encode(x)                                      (online encoder, train mode)
+    z                 = encode(x)                                      (online encoder, train mode, a dropout key)
     z̃, s', aux        = regularizer.apply(s, classify_fn, z, y, key, info)   (SGDrop/RSC masks; identity for NONE)
     logits            = classify(z̃)                                   (online head, train mode)
     loss              = objective(CE(logits_i, smooth(y_i)) for each i)     (the batch mean for ERM; IRM, V-REx)
@@ -26,6 +26,8 @@ from overfocus_jax.challenge import NONE, Regularizer, StepInfo
 from overfocus_jax.challenge.invariance import ERM, Objective, reset_optimizer_state
 from overfocus_jax.models import Model, merge_batch_stats
 from overfocus_jax.train.state import TrainState
+
+DROPOUT_STREAM = 0xD809  # fold_in data for the models' dropout key
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
@@ -74,13 +76,18 @@ def make_train_step(model: Model, tx: optax.GradientTransformation, *, schedule:
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     images, labels = batch["image"], batch["label"]
     rng, step_key = jax.random.split(state.rng)
+    # The model's own randomness in training (ConvNeXt's drop path) gets a stream folded out of the step's key: the
+    # regularizer's key, and so every run of a model without random layers, stay as they were.
+    dropout_key = jax.random.fold_in(step_key, DROPOUT_STREAM)
+    if axis_name is not None:  # each device's rows draw their own masks
+      dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(axis_name))
     frozen = jax.lax.stop_gradient(state.variables)
     info = StepInfo(step=state.step, epoch=state.step // steps_per_epoch, steps_per_epoch=steps_per_epoch,
                     images=images, variables=frozen, encode=infer_encode, classify=infer_classify)
 
     def loss_fn(params):
       variables = {"params": params, "batch_stats": state.batch_stats}
-      z, encoder_state = encode(variables, images, train=True)
+      z, encoder_state = encode(variables, images, train=True, rng=dropout_key)
       classify_fn = lambda latent: infer_classify(frozen, latent)
       regularized, reg_state, reg_metrics = regularizer.apply(state.regularizer_state, classify_fn, z, labels,
                                                               step_key, info)
