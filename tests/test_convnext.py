@@ -505,13 +505,14 @@ def test_the_regularizers_mask_at_the_split(micro, regularizer):
 
 
 def test_trains_one_epoch_and_explains_through_the_cli(tmp_path, capsys):
-  """Digits at batch 256, atto at a quarter width with the small stem and drop path: 5 steps, then Grad-CAM."""
+  """Digits at batch 256, atto at a quarter width with the small stem and drop path: 5 steps, then Grad-CAM.
+  (platform_tuning=off: the CPU tuning's depthwise convolution, tested on its own above, doubles the compile time.)"""
   workdir = tmp_path / "wd"
   code, out, err = run_cli(capsys, "train", "--workdir", workdir, "--config.model=convnext", "--config.dataset=digits",
                            "--config.convnext.stem=small", "--config.convnext.width=0.25",
                            "--config.convnext.drop_path_rate=0.1", "--config.optimizer=adamw",
                            "--config.learning_rate=0.002", "--config.weight_decay=0.05", "--config.num_epochs=1",
-                           "--config.batch_size=256", "--no-progress")
+                           "--config.batch_size=256", "--config.platform_tuning=off", "--no-progress")
   assert code == 0, err
   assert '"model": "convnext"' in out
   record = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])

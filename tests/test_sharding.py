@@ -19,6 +19,10 @@ from overfocus_jax.errors import UserError
 import sharded_run
 from conftest import DIGITS_TEST, TINY_ARGS, assert_one_line_error, subprocess_env
 
+# One worker runs this module: its fixtures train on 8 simulated devices in subprocesses, once per worker that needs
+# them, and under xdist's plain load scheduling both workers would build them.
+pytestmark = pytest.mark.xdist_group("sharding")
+
 HELPER = pathlib.Path(__file__).with_name("sharded_run.py")
 EIGHT_DEVICES = "--xla_force_host_platform_device_count=8"
 # On two busy cores (the other pytest worker, the overlapping runs) one of the 8 simulated devices' threads can reach
