@@ -40,6 +40,44 @@ def pytest_sessionfinish(session):
   if "PYTEST_XDIST_WORKER" not in os.environ:  # the controller (or a run without xdist), after every worker
     shutil.rmtree(SUITE_COMPILATION_CACHE, ignore_errors=True)
 
+
+def has_module_fixture(module_path: pathlib.Path) -> bool:
+  """Whether a test module defines a module-scoped fixture (an 8-device run, a trained workdir, a compiled model)."""
+  try:
+    return 'scope="module"' in module_path.read_text(encoding="utf-8")
+  except OSError:
+    return False
+
+
+def pytest_xdist_make_scheduler(config, log):
+  """``--dist loadgroup`` (pyproject's addopts): each module with a module-scoped fixture goes whole to one worker,
+  which builds the fixture once; every other test is scheduled on its own.
+
+  xdist's own loadgroup (``xdist_group`` marks) no longer groups anything under pytest 9.2: it renames the items'
+  node ids, which pytest 9.2 ignores (pytest-dev/pytest-xdist#1386), so every worker that drew one of a module's
+  tests built that module's fixtures (test_sharding's 8-device runs: 75 s each, twice). The scopes here come from
+  the node id alone, which the controller has; xdist orders scopes by size, so the grouped modules start first.
+  """
+  if config.getvalue("dist") != "loadgroup":
+    return None
+  from xdist.scheduler import LoadScopeScheduling  # pylint: disable=g-import-not-at-top  # only under xdist
+
+  root = config.rootpath
+
+  class ModuleFixtureScheduling(LoadScopeScheduling):
+
+    def __init__(self, config, log=None):
+      super().__init__(config, log)
+      self.grouped: dict[str, bool] = {}
+
+    def _split_scope(self, nodeid: str) -> str:
+      module = nodeid.split("::", 1)[0]
+      if module not in self.grouped:
+        self.grouped[module] = has_module_fixture(root / module)
+      return module if self.grouped[module] else nodeid
+
+  return ModuleFixtureScheduling(config, log)
+
 # The tiny architecture, as --config.FIELD=VALUE pairs.
 TINY_FIELDS = (
     ("dataset", "digits"),

@@ -21,10 +21,6 @@ from overfocus_jax import config as config_lib
 from overfocus_jax.explain import attributions, latent, layers, metrics
 from overfocus_jax.models import Model, build_model
 
-# One worker runs this module: its trained run (a module fixture) is built once, not once per worker.
-pytestmark = pytest.mark.xdist_group("explain_report")
-
-
 def _tiny_resnet():
   config = config_lib.load_config_file(config_lib.default_config_path())
   config.resnet.update(dict(stem_features=8, stage_widths=(8, 16), stage_sizes=(1, 1), stage_strides=(1, 2)))
