@@ -87,6 +87,7 @@ def test_job_list_order_names_and_seeds():
     assert job.seed == domainbed_seed_hash("colored_mnist", job.algorithm, list(job.test_envs), job.hparams_seed,
                                            job.trial_seed)
     assert dict(job.overrides)["seed"] == job.seed and dict(job.overrides)["environments.test_envs"] == job.test_envs
+    assert dict(job.overrides)["environments.trial_seed"] == job.trial_seed  # each trial splits the data anew
   job = next(j for j in jobs if j.name == "colored_mnist-irm-te1_2-h1-t1")
   assert job.seed == int(hashlib.md5(b"('colored_mnist', 'irm', [1, 2], 1, 1)").hexdigest(), 16) % 2**31
   spec_job = sweep.make_jobs({"colored_mnist:idx:/data/mnist": 3}, ["erm"], 1, 1, [0])[0]
@@ -98,7 +99,7 @@ def test_hparams_seed_zero_overrides_nothing():
     assert sweep.hparam_overrides(algorithm, "colored_mnist", 0, 2, 2) == {}
   job = sweep.make_jobs({"colored_mnist": 3}, ["irm"], 1, 1, [0])[0]
   assert dict(job.overrides) == {"dataset": "colored_mnist", "objective.name": "irm", "regularizer.name": "none",
-                                 "environments.test_envs": (0,), "seed": job.seed}
+                                 "environments.test_envs": (0,), "environments.trial_seed": 0, "seed": job.seed}
 
 
 @pytest.mark.parametrize("algorithm, theirs", [("irm", "IRM"), ("vrex", "VREx"), ("rsc_domainbed", "RSC"),
@@ -146,7 +147,6 @@ def cpu_children(monkeypatch):
   """The runs' subprocesses on one CPU device, like the other CLI tests' (conftest.subprocess_env)."""
   for name, value in subprocess_env().items():
     monkeypatch.setenv(name, value)
-  monkeypatch.delenv("XLA_FLAGS", raising=False)
 
 
 def run_main(capsys, *argv):
