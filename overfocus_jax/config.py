@@ -209,6 +209,9 @@ def _validate_environments(config: ml_collections.ConfigDict) -> None:
              f"e.g. --config.environments.{field}=2 or (0,1), or () for the default")
   _require(isinstance(envs.balanced, bool), f"config.environments.balanced={envs.balanced!r} must be true or false",
            "set --config.environments.balanced=true or false")
+  _require(isinstance(envs.trial_seed, int) and not isinstance(envs.trial_seed, bool) and envs.trial_seed >= 0,
+           f"config.environments.trial_seed={envs.trial_seed!r} must be an integer >= 0",
+           "set --config.environments.trial_seed, e.g. 0 (DomainBed's default) or 1")
   _require_choice(objective.name, invariance.NAMES, "objective.name")
   for name in ("irm", "vrex"):
     group = objective[name]
@@ -275,6 +278,12 @@ def _validate_pretrained(config: ml_collections.ConfigDict) -> None:
   _require_choice(config.init_from_layout, LAYOUTS, "init_from_layout")
   _require(isinstance(config.freeze_backbone, bool), f"config.freeze_backbone={config.freeze_backbone!r} must be "
            "true or false", "set --config.freeze_backbone=true or false")
+  scale = config.backbone_lr_scale
+  _require(isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale) and scale >= 0,
+           f"config.backbone_lr_scale={scale!r} must be a number >= 0",
+           "set --config.backbone_lr_scale, e.g. 0.1 (the encoder at a tenth of the learning rate) or 1")
+  _require(not (config.freeze_backbone and scale != 1), f"config.freeze_backbone=true and config.backbone_lr_scale="
+           f"{scale!r} both set the encoder's learning rate", "set one of them: freeze_backbone=true is scale 0")
 
 
 def _validate_attention(arch: ml_collections.ConfigDict) -> None:

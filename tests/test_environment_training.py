@@ -228,6 +228,9 @@ def test_a_two_environment_irm_run_logs_every_environment(tmp_path, capsys, data
     (("--config.dataset=digits", "--config.objective.name=vrex"), ("needs a dataset of environments",)),
     (("--config.objective.name=irm", "--config.environments.balanced=false"), ("environment-balanced",)),
     (("--config.objective.name=ganite",), ("unknown objective.name",)),
+    (("--config.dataset=digits", "--config.environments.trial_seed=1"),
+     ("re-splits the environments", "has none", "--config.environments.trial_seed to 0")),
+    (("--config.environments.trial_seed=-1",), ("trial_seed=-1 must be an integer >= 0",)),
 ])
 def test_bad_environment_settings_are_one_line_errors(tmp_path, capsys, overrides, fragments):
   code, _, err = run_cli(capsys, "train", "--workdir", tmp_path / "run", *TINY_ENV_ARGS, *overrides)

@@ -186,6 +186,27 @@ def test_split_keys_are_domainbeds_split_dataset():
   assert env.seed_hash(0, 2) == int(__import__('hashlib').md5(b'(0, 2)').hexdigest(), 16) % 2**31
 
 
+def test_a_trial_seed_splits_the_same_environments_anew(colored):
+  """DomainBed's --trial_seed: the same examples in each environment (same digits, colours, labels), another 80/20
+  in/out split, as split_keys(..., trial_seed) picks it."""
+  other = load_dataset('colored_mnist', trial_seed=1)
+  assert env.fingerprint(load_dataset('colored_mnist', trial_seed=0)) == env.fingerprint(colored)
+  for index in range(3):
+    (in_x, in_y), (out_x, out_y) = env.environment_arrays(colored, index)
+    (in_x1, in_y1), (out_x1, out_y1) = env.environment_arrays(other, index)
+    assert (len(in_y1), len(out_y1)) == (len(in_y), len(out_y))
+    assert not np.array_equal(out_x1, out_x)  # another out-split
+    # Undo each split: both give back the environment in its construction order.
+    count = len(in_y) + len(out_y)
+    for trial, (ins, outs) in ((0, (in_x, out_x)), (1, (in_x1, out_x1))):
+      keys = np.concatenate(env.split_keys(count, index, trial_seed=trial))
+      restored = np.empty((count, *ins.shape[1:]), ins.dtype)
+      restored[keys] = np.concatenate([ins, outs])
+      if trial == 0:
+        reference = restored
+      np.testing.assert_array_equal(restored, reference)
+
+
 def test_environment_rows_errors(base, colored):
   with pytest.raises(UserError, match='has no environments'):
     env.environment_rows(base, 0)

@@ -11,7 +11,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from conftest import BASE_RUN_ARGS, assert_one_line_error, last_json_line, run_cli
+from conftest import BASE_RUN_ARGS, assert_one_line_error, last_json_line, read_metrics, run_cli
 from overfocus_jax import config as config_lib
 from overfocus_jax.data import imagefolder, pipeline
 from overfocus_jax.data.sources import load_dataset
@@ -128,6 +128,9 @@ def test_domainbed_layout_exposes_each_examples_domain(tmp_path):
     assert_labels_match_pixels(source)
   assert sorted(np.bincount(ds.test.domains)) == [2, 2, 2]  # every domain split 80/20 on its own
   assert load_dataset(f"imagefolder:{root}:8:domains").test.paths == ds.test.paths  # options in either order
+  resplit = load_dataset(f"imagefolder:{root}:domains:8", trial_seed=1)  # DomainBed's --trial_seed
+  assert resplit.test.paths != ds.test.paths and sorted(np.bincount(resplit.test.domains)) == [2, 2, 2]
+  assert sorted(resplit.train.paths + resplit.test.paths) == sorted(ds.train.paths + ds.test.paths)
 
 
 def test_domainbed_layout_without_the_option_is_an_error(tmp_path):
@@ -344,3 +347,22 @@ def test_train_one_epoch_on_an_image_folder(tmp_path, capsys):
   summary = last_json_line(out)
   assert summary["dataset"] == f"imagefolder:{root}:12" and summary["data_on_device"] is False
   assert 0 <= summary["test_accuracy"] <= 1
+
+
+def test_train_on_domains_with_one_held_out(tmp_path, capsys):
+  """DomainBed on an image folder: `sketch` held out, balanced batches over the two others (4 each), every domain's
+  in- and out-split accuracy logged, test_accuracy the held-out domain's in-split."""
+  root = tmp_path / "pacs"
+  for domain in ("photo", "art_painting", "sketch"):
+    make_classes(root / domain, {"dog": 5, "horse": 5})
+  code, out, err = run_cli(capsys, "train", "--workdir", tmp_path / "run", *BASE_RUN_ARGS, "--config.num_epochs=1",
+                           f"--config.dataset=imagefolder:{root}:domains:8", "--config.batch_size=8",
+                           "--config.eval_batch_size=8", "--config.environments.test_envs=2",
+                           "--config.environments.trial_seed=1")
+  assert code == 0, err
+  summary = last_json_line(out)
+  assert summary["test_envs"] == [2] and summary["test_accuracy"] == summary["env2_in_acc"]
+  assert summary["steps"] == 2  # two training domains of 8 in-split images each, 4 of each per batch of 8
+  record = read_metrics(tmp_path / "run")[-1]
+  for i in range(3):
+    assert 0 <= record[f"env{i}_in_acc"] <= 1 and 0 <= record[f"env{i}_out_acc"] <= 1

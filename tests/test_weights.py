@@ -40,6 +40,19 @@ def write(path, variables, *, extra=None, drop=()):
 
 
 @pytest.fixture(scope="module")
+def few_digits(tmp_path_factory):
+  """``npz:`` of 64 training and 16 test digits: a run of resnet18_tv is then one step of 64 and one evaluation
+  batch (its compute on all 1,438 digits took longer than its compilation)."""
+  from overfocus_jax.data.sources import load_dataset
+  digits = load_dataset("digits")
+  path = tmp_path_factory.mktemp("few_digits") / "digits.npz"
+  np.savez(path, x_train=digits.train.images[:64], y_train=digits.train.labels[:64],
+           x_test=digits.test.images[:16], y_test=digits.test.labels[:16], num_classes=10)
+  return ("--config.model=resnet18_tv", f"--config.dataset=npz:{path}", "--config.num_epochs=1",
+          "--config.batch_size=64", "--config.eval_batch_size=16", "--no-progress")
+
+
+@pytest.fixture(scope="module")
 def digits_model():
   """resnet18_tv (CIFAR stem) for digits, and two different sets of its variables: the file's and the fresh ones."""
   model = make_model("resnet18_tv", 10)
@@ -175,15 +188,48 @@ def test_freeze_backbone_updates_the_head_only():
   assert np.all(np.asarray(updates["head"]["fc"]["kernel"]) < 0)
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_backbone_lr_scale_is_a_param_group_at_a_fraction_of_the_learning_rate(optimizer):
+  """Encoder at learning_rate × 0.25, head at the full rate: the encoder's parameters follow the same optimizer run
+  at a quarter of the rate (momentum, moments and weight decay included), the head's the full one's."""
+  from overfocus_jax.train import state as state_lib
+  grads = [{"encoder": {"conv": jax.random.normal(jax.random.PRNGKey(i), (3, 3))},
+            "head": {"fc": jax.random.normal(jax.random.PRNGKey(100 + i), (2, 2))}} for i in range(4)]
+
+  def train(learning_rate, **fields):
+    config = make_config("resnet18_tv", optimizer=optimizer, weight_decay=0.01, **fields)
+    tx = state_lib.make_optimizer(config, optax.constant_schedule(learning_rate))
+    params = {"encoder": {"conv": jnp.ones((3, 3))}, "head": {"fc": jnp.ones((2, 2))}}
+    opt_state = tx.init(params)
+    for grad in grads:
+      updates, opt_state = tx.update(grad, opt_state, params)
+      params = optax.apply_updates(params, updates)
+    return params
+
+  grouped, full, quarter = train(0.1, backbone_lr_scale=0.25), train(0.1), train(0.025)
+  np.testing.assert_allclose(grouped["encoder"]["conv"], quarter["encoder"]["conv"], rtol=1e-6)
+  np.testing.assert_allclose(grouped["head"]["fc"], full["head"]["fc"], rtol=1e-6)
+  assert not np.allclose(grouped["encoder"]["conv"], full["encoder"]["conv"])
+
+
+@pytest.mark.parametrize("fields, fragment", [
+    (dict(backbone_lr_scale=-0.1), "backbone_lr_scale=-0.1 must be a number >= 0"),
+    (dict(backbone_lr_scale=0.1, freeze_backbone=True), "set one of them"),
+])
+def test_bad_backbone_lr_scale_is_a_user_error(fields, fragment):
+  with pytest.raises(UserError, match=fragment):
+    make_config("resnet18_tv", **fields)
+
+
 @pytest.mark.slow
-def test_a_run_from_the_file_with_a_frozen_backbone_and_its_resume(tmp_path, digits_model, capsys):
+def test_a_run_from_the_file_with_a_frozen_backbone_and_its_resume(tmp_path, digits_model, few_digits, capsys):
   """One epoch (one step) from the file with only the head training: the encoder's parameters stay the file's
   exactly, the head moves. Run again with the file gone, the run restores its checkpoint and never reads the file."""
   from conftest import restore_final_state
   _, saved, _ = digits_model
   path = write(tmp_path / "w.safetensors", saved)
   workdir = tmp_path / "run"
-  args = ("train", "--workdir", workdir, *RUN_ARGS, "--config.freeze_backbone=true", f"--config.init_from={path}")
+  args = ("train", "--workdir", workdir, *few_digits, "--config.freeze_backbone=true", f"--config.init_from={path}")
   code, out, err = run_cli(capsys, *args)
   assert code == 0, err
   assert "re-initialised" not in err

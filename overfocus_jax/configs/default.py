@@ -127,6 +127,7 @@ def get_config() -> ml_collections.ConfigDict:
       test_envs=(),    # held out, never trained on; test_accuracy is then their in-split accuracy (DomainBed's)
       train_envs=(),   # the environments trained on; () = every one not held out
       balanced=True,   # each batch: batch_size / E examples of each of the E training environments
+      trial_seed=0,    # seeds each environment's 80/20 in/out split (DomainBed's --trial_seed)
   ))
   # The loss over a batch (challenge/invariance.py): erm (the mean) | irm | vrex — penalties over the training
   # environments' risks (balanced batches); λ from step anneal_steps on (1 before), the optimizer restarted there.
@@ -150,6 +151,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.step_decay_factor = 0.1
   config.label_smoothing = 0.0
   config.freeze_backbone = False  # train the head only: the encoder's updates are zero (its BN statistics still move)
+  config.backbone_lr_scale = 1.0  # the encoder's learning rate = learning_rate × this (fine-tuning: e.g. 0.1)
 
   # Where the data lives and how often the host talks to the devices (overfocus_jax/train/streams.py, dispatch.py).
   config.data_on_device = "auto"    # auto: on for an accelerator the data fits, off on CPUs | on | off (grain)

@@ -27,7 +27,8 @@ Construction, step by step as DomainBed:
 4. Each environment is split into an out-split of ``int(len(env) * 0.2)`` examples and an in-split of the rest,
    exactly as ``misc.split_dataset(env, int(len(env) * holdout_fraction), misc.seed_hash(trial_seed, env_i))``: a
    ``numpy.random.RandomState(seed_hash(trial_seed, i)).shuffle`` of the indices, the first ``n`` out, the rest in
-   (numpy in DomainBed too, so these are DomainBed's indices). ``trial_seed`` = 0 and ``holdout_fraction`` = 0.2.
+   (numpy in DomainBed too, so these are DomainBed's indices). ``trial_seed`` is ``config.environments.trial_seed``
+   (``load_dataset(spec, trial_seed=...)``; default 0, DomainBed's) and ``holdout_fraction`` = 0.2.
 
 Randomness: DomainBed draws the permutation and the Bernoulli variables with torch's global generator (seeded by
 its ``--seed``), which numpy cannot reproduce. Here they come from ``numpy.random.default_rng(DATA_SEED)``
@@ -47,7 +48,7 @@ default, reports the held-out environments' in-split accuracy as ``test_accuracy
 out-splits), and logs every environment's ``env{i}_in_acc`` and ``env{i}_out_acc`` at each evaluation, DomainBed's
 records; ``config.objective`` adds IRM's or V-REx's penalty.
 
-Checksums (:func:`fingerprint`: sha256 over ``train.images``, ``train.labels``, ``train.domains``, ``test.images``,
+Checksums (trial seed 0; :func:`fingerprint`: sha256 over ``train.images``, ``train.labels``, ``train.domains``, ``test.images``,
 ``test.labels``, ``test.domains``, in that order, labels and domains as little-endian int64), default base mnist5k:
 
 * ``colored_mnist``: ``c24ec0e627797f87f80c02b9c6d75ecedee588d454be6ca719ebd86d9cf3428a``

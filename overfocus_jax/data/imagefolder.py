@@ -7,8 +7,10 @@ torchvision's `ImageFolder`):
   split. Both splits must hold the same class folders.
 * `DIR/CLASS/...`: a seeded 80/20 split (see :func:`split_indices`), the same on every run and every machine.
 * `DIR/DOMAIN/CLASS/...` with the `:domains` option (DomainBed, e.g. PACS): the domains are environments; the same
-  seeded 80/20 split within every domain and class, every domain holding the same class folders. Each example's
-  domain is `source.domains[i]`, an index into `source.domain_names` (also `ImageDataset.domain_names`).
+  seeded 80/20 split within every domain and class, every domain holding the same class folders: the 80% is the
+  domain's in-split, the 20% its out-split. `config.environments.trial_seed` (DomainBed's `--trial_seed`, default 0)
+  draws another split. Each example's domain is `source.domains[i]`, an index into `source.domain_names` (also
+  `ImageDataset.domain_names`).
 
 The layout is never guessed between the last two: without `:domains`, a class folder that holds folders is an
 error that names `:domains`. `SIZE` (default 64) is the side of the square images the models see: each image is
@@ -42,7 +44,7 @@ DOMAINS_OPTION = 'domains'
 EXTENSIONS = ('.png', '.jpg', '.jpeg')
 FORMATS = ('PNG', 'JPEG')  # the only decoders PIL may use on these files
 TEST_DIRS = ('test', 'val')
-SPLIT_SEED = 0  # fixed: the split of DIR/CLASS and DIR/DOMAIN/CLASS folders must not depend on the user's seed
+SPLIT_SEED = 0  # fixed: the split of DIR/CLASS folders must not depend on the user's seed (domains: trial_seed)
 TEST_FRACTION = 0.2
 GREY_MODES = frozenset({'1', 'L', 'LA'})
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -90,8 +92,10 @@ class ImageFolderSource:
     return decode(self.paths[index], self.size, self.mode), int(self.labels[index])
 
 
-def load(spec: str, arg: str, *, skip_bad_images: bool = False) -> Folder:
+def load(spec: str, arg: str, *, skip_bad_images: bool = False, trial_seed: int = 0) -> Folder:
   """Scans the folder of `imagefolder:ARG` (headers only) and splits it.
+
+  ``trial_seed`` seeds the split of the domains' folders (``:domains``), DomainBed's ``--trial_seed``.
 
   Raises:
     UserError: a bad spec, a missing or malformed folder, inconsistent class folders, or a bad file (the latter a
@@ -107,7 +111,7 @@ def load(spec: str, arg: str, *, skip_bad_images: bool = False) -> Folder:
   files = {key: [path for path in paths if modes.get(path)] for key, paths in files.items()}
   _check_not_emptied(spec, roots, files)
   mode = 'L' if all(m in GREY_MODES for m in modes.values() if m) else 'RGB'
-  train, test = _split(files, roots, class_names, with_domains)
+  train, test = _split(files, roots, class_names, with_domains, trial_seed if with_domains else SPLIT_SEED)
   domain_names = tuple(roots) if with_domains else ()
   make = lambda part: ImageFolderSource(*part, size=size, mode=mode, class_names=class_names,
                                         domain_names=domain_names)
@@ -270,15 +274,15 @@ def _check_not_emptied(spec, roots, files) -> None:
 # ----------------------------------------------------------------------------- splitting
 
 
-def _split(files, roots, class_names, with_domains) -> tuple[tuple, tuple]:
-  """(paths, labels, domains) of train and test: the given split, or a seeded one per (domain, class)."""
+def _split(files, roots, class_names, with_domains, seed: int) -> tuple[tuple, tuple]:
+  """(paths, labels, domains) of train and test: the given split, or one seeded by ``seed`` per (domain, class)."""
   parts = {'train': ([], [], []), 'test': ([], [], [])}
   for (name, class_name), paths in sorted(files.items()):
     label, domain = class_names.index(class_name), list(roots).index(name)
     if name in ('train', 'test') and not with_domains:
       chosen = {name: paths}
     else:
-      test = set(split_indices(len(paths), f'{name}/{class_name}' if name else class_name).tolist())
+      test = set(split_indices(len(paths), f'{name}/{class_name}' if name else class_name, seed).tolist())
       chosen = {'test': [p for i, p in enumerate(paths) if i in test],
                 'train': [p for i, p in enumerate(paths) if i not in test]}
     for split, split_paths in chosen.items():
@@ -290,11 +294,11 @@ def _split(files, roots, class_names, with_domains) -> tuple[tuple, tuple]:
   return parts['train'], parts['test']
 
 
-def split_indices(count: int, group: str) -> np.ndarray:
+def split_indices(count: int, group: str, seed: int = SPLIT_SEED) -> np.ndarray:
   """The test examples among `count` sorted files of one class folder: round(20%) of them, drawn by
-  `np.random.default_rng([SPLIT_SEED, crc32(group)])` where `group` is `CLASS` (or `DOMAIN/CLASS`), so adding a
+  `np.random.default_rng([seed, crc32(group)])` where `group` is `CLASS` (or `DOMAIN/CLASS`), so adding a
   class or a domain leaves the others' split as it was."""
-  rng = np.random.default_rng([SPLIT_SEED, zlib.crc32(group.encode())])
+  rng = np.random.default_rng([seed, zlib.crc32(group.encode())])
   return np.sort(rng.permutation(count)[:int(count * TEST_FRACTION + 0.5)])
 
 

@@ -158,7 +158,8 @@ class ImageDataset:
   environment_splits: tuple[tuple[str, Source], ...] = ()
 
 
-def load_dataset(spec: str, *, data_dir: str | None = None, skip_bad_images: bool = False) -> ImageDataset:
+def load_dataset(spec: str, *, data_dir: str | None = None, skip_bad_images: bool = False,
+                 trial_seed: int = 0) -> ImageDataset:
   """Loads and validates the dataset named by `spec`.
 
   Args:
@@ -170,6 +171,8 @@ def load_dataset(spec: str, *, data_dir: str | None = None, skip_bad_images: boo
       ~/tensorflow_datasets); ignored by the other forms.
     skip_bad_images: 'imagefolder:' leaves out (and counts on stderr) the files it cannot read instead of
       raising; ignored by the other forms.
+    trial_seed: seeds the in/out split of each environment (DomainBed's --trial_seed; 0 is its default) for
+      'colored_mnist', 'rotated_mnist' and 'imagefolder:DIR:domains'; ignored by the other forms.
 
   Raises:
     UserError: the spec is unknown, or its data is missing, corrupt or inconsistent.
@@ -193,7 +196,7 @@ def load_dataset(spec: str, *, data_dir: str | None = None, skip_bad_images: boo
     return _replace_images(rgb, *shifts.tint_shortcut(rgb.train.images, rgb.train.labels, rgb.test.images,
                                                       correlation), name=spec)
   if kind.strip() in ('colored_mnist', 'rotated_mnist'):
-    return _load_environments(spec, kind.strip(), arg if separator else None, data_dir)
+    return _load_environments(spec, kind.strip(), arg if separator else None, data_dir, trial_seed)
   if not separator or kind not in ('tfds', 'idx', 'npz', 'imagefolder'):
     raise UserError(f'unknown dataset {spec!r}', f'use one of {VALID_SPECS}')
   arg = arg.strip()
@@ -202,7 +205,7 @@ def load_dataset(spec: str, *, data_dir: str | None = None, skip_bad_images: boo
   if kind == 'tfds':
     return _load_tfds(spec, arg, data_dir)
   if kind == 'imagefolder':
-    return _load_imagefolder(spec, arg, skip_bad_images)
+    return _load_imagefolder(spec, arg, skip_bad_images, trial_seed)
   path = os.path.expanduser(arg)
   return _load_idx(spec, path) if kind == 'idx' else _load_npz(spec, path)
 
@@ -364,13 +367,14 @@ def _as_hwc(image: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- environments
 
 
-def _load_environments(spec: str, kind: str, arg: str | None, data_dir: str | None) -> ImageDataset:
+def _load_environments(spec: str, kind: str, arg: str | None, data_dir: str | None,
+                       trial_seed: int) -> ImageDataset:
   """DomainBed's environments built from an MNIST-like base (environments.py): in-splits as train, out-splits as
   test, each example's environment in `domains`; pixels not normalised (x / 255, as DomainBed), no flips."""
   from overfocus_jax.data import environments  # pylint: disable=g-import-not-at-top  # PIL only when needed
 
   base = load_dataset(environments.parse_spec(spec, kind, arg), data_dir=data_dir)
-  built = environments.build(spec, kind, base)
+  built = environments.build(spec, kind, base, trial_seed=trial_seed)
   channels = built.image_shape[-1]
   return ImageDataset(
       name=spec, train=ArraySource(built.train.images, built.train.labels, built.train.domains),
@@ -382,11 +386,11 @@ def _load_environments(spec: str, kind: str, arg: str | None, data_dir: str | No
 # ----------------------------------------------------------------------------- imagefolder
 
 
-def _load_imagefolder(spec: str, arg: str, skip_bad_images: bool) -> ImageDataset:
+def _load_imagefolder(spec: str, arg: str, skip_bad_images: bool, trial_seed: int) -> ImageDataset:
   """Folders of PNG/JPEG images, decoded when read (imagefolder.py); ImageNet normalisation, flips allowed."""
   from overfocus_jax.data import imagefolder  # pylint: disable=g-import-not-at-top  # PIL only when needed
 
-  folder = imagefolder.load(spec, arg, skip_bad_images=skip_bad_images)
+  folder = imagefolder.load(spec, arg, skip_bad_images=skip_bad_images, trial_seed=trial_seed)
   _check_has_examples(spec, 'test', len(folder.test))
   return ImageDataset(
       name=spec, train=folder.train, test=folder.test, image_shape=folder.image_shape,

@@ -20,9 +20,9 @@ characters other than letters, digits, ``.``, ``_``, ``-`` has them replaced by 
 digits appended); its ``config.seed`` is DomainBed's per-job seed ``seed_hash(dataset, algorithm, test_envs,
 hparams_seed, trial_seed)`` (already below 2**31), of the names as given here (``'colored_mnist'``, ``'erm'``).
 
-The trial seed picks the runs' seeds and hparams draws, as in DomainBed, but not the environments' in/out splits:
-:mod:`overfocus_jax.data.environments` fixes them at DomainBed's ``trial_seed`` 0, so the trials of a sweep share
-them (DomainBed splits each trial anew).
+The trial seed picks the runs' seeds, their hparams draws and, as ``config.environments.trial_seed``, every
+environment's in/out split, as in DomainBed: each trial splits the environments anew (the environments themselves —
+which digits, their colours or angles — are the same in every trial, as DomainBed's with its fixed data seed).
 
 Algorithms, as config overrides (the name is recorded as given): ``erm`` → objective erm, regularizer none; ``irm``,
 ``vrex`` → that objective (regularizer none); ``rsc_domainbed``, ``rsc``, ``sgdrop`` → that regularizer (objective
@@ -244,8 +244,8 @@ def make_job(dataset: str, n_envs: int, algorithm: str, test_envs: tuple[int, ..
              trial_seed: int, epochs: int | None) -> Job:
   seed = job_seed(dataset, algorithm, test_envs, hparams_seed, trial_seed)
   hparams = hparam_overrides(algorithm, dataset, hparams_seed, trial_seed, n_envs - len(test_envs))
-  overrides = (("dataset", dataset), *ALGORITHMS[algorithm], ("environments.test_envs", test_envs), ("seed", seed),
-               *hparams.items(), *((("num_epochs", epochs),) if epochs is not None else ()))
+  overrides = (("dataset", dataset), *ALGORITHMS[algorithm], ("environments.test_envs", test_envs),
+               ("environments.trial_seed", trial_seed), ("seed", seed), *hparams.items(), *((("num_epochs", epochs),) if epochs is not None else ()))
   return Job(dataset, algorithm, test_envs, hparams_seed, trial_seed, seed, overrides)
 
 
@@ -300,7 +300,8 @@ def recorded_hparams(job: Job, config: dict, user_fields: Sequence[str]) -> dict
   overrode (the dataset, seed and test environments are in the record's args)."""
   fields = [*RECORDED_FIELDS, *(h.field for h in algorithm_hparams(job.algorithm)),
             *(field for field, _ in job.overrides), *user_fields]
-  kept = [f for f in dict.fromkeys(fields) if f not in ("dataset", "seed", "environments.test_envs")]
+  kept = [f for f in dict.fromkeys(fields)
+          if f not in ("dataset", "seed", "environments.test_envs", "environments.trial_seed")]
   return {field: config_value(config, field) for field in kept}
 
 

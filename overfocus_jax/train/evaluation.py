@@ -75,7 +75,8 @@ def evaluation_split(exp: Experiment, dataset: str | None):
   if not dataset:
     return exp.dataset.test, exp.config.dataset
   trained = exp.dataset
-  other = load_dataset(dataset, data_dir=exp.config.data_dir or None, skip_bad_images=exp.config.skip_bad_images)
+  other = load_dataset(dataset, data_dir=exp.config.data_dir or None, skip_bad_images=exp.config.skip_bad_images,
+                       trial_seed=exp.config.environments.trial_seed)
   if other.image_shape != trained.image_shape or other.num_classes > trained.num_classes:
     raise UserError(f"dataset {dataset!r} has {other.image_shape} images and {other.num_classes} classes; "
                     f"the model was trained on {trained.image_shape} and {trained.num_classes}",

@@ -17,7 +17,7 @@ from overfocus_jax.challenge import Regularizer, build_regularizer
 from overfocus_jax.challenge import invariance
 from overfocus_jax.data import balanced, pipeline
 from overfocus_jax.data.sources import ImageDataset, load_dataset
-from overfocus_jax.errors import UserError
+from overfocus_jax.errors import SettingError, UserError
 from overfocus_jax.models import Model, build_model, weights
 from overfocus_jax.train import state as state_lib
 from overfocus_jax.train.dispatch import Feed, make_train_chunk
@@ -50,7 +50,7 @@ def build_experiment(config: ml_collections.ConfigDict, *, dataset: ImageDataset
   run or a finished one restores its checkpoint instead, and so never reads the file).
   """
   dataset = dataset or load_dataset(config.dataset, data_dir=config.data_dir or None,
-                                    skip_bad_images=config.skip_bad_images)
+                                    skip_bad_images=config.skip_bad_images, trial_seed=config.environments.trial_seed)
   dataset, layout = environment_training(config, dataset)
   mesh = mesh or parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
@@ -102,6 +102,10 @@ def environment_training(config: ml_collections.ConfigDict, dataset: ImageDatase
   envs = config.environments
   if not balanced.has_environments(dataset):
     balanced.check_environments(dataset, envs.test_envs, envs.train_envs)  # () passes; anything else is an error
+    if envs.trial_seed:
+      raise SettingError("environments.trial_seed", f"environments.trial_seed={envs.trial_seed} re-splits the "
+                         f"environments of a dataset, and {dataset.name!r} has none",
+                         "0 (or train on colored_mnist, rotated_mnist or imagefolder:DIR:domains)")
     if config.objective.name != "erm":
       raise UserError(f"objective {config.objective.name!r} needs a dataset of environments, and "
                       f"{dataset.name!r} has none", "use colored_mnist, rotated_mnist or imagefolder:DIR:domains, "

@@ -49,7 +49,8 @@ def make_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> op
 
 def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
   """SGD with momentum and coupled weight decay (as torch.optim.SGD), Adam (L2 in the gradient) or AdamW; with
-  ``config.freeze_backbone``, for the head only (:func:`head_only`)."""
+  ``config.freeze_backbone``, for the head only (:func:`head_only`); with ``config.backbone_lr_scale`` ≠ 1, the
+  encoder at that fraction of the learning rate (:func:`backbone_at`)."""
   if config.optimizer == "sgd":
     tx = optax.chain(optax.add_decayed_weights(config.weight_decay),
                      optax.sgd(schedule, momentum=config.momentum or None))
@@ -59,15 +60,28 @@ def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule) 
     tx = optax.adamw(schedule, weight_decay=config.weight_decay)
   else:
     raise ValueError(f"unknown optimizer {config.optimizer=}")
-  return head_only(tx) if config.freeze_backbone else tx
+  if config.freeze_backbone:
+    return head_only(tx)
+  return backbone_at(tx, config.backbone_lr_scale) if config.backbone_lr_scale != 1 else tx
+
+
+def by_part(params) -> dict:
+  """The top-level parts of a model's parameters, labelled ``backbone`` (the ``encoder``) or ``head``."""
+  return {part: "backbone" if part == "encoder" else "head" for part in params}
+
+
+def backbone_at(tx: optax.GradientTransformation, scale: float) -> optax.GradientTransformation:
+  """Two parameter groups, as fine-tuning uses them: the ``head`` trained by ``tx``, the ``encoder`` by ``tx`` with
+  its updates × ``scale`` — PyTorch's param group at ``lr × scale``: SGD's momentum, Adam's moments and AdamW's
+  decoupled decay are all linear in the learning rate. Each group keeps its own optimizer state."""
+  return optax.multi_transform({"head": tx, "backbone": optax.chain(tx, optax.scale(scale))}, by_part)
 
 
 def head_only(tx: optax.GradientTransformation) -> optax.GradientTransformation:
   """``tx`` on the ``head`` parameters; the ``encoder``'s updates are zero (no weight decay either, no optimizer
   state kept for it). Its batch-norm statistics still follow the data in training, as a PyTorch backbone with
   ``requires_grad=False`` in train mode."""
-  return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()},
-                               lambda params: {part: "freeze" if part == "encoder" else "train" for part in params})
+  return optax.multi_transform({"head": tx, "backbone": optax.set_to_zero()}, by_part)
 
 
 def initial_variables(model: Model, seed: int, input_shape: tuple[int, ...]) -> dict:
