@@ -17,7 +17,7 @@ from overfocus_jax import challenge, models, platform_tuning
 from overfocus_jax.challenge import invariance
 from overfocus_jax.challenge.attribution import TARGETS
 from overfocus_jax.challenge.sgdrop import GRANULARITIES, RULES
-from overfocus_jax.data import on_device
+from overfocus_jax.data import augmentation, on_device
 from overfocus_jax.errors import UserError
 from overfocus_jax.models import convnext
 from overfocus_jax.models.attention import COMPATIBILITIES, NORMALISATIONS, first_empty_layer
@@ -197,8 +197,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _validate_focus(config.focus, config.corner)
   _validate_regularizer(config.regularizer)
   _validate_environments(config)
+  _validate_augmentation(config.augmentation)
   _validate_resnet_tv(config.resnet_tv)
   _validate_pretrained(config)
+
+
+def _validate_augmentation(group: ml_collections.ConfigDict) -> None:
+  _require_choice(group.crop, augmentation.CROPS, "augmentation.crop")
+  for name, upper in (("scale", 1.0), ("ratio", math.inf)):
+    pair = tuple(group[name])
+    _require(len(pair) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in pair)
+             and 0 < pair[0] <= pair[1] <= upper, f"config.augmentation.{name}={pair!r} must be a range (low, high) "
+             f"with 0 < low <= high{' <= 1' if upper == 1.0 else ''}",
+             f"set --config.augmentation.{name}, e.g. {'(0.08,1.0)' if name == 'scale' else '(0.75,1.333)'}")
+  jitter = group.color_jitter
+  _require(isinstance(jitter, (int, float)) and not isinstance(jitter, bool) and 0 <= jitter <= 1,
+           f"config.augmentation.color_jitter={jitter!r} must be a number in [0, 1]",
+           "set --config.augmentation.color_jitter, e.g. 0.4 (torchvision's usual), or 0 for none")
 
 
 def _validate_environments(config: ml_collections.ConfigDict) -> None:

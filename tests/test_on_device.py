@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from overfocus_jax import parallel
-from overfocus_jax.data import on_device, pipeline
+from overfocus_jax.data import augmentation, on_device, pipeline
 from overfocus_jax.data.sources import ArraySource, ImageDataset, load_dataset
 from overfocus_jax.errors import UserError
 from overfocus_jax.train import evaluation, experiment, streams
@@ -47,7 +47,7 @@ def test_every_epoch_visits_each_example_once_in_its_own_order(digits):
 def test_random_crop_is_a_zero_filled_shift_of_at_most_the_padding():
   rng = np.random.default_rng(0)
   images = rng.integers(1, 256, size=(64, 8, 8, 2), dtype=np.uint8)  # no zero pixels: the fill shows
-  cropped = np.asarray(on_device.random_crop(jnp.asarray(images), jax.random.PRNGKey(3), padding=2))
+  cropped = np.asarray(augmentation.device_pad_crop(jnp.asarray(images), jax.random.PRNGKey(3), 2))
   shifts = set()
   for image, out in zip(images, cropped):
     matches = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
@@ -58,7 +58,7 @@ def test_random_crop_is_a_zero_filled_shift_of_at_most_the_padding():
 
 
 def shifted(image, dy, dx):
-  """``out[y, x] = image[y + dy, x + dx]`` with zeros outside (pipeline.random_crop's definition)."""
+  """``out[y, x] = image[y + dy, x + dx]`` with zeros outside (augmentation.pad_crop's definition)."""
   out = np.zeros_like(image)
   h, w = image.shape[:2]
   for y in range(h):
@@ -70,11 +70,11 @@ def shifted(image, dy, dx):
 
 def test_flip_mirrors_about_half_and_only_natural_images_are_flipped():
   images = jnp.asarray(np.random.default_rng(1).integers(0, 256, size=(400, 4, 6, 3), dtype=np.uint8))
-  flipped = np.asarray(on_device.random_flip(images, jax.random.PRNGKey(0)))
+  flipped = np.asarray(augmentation.device_flip(images, jax.random.PRNGKey(0)))
   mirrored = np.all(flipped == np.asarray(images)[:, :, ::-1], axis=(1, 2, 3))
   kept = np.all(flipped == np.asarray(images), axis=(1, 2, 3))
   assert np.all(mirrored | kept) and 150 < mirrored.sum() < 250
-  digits_like = on_device.augment(images, jax.random.PRNGKey(0), padding=0, flip=False)
+  digits_like = augmentation.device_augment(images, jax.random.PRNGKey(0), augmentation.Policy(padding=0, flip=False))
   np.testing.assert_array_equal(digits_like, images)  # padding 0 and no flip: the identity
 
 

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from overfocus_jax.data import pipeline
+from overfocus_jax.data import augmentation, pipeline
 from overfocus_jax.data.pipeline import eval_batches, make_train_iterator, normalize
 from overfocus_jax.data.sources import ArraySource, ImageDataset, load_dataset
 from overfocus_jax.errors import UserError
@@ -148,20 +148,20 @@ def test_augmentation_is_a_shift_and_flips_only_natural_images(natural):
 
 @pytest.mark.parametrize('height, padding', [(32, 4), (28, 3), (8, 1), (4, 1)])
 def test_crop_padding(height, padding):
-  assert pipeline.crop_padding((height, height, 3)) == padding
+  assert augmentation.crop_padding((height, height, 3)) == padding
 
 
 def test_augment_without_flip_never_mirrors():
   image = np.arange(16, dtype=np.uint8).reshape(4, 4, 1)
   rng = np.random.default_rng(0)
   for _ in range(50):
-    np.testing.assert_array_equal(pipeline.augment_image(image, rng, padding=0, flip=False), image)
+    np.testing.assert_array_equal(augmentation.host_augment(image, rng, augmentation.Policy(padding=0, flip=False)), image)
 
 
 def test_augment_with_flip_mirrors_some_of_the_time():
   image = np.arange(16, dtype=np.uint8).reshape(4, 4, 1)
   rng = np.random.default_rng(0)
-  outputs = [pipeline.augment_image(image, rng, padding=0, flip=True) for _ in range(50)]
+  outputs = [augmentation.host_augment(image, rng, augmentation.Policy(padding=0, flip=True)) for _ in range(50)]
   flipped = [np.array_equal(out, image[:, ::-1]) for out in outputs]
   assert 10 < sum(flipped) < 40
 
@@ -182,7 +182,7 @@ def test_random_crop_matches_pad_then_crop(padding):
   image = np.random.default_rng(0).integers(0, 256, (6, 5, 2), dtype=np.uint8)
   for top in range(2 * padding + 1):
     for left in range(2 * padding + 1):
-      np.testing.assert_array_equal(pipeline.random_crop(image, FixedRng(top, left), padding),
+      np.testing.assert_array_equal(augmentation.pad_crop(image, FixedRng(top, left), padding),
                                     padded_crop(image, top, left, padding))
 
 

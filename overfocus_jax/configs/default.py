@@ -16,6 +16,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.data_dir = ""  # a prepared TFDS directory, for tfds:NAME ("" = TFDS's default)
   config.skip_bad_images = False  # imagefolder: leave out unreadable/non-image files and count them (else an error)
   config.augment = True  # random crop with padding; horizontal flip only for natural images
+  # Which augmentation (data/augmentation.py): crop pad (a shift by up to an eighth of the side, zero fill) |
+  # resized (torchvision's RandomResizedCrop: scale, ratio), for natural images; colour jitter j: brightness,
+  # contrast and saturation each × U(1 − j, 1 + j) (0: off). The mirror stays on for natural images only.
+  config.augmentation = ml_collections.ConfigDict(dict(
+      crop="pad",
+      scale=(0.08, 1.0),     # resized: the box's share of the image's area
+      ratio=(0.75, 4 / 3),   # resized: the box's aspect (width / height)
+      color_jitter=0.0,
+  ))
 
   # Model: resnet (the seeds' pre-activation residual CNN) | resnet18 | attention | focus | corner | vgg16 |
   # mnist_cnn (DomainBed's MNIST_CNN, models/mnist_cnn.py: no options) | convnext.

@@ -3,13 +3,13 @@ jitted step, so the host does no per-step work at all.
 
     perm_e  = permutation(fold_in(shuffle_key, e), N)                  epoch e's order (a function of e alone)
     rows(t) = perm_e[(t mod S)·B : (t mod S)·B + B],   e = ⌊t / S⌋       step t's examples, S = ⌊N / B⌋ steps an epoch
-    x(t)    = (crop_flip(images[rows(t)], fold_in(augment_key, t)) / 255 − μ) / σ
+    x(t)    = (augment(images[rows(t)], fold_in(augment_key, t)) / 255 − μ) / σ
 
 The position in the stream is the step ``t`` itself, so a run restored from the checkpoint of step t continues the
-same stream exactly, with nothing more to save. The augmentation is the host pipeline's (:mod:`.pipeline`): a
-translation of up to ``crop_padding`` pixels with zero fill, and a coin-flip horizontal mirror for natural images
-only; its random numbers come from the JAX PRNG instead of NumPy's, so the two paths draw different (equally
-distributed) streams from the same seed.
+same stream exactly, with nothing more to save. The augmentation is the host pipeline's (:mod:`.augmentation`: by
+default a translation of up to an eighth of the side with zero fill, and a coin-flip horizontal mirror for natural
+images only; ``config.augmentation`` for torchvision's resized crop and colour jitter); its random numbers come from
+the JAX PRNG instead of NumPy's, so the two paths draw different (equally distributed) streams from the same seed.
 
 The arrays are replicated on every device of the mesh, so each device can gather its own rows of the (sharded)
 batch, and today's datasets (MNIST, Fashion-MNIST, CIFAR-10: at most 180 MB) fit many times over.
@@ -30,8 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from overfocus_jax.data.augmentation import Policy, device_augment, make_policy
 from overfocus_jax.data.balanced import Layout
-from overfocus_jax.data.pipeline import check_stream_arguments, crop_padding, read_split, steps_per_epoch
+from overfocus_jax.data.pipeline import check_stream_arguments, read_split, steps_per_epoch
 from overfocus_jax.data.sources import ImageDataset, Source
 from overfocus_jax.errors import SettingError
 
@@ -58,8 +59,7 @@ class StreamSpec:
   steps_per_epoch: int
   seed: int
   augment: bool
-  padding: int
-  flip: bool
+  policy: Policy
   mean: tuple[float, ...]
   std: tuple[float, ...]
 
@@ -119,7 +119,7 @@ def put_split(source: Source, sharding: jax.sharding.Sharding) -> Split:
 
 
 def stream_spec(dataset: ImageDataset, *, batch_size: int, seed: int, augment: bool,
-                layout: Layout | None = None) -> StreamSpec:
+                layout: Layout | None = None, augmentation: Policy | None = None) -> StreamSpec:
   """The stream of ``make_train_iterator``'s arguments, for the device (``layout``: environment-balanced batches,
   whose epochs are :func:`overfocus_jax.data.balanced.device_epoch_order`).
 
@@ -129,7 +129,7 @@ def stream_spec(dataset: ImageDataset, *, batch_size: int, seed: int, augment: b
   check_stream_arguments(dataset, batch_size=batch_size, seed=seed)
   steps = layout.steps_per_epoch if layout is not None else steps_per_epoch(dataset, batch_size)
   return StreamSpec(batch_size=batch_size, steps_per_epoch=steps, seed=seed,
-                    augment=augment, padding=crop_padding(dataset.image_shape), flip=dataset.natural_images,
+                    augment=augment, policy=augmentation or make_policy(dataset.image_shape, dataset.natural_images),
                     mean=tuple(dataset.mean), std=tuple(dataset.std))
 
 
@@ -150,29 +150,6 @@ def step_rows(order: jax.Array, step: jax.Array, spec: StreamSpec) -> jax.Array:
   return jax.lax.dynamic_slice_in_dim(order, start, spec.batch_size)
 
 
-def random_crop(images: jax.Array, key: jax.Array, padding: int) -> jax.Array:
-  """Each image shifted by its own uniform offset in [−padding, padding]² with zero fill (as the host pipeline)."""
-  height, width = images.shape[1:3]
-  padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  offsets = jax.random.randint(key, (images.shape[0], 2), 0, 2 * padding + 1)
-  crop = lambda image, offset: jax.lax.dynamic_slice(image, (offset[0], offset[1], 0),
-                                                     (height, width, images.shape[3]))
-  return jax.vmap(crop)(padded, offsets)
-
-
-def random_flip(images: jax.Array, key: jax.Array) -> jax.Array:
-  """Each image mirrored left-right with probability 1/2."""
-  coins = jax.random.bernoulli(key, 0.5, (images.shape[0], 1, 1, 1))
-  return jnp.where(coins, images[:, :, ::-1], images)
-
-
-def augment(images: jax.Array, key: jax.Array, *, padding: int, flip: bool) -> jax.Array:
-  """The host pipeline's augmentation on a uint8 batch: random crop, then a mirror only when ``flip``."""
-  crop_key, flip_key = jax.random.split(key)
-  images = random_crop(images, crop_key, padding)
-  return random_flip(images, flip_key) if flip else images
-
-
 def normalize(images: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
   """uint8 pixels → ``(x / 255 − mean) / std`` in float32, per channel (as ``pipeline.normalize``)."""
   mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
@@ -187,8 +164,7 @@ def train_batch(split: Split, step: jax.Array, order: jax.Array, spec: StreamSpe
   rows = step_rows(order, step, spec)
   images, labels = split.images[rows], split.labels[rows]
   if spec.augment:
-    images = augment(images, jax.random.fold_in(stream_keys(spec.seed)[1], step), padding=spec.padding,
-                     flip=spec.flip)
+    images = device_augment(images, jax.random.fold_in(stream_keys(spec.seed)[1], step), spec.policy)
   return {"image": normalize(images, spec.mean, spec.std), "label": labels}
 
 

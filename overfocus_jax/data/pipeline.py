@@ -14,6 +14,7 @@ from absl import flags as absl_flags
 import grain
 import numpy as np
 
+from overfocus_jax.data.augmentation import Policy, host_augment, make_policy
 from overfocus_jax.data.balanced import BalancedRecords, Layout
 from overfocus_jax.data.sources import ArraySource, ImageDataset, Source
 from overfocus_jax.errors import SettingError
@@ -29,43 +30,10 @@ def normalize(images_uint8: np.ndarray, mean: Sequence[float], std: Sequence[flo
   return (np.asarray(images_uint8, np.float32) / np.float32(255.0) - mean) / std
 
 
-def crop_padding(image_shape: Sequence[int]) -> int:
-  """Random-crop zero padding: an eighth of the height (4 for 32x32, 3 for 28x28, 1 for 8x8)."""
-  return max(1, int(image_shape[0]) // 8)
-
-
-def random_crop(image: np.ndarray, rng: np.random.Generator, padding: int) -> np.ndarray:
-  """Crops a random window of the zero-padded image: translation jitter of up to `padding` pixels.
-
-  Equivalent to padding by `padding` zeros and cropping at a uniform offset, but copies only the
-  overlap (np.pad dominated the per-record cost).
-  """
-  top, left = rng.integers(0, 2 * padding + 1, size=2)
-  rows = _overlap(image.shape[0], int(top) - padding)
-  cols = _overlap(image.shape[1], int(left) - padding)
-  cropped = np.zeros_like(image)
-  cropped[rows[0], cols[0]] = image[rows[1], cols[1]]
-  return cropped
-
-
-def _overlap(size: int, shift: int) -> tuple[slice, slice]:
-  """(destination, source) slices for `out[y] = image[y + shift]` along one axis."""
-  return slice(max(0, -shift), max(0, size - shift)), slice(max(0, shift), max(0, size + shift))
-
-
-def augment_image(
-    image: np.ndarray, rng: np.random.Generator, *, padding: int, flip: bool) -> np.ndarray:
-  """Random crop, then a coin-flip horizontal mirror only when `flip` (mirrored digits lie)."""
-  image = random_crop(image, rng, padding)
-  if flip and rng.random() < 0.5:
-    image = image[:, ::-1]
-  return image
-
-
 def make_train_iterator(
     dataset: ImageDataset, *, batch_size: int, seed: int, augment: bool,
     normalized: bool = True, rows: slice | None = None, workers: int = 0,
-    balanced: Layout | None = None) -> grain.DatasetIterator:
+    balanced: Layout | None = None, augmentation: Policy | None = None) -> grain.DatasetIterator:
   """An endless, resumable stream of {'image': float32 (B,H,W,C), 'label': int32 (B,)} batches.
 
   With `normalized=False` the images stay uint8 (a quarter of the bytes to move) and the caller normalizes them
@@ -85,6 +53,9 @@ def make_train_iterator(
   environment in its own block of rows, each epoch's order drawn per environment (balanced.py) instead of one
   shuffle of the whole split.
 
+  `augmentation` (with `augment`): the policy of augmentation.py; None: the default one for the dataset (a padded
+  crop, a mirror for natural images).
+
   Raises:
     UserError: bad batch size or seed, or fewer training examples than one batch.
   """
@@ -97,7 +68,8 @@ def make_train_iterator(
   else:
     records = grain.MapDataset.source(dataset.train).shuffle(seed=shuffle_seed).repeat(None)
   if augment:  # before the rows are picked: each record's random draw depends on its place in the whole stream
-    records = records.random_map(_record_augmenter(dataset), seed=augment_seed)
+    policy = augmentation or make_policy(dataset.image_shape, dataset.natural_images)
+    records = records.random_map(functools.partial(_augment_record, policy=policy), seed=augment_seed)
   rows = slice(*(rows or slice(0, batch_size)).indices(batch_size)[:2])
   if (rows.start, rows.stop) != (0, batch_size):
     records = grain.MapDataset.source(_BatchRows(records, batch_size, rows))
@@ -190,16 +162,10 @@ def _raw_batch(batch) -> dict[str, np.ndarray]:
   return {'image': np.asarray(images, np.uint8), 'label': np.asarray(labels, np.int32)}
 
 
-def _record_augmenter(dataset: ImageDataset):
-  """The per-record random transform for this dataset (flip only for natural images)."""
-  padding = crop_padding(dataset.image_shape)
-  flip = dataset.natural_images
-
-  def augment_record(record, rng: np.random.Generator):
-    image, label = record
-    return augment_image(image, rng, padding=padding, flip=flip), label
-
-  return augment_record
+def _augment_record(record, rng: np.random.Generator, *, policy: Policy):
+  """grain's per-record random transform: the image augmented by ``policy``, the label as it was."""
+  image, label = record
+  return host_augment(image, rng, policy), label
 
 
 def _read_options() -> grain.ReadOptions:

@@ -39,7 +39,8 @@ def time_train_step(exp: Experiment, *, steps: int = 20, repeats: int = 3, warmu
   config = exp.config
   train_step = jit_train_step(exp)
   batch = parallel.shard_batch(next(pipeline.make_train_iterator(
-      exp.dataset, batch_size=config.batch_size, seed=config.seed, augment=config.augment)), exp.mesh)
+      exp.dataset, batch_size=config.batch_size, seed=config.seed, augment=config.augment,
+      augmentation=streams.augmentation_policy(exp))), exp.mesh)
   params, flops = parameter_count(exp.state.params), inference_flops_per_image(exp)  # before donation frees them
   state = jax.tree.map(jnp.copy, exp.state)  # the step donates its state; the experiment's stays usable
   start = time.perf_counter()

@@ -22,7 +22,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from overfocus_jax import parallel
-from overfocus_jax.data import balanced, on_device, pipeline
+from overfocus_jax.data import augmentation, balanced, on_device, pipeline
 from overfocus_jax.errors import UserError
 from overfocus_jax.train.dispatch import Feed, device_feed, host_feed
 from overfocus_jax.train.experiment import Experiment
@@ -51,6 +51,11 @@ def choose_on_device(exp: Experiment, data_state: dict | None) -> bool:
   return chosen
 
 
+def augmentation_policy(exp: Experiment) -> augmentation.Policy:
+  """``config.augmentation`` for the experiment's images (the mirror for natural images only)."""
+  return augmentation.make_policy(exp.dataset.image_shape, exp.dataset.natural_images, exp.config.augmentation)
+
+
 class DeviceStream:
   """The training split in device memory; every batch is built inside the compiled chunk."""
 
@@ -61,7 +66,8 @@ class DeviceStream:
     self.sharding = parallel.replicated(exp.mesh)
     self.split = on_device.put_split(exp.dataset.train, self.sharding)
     self.spec = on_device.stream_spec(exp.dataset, batch_size=config.batch_size, seed=config.seed,
-                                      augment=config.augment, layout=exp.layout)
+                                      augment=config.augment, layout=exp.layout,
+                                      augmentation=augmentation_policy(exp))
     self.feed: Feed = device_feed(self.spec)
     shuffle_key, count, layout = on_device.stream_keys(config.seed)[0], len(exp.dataset.train), exp.layout
     order = ((lambda epoch: balanced.device_epoch_order(layout, shuffle_key, epoch)) if layout is not None else
@@ -101,7 +107,8 @@ class HostStream:
     rows = parallel.process_rows(config.batch_size, exp.mesh)
     self.iterator = pipeline.make_train_iterator(dataset, batch_size=config.batch_size, seed=config.seed,
                                                  augment=config.augment, normalized=False, rows=rows,
-                                                 workers=config.data_workers, balanced=exp.layout)
+                                                 workers=config.data_workers, balanced=exp.layout,
+                                                 augmentation=augmentation_policy(exp))
     self.batch_size = config.batch_size
     self.local_batch_size = rows.stop - rows.start
     self.image_shape = tuple(dataset.image_shape)
