@@ -11,7 +11,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from conftest import BASE_RUN_ARGS, assert_one_line_error, last_json_line, read_metrics, run_cli
+from conftest import BASE_RUN_ARGS, REPO_ROOT, assert_one_line_error, last_json_line, read_metrics, run_cli
 from overfocus_jax import config as config_lib
 from overfocus_jax.data import imagefolder, pipeline
 from overfocus_jax.data.sources import load_dataset
@@ -366,3 +366,21 @@ def test_train_on_domains_with_one_held_out(tmp_path, capsys):
   record = read_metrics(tmp_path / "run")[-1]
   for i in range(3):
     assert 0 <= record[f"env{i}_in_acc"] <= 1 and 0 <= record[f"env{i}_out_acc"] <= 1
+
+
+def test_make_imagefolder_writes_the_datasets_pixels(tmp_path):
+  """experiments/make_imagefolder.py: digits 3, 5 and 7, two per class and split; read back, the same pixels."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("make_imagefolder", REPO_ROOT / "experiments" / "make_imagefolder.py")
+  script = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(script)
+  assert script.main([str(tmp_path / "f"), "--dataset", "digits", "--classes", "3", "5", "7", "--per-class", "2"]) == 0
+  folder, digits = load_dataset(f"imagefolder:{tmp_path / 'f'}:8"), load_dataset("digits")
+  assert folder.class_names == ("3", "5", "7") and (len(folder.train), len(folder.test)) == (6, 6)
+  for split in ("train", "test"):
+    source, original = getattr(folder, split), getattr(digits, split)
+    for label, digit in enumerate((3, 5, 7)):
+      rows = np.flatnonzero(original.labels == digit)[:2]
+      mine = [source[i][0] for i in range(len(source)) if source[i][1] == label]
+      np.testing.assert_array_equal(np.stack(mine), original.images[rows])
+  assert script.main([str(tmp_path / "g"), "--dataset", "digits", "--classes", "12"]) == 2

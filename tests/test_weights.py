@@ -240,6 +240,17 @@ def test_a_run_from_the_file_with_a_frozen_backbone_and_its_resume(tmp_path, dig
   code, out, err = run_cli(capsys, *args)  # nothing left to train: the checkpoint is restored and evaluated
   assert code == 0, err
   assert json.loads(out.strip().splitlines()[-1])["steps"] == 1
+  # experiments/export_weights.py writes the run back out in torchvision's names: the file maps onto the run's state.
+  export = importlib.util.spec_from_file_location("export_weights", REPO_ROOT / "experiments" / "export_weights.py")
+  script = importlib.util.module_from_spec(export)
+  export.loader.exec_module(script)
+  assert script.main([str(workdir), str(tmp_path / "out.safetensors")]) == 0
+  exported = weights.read_safetensors(tmp_path / "out.safetensors")
+  model = digits_model[0]
+  chex.assert_trees_all_equal(resnet_tv.from_torchvision(exported, numpy_variables(model, DIGITS, seed=3)),
+                              jax.device_get({"params": state.params, "batch_stats": state.batch_stats}))
+  assert script.main([str(workdir), str(tmp_path / "x.safetensors"), "--layout", "timm"]) == 0  # the same names
+  assert script.main([str(tmp_path / "none"), str(tmp_path / "y.safetensors")]) == 2
 
 
 # ----------------------------------------------------------------------------- against torchvision (torch only)

@@ -345,6 +345,12 @@ def from_timm(state: dict[str, np.ndarray], variables: dict) -> dict:
   return {**variables, "params": new}
 
 
+def export_options(model) -> dict:
+  """:func:`to_timm`'s options for ``model`` (a :class:`~overfocus_jax.models.Model`): timm's MLPs are 1×1 convs in
+  every size but tiny (``SIZES[size][2]``), the only one of depths (3, 3, 9, 3)."""
+  return {"conv_mlp": tuple(model.module.depths) != tuple(SIZES["tiny"][0])}
+
+
 def to_timm(variables: dict, *, conv_mlp: bool = False) -> dict[str, np.ndarray]:
   """The parameters as timm's state dict (name → contiguous numpy array, ready for ``safetensors.numpy.save_file``);
   ``conv_mlp``: the MLPs as timm's 1×1 convs (atto, femto, pico and nano: ``SIZES[size][2]``) rather than Linear

@@ -198,3 +198,4 @@ def to_torchvision(variables: dict) -> dict[str, np.ndarray]:
 
 
 from_timm = from_torchvision  # timm's resnet18/resnet50 (not the -d/-c variants) name every tensor as torchvision
+to_timm = to_torchvision

@@ -24,6 +24,7 @@ import pathlib
 import sys
 from typing import Any, Callable
 
+import jax
 import numpy as np
 from flax import traverse_util
 
@@ -41,6 +42,26 @@ TORCH_LEAVES = {("params", "kernel"): "weight", ("params", "scale"): "weight", (
 
 class Mismatch(ValueError):
   """A state dict that does not fit the model; the message names the first tensor that differs."""
+
+
+def save_safetensors(model: Any, variables: dict, path: str | pathlib.Path, layout: str) -> dict[str, np.ndarray]:
+  """Writes ``variables`` to ``path`` as a PyTorch state dict in ``layout``'s tensor names (the model's
+  ``to_<layout>``), what ``config.init_from`` reads back; returns the state dict. (torchvision's
+  ``num_batches_tracked`` counters are not written: nothing reads them.)
+
+  Raises:
+    UserError: the model has no mapping for ``layout``.
+  """
+  convert = getattr(model_module(model), f"to_{layout}", None)
+  if not callable(convert):
+    has = tuple(name for name in LAYOUTS if callable(getattr(model_module(model), f"to_{name}", None)))
+    raise UserError(f"model {model.name!r} has no mapping to {layout}-layout weights",
+                    f"use --layout {has[0]}" if has else "export a resnet18_tv, resnet50_tv or convnext run")
+  from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top  # only when exporting
+  options = getattr(model_module(model), "export_options", lambda model: {})(model)
+  state = convert(jax.tree.map(np.asarray, variables), **options)
+  safetensors_numpy.save_file(state, str(path))
+  return state
 
 
 def read_safetensors(path: str | pathlib.Path) -> dict[str, np.ndarray]:
