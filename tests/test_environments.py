@@ -275,3 +275,33 @@ def test_base_without_ten_classes_is_a_one_line_error(capsys, tmp_path, base):
   spec = f'colored_mnist:npz:{tmp_path / "binary.npz"}'
   code, _, err = run_cli(capsys, 'train', '--workdir', tmp_path / 'run', *BASE_RUN_ARGS, f'--config.dataset={spec}')
   assert_one_line_error(code, err, 'has 2 classes, not 10')
+
+
+# ----------------------------------------------------------------------------- colour vs digit evidence
+
+
+def test_colour_and_digit_evidence_add_up_to_the_margin():
+  """experiments/colour_attribution.py's two-leg path 0 → x̄ → x: on a model quadratic in x the 16-step midpoint
+  rule is exact, so R_digit + R_colour is m(x) − m(0), each leg's sum its own margin difference."""
+  import importlib.util
+  import jax
+  import jax.numpy as jnp
+  path = README.parent / 'experiments' / 'colour_attribution.py'
+  spec = importlib.util.spec_from_file_location('colour_attribution', path)
+  script = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(script)
+  digits = jax.random.uniform(jax.random.PRNGKey(0), (6, 5, 5, 1))
+  zeros = jnp.zeros_like(digits[:3])
+  images = jnp.concatenate([jnp.concatenate([digits[:3], zeros], -1),   # three digits in colour 0
+                            jnp.concatenate([zeros, digits[3:]], -1)])  # three in colour 1
+  labels = jnp.array([0, 1, 0, 1, 1, 0])
+  np.testing.assert_array_equal(script.colour_neutral(images), jnp.concatenate([digits / 2, digits / 2], -1))
+  np.testing.assert_array_equal(script.colour_flipped(images)[..., 0], images[..., 1])
+  w = jax.random.normal(jax.random.PRNGKey(1), (50, 2))
+  logits = lambda x: (x.reshape(len(x), -1) @ w) + 0.1 * (x.reshape(len(x), -1) @ w) ** 2
+  margin_fn = lambda x: script.margins(logits(x))
+  e = script.path_evidence(margin_fn, images, labels, steps=16)
+  np.testing.assert_allclose(e['digit'], e['m_neutral'] - e['m_black'], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(e['colour'], e['m_image'] - e['m_neutral'], rtol=1e-4, atol=1e-5)
+  margin = logits(images)[:, 0] - logits(images)[:, 1]
+  np.testing.assert_allclose(e['m_image'], np.where(labels == 0, margin, -margin), rtol=1e-5)
