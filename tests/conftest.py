@@ -227,8 +227,8 @@ def assert_split_is_exact(model, variables, x):
   return apply_state, z, encode_state, classify_state
 
 
-def fit_one_batch(config, steps: int, dataset_name: str = "digits"):
-  """``(losses, state)`` after ``steps`` jitted train steps on one fixed batch of 64: a model that learns fits it."""
+def fit_one_batch(config, steps: int, dataset_name: str = "digits", batch_size: int = 64):
+  """``(losses, state)`` after ``steps`` jitted train steps on one fixed batch: a model that learns fits it."""
   import jax.numpy as jnp
   from overfocus_jax.data import pipeline
   from overfocus_jax.data.sources import load_dataset
@@ -239,7 +239,8 @@ def fit_one_batch(config, steps: int, dataset_name: str = "digits"):
   model = build_model(config, dataset.num_classes)
   tx = state_lib.make_optimizer(config, state_lib.make_schedule(config, 10))
   state = state_lib.create_train_state(model, tx, seed=0, input_shape=dataset.image_shape)
-  batch = jax.tree.map(jnp.asarray, next(pipeline.make_train_iterator(dataset, batch_size=64, seed=0, augment=False)))
+  batch = next(pipeline.make_train_iterator(dataset, batch_size=batch_size, seed=0, augment=False))
+  batch = jax.tree.map(jnp.asarray, batch)
   step = jax.jit(make_train_step(model, tx))
   losses = []
   for _ in range(steps):
