@@ -30,6 +30,15 @@ CONFIGS = {
     "attention": HERE / "configs" / "attention.py",
     "focus": HERE / "configs" / "focus.py",
     "corner": HERE / "configs" / "corner.py",
+    "vgg16": HERE / "configs" / "vgg16.py",
+    "convnext": HERE / "configs" / "convnext.py",
+    "resnet18_tv": HERE / "configs" / "default.py",  # the default run's settings with torchvision's ResNet-18
+    "mnist_cnn": HERE / "configs" / "mnist_cnn.py",
+}
+# Fields a model needs besides its config file, on every dataset.
+MODEL_OVERRIDES = {
+    "resnet18_tv": ("--config.model=resnet18_tv",),
+    "mnist_cnn": ("--config.environments.test_envs=()",),  # its config holds out ColoredMNIST's −90%
 }
 DATASETS = ("mnist5k", "digits")
 # The focus models' 12-pixel glimpses do not fit 8×8 digits: there they read 4 samples over half the image side.
@@ -49,7 +58,7 @@ def _overfocus(*args: str) -> dict:
 
 
 def measure(model: str, dataset: str, runs_dir: pathlib.Path) -> dict:
-  fields = ("--config", str(CONFIGS[model]), f"--config.dataset={dataset}",
+  fields = ("--config", str(CONFIGS[model]), f"--config.dataset={dataset}", *MODEL_OVERRIDES.get(model, ()),
             *DATASET_OVERRIDES.get((model, dataset), ()))
   workdir = runs_dir / f"{model}_{dataset}"
   summary = _overfocus("train", "--workdir", str(workdir), *fields, "--no-progress")
