@@ -76,10 +76,10 @@ def central_box(height: int, width: int, ratio: tuple[float, float]) -> tuple[in
   return (height - h) // 2, (width - w) // 2, h, w
 
 
-def box_size(area_fraction, log_ratio, height: int, width: int):
+def box_size(area_fraction, log_ratio, height: int, width: int, xp=np):
   """``(h, w)`` of a box of ``area_fraction · H·W`` pixels and aspect ``exp(log_ratio)`` (rounded as torchvision)."""
-  area, aspect = area_fraction * height * width, np.exp(log_ratio)
-  return np.round(np.sqrt(area / aspect)).astype(np.int64), np.round(np.sqrt(area * aspect)).astype(np.int64)
+  area, aspect = area_fraction * height * width, xp.exp(log_ratio)
+  return xp.round(xp.sqrt(area / aspect)).astype(xp.int32), xp.round(xp.sqrt(area * aspect)).astype(xp.int32)
 
 
 def host_box(rng: np.random.Generator, height: int, width: int, policy: Policy) -> tuple[int, int, int, int]:
@@ -99,9 +99,7 @@ def device_boxes(key: jax.Array, count: int, height: int, width: int, policy: Po
   fraction = jax.random.uniform(area_key, (count, ATTEMPTS), minval=policy.scale[0], maxval=policy.scale[1])
   log_ratio = jax.random.uniform(ratio_key, (count, ATTEMPTS), minval=math.log(policy.ratio[0]),
                                  maxval=math.log(policy.ratio[1]))
-  area, aspect = fraction * height * width, jnp.exp(log_ratio)
-  h = jnp.round(jnp.sqrt(area / aspect)).astype(jnp.int32)
-  w = jnp.round(jnp.sqrt(area * aspect)).astype(jnp.int32)
+  h, w = box_size(fraction, log_ratio, height, width, jnp)
   fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
   first = jnp.argmax(fits, axis=1)
   h, w = jnp.take_along_axis(h, first[:, None], 1)[:, 0], jnp.take_along_axis(w, first[:, None], 1)[:, 0]
