@@ -194,7 +194,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _validate_vgg(config.vgg)
   _validate_convnext(config.convnext)
   _validate_attention(config.attention)
-  _validate_focus(config.focus, config.corner)
+  _validate_focus(config.focus, config.corner, config.model)
   _validate_regularizer(config.regularizer)
   _validate_environments(config)
   _validate_augmentation(config.augmentation)
@@ -320,7 +320,23 @@ def _validate_attention(arch: ml_collections.ConfigDict) -> None:
   _require_choice(arch.normalisation, NORMALISATIONS, "attention.normalisation")
 
 
-def _validate_focus(patch: ml_collections.ConfigDict, harris: ml_collections.ConfigDict) -> None:
+def _validate_zoom(patch: ml_collections.ConfigDict, model: str) -> None:
+  _require(isinstance(patch.zoom, bool), f"config.focus.zoom={patch.zoom!r} must be True or False",
+           "set --config.focus.zoom=True to learn each patch's scale")
+  if not patch.zoom:
+    return
+  zoom_range = patch.zoom_range
+  _require(isinstance(zoom_range, (tuple, list)) and len(zoom_range) == 2
+           and all(isinstance(v, (int, float)) for v in zoom_range)
+           and 0 < zoom_range[0] < patch.patch_scale < zoom_range[1] <= 1,
+           f"config.focus.zoom_range={zoom_range!r} must be (s_min, s_max) with 0 < s_min < "
+           f"patch_scale={patch.patch_scale!r} < s_max <= 1 (the scale starts at patch_scale)",
+           "set --config.focus.zoom_range, e.g. (0.2,0.8)")
+  _require(model == "focus", f"config.focus.zoom=True needs learned keypoints, but config.model={model!r}",
+           "set --config.model=focus, or --config.focus.zoom=False")
+
+
+def _validate_focus(patch: ml_collections.ConfigDict, harris: ml_collections.ConfigDict, model: str) -> None:
   _require(isinstance(patch.num_keypoints, int) and patch.num_keypoints >= 1,
            f"config.focus.num_keypoints={patch.num_keypoints!r} must be at least 1 (one patch per keypoint)",
            "set --config.focus.num_keypoints, e.g. 4")
@@ -338,6 +354,7 @@ def _validate_focus(patch: ml_collections.ConfigDict, harris: ml_collections.Con
   _require_positive_int(patch.feature_width, "focus.feature_width", 64)
   _require(isinstance(patch.hidden, int) and patch.hidden >= 0, f"config.focus.hidden={patch.hidden!r} must be an "
            "integer >= 0", "set --config.focus.hidden, e.g. 128 (0: no hidden layer)")
+  _validate_zoom(patch, model)
   _require(isinstance(harris.harris_k, (int, float)) and 0 < harris.harris_k < 0.25,
            f"config.corner.harris_k={harris.harris_k!r} must be in (0, 0.25)",
            "set --config.corner.harris_k, e.g. 0.05")

@@ -118,6 +118,29 @@ def test_patch_gradient_in_the_centres_matches_finite_differences():
     np.testing.assert_allclose(grad[0, 0], [7 / 2, 10 * 5 / 2], rtol=1e-9)
 
 
+def test_per_patch_scales_equal_one_call_per_scale_and_get_exact_gradients():
+  """A (B, K) scale array samples each patch at its own size; the samples are differentiable in the scales."""
+  rng = np.random.default_rng(2)
+  images = jnp.asarray(rng.normal(size=(2, 7, 9, 2)), jnp.float32)
+  centers = jnp.asarray(rng.uniform(-0.6, 0.6, size=(2, 3, 2)), jnp.float32)
+  scales = jnp.asarray([[0.2, 0.35, 0.5], [0.45, 0.3, 0.25]], jnp.float32)
+  patches = extract_patches(images, centers, 4, scales)
+  for b in range(2):
+    for k in range(3):
+      alone = extract_patches(images[b:b + 1], centers[b:b + 1, k:k + 1], 4, float(scales[b, k]))
+      np.testing.assert_allclose(patches[b, k], alone[0, 0], atol=1e-6)
+  np.testing.assert_allclose(extract_patches(images, centers, 4, jnp.full((2, 3), 0.3)),
+                             extract_patches(images, centers, 4, 0.3), atol=1e-6)
+  with jax.enable_x64(True):
+    images, centers = images.astype(jnp.float64), centers.astype(jnp.float64)
+    weights = jnp.asarray(rng.normal(size=(2, 3, 4, 4, 2)))
+    loss = jax.jit(lambda s: jnp.sum(jnp.tanh(extract_patches(images, centers, 4, s)) * weights))
+    scales = scales.astype(jnp.float64)
+    grad = np.asarray(jax.grad(loss)(scales))
+    assert np.all(np.abs(grad) > 0)
+    np.testing.assert_allclose(grad, central_differences(loss, scales), rtol=1e-5, atol=1e-7)
+
+
 # ----------------------------------------------------------------------------- Harris corners and NMS
 
 
@@ -292,6 +315,38 @@ def test_corner_keypoints_follow_the_image_and_get_no_gradient():
   chex.assert_trees_all_equal(model.classify(variables, z)[0], model.apply(variables, image)[0])
 
 
+def test_zoom_starts_as_the_fixed_size_model_and_keeps_its_patches_inside():
+  """The zoom variant adds one layer (scales) and starts where the fixed model starts: same keypoints, scales and
+  logits; with trained-looking weights its scales stay in the range and every patch inside the image."""
+  x = jax.random.normal(jax.random.PRNGKey(1), (6, 8, 8, 1))
+  fixed, zooming = make_model("focus"), make_model("focus", focus__zoom=True, focus__zoom_range=(0.25, 0.9))
+  fixed_vars = jax.jit(lambda key: fixed.init(key, (8, 8, 1)))(jax.random.PRNGKey(0))
+  zoom_vars = jax.jit(lambda key: zooming.init(key, (8, 8, 1)))(jax.random.PRNGKey(0))
+  locate = zoom_vars["params"]["encoder"]["locate"]
+  assert set(locate) - set(fixed_vars["params"]["encoder"]["locate"]) == {"scales"}
+  np.testing.assert_allclose(zooming.patch_scales(zoom_vars, x), 0.5, atol=1e-6)  # patch_scale: where it starts
+  np.testing.assert_allclose(fixed.patch_scales(fixed_vars, x), 0.5)
+  np.testing.assert_allclose(zooming.keypoints(zoom_vars, x), fixed.keypoints(fixed_vars, x), atol=1e-6)
+  np.testing.assert_allclose(zooming.apply(zoom_vars, x)[0], fixed.apply(fixed_vars, x)[0], atol=1e-5)
+  assert focus.zoom_logit(0.5, (0.25, 0.75)) == 0.0
+
+  noisy = jax.tree.map(lambda a: 30.0 * jax.random.normal(jax.random.PRNGKey(3), a.shape), locate)
+  variables = {**zoom_vars, "params": {**zoom_vars["params"], "encoder": {**zoom_vars["params"]["encoder"],
+                                                                          "locate": noisy}}}
+  scales, points = np.asarray(zooming.patch_scales(variables, x)), np.asarray(zooming.keypoints(variables, x))
+  assert scales.min() >= 0.25 and scales.max() <= 0.9 and scales.std() > 0.05  # they vary per image and keypoint
+  assert np.all(np.abs(points) <= (1 - scales)[..., None] + 1e-6)  # centre ± scale stays within [-1, 1]
+
+
+def test_zoom_learns_the_patch_scales():
+  config = make_config("focus", focus__zoom=True, focus__zoom_range=(0.25, 0.9), schedule="constant",
+                       warmup_epochs=0, learning_rate=0.1, **{"focus__keypoint_grad_scale": 1.0})
+  losses, state = fit_one_batch(config, steps=25)
+  assert losses[-1] < 0.7 * losses[0], losses
+  bias = state.params["encoder"]["locate"]["scales"]["bias"]
+  assert np.abs(np.asarray(bias) - focus.zoom_logit(0.5, (0.25, 0.9))).max() > 1e-3  # the scales moved
+
+
 @pytest.mark.parametrize("name", ["focus", "corner"])
 def test_train_steps_lower_the_loss(name):
   losses, state = fit_one_batch(make_config(name, schedule="constant", warmup_epochs=0, learning_rate=0.1), steps=25)
@@ -328,6 +383,9 @@ BAD_FIELDS = [
     (["--config.corner.nms_radius=-1"], ["config.corner.nms_radius=-1"]),
     (["--config.corner.nms_radius=50"], ["config.corner.nms_radius=50", "at most 8"]),
     (["--config.corner.sigma=20.0"], ["config.corner.sigma=20.0", "(0, 8]"]),
+    (["--config.focus.zoom=True", "--config.focus.zoom_range=(0.5,0.8)"],
+     ["config.focus.zoom_range=(0.5, 0.8)", "0 < s_min < patch_scale=0.43 < s_max <= 1"]),
+    (["--config.focus.zoom=True", "--config.focus.zoom_range=(0.2,1.5)"], ["config.focus.zoom_range=(0.2, 1.5)"]),
 ]
 
 
@@ -339,6 +397,14 @@ def test_bad_focus_config_is_one_line(tmp_path, capsys, name, overrides, fragmen
                            *overrides)
   assert_one_line_error(code, err, *fragments)
   assert not workdir.exists()
+
+
+def test_zoom_needs_learned_keypoints(tmp_path, capsys):
+  code, _, err = run_cli(capsys, "train", "--workdir", tmp_path / "wd", "--config.model=corner",
+                         "--config.dataset=digits", "--config.focus.zoom=True")
+  assert_one_line_error(code, err, "config.focus.zoom=True needs learned keypoints", "config.model='corner'",
+                        "--config.model=focus")
+  assert not (tmp_path / "wd").exists()
 
 
 @pytest.mark.parametrize("name", ["focus", "corner"])

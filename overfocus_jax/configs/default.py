@@ -91,6 +91,8 @@ def get_config() -> ml_collections.ConfigDict:
       patch_scale=0.43,          # 12/28: the patch samples MNIST at its own resolution
       keypoint_widths=(8, 16),   # the keypoint CNN's stride-2 conv layers (focus only)
       keypoint_grad_scale=0.01,  # the keypoint CNN learns this much slower (focus only)
+      zoom=False,                # focus only: also learn each patch's scale, within zoom_range (seed 001's
+      zoom_range=(0.2, 0.8),     # "focus sizing"); patch_scale is where it starts, inside the range
       patch_widths=(16, 32),     # the shared patch encoder's conv layers
       feature_width=64,          # D: one feature vector per patch
       hidden=128,                # the head's hidden layer (0: none)

@@ -64,9 +64,10 @@ def map_overlays(path: pathlib.Path, images: np.ndarray, maps: Mapping[str, np.n
 
 
 def keypoint_overlays(path: pathlib.Path, images: np.ndarray, keypoints_px: np.ndarray,
-                      patch_px: tuple[float, float], labels: np.ndarray, predictions: np.ndarray,
+                      patch_px: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
                       title: str = "") -> pathlib.Path:
-  """Images with their K keypoints (``(N, K, 2)`` as (column, row) pixels) and the (width, height) patch each reads."""
+  """Images with their K keypoints (``(N, K, 2)`` as (column, row) pixels) and the patch each reads (``(N, K, 2)``
+  as (width, height) pixels)."""
   n = len(images)
   cols = min(n, 8)
   rows = -(-n // cols)
@@ -80,7 +81,7 @@ def keypoint_overlays(path: pathlib.Path, images: np.ndarray, keypoints_px: np.n
     _show_image(ax, images[i])
     for k, (col, row) in enumerate(keypoints_px[i]):
       color = colors(k % 10)
-      patch_w, patch_h = patch_px
+      patch_w, patch_h = patch_px[i][k]
       ax.add_patch(plt.Rectangle((col - patch_w / 2, row - patch_h / 2), patch_w, patch_h, fill=False,
                                  edgecolor=color, linewidth=1.0))
       ax.plot([col], [row], marker="+", color=color, markersize=6)

@@ -246,8 +246,9 @@ def _model_figures(run, first, out: pathlib.Path, predictions) -> dict:
     keypoints = np.asarray(keypoints)
     pixels = np.stack([patches.normalized_to_pixel(keypoints[..., 0], width),     # x: the column
                        patches.normalized_to_pixel(keypoints[..., 1], height)], -1)  # y: the row
-    scale = model.module.patch_scale  # the patch spans centre ± scale in [-1, 1] units, on each axis
-    patch_px = (scale * width, scale * height)
+    # Each patch spans its centre ± its scale in [-1, 1] units on each axis: scale·W by scale·H pixels.
+    scales = np.asarray(model.patch_scales(variables, jnp.asarray(first["image"])))
+    patch_px = np.stack([scales * width, scales * height], -1)
     written["keypoints"] = figures.keypoint_overlays(out / "keypoints.png", images, pixels, patch_px,
                                                      first["label"], predictions,
                                                      title=f"keypoints and patches — {_label(run)}")

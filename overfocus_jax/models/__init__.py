@@ -20,6 +20,7 @@ Models that look at parts of the image say where, in inference mode, or return N
 
     maps = model.attention_maps(variables, x)   # attention: a tuple of (B, h, w) maps
     points = model.keypoints(variables, x)      # focus, corner: (B, K, 2) = (x, y) in [-1, 1], x the column
+    scales = model.patch_scales(variables, x)   # focus, corner: (B, K), each patch spans its keypoint ± its scale
 
 Pretrained weights (``config.init_from``): :mod:`overfocus_jax.models.weights` maps a ``.safetensors`` state dict
 onto a model through its module's ``from_<layout>`` function (e.g. ``resnet_tv.from_torchvision``).
@@ -89,6 +90,11 @@ class Model:
   def keypoints(self, variables: Variables, x: jax.Array):
     """Keypoints (B, K, 2) = (x, y) in [-1, 1], x the column, in inference mode; None for a model without them."""
     return self._inspect("keypoints", variables, x)
+
+  def patch_scales(self, variables: Variables, x: jax.Array):
+    """Each keypoint's patch scale (B, K) (the patch spans the keypoint ± it, in [-1, 1] units) in inference mode;
+    None for a model without keypoints."""
+    return self._inspect("patch_scales", variables, x)
 
   def supports_split(self, level: str) -> bool:
     """Whether the module has the methods ``split(level)`` needs."""
@@ -177,8 +183,9 @@ def _patch_settings(config) -> dict:
 
 
 def _focus(config, **common) -> nn.Module:
-  return focus.FocusNet(keypoint_widths=tuple(config.focus.keypoint_widths),
-                        keypoint_grad_scale=config.focus.keypoint_grad_scale, **_patch_settings(config), **common)
+  group = config.focus
+  return focus.FocusNet(keypoint_widths=tuple(group.keypoint_widths), keypoint_grad_scale=group.keypoint_grad_scale,
+                        zoom_range=tuple(group.zoom_range) if group.zoom else (), **_patch_settings(config), **common)
 
 
 def _corner(config, **common) -> nn.Module:

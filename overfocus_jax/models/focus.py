@@ -9,6 +9,12 @@ FocusNet's keypoints come from a small CNN, ``p = (1 − s)·tanh(dense(flatten(
 inside the image; its dense layer starts with a zero kernel and a bias on a grid, so training starts from K patches
 spread over the image, not all at its centre, and it learns ``keypoint_grad_scale`` times slower than the rest
 (:func:`scale_gradient`): bilinear sampling makes the loss differentiable in ``p``, but steeply so.
+Its zoom variant (``zoom_range = (s_min, s_max)``; seed 001's "focus sizing" model) also learns each patch's size,
+
+    s_k = s_min + (s_max − s_min)·σ(dense_s(flatten(cnn(x))))_k,   p_k = (1 − s_k)·tanh(dense_p(...))_k
+
+starting at ``s_k = s`` (a zero kernel and the bias σ⁻¹ of s's place in the range), so it starts as the fixed-size
+model and the patch stays inside the image at any size; the P×P samples then cover a larger or smaller region.
 CornerNet's keypoints are the K strongest Harris corners, strongest first,
 
     M = G_σ * [[I_x², I_x I_y], [I_x I_y, I_y²]]   (Sobel gradients of the channel-mean image, Gaussian window)
@@ -152,14 +158,31 @@ def scale_gradient(x: jax.Array, factor: float) -> jax.Array:
   return frozen + factor * (x - frozen)
 
 
+def _constant_bias(value: float):
+  """Initialiser for a bias filled with ``value``."""
+  return lambda key, shape, dtype=jnp.float32: jnp.full(shape, value, dtype)
+
+
+def zoom_logit(patch_scale: float, zoom_range: Sequence[float]) -> float:
+  """σ⁻¹ of ``patch_scale``'s place in ``zoom_range``: the scale layer's initial bias, so zooming starts at s."""
+  low, high = zoom_range
+  share = (patch_scale - low) / (high - low)
+  return math.log(share / (1.0 - share))
+
+
 class KeypointNet(nn.Module):
-  """x (B, H, W, C) → K keypoints (B, K, 2) in [-bound, bound]: stride-2 conv → BN → ReLU layers, flatten, dense,
-  bound·tanh. ``grad_scale`` scales the gradient reaching the network in training, i.e. its learning rate under
-  SGD; in inference (``train=False``) gradients are exact."""
+  """x (B, H, W, C) → K keypoints (B, K, 2) and their patch scales (B, K): stride-2 conv → BN → ReLU layers,
+  flatten, dense, (1 − s)·tanh, so that every patch stays inside the image.
+
+  The scales are ``patch_scale`` everywhere, or learned within ``zoom_range`` (the zoom variant, see the module
+  docstring). ``grad_scale`` scales the gradient reaching the network in training, i.e. its learning rate under
+  SGD; in inference (``train=False``) gradients are exact.
+  """
 
   num_keypoints: int
   widths: Sequence[int] = (8, 16)
-  bound: float = 1.0
+  patch_scale: float = 0.0
+  zoom_range: Sequence[float] = ()  # () fixed-size patches; (s_min, s_max) learned sizes
   grad_scale: float = 1.0
   dtype: Any = jnp.float32
   conv: ModuleDef = nn.Conv
@@ -174,13 +197,26 @@ class KeypointNet(nn.Module):
                             name=f"bn{i + 1}")(x))
     # Flatten, not pool: where a feature lies is what the keypoints must follow.
     x = x.reshape(x.shape[0], -1)
-    out = nn.Dense(2 * self.num_keypoints, kernel_init=nn.initializers.zeros,
-                   bias_init=_grid_bias(self.num_keypoints, self.bound), dtype=self.dtype, name="points")(x)
+    batch, k = x.shape[0], self.num_keypoints
+    # A patch of the whole image stays centred (bound 0).
+    initial_bound = max(1.0 - self.patch_scale, 0.0)
+    out = nn.Dense(2 * k, kernel_init=nn.initializers.zeros, bias_init=_grid_bias(k, initial_bound),
+                   dtype=self.dtype, name="points")(x)
     # The loss is steep in the keypoints (a one-pixel move changes a whole patch), and the flattened features have
     # a large fan-in: at the full learning rate the keypoints leave the digit in a few steps and never come back.
     # Only in training: in inference the gradient is the model's own (attribution methods differentiate it).
-    out = scale_gradient(out.astype(_output_dtype(self.dtype)), self.grad_scale if train else 1.0)
-    return self.bound * jnp.tanh(out).reshape(x.shape[0], self.num_keypoints, 2)
+    grad_scale = self.grad_scale if train else 1.0
+    out = scale_gradient(out.astype(_output_dtype(self.dtype)), grad_scale)
+    if not self.zoom_range:
+      scales = jnp.full((batch, k), self.patch_scale, out.dtype)
+      return initial_bound * jnp.tanh(out).reshape(batch, k, 2), scales
+    low, high = self.zoom_range
+    size = nn.Dense(k, kernel_init=nn.initializers.zeros,
+                    bias_init=_constant_bias(zoom_logit(self.patch_scale, self.zoom_range)), dtype=self.dtype,
+                    name="scales")(x)
+    scales = low + (high - low) * jax.nn.sigmoid(scale_gradient(size.astype(out.dtype), grad_scale))
+    bound = jnp.maximum(1.0 - scales, 0.0)[..., None]
+    return bound * jnp.tanh(out).reshape(batch, k, 2), scales
 
 
 # ----------------------------------------------------------------------------- the shared patch classifier
@@ -198,9 +234,11 @@ class PatchEncoder(nn.Module):
   norm: ModuleDef = nn.BatchNorm
 
   @nn.compact
-  def __call__(self, images, keypoints, train: bool):
+  def __call__(self, images, keypoints, train: bool, scales=None):
+    """``scales`` (B, K): each patch's own scale; None: ``patch_scale`` for all."""
     batch, k = keypoints.shape[:2]
-    patches = extract_patches(images, keypoints.astype(images.dtype), self.patch_size, self.patch_scale)
+    scales = self.patch_scale if scales is None else scales.astype(images.dtype)
+    patches = extract_patches(images, keypoints.astype(images.dtype), self.patch_size, scales)
     x = patches.reshape(batch * k, *patches.shape[2:])
     for i, features in enumerate(self.widths):
       x = self.conv(features, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype, name=f"conv{i + 1}")(x)
@@ -231,7 +269,7 @@ class PatchHead(nn.Module):
 
 
 class FocusEncoder(nn.Module):
-  """Learned keypoints, then the patch encoder."""
+  """Learned keypoints (and, zooming, their patch sizes), then the patch encoder."""
 
   num_keypoints: int
   patch_size: int
@@ -240,22 +278,27 @@ class FocusEncoder(nn.Module):
   patch_widths: Sequence[int]
   feature_width: int
   keypoint_grad_scale: float = 0.01
+  zoom_range: Sequence[float] = ()
   dtype: Any = jnp.float32
   conv: ModuleDef = nn.Conv
   norm: ModuleDef = nn.BatchNorm
 
   def setup(self):
-    # Centres within ±(1 − scale): every patch stays inside the image (a patch of the whole image stays centred).
-    self.locate = KeypointNet(self.num_keypoints, tuple(self.keypoint_widths), bound=max(1.0 - self.patch_scale, 0.0),
-                              grad_scale=self.keypoint_grad_scale, dtype=self.dtype, conv=self.conv, norm=self.norm)
+    self.locate = KeypointNet(self.num_keypoints, tuple(self.keypoint_widths), patch_scale=self.patch_scale,
+                              zoom_range=tuple(self.zoom_range), grad_scale=self.keypoint_grad_scale,
+                              dtype=self.dtype, conv=self.conv, norm=self.norm)
     self.patches = PatchEncoder(self.patch_size, self.patch_scale, tuple(self.patch_widths), self.feature_width,
                                 dtype=self.dtype, conv=self.conv, norm=self.norm)
 
   def keypoints(self, x, train: bool):
-    return self.locate(x, train)
+    return self.locate(x, train)[0]
+
+  def patch_scales(self, x, train: bool):
+    return self.locate(x, train)[1]
 
   def __call__(self, x, train: bool):
-    return self.patches(x, self.keypoints(x, train), train)
+    points, scales = self.locate(x, train)
+    return self.patches(x, points, train, scales if self.zoom_range else None)
 
 
 class CornerEncoder(nn.Module):
@@ -282,6 +325,10 @@ class CornerEncoder(nn.Module):
     del train
     return harris_keypoints(x, self.num_keypoints, harris_k=self.harris_k, sigma=self.sigma,
                             nms_radius=self.nms_radius, border=self.border)
+
+  def patch_scales(self, x, train: bool):
+    del train
+    return jnp.full((x.shape[0], self.num_keypoints), self.patch_scale, _output_dtype(self.dtype))
 
   def __call__(self, x, train: bool):
     return self.patches(x, self.keypoints(x, train), train)
@@ -324,17 +371,22 @@ class _PatchModel(nn.Module):
     """(B, K, 2) = (x, y) in [-1, 1], x the column."""
     return self.encoder.keypoints(x, train)
 
+  def patch_scales(self, x, train: bool = False):
+    """(B, K): each patch spans its keypoint ± its scale in [-1, 1] units, on each axis."""
+    return self.encoder.patch_scales(x, train)
+
 
 class FocusNet(_PatchModel):
-  """Classifies from K patches at learned keypoints."""
+  """Classifies from K patches at learned keypoints; with a ``zoom_range``, of learned sizes too."""
 
   keypoint_widths: Sequence[int] = (8, 16)
   keypoint_grad_scale: float = 0.01
+  zoom_range: Sequence[float] = ()
 
   def make_encoder(self):
     return FocusEncoder(self.num_keypoints, self.patch_size, self.patch_scale, tuple(self.keypoint_widths),
-                        tuple(self.patch_widths), self.feature_width, self.keypoint_grad_scale, dtype=self.dtype,
-                        conv=self.conv, norm=self.norm)
+                        tuple(self.patch_widths), self.feature_width, self.keypoint_grad_scale,
+                        tuple(self.zoom_range), dtype=self.dtype, conv=self.conv, norm=self.norm)
 
 
 class CornerNet(_PatchModel):

@@ -11,6 +11,8 @@ centres of P equal cells (``scale = P / W`` is a crop at the image's own resolut
 bilinear interpolation with zeros outside the image, separable in rows and columns, so a patch is two small matrix
 products, differentiable in the centres (the weights are piecewise linear in them) and in the image. For a
 non-square image ``scale`` applies to each side, so the patch covers the same share of the height and the width.
+``scale`` is one number for every patch or one per patch, (B, K): a zooming model sizes each glimpse itself, and
+the samples are then differentiable in the scale too (u_j is linear in s).
 """
 
 import jax
@@ -27,9 +29,13 @@ def normalized_to_pixel(coord: jax.Array, size: int) -> jax.Array:
   return (coord + 1.0) * size / 2.0 - 0.5
 
 
-def sample_offsets(patch_size: int, scale: float) -> jax.Array:
-  """The P sample positions of a patch relative to its centre, in normalised units: cell centres of ±scale."""
-  return scale * ((2.0 * jnp.arange(patch_size) + 1.0) / patch_size - 1.0)
+def sample_offsets(patch_size: int, scale: float | jax.Array) -> jax.Array:
+  """The P sample positions of a patch relative to its centre, in normalised units: cell centres of ±scale.
+
+  (P,) for a number ``scale``; (..., P) for an array of scales (...).
+  """
+  cells = (2.0 * jnp.arange(patch_size) + 1.0) / patch_size - 1.0
+  return jnp.asarray(scale)[..., None] * cells
 
 
 def tent_weights(positions: jax.Array, size: int) -> jax.Array:
@@ -45,13 +51,15 @@ def tent_weights(positions: jax.Array, size: int) -> jax.Array:
   return (1.0 - frac) * (grid == base[..., None]) + frac * (grid == base[..., None] + 1.0)
 
 
-def extract_patches(images: jax.Array, centers: jax.Array, patch_size: int, scale: float) -> jax.Array:
+def extract_patches(images: jax.Array, centers: jax.Array, patch_size: int, scale: float | jax.Array) -> jax.Array:
   """Patches (B, K, P, P, C) of ``images`` (B, H, W, C) around ``centers`` (B, K, 2) = (x, y) in [-1, 1].
+
+  ``scale``: the patches' half side in normalised units, a number or one per patch (B, K).
 
   Axis 2 of a patch runs down the rows (y) and axis 3 along the columns (x), as in the image.
   """
   _, height, width, _ = images.shape
-  offsets = sample_offsets(patch_size, scale).astype(centers.dtype)
+  offsets = sample_offsets(patch_size, scale).astype(centers.dtype)  # (P,) or (B, K, P)
   cols = normalized_to_pixel(centers[..., 0, None] + offsets, width)   # (B, K, P)
   rows = normalized_to_pixel(centers[..., 1, None] + offsets, height)  # (B, K, P)
   weight_x = tent_weights(cols, width).astype(images.dtype)            # (B, K, P, W)
