@@ -29,6 +29,7 @@ CONFIGS = {
     "resnet18": HERE / "configs" / "resnet18.py",
     "attention": HERE / "configs" / "attention.py",
     "focus": HERE / "configs" / "focus.py",
+    "focus_zoom": HERE / "configs" / "focus.py",  # the focus config, each patch's scale learned (focus.zoom)
     "corner": HERE / "configs" / "corner.py",
     "vgg16": HERE / "configs" / "vgg16.py",
     "convnext": HERE / "configs" / "convnext.py",
@@ -38,12 +39,14 @@ CONFIGS = {
 # Fields a model needs besides its config file, on every dataset.
 MODEL_OVERRIDES = {
     "resnet18_tv": ("--config.model=resnet18_tv",),
+    "focus_zoom": ("--config.focus.zoom=True",),
     "mnist_cnn": ("--config.environments.test_envs=()",),  # its config holds out ColoredMNIST's −90%
 }
 DATASETS = ("mnist5k", "digits")
 # The focus models' 12-pixel glimpses do not fit 8×8 digits: there they read 4 samples over half the image side.
 DATASET_OVERRIDES = {
     ("focus", "digits"): ("--config.focus.patch_size=4", "--config.focus.patch_scale=0.5"),
+    ("focus_zoom", "digits"): ("--config.focus.patch_size=4", "--config.focus.patch_scale=0.5"),
     ("corner", "digits"): ("--config.focus.patch_size=4", "--config.focus.patch_scale=0.5",
                            "--config.corner.border=1"),
 }

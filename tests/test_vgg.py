@@ -330,3 +330,81 @@ def test_bad_vgg_config_is_one_line(tmp_path, capsys, overrides, fragments):
                            *TINY_VGG_ARGS, "--config.num_epochs=1", "--no-progress", *overrides)
   assert_one_line_error(code, err, *fragments)
   assert out == "" and not workdir.exists()
+
+
+# ----------------------------------------------------------------------------- torchvision's state dict
+
+# torchvision's vgg16 / vgg16_bn ``features`` places of the 13 convs (models/vgg.py in torchvision: cfg "D").
+TORCHVISION_CONVS = {False: (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28),
+                     True: (0, 3, 7, 10, 14, 17, 20, 24, 27, 30, 34, 37, 40)}
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_torchvision_names_are_vgg16s(batch_norm):
+  model = build_model(config_lib.build_config(None, [("model", "vgg16"), ("vgg.head", "classic"),
+                                                     ("vgg.batch_norm", str(batch_norm))]), 1000)
+  variables = abstract_variables(model, (224, 224, 3))
+  state = vgg.to_torchvision(jax.tree.map(lambda a: np.zeros(a.shape, np.float32), variables))
+  convs = sorted({int(name.split(".")[1]) for name in state if name.startswith("features.") and
+                  state[name].ndim == 4})
+  assert tuple(convs) == TORCHVISION_CONVS[batch_norm]
+  if batch_norm:
+    assert state["features.1.running_var"].shape == (64,) and state["features.41.weight"].shape == (512,)
+  assert state["classifier.0.weight"].shape == (4096, 25088) and state["classifier.6.weight"].shape == (1000, 4096)
+  assert sum(v.size for k, v in state.items() if "running" not in k) == parameter_count(variables["params"])
+
+
+def torch_classic_head(state, z):
+  """torchvision's classifier in numpy: adaptive pool, flatten in NCHW order, Linear-ReLU-Linear-ReLU-Linear."""
+  pooled = np.asarray(vgg.adaptive_avg_pool(jnp.asarray(z), 2)).transpose(0, 3, 1, 2).reshape(len(z), -1)
+  linear = lambda x, layer: x @ state[f"classifier.{layer}.weight"].T + state[f"classifier.{layer}.bias"]
+  return linear(np.maximum(linear(np.maximum(linear(pooled, 0), 0), 3), 0), 6)
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_round_trip_through_torchvisions_names_and_its_flatten_order(tmp_path, batch_norm):
+  from safetensors.numpy import save_file
+  from overfocus_jax.models import weights
+  model = make_model(vgg__head="classic", vgg__hidden=16, vgg__head_pool=2, vgg__batch_norm=batch_norm)
+  saved = jax.device_get(numpy_variables(model, (8, 8, 1), seed=0))
+  fresh = jax.device_get(numpy_variables(model, (8, 8, 1), seed=1))
+  state = vgg.to_torchvision(saved)
+  save_file(state, str(tmp_path / "w.safetensors"))
+  loaded = weights.load_pretrained(model, fresh, tmp_path / "w.safetensors", "torchvision")
+  chex.assert_trees_all_equal(loaded, saved)
+  # The head on a latent map, ours against torchvision's NCHW flatten: the first layer's inputs were permuted.
+  z = np.random.default_rng(2).normal(size=(3, 3, 2, 32)).astype(np.float32)
+  logits, _ = model.classify(loaded, jnp.asarray(z))
+  np.testing.assert_allclose(logits, torch_classic_head(state, z), rtol=1e-4, atol=1e-5)
+
+
+def test_torchvision_weights_on_another_class_count_or_the_gap_head_keep_the_head_fresh(tmp_path, capsys):
+  from safetensors.numpy import save_file
+  from overfocus_jax.models import weights
+  classic = dict(vgg__head="classic", vgg__hidden=16, vgg__head_pool=2)
+  saved = jax.device_get(numpy_variables(make_model(**classic), (8, 8, 1), seed=0))
+  save_file(vgg.to_torchvision(saved), str(tmp_path / "w.safetensors"))
+  seven = make_model(num_classes=7, **classic)
+  fresh = jax.device_get(numpy_variables(seven, (8, 8, 1), seed=1))
+  capsys.readouterr()
+  loaded = weights.load_pretrained(seven, fresh, tmp_path / "w.safetensors", "torchvision")
+  assert "the file's classifier.6 has 10 classes, the model 7: classifier.6 is re-initialised" in capsys.readouterr().err
+  chex.assert_trees_all_equal(loaded["params"]["head"]["classifier"], fresh["params"]["head"]["classifier"])
+  chex.assert_trees_all_equal(loaded["params"]["head"]["fc2"], saved["params"]["head"]["fc2"])
+  chex.assert_trees_all_equal(loaded["params"]["encoder"], saved["params"]["encoder"])
+
+  gap = make_model()
+  fresh = jax.device_get(numpy_variables(gap, (8, 8, 1), seed=1))
+  loaded = weights.load_pretrained(gap, fresh, tmp_path / "w.safetensors", "torchvision")
+  assert "does not fit the gap head" in capsys.readouterr().err
+  chex.assert_trees_all_equal(loaded["params"]["encoder"], saved["params"]["encoder"])
+  chex.assert_trees_all_equal(loaded["params"]["head"], fresh["params"]["head"])
+  chex.assert_trees_all_equal(loaded["batch_stats"], saved["batch_stats"])
+  with pytest.raises(weights.UserError, match="gap head has no torchvision counterpart.*vgg.head=classic"):
+    vgg.to_torchvision(fresh)
+  # Batch norm in the file and not in the model: the first tensor that does not fit is named.
+  plain = make_model(vgg__head="classic", vgg__hidden=16, vgg__head_pool=2, vgg__batch_norm=False)
+  with pytest.raises(weights.UserError, match=r"expected 'features.2.bias' of shape \(4\), found no such tensor; "
+                     r"the file's unmatched tensors begin \['features.1.bias'"):
+    weights.load_pretrained(plain, jax.device_get(numpy_variables(plain, (8, 8, 1))), tmp_path / "w.safetensors",
+                            "torchvision")

@@ -264,7 +264,8 @@ def load_check_script():
 
 
 @pytest.mark.parametrize("name, library", [("resnet18_tv", "torchvision"), ("resnet50_tv", "torchvision"),
-                                           ("resnet50_tv", "timm")])
+                                           ("resnet50_tv", "timm"), ("vgg16", "torchvision"),
+                                           ("vgg16_bn", "torchvision")])
 def test_logits_equal_the_peers(tmp_path, name, library):
   """experiments/check_pretrained.py at 64×64: the library's network, saved and loaded in its layout."""
   pytest.importorskip("torch")

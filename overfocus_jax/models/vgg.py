@@ -24,13 +24,25 @@ The split:
 
 and at the pooled vector: ``embed(x)`` = mean_hw(z) (B, C) for "gap", flatten(adaptive pool of z) (B, n·n·C) for
 "classic"; ``classify_embedding`` = the head's dense layer(s).
+
+torchvision's state dicts (``vgg16``, ``vgg16_bn``; :func:`from_torchvision`, :func:`to_torchvision`): its
+``features`` is one numbered list, conv [BN] ReLU per layer and a max-pool after each block, so conv ``i_j`` and its
+BN are the entries at their places in that list (whatever ``max_pools`` says: the pools hold no weights); the
+classic head is ``classifier.0``/``.3``/``.6`` (the ReLUs and dropouts between hold none either), whose first
+layer's inputs are permuted from NCHW's flatten order (c, i, j) to ours (i, j, c). The gap head has no torchvision
+counterpart: loading keeps it fresh (one line), exporting refuses.
 """
 
+import re
+import sys
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
+
+from overfocus_jax.errors import UserError
+from overfocus_jax.models import weights
 
 ModuleDef = Any  # a flax module class or a functools.partial of one (flax's examples' convention)
 HEADS = ("gap", "classic")
@@ -160,3 +172,86 @@ class VGG(nn.Module):
     del train
     return self.head.dense(pooled)
 
+
+
+# ----------------------------------------------------------------------------- torchvision's state dict
+
+TORCHVISION_CLASSIFIER = {"fc1": "classifier.0", "fc2": "classifier.3", "classifier": "classifier.6"}
+
+
+def torchvision_feature_indices(encoder: dict) -> dict[str, int]:
+  """Our encoder's module names (``conv2_1``, ``bn2_1``, …) → their places in torchvision's ``features`` list: conv,
+  [BN,] ReLU per layer, a max-pool after each block."""
+  layers = sorted((tuple(map(int, re.fullmatch(r"conv(\d+)_(\d+)", name).groups())) for name in encoder
+                   if name.startswith("conv")))
+  batch_norm = any(name.startswith("bn") for name in encoder)
+  indices, index = {}, 0
+  for n, (block, layer) in enumerate(layers):
+    indices[f"conv{block}_{layer}"] = index
+    if batch_norm:
+      indices[f"bn{block}_{layer}"] = index + 1
+    index += 3 if batch_norm else 2
+    if n + 1 == len(layers) or layers[n + 1][0] != block:
+      index += 1  # the block's max-pool
+  return indices
+
+
+def _module_namer(variables: dict):
+  """Our module path → torchvision's module name, for ``variables``' encoder."""
+  indices = torchvision_feature_indices(variables["params"]["encoder"])
+
+  def name(path: tuple[str, ...]) -> str:
+    part, module = path
+    return f"features.{indices[module]}" if part == "encoder" else TORCHVISION_CLASSIFIER[module]
+
+  return name
+
+
+def _classic_head(variables: dict) -> bool:
+  return "fc1" in variables["params"]["head"]
+
+
+def _flatten_permutation(variables: dict) -> tuple[int, int]:
+  """``(channels, pool size)`` of the classic head's flattened input, from the shapes of ``variables``."""
+  encoder = variables["params"]["encoder"]
+  indices = torchvision_feature_indices(encoder)
+  last_conv = max((name for name in indices if name.startswith("conv")), key=indices.get)
+  inputs, channels = np.shape(variables["params"]["head"]["fc1"]["kernel"])[0], np.shape(encoder[last_conv]["kernel"])[-1]
+  return channels, int(round((inputs // channels) ** 0.5))
+
+
+def _permute_first_layer(weight: np.ndarray, channels: int, size: int, *, to_ours: bool) -> np.ndarray:
+  """``classifier.0.weight`` (out, in) with its inputs reordered between torchvision's (c, i, j) and our (i, j, c)."""
+  if weight.ndim != 2 or weight.shape[1] != channels * size * size:
+    return weight  # the loader names the shape that does not fit
+  if to_ours:
+    return weight.reshape(-1, channels, size, size).transpose(0, 2, 3, 1).reshape(weight.shape)
+  return weight.reshape(-1, size, size, channels).transpose(0, 3, 1, 2).reshape(weight.shape)
+
+
+def from_torchvision(state: dict[str, np.ndarray], variables: dict) -> dict:
+  """torchvision's ``vgg16``/``vgg16_bn`` state dict on ``variables`` (the model's fresh ones): the classic head's
+  last layer stays fresh for another class count, the gap head always (one line on stderr); raises
+  :class:`weights.Mismatch` at the first name or shape that does not fit (e.g. BN in one and not the other)."""
+  if _classic_head(variables):
+    state = dict(state)
+    if "classifier.0.weight" in state:
+      state["classifier.0.weight"] = _permute_first_layer(np.asarray(state["classifier.0.weight"]),
+                                                          *_flatten_permutation(variables), to_ours=True)
+    return weights.load_torch_state(state, variables, _module_namer(variables), head="classifier.6")
+  encoder_only = {collection: {k: v for k, v in tree.items() if k != "head"} for collection, tree in variables.items()}
+  loaded = weights.load_torch_state({k: v for k, v in state.items() if not k.startswith("classifier.")}, encoder_only,
+                                    _module_namer(variables))
+  print("overfocus: init_from: torchvision's classifier does not fit the gap head (--config.vgg.head=classic is "
+        "torchvision's): head is re-initialised", file=sys.stderr, flush=True)
+  return {collection: {**tree, **loaded.get(collection, {})} for collection, tree in variables.items()}
+
+
+def to_torchvision(variables: dict) -> dict[str, np.ndarray]:
+  """The inverse for the classic head: ``variables`` as torchvision's state dict (no ``num_batches_tracked``)."""
+  if not _classic_head(variables):
+    raise UserError("the vgg16 gap head has no torchvision counterpart", "export a run with --config.vgg.head=classic")
+  state = weights.torch_state(variables, _module_namer(variables))
+  state["classifier.0.weight"] = np.ascontiguousarray(
+      _permute_first_layer(state["classifier.0.weight"], *_flatten_permutation(variables), to_ours=False))
+  return state

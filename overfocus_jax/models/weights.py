@@ -56,7 +56,7 @@ def save_safetensors(model: Any, variables: dict, path: str | pathlib.Path, layo
   if not callable(convert):
     has = tuple(name for name in LAYOUTS if callable(getattr(model_module(model), f"to_{name}", None)))
     raise UserError(f"model {model.name!r} has no mapping to {layout}-layout weights",
-                    f"use --layout {has[0]}" if has else "export a resnet18_tv, resnet50_tv or convnext run")
+                    f"use --layout {has[0]}" if has else "export a resnet18_tv, resnet50_tv, vgg16 or convnext run")
   from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top  # only when exporting
   options = getattr(model_module(model), "export_options", lambda model: {})(model)
   state = convert(jax.tree.map(np.asarray, variables), **options)
