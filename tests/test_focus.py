@@ -428,6 +428,7 @@ def test_corner_trains_one_epoch_through_the_cli(tmp_path, capsys):
   summary = json.loads(out.strip().splitlines()[-1])
   assert set(summary["methods"]) == {"input_gradient", "smoothgrad", "integrated_gradients"}
   assert (tmp_path / "wd" / "explain" / "keypoints.png").stat().st_size > 5000
+  assert summary["patch_scales"]["mean"] == summary["patch_scales"]["max"] == [0.5, 0.5]  # fixed: patch_scale
   code, _, err = run_cli(capsys, "explain", "--workdir", tmp_path / "wd", "--methods", "grad_cam")
   assert_one_line_error(code, err, "needs a feature map aligned with the image")
 

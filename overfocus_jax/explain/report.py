@@ -10,11 +10,12 @@ For the first ``images`` test images (the same ones every time) and each attribu
   map upsampled to pixels, with removed pixels set to the dataset mean (0 after normalisation);
 
 and draws, for the first ``n`` of them, the maps over the images (``attributions.png``), attention maps and
-keypoints when the model has them, the per-epoch attribution ratio and generalization gap from ``metrics.jsonl``
+keypoints (each patch at its size) when the model has them, the per-epoch attribution ratio and generalization gap from ``metrics.jsonl``
 (``training_curves.png``) and the per-channel feature usage (``feature_usage.png``); those two also show a
 second run when ``compare`` is given (the maps and ``explain.json``'s metrics are the main run's). Everything
 explains the ``target`` class: the true one, or the predicted one (deletion/insertion then follow its
-probability).
+probability). For the focus models ``explain.json`` also holds ``patch_scales``: each keypoint's patch scale over
+the measured images (mean, std, min, max), which the zoom variant learns.
 """
 
 import dataclasses
@@ -220,6 +221,21 @@ def feature_usage(run, source, count: int, target: str = "true") -> dict:
   return latent.usage_from_sums(jax.device_get(totals))
 
 
+def patch_scale_summary(run, source, count: int) -> dict | None:
+  """Each keypoint's patch scale (its half side in [-1, 1] units) over the first ``count`` images: mean, standard
+  deviation, min and max per keypoint; None for a model without keypoints. A zooming focus model learns them; the
+  others report their fixed ``patch_scale``."""
+  model, dataset = run.exp.model, run.exp.dataset
+  if not model.has("patch_scales"):
+    return None
+  scales_fn = jax.jit(lambda v, x: model.patch_scales(v, x))
+  rows = [np.asarray(scales_fn(run.state.variables, b["image"]))[np.asarray(b["mask"]) > 0]
+          for b in _batches(source, count, dataset)]
+  scales = np.concatenate(rows)
+  return {stat: [round(float(v), 4) for v in fn(scales, axis=0)]
+          for stat, fn in (("mean", np.mean), ("std", np.std), ("min", np.min), ("max", np.max))}
+
+
 def _label(run) -> str:
   reg = run.config.regularizer.name
   return f"{run.workdir.name} ({run.config.model}, {reg})"
@@ -290,6 +306,7 @@ def explain(workdir, *, dataset: str | None = None, out=None, compare=None, opti
       usage[_label(other)] = feature_usage(other, source, count, options.target)
   if any(runs.values()):
     written["training_curves"] = figures.training_curves(out / "training_curves.png", runs)
+  scales = patch_scale_summary(run, source, count)
   if usage:
     written["feature_usage"] = figures.feature_usage(out / "feature_usage.png", usage)
     (out / "feature_usage.json").write_text(json.dumps(usage, indent=1))
@@ -303,5 +320,7 @@ def explain(workdir, *, dataset: str | None = None, out=None, compare=None, opti
                         for label, u in usage.items()},
       "figures": {k: str(v) for k, v in written.items()}, "out": str(out),
   }
+  if scales is not None:
+    summary["patch_scales"] = scales
   (out / "explain.json").write_text(json.dumps(summary, indent=2))
   return summary
