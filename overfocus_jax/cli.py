@@ -19,7 +19,8 @@ import json
 import os
 import sys
 
-from overfocus_jax.errors import SettingError, UserError
+from overfocus_jax import errors
+from overfocus_jax.errors import UserError
 from overfocus_jax.overrides import CONFIG_PREFIX, split_overrides
 from overfocus_jax.train.preemption import Stopped  # numpy only: the CLI still starts without importing JAX
 
@@ -177,12 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     from overfocus_jax import compilation_cache
     compilation_cache.enable()  # before anything compiles; $OVERFOCUS_COMPILATION_CACHE=off turns it off
     COMMANDS[args.command](args, overrides)
-  except SettingError as e:  # library code names the setting; here it becomes the flag that sets it
-    print(f"overfocus: error: {e.as_flag(CONFIG_PREFIX)}", file=sys.stderr)
-    return UserError.exit_code
-  except UserError as e:
-    print(f"overfocus: error: {e}", file=sys.stderr)
-    return UserError.exit_code
+  except UserError as e:  # a SettingError is worded as the flag that sets it
+    return errors.report(e, flag_prefix=CONFIG_PREFIX)
   except KeyboardInterrupt:
     print("overfocus: interrupted; the last checkpoint is kept", file=sys.stderr)
     return 130

@@ -7,8 +7,10 @@ one line on stderr and exit code 2, with no traceback.
 Library code below the config edge (data, models, parallel) does not know how a value was set — a
 ``--config.FIELD`` flag, a config file, a Python argument — so for a bad setting it raises
 :class:`SettingError` with the facts (the setting's config name, the problem, what would work), and the edge
-words the fix: :meth:`SettingError.as_flag` for the command line.
+words the fix: :meth:`SettingError.as_flag` for the command line. Entry points end in :func:`report`.
 """
+
+import sys
 
 
 class UserError(Exception):
@@ -32,3 +34,12 @@ class SettingError(UserError):
   def as_flag(self, prefix: str = "--config.") -> UserError:
     """The same error with the fix worded as the command-line flag that sets it."""
     return UserError(self.problem, f"set {prefix}{self.setting} to {self.remedy}")
+
+
+def report(error: UserError, program: str = "overfocus", flag_prefix: str = "--config.") -> int:
+  """Prints ``error`` as an entry point's one line on stderr — ``PROGRAM: error: …``, a :class:`SettingError`'s fix
+  worded as the flag that sets it — and returns the exit code (2)."""
+  if isinstance(error, SettingError):
+    error = error.as_flag(flag_prefix)
+  print(f"{program}: error: {error}", file=sys.stderr)
+  return UserError.exit_code

@@ -73,7 +73,8 @@ import numpy as np
 from overfocus_jax.data.environments import KINDS as SMALL_IMAGE_KINDS
 from overfocus_jax.data.environments import seed_hash
 from overfocus_jax.dg.selection import record_problem
-from overfocus_jax.errors import SettingError, UserError
+from overfocus_jax import errors
+from overfocus_jax.errors import UserError
 from overfocus_jax.overrides import CONFIG_PREFIX, split_overrides
 
 PROG = "python -m overfocus_jax.dg.sweep"
@@ -512,12 +513,8 @@ def main(argv: list[str] | None = None) -> int:
       raise UserError(f"cannot create --out {str(out)!r} ({e.strerror or type(e).__name__})",
                       "pass a folder you can write to") from None
     return run_sweep(jobs, out, config_path, user_overrides)
-  except SettingError as e:  # a dataset's setting: worded as the flag that sets it
-    print(f"overfocus: error: {e.as_flag(CONFIG_PREFIX)}", file=sys.stderr)
-    return UserError.exit_code
-  except UserError as e:
-    print(f"overfocus: error: {e}", file=sys.stderr)
-    return UserError.exit_code
+  except UserError as e:  # a SettingError is worded as the flag that sets it
+    return errors.report(e, flag_prefix=CONFIG_PREFIX)
   except KeyboardInterrupt:
     print("overfocus: interrupted; run the same command again to resume the sweep", file=sys.stderr)
     return 130

@@ -25,6 +25,7 @@ import numpy as np
 
 from overfocus_jax.dg.selection import (SELECTION_METHODS, Choice, Summary, env_count, load_records, select,
                                         selection_method, summarize, trial_summary)
+from overfocus_jax import errors
 from overfocus_jax.errors import UserError
 
 PROG = "python -m overfocus_jax.dg.tables"
@@ -141,8 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"pick one of: {', '.join(datasets)}")
     print(report(records, methods, datasets if args.dataset is None else [args.dataset], args.dataset is None))
   except UserError as e:
-    print(f"overfocus: error: {e}", file=sys.stderr)
-    return UserError.exit_code
+    return errors.report(e)
   return 0
 
 
