@@ -106,11 +106,27 @@ TINY_ARGS = tuple(f"--config.{field}={value}" for field, value in TINY_FIELDS)
 DIGITS_TRAIN, DIGITS_TEST = 1438, 359  # sources.py splits 1,797 digits 80/20 with a fixed permutation
 
 
+def as_overrides(fields: dict) -> list[tuple[str, str]]:
+  """``group__field=value`` keyword arguments as ``--config.group.field`` overrides (a string as it is, else its
+  repr)."""
+  return [(k.replace("__", "."), v if isinstance(v, str) else repr(v)) for k, v in fields.items()]
+
+
 def tiny_config(**fields):
   """The default config with the tiny architecture and ``fields`` (as strings or values) applied, validated."""
-  overrides = list(TINY_FIELDS) + [(k.replace("__", "."), v if isinstance(v, str) else repr(v))
-                                   for k, v in fields.items()]
-  return config_lib.build_config(None, overrides)
+  return config_lib.build_config(None, list(TINY_FIELDS) + as_overrides(fields))
+
+
+def digits_config(model: str, **fields):
+  """The default config for ``model`` on scikit-learn's digits with ``fields`` (``group__field=value``) applied,
+  validated: the model test files' configs."""
+  return config_lib.build_config(None, [("model", model), ("dataset", "digits")] + as_overrides(fields))
+
+
+def abstract_variables(model, input_shape):
+  """``model``'s variables as shapes only (nothing compiled or allocated)."""
+  import jax
+  return jax.eval_shape(lambda key: model.init(key, input_shape), jax.random.PRNGKey(0))
 
 
 def run_cli(capsys, *argv):

@@ -13,7 +13,7 @@ from overfocus_jax.errors import UserError
 from overfocus_jax.models import attention, build_model, merge_batch_stats
 from overfocus_jax.config import check_fits_images as check_model_fits
 
-from conftest import assert_one_line_error, assert_split_is_exact, fit_one_batch, run_cli
+from conftest import assert_one_line_error, assert_split_is_exact, digits_config, fit_one_batch, run_cli
 
 # Four conv layers of widths 4, 8, 8, 16 with pools after 1 and 3 (8×8 → 4 → 2), attention on layers 2 and 3
 # against a global feature of width 8: layer 2 needs no projection, layer 3 does not either, both at 8 wide.
@@ -22,10 +22,7 @@ TINY_ATTENTION = dict(attention__widths=(4, 8, 8, 16), attention__pool_after=(1,
 
 
 def make_config(**fields):
-  fields = {**TINY_ATTENTION, **fields}
-  overrides = [("model", "attention"), ("dataset", "digits")] + [
-      (k.replace("__", "."), v if isinstance(v, str) else repr(v)) for k, v in fields.items()]
-  return config_lib.build_config(None, overrides)
+  return digits_config("attention", **{**TINY_ATTENTION, **fields})
 
 
 def make_model(num_classes=10, **fields):

@@ -14,7 +14,8 @@ import pytest
 from overfocus_jax import config as config_lib
 from overfocus_jax.models import Model, build_model, convnext, parameter_count
 
-from conftest import REPO_ROOT, assert_one_line_error, assert_split_is_exact, fit_one_batch, run_cli
+from conftest import (REPO_ROOT, abstract_variables, assert_one_line_error, assert_split_is_exact, digits_config,
+                      fit_one_batch, run_cli)
 
 # timm's parameter counts for convnext_<size>(num_classes=1000), computed from timm's layers (stem conv + LN, per
 # block 8C² + 58C, downsample LN + 2×2 conv, head LN + fc): the exact integers behind timm's 3.70M … 28.6M.
@@ -26,9 +27,7 @@ MICRO = dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), patch_size=1)
 
 
 def make_config(**fields):
-  overrides = [("model", "convnext"), ("dataset", "digits")] + [
-      (k.replace("__", "."), v if isinstance(v, str) else repr(v)) for k, v in fields.items()]
-  return config_lib.build_config(None, overrides)
+  return digits_config("convnext", **fields)
 
 
 def make_model(num_classes=10, **fields):
@@ -37,10 +36,6 @@ def make_model(num_classes=10, **fields):
 
 def micro_model(num_classes=10, **fields):
   return Model(convnext.ConvNeXt(num_classes, **{**MICRO, **fields}), "convnext")
-
-
-def abstract_variables(model, input_shape):
-  return jax.eval_shape(lambda key: model.init(key, input_shape), jax.random.PRNGKey(0))  # shapes only
 
 
 def random_variables(model, input_shape, seed=0):

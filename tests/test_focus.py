@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 from jax.scipy.ndimage import map_coordinates
 
-from overfocus_jax import config as config_lib
 from overfocus_jax.errors import UserError
 from overfocus_jax.models import build_model, focus
 from overfocus_jax.config import check_fits_images as check_model_fits
 from overfocus_jax.models.patches import extract_patches, normalized_to_pixel, pixel_to_normalized, sample_offsets
 from overfocus_jax.train.step import cross_entropy
 
-from conftest import assert_one_line_error, assert_split_is_exact, fit_one_batch, run_cli
+from conftest import assert_one_line_error, assert_split_is_exact, digits_config, fit_one_batch, run_cli
 
 # A tiny patch classifier for 8×8 inputs: 2 keypoints, 4×4 patches, one conv layer of 4 channels, D = 8.
 TINY_FOCUS = dict(focus__num_keypoints=2, focus__patch_size=4, focus__patch_scale=0.5, focus__keypoint_widths=(4,),
@@ -27,10 +26,7 @@ TINY_FOCUS_ARGS = tuple(f"--config.{k.replace('__', '.')}={v!r}".replace(" ", ""
 
 
 def make_config(model, **fields):
-  fields = {**TINY_FOCUS, **fields}
-  overrides = [("model", model), ("dataset", "digits")] + [(k.replace("__", "."), v if isinstance(v, str) else repr(v))
-                                                           for k, v in fields.items()]
-  return config_lib.build_config(None, overrides)
+  return digits_config(model, **{**TINY_FOCUS, **fields})
 
 
 def make_model(model, num_classes=10, **fields):

@@ -17,23 +17,17 @@ from jax import lax
 from overfocus_jax import config as config_lib
 from overfocus_jax.models import build_model, mnist_cnn, parameter_count
 
-from conftest import REPO_ROOT, assert_split_is_exact, fit_one_batch, run_cli
+from conftest import REPO_ROOT, abstract_variables, assert_split_is_exact, digits_config, fit_one_batch, run_cli
 
 EXPERIMENT_CONFIG = REPO_ROOT / "experiments" / "configs" / "mnist_cnn.py"
 
 
 def make_config(**fields):
-  overrides = [("model", "mnist_cnn"), ("dataset", "digits")] + [
-      (k.replace("__", "."), v if isinstance(v, str) else repr(v)) for k, v in fields.items()]
-  return config_lib.build_config(None, overrides)
+  return digits_config("mnist_cnn", **fields)
 
 
 def make_model(num_classes=10, **fields):
   return build_model(make_config(**fields), num_classes)
-
-
-def abstract_variables(model, input_shape):
-  return jax.eval_shape(lambda key: model.init(key, input_shape), jax.random.PRNGKey(0))  # shapes only
 
 
 def random_variables(model, input_shape, seed=0):

@@ -17,23 +17,18 @@ from jax import lax
 from overfocus_jax import config as config_lib
 from overfocus_jax.models import Model, build_model, parameter_count, resnet_tv
 
-from conftest import assert_one_line_error, assert_split_is_exact, fit_one_batch, run_cli
+from conftest import (abstract_variables, assert_one_line_error, assert_split_is_exact, digits_config, fit_one_batch,
+                      run_cli)
 
 KINDS = {"resnet18_tv": ("basic", (2, 2, 2, 2), 512), "resnet50_tv": ("bottleneck", (3, 4, 6, 3), 2048)}
 
 
 def make_config(model="resnet18_tv", **fields):
-  overrides = [("model", model), ("dataset", "digits")] + [
-      (k.replace("__", "."), v if isinstance(v, str) else repr(v)) for k, v in fields.items()]
-  return config_lib.build_config(None, overrides)
+  return digits_config(model, **fields)
 
 
 def make_model(model="resnet18_tv", num_classes=10, **fields):
   return build_model(make_config(model, **fields), num_classes)
-
-
-def abstract_variables(model, input_shape):
-  return jax.eval_shape(lambda key: model.init(key, input_shape), jax.random.PRNGKey(0))  # shapes only
 
 
 def numpy_variables(model, input_shape, seed=0):

@@ -15,7 +15,6 @@ from overfocus_jax.train import loop, workdir as workdir_lib
 
 from conftest import TINY_FIELDS
 from test_attention import TINY_ATTENTION
-from test_focus import TINY_FOCUS
 
 
 def _fields(group: dict) -> list[tuple[str, str]]:

@@ -4,7 +4,6 @@ bfloat16, training with and without regularizers, and the one-line config errors
 
 import dataclasses
 import functools
-import json
 from typing import Any
 
 import chex
@@ -17,7 +16,7 @@ import pytest
 from overfocus_jax import config as config_lib
 from overfocus_jax.models import Model, build_model, merge_batch_stats, parameter_count, vgg
 
-from conftest import assert_one_line_error, assert_split_is_exact, run_cli
+from conftest import abstract_variables, assert_one_line_error, assert_split_is_exact, digits_config, run_cli
 
 # Widths 4-4, 8-8, 16×3, 32×3, 32×3 (1/16 of VGG-16's), max-pools after the first two blocks only: digits' 8×8
 # images leave a 2×2×32 latent map, so spatial SGDrop and RSC have positions to drop.
@@ -26,18 +25,11 @@ TINY_VGG_ARGS = tuple(f"--config.{k.replace('__', '.')}={v}" for k, v in TINY_VG
 
 
 def make_config(**fields):
-  fields = {**TINY_VGG, **fields}
-  overrides = [("model", "vgg16"), ("dataset", "digits")] + [
-      (k.replace("__", "."), v if isinstance(v, str) else repr(v)) for k, v in fields.items()]
-  return config_lib.build_config(None, overrides)
+  return digits_config("vgg16", **{**TINY_VGG, **fields})
 
 
 def make_model(num_classes=10, **fields):
   return build_model(make_config(**fields), num_classes)
-
-
-def abstract_variables(model, input_shape):
-  return jax.eval_shape(lambda key: model.init(key, input_shape), jax.random.PRNGKey(0))  # shapes only
 
 
 def numpy_variables(model, input_shape, seed=0, *, like_init=False):
@@ -388,7 +380,8 @@ def test_torchvision_weights_on_another_class_count_or_the_gap_head_keep_the_hea
   fresh = jax.device_get(numpy_variables(seven, (8, 8, 1), seed=1))
   capsys.readouterr()
   loaded = weights.load_pretrained(seven, fresh, tmp_path / "w.safetensors", "torchvision")
-  assert "the file's classifier.6 has 10 classes, the model 7: classifier.6 is re-initialised" in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert "the file's classifier.6 has 10 classes, the model 7: classifier.6 is re-initialised" in err
   chex.assert_trees_all_equal(loaded["params"]["head"]["classifier"], fresh["params"]["head"]["classifier"])
   chex.assert_trees_all_equal(loaded["params"]["head"]["fc2"], saved["params"]["head"]["fc2"])
   chex.assert_trees_all_equal(loaded["params"]["encoder"], saved["params"]["encoder"])

@@ -15,7 +15,6 @@ import optax
 import pytest
 from safetensors.numpy import save_file
 
-from overfocus_jax import config as config_lib
 from overfocus_jax.errors import UserError
 from overfocus_jax.models import resnet_tv, weights
 from overfocus_jax.train import checkpoint as checkpoint_lib

@@ -10,10 +10,10 @@ For the first ``images`` test images (the same ones every time) and each attribu
   map upsampled to pixels, with removed pixels set to the dataset mean (0 after normalisation);
 
 and draws, for the first ``n`` of them, the maps over the images (``attributions.png``), attention maps and
-keypoints (each patch at its size) when the model has them, the per-epoch attribution ratio and generalization gap from ``metrics.jsonl``
-(``training_curves.png``) and the per-channel feature usage (``feature_usage.png``); those two also show a
-second run when ``compare`` is given (the maps and ``explain.json``'s metrics are the main run's). Everything
-explains the ``target`` class: the true one, or the predicted one (deletion/insertion then follow its
+keypoints (each patch at its size) when the model has them, the per-epoch attribution ratio and generalization gap
+from ``metrics.jsonl`` (``training_curves.png``) and the per-channel feature usage (``feature_usage.png``); those
+two also show a second run when ``compare`` is given (the maps and ``explain.json``'s metrics are the main run's).
+Everything explains the ``target`` class: the true one, or the predicted one (deletion/insertion then follow its
 probability). For the focus models ``explain.json`` also holds ``patch_scales``: each keypoint's patch scale over
 the measured images (mean, std, min, max), which the zoom variant learns.
 """

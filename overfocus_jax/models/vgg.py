@@ -216,7 +216,8 @@ def _flatten_permutation(variables: dict) -> tuple[int, int]:
   encoder = variables["params"]["encoder"]
   indices = torchvision_feature_indices(encoder)
   last_conv = max((name for name in indices if name.startswith("conv")), key=indices.get)
-  inputs, channels = np.shape(variables["params"]["head"]["fc1"]["kernel"])[0], np.shape(encoder[last_conv]["kernel"])[-1]
+  inputs = np.shape(variables["params"]["head"]["fc1"]["kernel"])[0]
+  channels = np.shape(encoder[last_conv]["kernel"])[-1]
   return channels, int(round((inputs // channels) ** 0.5))
 
 
