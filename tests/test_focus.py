@@ -335,12 +335,40 @@ def test_zoom_starts_as_the_fixed_size_model_and_keeps_its_patches_inside():
 
 
 def test_zoom_learns_the_patch_scales():
+  """Without weight decay, only the loss's gradient can move the scale layer's bias."""
   config = make_config("focus", focus__zoom=True, focus__zoom_range=(0.25, 0.9), schedule="constant",
-                       warmup_epochs=0, learning_rate=0.1, **{"focus__keypoint_grad_scale": 1.0})
+                       warmup_epochs=0, learning_rate=0.1, weight_decay=0.0, focus__keypoint_grad_scale=1.0)
   losses, state = fit_one_batch(config, steps=25)
   assert losses[-1] < 0.7 * losses[0], losses
   bias = state.params["encoder"]["locate"]["scales"]["bias"]
   assert np.abs(np.asarray(bias) - focus.zoom_logit(0.5, (0.25, 0.9))).max() > 1e-3  # the scales moved
+
+
+def test_zoom_reads_each_patch_at_its_own_scale():
+  """With trained-looking weights, the encoder's features are the patch encoder's on patches sampled at the
+  learned scales (not at patch_scale), and moving one scale alone changes the logits."""
+  model = make_model("focus", focus__zoom=True, focus__zoom_range=(0.25, 0.9))
+  x = jax.random.normal(jax.random.PRNGKey(1), (3, 8, 8, 1))
+  variables = jax.jit(lambda key: model.init(key, (8, 8, 1)))(jax.random.PRNGKey(0))
+  locate = jax.tree.map(lambda a: 30.0 * jax.random.normal(jax.random.PRNGKey(3), a.shape),
+                        variables["params"]["encoder"]["locate"])
+  variables = {**variables, "params": {**variables["params"], "encoder": {**variables["params"]["encoder"],
+                                                                          "locate": locate}}}
+  points, scales = model.keypoints(variables, x), model.patch_scales(variables, x)
+  assert np.abs(np.asarray(scales) - 0.5).max() > 0.05
+  read = lambda m, x, p, s: m.encoder.patches(x, p, False, s)
+  np.testing.assert_allclose(model.encode(variables, x)[0],
+                             model.module.apply(variables, x, points, scales, method=read), atol=1e-5)
+  assert not np.allclose(model.encode(variables, x)[0],
+                         model.module.apply(variables, x, points, None, method=read), atol=1e-3)
+  # From the initial weights (every scale at patch_scale), one patch's scale bias alone moves the logits.
+  initial = jax.jit(lambda key: model.init(key, (8, 8, 1)))(jax.random.PRNGKey(0))
+  moved = jax.tree.map(lambda a: a, initial)
+  moved["params"]["encoder"]["locate"]["scales"]["bias"] = initial["params"]["encoder"]["locate"]["scales"][
+      "bias"].at[0].add(1.0)
+  scales = np.asarray(model.patch_scales(moved, x))
+  assert scales[0, 0] > 0.6 and scales[0, 1] == pytest.approx(0.5, abs=1e-6)
+  assert not np.allclose(model.apply(moved, x)[0], model.apply(initial, x)[0], atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["focus", "corner"])

@@ -166,6 +166,8 @@ def _constant_bias(value: float):
 def zoom_logit(patch_scale: float, zoom_range: Sequence[float]) -> float:
   """σ⁻¹ of ``patch_scale``'s place in ``zoom_range``: the scale layer's initial bias, so zooming starts at s."""
   low, high = zoom_range
+  if not 0 < low < patch_scale < high:
+    raise ValueError(f"zoom_range={tuple(zoom_range)} must hold patch_scale={patch_scale} strictly inside it")
   share = (patch_scale - low) / (high - low)
   return math.log(share / (1.0 - share))
 

@@ -15,7 +15,7 @@ Any image of at least 1×1 goes through: a max-pool (stride 2, no padding, as in
 at least 2 pixels, so 28×28 maps go 28 → 14 → 7 → 3 → 1 → 1; ``max_pools`` < 5 keeps the pools of the first blocks
 only, for a larger last map on small images. The classic head's pool is torchvision's ``AdaptiveAvgPool2d`` (bin i
 of n spans rows ⌊iH/n⌋ … ⌈(i+1)H/n⌉ − 1), which takes any map size too; it flattens in NHWC order (torchvision's
-in NCHW: importing its ``classifier.0`` weights means permuting their rows).
+in NCHW: importing its ``classifier.0`` weights means permuting their inputs).
 
 The split:
 

@@ -100,7 +100,7 @@ def converter(model: Any, layout: str) -> Callable[[dict, dict], dict]:
     has = layouts_of(model)
     raise UserError(f"model {model.name!r} has no mapping for {layout}-layout weights",
                     f"use --config.init_from_layout={has[0]}" if has else "leave --config.init_from empty for this "
-                    f"model (it has no pretrained-weight mapping)")
+                    "model (it has no pretrained-weight mapping)")
   return convert
 
 
