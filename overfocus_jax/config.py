@@ -160,6 +160,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require_choice(config.schedule, SCHEDULES, "schedule")
   _require(isinstance(config.dataset, str) and config.dataset, "config.dataset is empty",
            "set --config.dataset=mnist5k (or digits, tfds:NAME, idx:DIR, npz:FILE, imagefolder:DIR)")
+  _validate_image_size(config.image_size, config.dataset)
   for field in ("batch_size", "eval_batch_size", "num_epochs", "keep_checkpoints"):
     value = config[field]
     _require(isinstance(value, int) and value > 0, f"config.{field}={value!r} must be a positive integer",
@@ -318,6 +319,16 @@ def _validate_attention(arch: ml_collections.ConfigDict) -> None:
   _require_positive_int(arch.global_features, "attention.global_features", 128)
   _require_choice(arch.compatibility, COMPATIBILITIES, "attention.compatibility")
   _require_choice(arch.normalisation, NORMALISATIONS, "attention.normalisation")
+
+
+def _validate_image_size(image_size, dataset: str) -> None:
+  from overfocus_jax.data.imagefolder import MAX_SIZE as MAX_IMAGE_SIZE  # here: imagefolder imports PIL
+  _require(isinstance(image_size, int) and 0 <= image_size <= MAX_IMAGE_SIZE,
+           f"config.image_size={image_size!r} must be an integer in 0..{MAX_IMAGE_SIZE}",
+           "set --config.image_size to the side in pixels, e.g. 224, or 0 for the dataset's own")
+  _require(image_size == 0 or dataset.strip().startswith("imagefolder:"),
+           f"config.image_size={image_size} resizes imagefolder: datasets only, and config.dataset={dataset!r} "
+           "keeps its own size", "set --config.image_size=0")
 
 
 def _validate_zoom(patch: ml_collections.ConfigDict, model: str) -> None:

@@ -90,6 +90,27 @@ def test_val_folder_is_the_test_split_and_size_defaults_to_64(tmp_path):
   assert_labels_match_pixels(ds.test)
 
 
+def test_image_size_sets_the_side_when_the_spec_gives_none(tmp_path):
+  root = make_split_folder(tmp_path / "pets")
+  assert load_dataset(f"imagefolder:{root}", image_size=20).image_shape == (20, 20, 3)
+  assert load_dataset(f"imagefolder:{root}:20", image_size=20).image_shape == (20, 20, 3)
+  with pytest.raises(SettingError, match=r"image_size=16 and dataset .*:20' give different image sizes") as error:
+    load_dataset(f"imagefolder:{root}:20", image_size=16)
+  assert error.value.setting == "image_size" and "drop :20 from the dataset" in str(error.value)
+  assert load_dataset("digits", image_size=0).image_shape == (8, 8, 1)
+
+
+@pytest.mark.parametrize("fields, fragments", [
+    (["--config.image_size=32"], ["config.image_size=32 resizes imagefolder: datasets only", "'mnist5k'",
+                                  "--config.image_size=0"]),
+    (["--config.image_size=-1", "--config.dataset=imagefolder:x"], ["config.image_size=-1", "0..4096"]),
+])
+def test_bad_image_size_is_one_line(tmp_path, capsys, fields, fragments):
+  code, _, err = run_cli(capsys, "train", "--workdir", tmp_path / "run", *fields)
+  assert_one_line_error(code, err, *fragments)
+  assert not (tmp_path / "run").exists()
+
+
 def test_flat_layout_seeded_split_is_deterministic(tmp_path):
   root = make_classes(tmp_path / "flat", {"a": 10, "b": 10})
   first, second = (load_dataset(f"imagefolder:{root}:8") for _ in range(2))
@@ -340,13 +361,21 @@ def test_train_one_epoch_on_an_image_folder(tmp_path, capsys):
   root = make_split_folder(tmp_path / "pets", train={"cat": 6, "dog": 6, "fish": 4})
   corrupt_png(root)
   code, out, err = run_cli(capsys, "train", "--workdir", tmp_path / "run", *BASE_RUN_ARGS, "--config.num_epochs=1",
-                           f"--config.dataset=imagefolder:{root}:12", "--config.batch_size=8",
+                           f"--config.dataset=imagefolder:{root}", "--config.image_size=12", "--config.batch_size=8",
                            "--config.eval_batch_size=8", "--config.skip_bad_images=true")
   assert code == 0, err
   assert "skipped 1 bad file" in err
   summary = last_json_line(out)
-  assert summary["dataset"] == f"imagefolder:{root}:12" and summary["data_on_device"] is False
+  assert summary["dataset"] == f"imagefolder:{root}" and summary["data_on_device"] is False
   assert 0 <= summary["test_accuracy"] <= 1
+  # Another folder without a :SIZE is evaluated at the run's 12 pixels; one at another size is refused.
+  other = make_split_folder(tmp_path / "more", train={"cat": 1, "dog": 1, "fish": 1})
+  code, out, err = run_cli(capsys, "eval", "--workdir", tmp_path / "run", "--dataset", f"imagefolder:{other}")
+  assert code == 0, err
+  assert last_json_line(out)["dataset"] == f"imagefolder:{other}"
+  code, _, err = run_cli(capsys, "eval", "--workdir", tmp_path / "run", "--dataset", f"imagefolder:{other}:16")
+  last = err.strip().splitlines()[-1]  # after the run's own folder's skipped-file notice
+  assert code == 2 and "Traceback" not in err and "(16, 16, 3) images" in last and "(12, 12, 3)" in last
 
 
 def test_train_on_domains_with_one_held_out(tmp_path, capsys):

@@ -15,6 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset = "mnist5k"
   config.data_dir = ""  # a prepared TFDS directory, for tfds:NAME ("" = TFDS's default)
   config.skip_bad_images = False  # imagefolder: leave out unreadable/non-image files and count them (else an error)
+  config.image_size = 0  # imagefolder: the side images are resized and centre-cropped to (0: the spec's :SIZE, or 64)
   config.augment = True  # random crop with padding; horizontal flip only for natural images
   # Which augmentation (data/augmentation.py): crop pad (a shift by up to an eighth of the side, zero fill) |
   # resized (torchvision's RandomResizedCrop: scale, ratio), for natural images; colour jitter j: brightness,

@@ -13,8 +13,8 @@ torchvision's `ImageFolder`):
   `ImageDataset.domain_names`).
 
 The layout is never guessed between the last two: without `:domains`, a class folder that holds folders is an
-error that names `:domains`. `SIZE` (default 64) is the side of the square images the models see: each image is
-resized (bilinear) so that its shorter side is `SIZE`, then centre-cropped to `SIZE`×`SIZE`. Images are RGB, or
+error that names `:domains`. `SIZE` (else `config.image_size`, else 64) is the side of the square images the models
+see: each image is resized (bilinear) so that its shorter side is `SIZE`, then centre-cropped to `SIZE`×`SIZE`. Images are RGB, or
 single-channel `L` when every image of the folder is stored greyscale (PIL modes 1, L, LA). Normalisation uses the
 ImageNet mean and standard deviation (their channel average for `L`), what pretrained backbones expect.
 
@@ -92,16 +92,18 @@ class ImageFolderSource:
     return decode(self.paths[index], self.size, self.mode), int(self.labels[index])
 
 
-def load(spec: str, arg: str, *, skip_bad_images: bool = False, trial_seed: int = 0) -> Folder:
+def load(spec: str, arg: str, *, skip_bad_images: bool = False, trial_seed: int = 0, image_size: int = 0) -> Folder:
   """Scans the folder of `imagefolder:ARG` (headers only) and splits it.
 
   ``trial_seed`` seeds the split of the domains' folders (``:domains``), DomainBed's ``--trial_seed``.
+  ``image_size`` (``config.image_size``): the images' side when the spec gives no `:SIZE` (0: 64).
 
   Raises:
     UserError: a bad spec, a missing or malformed folder, inconsistent class folders, or a bad file (the latter a
       SettingError naming `skip_bad_images` when it is off).
   """
-  directory, size, with_domains = parse_spec(spec, arg)
+  directory, spec_size, with_domains = parse_spec(spec, arg)
+  size = image_side(spec, spec_size, image_size)
   roots = _roots(spec, directory, with_domains)
   classes = {name: _class_dirs(spec, root) for name, root in roots.items()}
   class_names = _same_classes(spec, roots, classes)
@@ -122,8 +124,8 @@ def load(spec: str, arg: str, *, skip_bad_images: bool = False, trial_seed: int 
 # ----------------------------------------------------------------------------- the spec
 
 
-def parse_spec(spec: str, arg: str) -> tuple[str, int, bool]:
-  """`DIR[:SIZE][:domains]` (the options in either order) -> (directory, size, with_domains)."""
+def parse_spec(spec: str, arg: str) -> tuple[str, int | None, bool]:
+  """`DIR[:SIZE][:domains]` (the options in either order) -> (directory, size or None, with_domains)."""
   parts = arg.split(':')
   size, with_domains = None, False
   while len(parts) > 1 and _is_option(parts[-1]):
@@ -138,7 +140,17 @@ def parse_spec(spec: str, arg: str) -> tuple[str, int, bool]:
                f'give the side in pixels, e.g. imagefolder:DIR:{DEFAULT_SIZE}')
   directory = ':'.join(parts).strip()
   _require(bool(directory), f'dataset {spec!r} names no directory', f'write it as {SYNTAX}')
-  return os.path.expanduser(directory), DEFAULT_SIZE if size is None else size, with_domains
+  return os.path.expanduser(directory), size, with_domains
+
+
+def image_side(spec: str, spec_size: int | None, image_size: int) -> int:
+  """The side images are resized to: the spec's `:SIZE`, else `config.image_size` (when not 0), else 64; a spec's
+  SIZE and a different `image_size` are a SettingError."""
+  if spec_size is not None and image_size and image_size != spec_size:
+    raise SettingError('image_size', f'config image_size={image_size} and dataset {spec!r} give different image '
+                                     f'sizes', f'{spec_size} or 0 (the dataset\'s :{spec_size}), or drop :{spec_size} '
+                                     'from the dataset')
+  return spec_size or image_size or DEFAULT_SIZE
 
 
 def _is_option(token: str) -> bool:

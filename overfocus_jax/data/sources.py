@@ -159,7 +159,7 @@ class ImageDataset:
 
 
 def load_dataset(spec: str, *, data_dir: str | None = None, skip_bad_images: bool = False,
-                 trial_seed: int = 0) -> ImageDataset:
+                 trial_seed: int = 0, image_size: int = 0) -> ImageDataset:
   """Loads and validates the dataset named by `spec`.
 
   Args:
@@ -173,6 +173,8 @@ def load_dataset(spec: str, *, data_dir: str | None = None, skip_bad_images: boo
       raising; ignored by the other forms.
     trial_seed: seeds the in/out split of each environment (DomainBed's --trial_seed; 0 is its default) for
       'colored_mnist', 'rotated_mnist' and 'imagefolder:DIR:domains'; ignored by the other forms.
+    image_size: the side 'imagefolder:' resizes and crops images to when its spec gives no SIZE (0: 64); ignored by
+      the other forms.
 
   Raises:
     UserError: the spec is unknown, or its data is missing, corrupt or inconsistent.
@@ -205,7 +207,7 @@ def load_dataset(spec: str, *, data_dir: str | None = None, skip_bad_images: boo
   if kind == 'tfds':
     return _load_tfds(spec, arg, data_dir)
   if kind == 'imagefolder':
-    return _load_imagefolder(spec, arg, skip_bad_images, trial_seed)
+    return _load_imagefolder(spec, arg, skip_bad_images, trial_seed, image_size)
   path = os.path.expanduser(arg)
   return _load_idx(spec, path) if kind == 'idx' else _load_npz(spec, path)
 
@@ -386,11 +388,12 @@ def _load_environments(spec: str, kind: str, arg: str | None, data_dir: str | No
 # ----------------------------------------------------------------------------- imagefolder
 
 
-def _load_imagefolder(spec: str, arg: str, skip_bad_images: bool, trial_seed: int) -> ImageDataset:
+def _load_imagefolder(spec: str, arg: str, skip_bad_images: bool, trial_seed: int, image_size: int) -> ImageDataset:
   """Folders of PNG/JPEG images, decoded when read (imagefolder.py); ImageNet normalisation, flips allowed."""
   from overfocus_jax.data import imagefolder  # pylint: disable=g-import-not-at-top  # PIL only when needed
 
-  folder = imagefolder.load(spec, arg, skip_bad_images=skip_bad_images, trial_seed=trial_seed)
+  folder = imagefolder.load(spec, arg, skip_bad_images=skip_bad_images, trial_seed=trial_seed,
+                            image_size=image_size)
   _check_has_examples(spec, 'test', len(folder.test))
   return ImageDataset(
       name=spec, train=folder.train, test=folder.test, image_shape=folder.image_shape,

@@ -434,7 +434,8 @@ def environment_counts(datasets: Sequence[str], config) -> dict[str, int]:
   from overfocus_jax.data import sources  # loaded only when a sweep is checked
   counts = {}
   for spec in dict.fromkeys(datasets):
-    dataset = sources.load_dataset(spec, data_dir=config.data_dir or None, skip_bad_images=config.skip_bad_images)
+    dataset = sources.load_dataset(spec, data_dir=config.data_dir or None, skip_bad_images=config.skip_bad_images,
+                                   image_size=config.image_size)
     names = tuple(getattr(dataset, "domain_names", ()) or ())
     if not names:
       raise UserError(f"dataset {spec!r} has no environments",

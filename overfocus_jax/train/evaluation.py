@@ -75,8 +75,13 @@ def evaluation_split(exp: Experiment, dataset: str | None):
   if not dataset:
     return exp.dataset.test, exp.config.dataset
   trained = exp.dataset
+  # Another folder without a :SIZE is read at the size the model was trained on.
+  image_size = 0
+  if dataset.strip().startswith("imagefolder:"):
+    from overfocus_jax.data import imagefolder  # PIL only when needed
+    image_size = 0 if imagefolder.parse_spec(dataset, dataset.split(":", 1)[1])[1] else exp.dataset.image_shape[0]
   other = load_dataset(dataset, data_dir=exp.config.data_dir or None, skip_bad_images=exp.config.skip_bad_images,
-                       trial_seed=exp.config.environments.trial_seed)
+                       trial_seed=exp.config.environments.trial_seed, image_size=image_size)
   if other.image_shape != trained.image_shape or other.num_classes > trained.num_classes:
     raise UserError(f"dataset {dataset!r} has {other.image_shape} images and {other.num_classes} classes; "
                     f"the model was trained on {trained.image_shape} and {trained.num_classes}",

@@ -50,7 +50,8 @@ def build_experiment(config: ml_collections.ConfigDict, *, dataset: ImageDataset
   run or a finished one restores its checkpoint instead, and so never reads the file).
   """
   dataset = dataset or load_dataset(config.dataset, data_dir=config.data_dir or None,
-                                    skip_bad_images=config.skip_bad_images, trial_seed=config.environments.trial_seed)
+                                    skip_bad_images=config.skip_bad_images, trial_seed=config.environments.trial_seed,
+                                    image_size=config.image_size)
   dataset, layout = environment_training(config, dataset)
   mesh = mesh or parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
