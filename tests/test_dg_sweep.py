@@ -217,6 +217,21 @@ def test_a_failed_run_does_not_stop_the_sweep(tmp_path, capsys, monkeypatch):
   assert code == 1 and "[1/1] colored_mnist-erm-te0-h0-t0: failed" in out  # launched again, not skipped
 
 
+def test_a_stopped_run_is_not_done_and_an_interrupted_one_stops_the_sweep(tmp_path, capsys, monkeypatch):
+  """Exit 0 without summary.json (SIGTERM/SIGUSR1 before the last epoch): not done, the sweep goes on; exit 130
+  (SIGINT, however it reached the run): the sweep stops, to be resumed."""
+  stopped = [sys.executable, "-c", "import sys; print('overfocus: stopped by SIGTERM at step 7', file=sys.stderr)"]
+  monkeypatch.setattr(sweep, "train_command", lambda *args: stopped)
+  out_dir = tmp_path / "sweep"
+  code, out, _ = run_main(capsys, "--out", out_dir, "--algorithms", "erm", "vrex", "--test-envs", "0")
+  assert code == 1 and out.count("stopped before its last epoch") == 2, out
+  assert "stopped by SIGTERM at step 7" in out and not list(out_dir.glob("*/done"))
+  interrupted = [sys.executable, "-c", "import sys; sys.exit(130)"]
+  monkeypatch.setattr(sweep, "train_command", lambda *args: interrupted)
+  code, out, err = run_main(capsys, "--out", out_dir, "--algorithms", "erm", "vrex", "--test-envs", "0")
+  assert code == 130 and "[2/2]" not in out and "interrupted" in err
+
+
 @pytest.mark.parametrize("args, fragments", [
     (("--algorithms", "erm", "dann"), ("unknown algorithm 'dann'", "erm, irm, vrex")),
     (("--datasets", "digits"), ("dataset 'digits' has no environments", "colored_mnist")),

@@ -81,6 +81,8 @@ PROG = "python -m overfocus_jax.dg.sweep"
 DEFAULT_CONFIG = "mnist_cnn.py"
 PACKAGE_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DONE_FILE, RESULTS_FILE = "done", "results.jsonl"
+SUMMARY_FILE = "summary.json"  # a run writes it after its last epoch (train/loop.py)
+INTERRUPTED_EXIT_CODE = 130  # overfocus train after a SIGINT (train/preemption.py's EXIT_CODES)
 
 # Algorithm → the config overrides that make it.
 ALGORITHMS = {
@@ -355,7 +357,12 @@ def last_line(path: pathlib.Path) -> str:
 
 
 def run_job(job: Job, workdir: pathlib.Path, command: Sequence[str], user_fields: Sequence[str]) -> str | None:
-  """Trains one run and writes its results and ``done``; None on success, else why it failed (one line)."""
+  """Trains one run and writes its results and ``done``; None on success, else why it failed (one line).
+
+  A run that a SIGINT stopped (exit 130: it saved its checkpoint) stops the sweep too (``KeyboardInterrupt``), however
+  the signal reached it. A run that exits 0 without its ``summary.json`` was stopped by SIGTERM or SIGUSR1 (which exit
+  0, so that a scheduler requeues the job) before its last epoch: it is not done, and resumes on the next sweep.
+  """
   workdir.mkdir(parents=True, exist_ok=True)
   with open(workdir / "out.txt", "a") as out, open(workdir / "err.txt", "a") as err:
     process = subprocess.Popen(command, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
@@ -364,6 +371,11 @@ def run_job(job: Job, workdir: pathlib.Path, command: Sequence[str], user_fields
     except KeyboardInterrupt:  # the run got the same SIGINT: let it save its checkpoint first
       process.wait()
       raise
+  if code == INTERRUPTED_EXIT_CODE:
+    raise KeyboardInterrupt
+  if code == 0 and not (workdir / SUMMARY_FILE).is_file():
+    return f"stopped before its last epoch (its checkpoint is kept; the next sweep resumes it): " \
+           f"{last_line(workdir / 'err.txt') or 'no stderr'}"
   if code != 0:
     return f"exit {code}: {last_line(workdir / 'err.txt') or 'no stderr'} (log: {workdir / 'err.txt'})"
   try:
