@@ -61,5 +61,8 @@ METHODS = {
     "sgdrop_spatial_0.3_ema": sgdrop(rule="quantile", rate=0.3, granularity="spatial", ema_decay=0.99),
     **_mass_methods(),
     "rsc": [("regularizer.name", "rsc")],
+    # RSC's official rule in one mode only (its default picks spatial or channel with probability 1/2 each step).
+    "rsc_channel": [("regularizer.name", "rsc"), ("regularizer.rsc.spatial_probability", "0.0")],
+    "rsc_spatial": [("regularizer.name", "rsc"), ("regularizer.rsc.spatial_probability", "1.0")],
     "rsc_domainbed": [("regularizer.name", "rsc_domainbed")],
 }

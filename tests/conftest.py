@@ -123,6 +123,18 @@ def digits_config(model: str, **fields):
   return config_lib.build_config(None, [("model", model), ("dataset", "digits")] + as_overrides(fields))
 
 
+def assert_the_experiment_accepts(model, make_config, input_shape=None):
+  """What ``overfocus train`` checks before it builds the state: the image size (when given) and every regularizer's
+  split of ``model`` (``make_config(regularizer__name=NAME)`` builds each regularizer's config)."""
+  from overfocus_jax.challenge import NAMES, build_regularizer
+  from overfocus_jax.train import experiment
+  if input_shape is not None:
+    experiment.check_input_shape(model, input_shape)
+    config_lib.check_fits_images(make_config(), input_shape)
+  for name in NAMES:
+    experiment.check_regularizer_fits(model, build_regularizer(make_config(regularizer__name=name)), name)
+
+
 def abstract_variables(model, input_shape):
   """``model``'s variables as shapes only (nothing compiled or allocated)."""
   import jax

@@ -14,8 +14,8 @@ import pytest
 from overfocus_jax import config as config_lib
 from overfocus_jax.models import Model, build_model, convnext, parameter_count
 
-from conftest import (REPO_ROOT, abstract_variables, assert_one_line_error, assert_split_is_exact, digits_config,
-                      fit_one_batch, run_cli)
+from conftest import (REPO_ROOT, abstract_variables, assert_one_line_error, assert_split_is_exact,
+                      assert_the_experiment_accepts, digits_config, fit_one_batch, run_cli)
 
 # timm's parameter counts for convnext_<size>(num_classes=1000), computed from timm's layers (stem conv + LN, per
 # block 8C² + 58C, downsample LN + 2×2 conv, head LN + fc): the exact integers behind timm's 3.70M … 28.6M.
@@ -477,10 +477,7 @@ def test_atto_with_the_small_stem_fits_a_batch_of_digits():
 
 
 def test_every_regularizer_fits_the_model():
-  from overfocus_jax.challenge import NAMES, build_regularizer
-  from overfocus_jax.train import experiment
-  for name in NAMES:
-    experiment.check_regularizer_fits(make_model(), build_regularizer(make_config(regularizer__name=name)), name)
+  assert_the_experiment_accepts(make_model(), make_config)
 
 
 @pytest.mark.parametrize("regularizer", ["sgdrop", "rsc_domainbed"])

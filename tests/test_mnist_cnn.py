@@ -17,7 +17,8 @@ from jax import lax
 from overfocus_jax import config as config_lib
 from overfocus_jax.models import build_model, mnist_cnn, parameter_count
 
-from conftest import REPO_ROOT, abstract_variables, assert_split_is_exact, digits_config, fit_one_batch, run_cli
+from conftest import (REPO_ROOT, abstract_variables, assert_split_is_exact, assert_the_experiment_accepts,
+                      digits_config, fit_one_batch, run_cli)
 
 EXPERIMENT_CONFIG = REPO_ROOT / "experiments" / "configs" / "mnist_cnn.py"
 
@@ -193,14 +194,7 @@ def test_fits_one_batch():
 
 @pytest.mark.parametrize("input_shape", [(1, 1, 1), (8, 8, 1), (28, 28, 2)])
 def test_the_experiment_accepts_mnist_cnn_with_every_regularizer_and_image_size(input_shape):
-  """What ``overfocus train`` checks before it builds the state: the image size and each regularizer's split."""
-  from overfocus_jax.challenge import NAMES, build_regularizer
-  from overfocus_jax.train import experiment
-  model = make_model()
-  experiment.check_input_shape(model, input_shape)
-  config_lib.check_fits_images(make_config(), input_shape)
-  for name in NAMES:
-    experiment.check_regularizer_fits(model, build_regularizer(make_config(regularizer__name=name)), name)
+  assert_the_experiment_accepts(make_model(), make_config, input_shape)
 
 
 def test_the_shipped_config_is_domainbeds_erm():

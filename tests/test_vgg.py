@@ -16,7 +16,8 @@ import pytest
 from overfocus_jax import config as config_lib
 from overfocus_jax.models import Model, build_model, merge_batch_stats, parameter_count, vgg
 
-from conftest import abstract_variables, assert_one_line_error, assert_split_is_exact, digits_config, run_cli
+from conftest import (abstract_variables, assert_one_line_error, assert_split_is_exact, assert_the_experiment_accepts,
+                      digits_config, run_cli)
 
 # Widths 4-4, 8-8, 16×3, 32×3, 32×3 (1/16 of VGG-16's), max-pools after the first two blocks only: digits' 8×8
 # images leave a 2×2×32 latent map, so spatial SGDrop and RSC have positions to drop.
@@ -287,14 +288,7 @@ def test_regularizers_train_vgg16(digits, initial_variables, regularizer):
 
 @pytest.mark.parametrize("input_shape", [(1, 1, 1), (8, 8, 1), (28, 28, 3)])
 def test_the_experiment_accepts_vgg16_with_every_regularizer_and_image_size(input_shape):
-  """What ``overfocus train`` checks before it builds the state: the image size and each regularizer's split."""
-  from overfocus_jax.challenge import NAMES, build_regularizer
-  from overfocus_jax.train import experiment
-  model = make_model()
-  experiment.check_input_shape(model, input_shape)
-  config_lib.check_fits_images(make_config(), input_shape)
-  for name in NAMES:
-    experiment.check_regularizer_fits(model, build_regularizer(make_config(regularizer__name=name)), name)
+  assert_the_experiment_accepts(make_model(), make_config, input_shape)
 
 
 # ----------------------------------------------------------------------------- bad config

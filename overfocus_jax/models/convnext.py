@@ -65,6 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from overfocus_jax.models import weights
+from overfocus_jax.models.split import EncoderHead
 
 ModuleDef = Any  # a flax module class or a functools.partial of one (flax's examples' convention)
 
@@ -177,7 +178,7 @@ class ConvNeXtEncoder(nn.Module):
 
 
 class ConvNeXtHead(nn.Module):
-  """The classifier ψ: global average pool → LayerNorm (``pool``) → dense (``linear``)."""
+  """The classifier ψ: global average pool → LayerNorm (``pool``) → dense (``dense``)."""
 
   num_classes: int
   head_init_scale: float = 1.0
@@ -190,14 +191,14 @@ class ConvNeXtHead(nn.Module):
   def pool(self, z):
     return self.norm(jnp.mean(z, axis=(1, 2)))
 
-  def linear(self, pooled):
+  def dense(self, pooled):
     return self.fc(pooled).astype(jnp.float32)
 
   def __call__(self, z):
-    return self.linear(self.pool(z))
+    return self.dense(self.pool(z))
 
 
-class ConvNeXt(nn.Module):
+class ConvNeXt(EncoderHead):
   """ConvNeXt with an ``encode``/``classify`` split (see the module docstring); atto's widths by default."""
 
   num_classes: int
@@ -215,23 +216,6 @@ class ConvNeXt(nn.Module):
                                    drop_path_rate=self.drop_path_rate, layer_scale_init=self.layer_scale_init,
                                    dtype=self.dtype, conv=self.conv)
     self.head = ConvNeXtHead(self.num_classes, head_init_scale=self.head_init_scale, dtype=self.dtype)
-
-  def __call__(self, x, train: bool = False):
-    return self.head(self.encoder(x, train))
-
-  def encode(self, x, train: bool = False):
-    return self.encoder(x, train)
-
-  def classify(self, z, train: bool = False):
-    del train  # the head is the same in training and inference
-    return self.head(z)
-
-  def embed(self, x, train: bool = False):
-    return self.head.pool(self.encoder(x, train))
-
-  def classify_embedding(self, pooled, train: bool = False):
-    del train
-    return self.head.linear(pooled)
 
 
 # ----------------------------------------------------------------------------- timm's weights

@@ -34,6 +34,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from overfocus_jax.models.split import EncoderHead
+
 ModuleDef = Any  # a flax module class or a functools.partial of one (flax's examples' convention)
 WIDTHS = (64, 128, 128, 128)  # conv1..conv4
 STRIDES = (1, 2, 1, 1)
@@ -62,7 +64,8 @@ class MNISTCNNEncoder(nn.Module):
   conv: ModuleDef = nn.Conv
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, train: bool = False):
+    del train  # GroupNorm behaves the same in training and inference
     for i, (features, stride) in enumerate(zip(WIDTHS, STRIDES)):
       fan_in = 3 * 3 * x.shape[-1]
       # PyTorch's padding=1 on both sides: flax's "SAME" pads a stride-2 conv on even sides by (0, 1) instead.
@@ -95,7 +98,7 @@ class MNISTCNNHead(nn.Module):
     return self.dense(self.pool(z))
 
 
-class MNISTCNN(nn.Module):
+class MNISTCNN(EncoderHead):
   """MNIST_CNN with an ``encode``/``classify`` split (see the module docstring)."""
 
   num_classes: int
@@ -105,24 +108,3 @@ class MNISTCNN(nn.Module):
   def setup(self):
     self.encoder = MNISTCNNEncoder(dtype=self.dtype, conv=self.conv)
     self.head = MNISTCNNHead(self.num_classes, dtype=self.dtype)
-
-  # ``train`` is accepted for the Model interface; GroupNorm behaves the same in both modes.
-  def __call__(self, x, train: bool = False):
-    del train
-    return self.head(self.encoder(x))
-
-  def encode(self, x, train: bool = False):
-    del train
-    return self.encoder(x)
-
-  def classify(self, z, train: bool = False):
-    del train
-    return self.head(z)
-
-  def embed(self, x, train: bool = False):
-    del train
-    return self.head.pool(self.encoder(x))
-
-  def classify_embedding(self, pooled, train: bool = False):
-    del train
-    return self.head.dense(pooled)

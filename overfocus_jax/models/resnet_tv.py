@@ -40,6 +40,7 @@ import numpy as np
 
 from overfocus_jax.models import weights
 from overfocus_jax.models.mnist_cnn import TORCH_KERNEL_INIT, torch_bias_init
+from overfocus_jax.models.split import EncoderHead
 
 ModuleDef = Any  # a flax module class or a functools.partial of one (flax's examples' convention)
 STEMS = ("imagenet", "cifar")
@@ -139,7 +140,7 @@ class ResNetTVHead(nn.Module):
     return self.dense(self.pool(z))
 
 
-class ResNetTV(nn.Module):
+class ResNetTV(EncoderHead):
   """torchvision's ResNet with an ``encode``/``classify`` split (see the module docstring)."""
 
   num_classes: int
@@ -154,23 +155,6 @@ class ResNetTV(nn.Module):
     self.encoder = ResNetTVEncoder(self.kind, self.stage_sizes, stem=self.stem,
                                    zero_init_residual=self.zero_init_residual, dtype=self.dtype, conv=self.conv)
     self.head = ResNetTVHead(self.num_classes, WIDTHS[-1] * EXPANSION[self.kind], dtype=self.dtype)
-
-  def __call__(self, x, train: bool = False):
-    return self.head(self.encoder(x, train))
-
-  def encode(self, x, train: bool = False):
-    return self.encoder(x, train)
-
-  def classify(self, z, train: bool = False):
-    del train  # the head has no batch norm
-    return self.head(z)
-
-  def embed(self, x, train: bool = False):
-    return self.head.pool(self.encoder(x, train))
-
-  def classify_embedding(self, pooled, train: bool = False):
-    del train
-    return self.head.dense(pooled)
 
 
 ResNet18TV = functools.partial(ResNetTV, kind="basic", stage_sizes=(2, 2, 2, 2))

@@ -43,6 +43,7 @@ import numpy as np
 
 from overfocus_jax.errors import UserError
 from overfocus_jax.models import weights
+from overfocus_jax.models.split import EncoderHead
 
 ModuleDef = Any  # a flax module class or a functools.partial of one (flax's examples' convention)
 HEADS = ("gap", "classic")
@@ -135,7 +136,7 @@ class VGGHead(nn.Module):
     return self.dense(self.pool(z))
 
 
-class VGG(nn.Module):
+class VGG(EncoderHead):
   """VGG with an ``encode``/``classify`` split (see the module docstring); ``blocks`` default to VGG-16's."""
 
   num_classes: int
@@ -154,24 +155,6 @@ class VGG(nn.Module):
                               dtype=self.dtype, conv=self.conv)
     self.head = VGGHead(self.num_classes, kind=self.head_kind, hidden=self.hidden, pool_size=self.head_pool,
                         dtype=self.dtype)
-
-  def __call__(self, x, train: bool = False):
-    return self.head(self.encoder(x, train))
-
-  def encode(self, x, train: bool = False):
-    return self.encoder(x, train)
-
-  def classify(self, z, train: bool = False):
-    del train  # the head has no batch norm
-    return self.head(z)
-
-  def embed(self, x, train: bool = False):
-    return self.head.pool(self.encoder(x, train))
-
-  def classify_embedding(self, pooled, train: bool = False):
-    del train
-    return self.head.dense(pooled)
-
 
 
 # ----------------------------------------------------------------------------- torchvision's state dict
