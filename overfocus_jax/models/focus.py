@@ -158,11 +158,6 @@ def scale_gradient(x: jax.Array, factor: float) -> jax.Array:
   return frozen + factor * (x - frozen)
 
 
-def _constant_bias(value: float):
-  """Initialiser for a bias filled with ``value``."""
-  return lambda key, shape, dtype=jnp.float32: jnp.full(shape, value, dtype)
-
-
 def zoom_logit(patch_scale: float, zoom_range: Sequence[float]) -> float:
   """σ⁻¹ of ``patch_scale``'s place in ``zoom_range``: the scale layer's initial bias, so zooming starts at s."""
   low, high = zoom_range
@@ -214,7 +209,7 @@ class KeypointNet(nn.Module):
       return initial_bound * jnp.tanh(out).reshape(batch, k, 2), scales
     low, high = self.zoom_range
     size = nn.Dense(k, kernel_init=nn.initializers.zeros,
-                    bias_init=_constant_bias(zoom_logit(self.patch_scale, self.zoom_range)), dtype=self.dtype,
+                    bias_init=nn.initializers.constant(zoom_logit(self.patch_scale, self.zoom_range)), dtype=self.dtype,
                     name="scales")(x)
     scales = low + (high - low) * jax.nn.sigmoid(scale_gradient(size.astype(out.dtype), grad_scale))
     bound = jnp.maximum(1.0 - scales, 0.0)[..., None]
