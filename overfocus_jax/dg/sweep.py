@@ -70,19 +70,20 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from overfocus_jax import errors
 from overfocus_jax.data.environments import KINDS as SMALL_IMAGE_KINDS
 from overfocus_jax.data.environments import seed_hash
 from overfocus_jax.dg.selection import record_problem
-from overfocus_jax import errors
 from overfocus_jax.errors import UserError
 from overfocus_jax.overrides import CONFIG_PREFIX, split_overrides
+from overfocus_jax.train.preemption import EXIT_CODES  # numpy only, like the CLI's import
 
 PROG = "python -m overfocus_jax.dg.sweep"
 DEFAULT_CONFIG = "mnist_cnn.py"
 PACKAGE_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DONE_FILE, RESULTS_FILE = "done", "results.jsonl"
 SUMMARY_FILE = "summary.json"  # a run writes it after its last epoch (train/loop.py)
-INTERRUPTED_EXIT_CODE = 130  # overfocus train after a SIGINT (train/preemption.py's EXIT_CODES)
+INTERRUPTED_EXIT_CODE = EXIT_CODES["SIGINT"]  # overfocus train's exit code after a SIGINT
 
 # Algorithm → the config overrides that make it.
 ALGORITHMS = {
