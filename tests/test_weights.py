@@ -279,3 +279,16 @@ def test_the_conversion_command_converts_a_pth(tmp_path):
   pytest.importorskip("torch")
   pytest.importorskip("torchvision")
   assert load_check_script().check_conversion(pathlib.Path(tmp_path), size=32) <= 1e-4
+
+
+def test_training_gradients_equal_torchvisions():
+  """experiments/check_train_gradients.py on 4 digits: train mode (batch statistics) and its backward pass, float64."""
+  pytest.importorskip("torch")
+  pytest.importorskip("torchvision")
+  spec = importlib.util.spec_from_file_location("check_train_gradients",
+                                                REPO_ROOT / "experiments" / "check_train_gradients.py")
+  script = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(script)
+  images, labels = script.batch(4)
+  gap = script.float64_gap("resnet18", images, labels)
+  assert abs(gap["loss"] - gap["torchvision_loss"]) < 1e-6 and gap["largest_gradient_gap"] < 1e-6, gap
