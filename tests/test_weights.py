@@ -255,8 +255,9 @@ def test_a_run_from_the_file_with_a_frozen_backbone_and_its_resume(tmp_path, dig
 # ----------------------------------------------------------------------------- against torchvision (torch only)
 
 
-def load_check_script():
-  spec = importlib.util.spec_from_file_location("check_pretrained", REPO_ROOT / "experiments" / "check_pretrained.py")
+def load_check_script(name: str = "check_pretrained"):
+  """``experiments/NAME.py`` as a module."""
+  spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "experiments" / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -285,10 +286,7 @@ def test_training_gradients_equal_torchvisions():
   """experiments/check_train_gradients.py on 4 digits: train mode (batch statistics) and its backward pass, float64."""
   pytest.importorskip("torch")
   pytest.importorskip("torchvision")
-  spec = importlib.util.spec_from_file_location("check_train_gradients",
-                                                REPO_ROOT / "experiments" / "check_train_gradients.py")
-  script = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(script)
+  script = load_check_script("check_train_gradients")
   images, labels = script.batch(4)
   gap = script.float64_gap("resnet18", images, labels)
   assert abs(gap["loss"] - gap["torchvision_loss"]) < 1e-6 and gap["largest_gradient_gap"] < 1e-6, gap
