@@ -1,13 +1,14 @@
-r"""Our resnet18_tv / resnet50_tv / vgg16 against torchvision's (and timm's) resnet18 / resnet50 / vgg16 / vgg16_bn:
-the same weights through a .safetensors file, the same logits.
+r"""Our resnet18_tv / resnet50_tv / vgg16 / convnext against torchvision's (and timm's) resnet18 / resnet50 / vgg16 /
+vgg16_bn and timm's convnext_atto … convnext_tiny: the same weights through a .safetensors file, the same logits.
 
-    pip install torch==2.13.0 torchvision==0.28.0 --index-url https://download.pytorch.org/whl/cpu  # not a dependency
+    pip install torch==2.13.0 torchvision==0.28.0 timm  # CPU wheels; not dependencies of the package
     python experiments/check_pretrained.py               # 224×224×3, batch 2, 1,000 classes, float32, CPU; timm too if
                                                          # it is installed (--libraries torchvision timm)
 
 For each model and library it builds the library's network with random weights (no pretrained ones offline), puts its
 batch norms away from the identity (random weight and bias; running mean and variance measured on random images, so
-that a mix-up of any of them shows and the logits have a trained network's scale), saves ``state_dict()`` with
+that a mix-up of any of them shows and the logits have a trained network's scale) and likewise ConvNeXt's LayerNorms
+and layer scales (γ at 0.05–0.2, not timm's 1e-6, so that every block counts), saves ``state_dict()`` with
 ``safetensors.torch.save_file``, loads that file into ours (``models/weights.py``: ``--config.init_from_layout`` =
 the library, the ImageNet stem) and compares eval-mode logits on the same random input (NCHW for torch, NHWC for us):
 the largest absolute difference must be at most 1e-4. It also checks the parameter counts, and that the one-line
@@ -52,6 +53,10 @@ PEERS = {
     "resnet50_tv": (("resnet50_tv", {"resnet_tv.stem": "imagenet"}), {"torchvision": "resnet50", "timm": "resnet50"}),
     "vgg16": (("vgg16", {"vgg.head": "classic", "vgg.batch_norm": "False"}), {"torchvision": "vgg16"}),
     "vgg16_bn": (("vgg16", {"vgg.head": "classic", "vgg.batch_norm": "True"}), {"torchvision": "vgg16_bn"}),
+    # timm's ConvNeXts (torchvision has only convnext_tiny and up, in another layout that we do not read).
+    **{f"convnext_{size}": (("convnext", {"convnext.size": size, "convnext.stem": "imagenet"}),
+                            {"timm": f"convnext_{size}"})
+       for size in ("atto", "femto", "pico", "nano", "tiny")},
 }
 LIBRARIES = ("torchvision", "timm")
 
@@ -70,6 +75,14 @@ def peer_net(name: str, library: str, num_classes: int, seed: int, size: int = 2
     from torchvision import models
     net = getattr(models, peer)(weights=None, num_classes=num_classes)
   with torch.no_grad():
+    # ConvNeXt: layer scales γ at timm's 1e-6 would hide every block; its LayerNorms (timm's LayerNorm2d in the stem
+    # and the downsamplings too) away from the identity, like the batch norms below.
+    for param_name, param in net.named_parameters():
+      if param_name.endswith("gamma"):
+        param.uniform_(0.05, 0.2)
+    for norm in (module for module in net.modules() if isinstance(module, torch.nn.LayerNorm)):
+      norm.weight.uniform_(0.5, 1.5)
+      norm.bias.normal_(0.0, 0.1)
     for norm in (module for module in net.modules() if isinstance(module, torch.nn.BatchNorm2d)):
       norm.weight.uniform_(0.5, 1.5)
       norm.bias.normal_(0.0, 0.1)

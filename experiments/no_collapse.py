@@ -22,7 +22,7 @@ import sys
 from methods import METHODS, regularizer_fields  # experiments/methods.py, beside this script
 
 HERE = pathlib.Path(__file__).resolve().parent
-CONFIGS = ("default", "shortcut", "resnet18", "attention", "focus", "corner")
+CONFIGS = ("default", "shortcut", "resnet18", "attention", "focus", "corner", "vgg16", "convnext", "mnist_cnn")
 
 
 def run_one(config_name: str, method: str, seed: int, epochs: int | None, runs_dir: pathlib.Path) -> dict:

@@ -7,7 +7,8 @@ markdown table of mean ± std over seeds.
     python experiments/shortcut.py --kind color --config overfocus_jax/configs/default.py --epochs 4 ...
 
 ``--kind patch`` trains on ``mnist5k_shortcut`` (clean test: ``mnist5k``), ``--kind color`` on ``mnist5k_color``
-(clean test: ``mnist5k_rgb``); ``--config`` is the base config (default: experiments/configs/shortcut.py),
+(clean test: ``mnist5k_rgb``), ``--kind glyph`` on ``mnist5k_glyph`` (clean test: ``mnist5k``); ``--config`` is the
+base config (default: experiments/configs/shortcut.py),
 ``--epochs`` overrides its epochs. Each record also keeps the first epoch's train accuracy, on the whole batch and on
 the samples the regularizer masked alone: at or below chance there, the regularizer collapsed training.
 """
@@ -25,7 +26,8 @@ HERE = pathlib.Path(__file__).resolve().parent
 DEFAULT_METHODS = ("erm", "sgdrop_element_0.1", "sgdrop_spatial_0.3", "rsc", "rsc_domainbed")
 
 
-KINDS = {"patch": ("mnist5k_shortcut", "mnist5k"), "color": ("mnist5k_color", "mnist5k_rgb")}  # train, clean test
+KINDS = {"patch": ("mnist5k_shortcut", "mnist5k"), "color": ("mnist5k_color", "mnist5k_rgb"),  # train, clean test
+         "glyph": ("mnist5k_glyph", "mnist5k")}
 DEFAULT_CONFIG = HERE / "configs" / "shortcut.py"
 
 
@@ -91,7 +93,8 @@ def main() -> int:
   parser.add_argument("--out", default=str(HERE / "results" / "shortcut.jsonl"))
   parser.add_argument("--runs-dir", default="runs/shortcut")
   parser.add_argument("--table-only", action="store_true", help="print the table of finished runs")
-  parser.add_argument("--kind", default="patch", choices=sorted(KINDS), help="the shortcut: a patch or a colour")
+  parser.add_argument("--kind", default="patch", choices=sorted(KINDS),
+                      help="the shortcut: a patch's place, a colour or a glyph's shape")
   parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="the base config file")
   parser.add_argument("--epochs", type=int, help="override the config's num_epochs")
   args = parser.parse_args()

@@ -18,6 +18,7 @@ from overfocus_jax.challenge import invariance
 from overfocus_jax.challenge.attribution import TARGETS
 from overfocus_jax.challenge.sgdrop import GRANULARITIES, RULES
 from overfocus_jax.data import augmentation, on_device
+from overfocus_jax.data.sources import NORMALIZATIONS
 from overfocus_jax.errors import UserError
 from overfocus_jax.models import convnext
 from overfocus_jax.models.attention import COMPATIBILITIES, NORMALISATIONS, first_empty_layer
@@ -292,6 +293,7 @@ def _validate_pretrained(config: ml_collections.ConfigDict) -> None:
   _require(isinstance(config.init_from, str), f"config.init_from={config.init_from!r} must be a path",
            "set --config.init_from=PATH to a .safetensors file, or '' for none")
   _require_choice(config.init_from_layout, LAYOUTS, "init_from_layout")
+  _require_choice(config.normalization, NORMALIZATIONS, "normalization")
   _require(isinstance(config.freeze_backbone, bool), f"config.freeze_backbone={config.freeze_backbone!r} must be "
            "true or false", "set --config.freeze_backbone=true or false")
   scale = config.backbone_lr_scale

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import BASE_RUN_ARGS, REPO_ROOT, assert_one_line_error, last_json_line, read_metrics, run_cli
 from overfocus_jax import config as config_lib
-from overfocus_jax.data import imagefolder, pipeline
+from overfocus_jax.data import imagefolder, imagenet, pipeline
 from overfocus_jax.data.sources import load_dataset
 from overfocus_jax.errors import SettingError, UserError
 
@@ -74,7 +74,7 @@ def test_train_test_layout_labels_and_shapes(tmp_path):
   assert (len(ds.train), len(ds.test)) == (12, 6)
   assert ds.image_shape == (16, 16, 3) and ds.num_classes == 3 and ds.natural_images
   assert ds.class_names == ("cat", "dog", "fish") and ds.domain_names == () and ds.train.domains is None
-  assert ds.mean == imagefolder.IMAGENET_MEAN and ds.std == imagefolder.IMAGENET_STD
+  assert ds.mean == imagenet.IMAGENET_MEAN and ds.std == imagenet.IMAGENET_STD
   image, label = ds.test[0]
   assert image.shape == (16, 16, 3) and isinstance(label, int)
   assert sorted(np.bincount(ds.train.labels)) == [4, 4, 4]
@@ -186,7 +186,8 @@ def test_jpeg_files_of_every_spelling(tmp_path):
 def test_all_greyscale_folder_is_one_channel_and_mixed_is_rgb(tmp_path):
   grey = make_classes(tmp_path / "grey", {"a": 3, "b": 3}, mode="L")
   ds = load_dataset(f"imagefolder:{grey}:8")
-  assert ds.image_shape == (8, 8, 1) and ds.mean == imagefolder.GREY_MEAN and ds.std == imagefolder.GREY_STD
+  assert ds.image_shape == (8, 8, 1)
+  assert ds.mean == imagenet.IMAGENET_GREY_MEAN and ds.std == imagenet.IMAGENET_GREY_STD
   assert ds.train[0][0].shape == (8, 8, 1)
   assert_labels_match_pixels(ds.train, mode="L")
   write_image(grey / "a" / "colour.png", 0)

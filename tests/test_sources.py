@@ -10,7 +10,7 @@ import PIL.Image
 import pytest
 import tensorflow_datasets as tfds
 
-from overfocus_jax.data import sources
+from overfocus_jax.data import imagenet, sources
 from overfocus_jax.data.sources import ArraySource, load_dataset
 from overfocus_jax.errors import UserError
 
@@ -428,3 +428,43 @@ def test_array_source_items():
   assert len(source) == 3
   assert source[2][1] == 2 and isinstance(source[2][1], int)
 
+
+
+# ----------------------------------------------------------------------------- config.normalization
+
+
+def test_normalization_follows_the_pretrained_weights(mnist):
+  """auto: the dataset's own statistics from scratch, ImageNet's (their channel average for 1 channel) from
+  pretrained weights; dataset: always its own; imagenet: always ImageNet's."""
+  own = (mnist.mean, mnist.std)
+  assert own != (imagenet.IMAGENET_GREY_MEAN, imagenet.IMAGENET_GREY_STD)
+  as_ = lambda dataset, choice, pretrained: (lambda d: (d.mean, d.std))(
+      sources.normalized_as(dataset, choice, pretrained=pretrained))
+  assert as_(mnist, 'auto', False) == own and as_(mnist, 'dataset', True) == own
+  grey = (imagenet.IMAGENET_GREY_MEAN, imagenet.IMAGENET_GREY_STD)
+  assert as_(mnist, 'auto', True) == grey and as_(mnist, 'imagenet', False) == grey
+  rgb = load_dataset('mnist5k_rgb')
+  assert as_(rgb, 'auto', True) == (imagenet.IMAGENET_MEAN, imagenet.IMAGENET_STD)
+  assert as_(rgb, 'auto', False) == (rgb.mean, rgb.std)
+  np.testing.assert_allclose(np.mean(imagenet.IMAGENET_MEAN), imagenet.IMAGENET_GREY_MEAN[0], atol=1e-3)
+
+
+def test_imagenet_normalization_needs_one_or_three_channels():
+  """ColoredMNIST's 2 channels: auto keeps their own statistics, imagenet is a setting error naming the fix."""
+  two = load_dataset('colored_mnist')
+  assert sources.normalized_as(two, 'auto', pretrained=True) is two
+  with pytest.raises(sources.SettingError, match="normalization='imagenet' needs 1- or 3-channel images") as error:
+    sources.normalized_as(two, 'imagenet', pretrained=False)
+  assert error.value.setting == 'normalization'
+
+
+@pytest.mark.parametrize('value, fragments', [
+    ('imagenet', ["normalization='imagenet' needs 1- or 3-channel", "--config.normalization to dataset"]),
+    ('zscore', ["unknown normalization 'zscore'", 'auto, dataset, imagenet']),
+])
+def test_bad_normalization_is_one_line(tmp_path, capsys, value, fragments):
+  from conftest import assert_one_line_error, run_cli
+  code, _, err = run_cli(capsys, 'train', '--workdir', tmp_path / 'run', '--config.dataset=colored_mnist',
+                         '--config.model=mnist_cnn', f'--config.normalization={value}', '--no-progress')
+  assert_one_line_error(code, err, *fragments)
+  assert not (tmp_path / 'run' / 'checkpoints').exists()

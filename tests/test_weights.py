@@ -40,15 +40,17 @@ def write(path, variables, *, extra=None, drop=()):
 
 @pytest.fixture(scope="module")
 def few_digits(tmp_path_factory):
-  """``npz:`` of 64 training and 16 test digits: a run of resnet18_tv is then one step of 64 and one evaluation
-  batch (its compute on all 1,438 digits took longer than its compilation)."""
+  """An image folder (``imagefolder:DIR:8``, written by experiments/make_imagefolder.py as the README's fine-tuning
+  example does) of 6 training and 2 test digits per class: a run of resnet18_tv is then one step of 60 and one
+  evaluation batch (its compute on all 1,438 digits took longer than its compilation)."""
   from overfocus_jax.data.sources import load_dataset
   digits = load_dataset("digits")
-  path = tmp_path_factory.mktemp("few_digits") / "digits.npz"
-  np.savez(path, x_train=digits.train.images[:64], y_train=digits.train.labels[:64],
-           x_test=digits.test.images[:16], y_test=digits.test.labels[:16], num_classes=10)
-  return ("--config.model=resnet18_tv", f"--config.dataset=npz:{path}", "--config.num_epochs=1",
-          "--config.batch_size=64", "--config.eval_batch_size=16", "--no-progress")
+  make_imagefolder = load_check_script("make_imagefolder")
+  root = tmp_path_factory.mktemp("few_digits")
+  for split, per_class in (("train", 6), ("test", 2)):
+    make_imagefolder.write_split(getattr(digits, split), root / split, range(10), per_class)
+  return ("--config.model=resnet18_tv", f"--config.dataset=imagefolder:{root}:8", "--config.num_epochs=1",
+          "--config.batch_size=60", "--config.eval_batch_size=20", "--no-progress")
 
 
 @pytest.fixture(scope="module")
@@ -222,8 +224,9 @@ def test_bad_backbone_lr_scale_is_a_user_error(fields, fragment):
 
 @pytest.mark.slow
 def test_a_run_from_the_file_with_a_frozen_backbone_and_its_resume(tmp_path, digits_model, few_digits, capsys):
-  """One epoch (one step) from the file with only the head training: the encoder's parameters stay the file's
-  exactly, the head moves. Run again with the file gone, the run restores its checkpoint and never reads the file."""
+  """Fine-tuning on an image folder: one epoch (one step) from the file with only the head training: the encoder's
+  parameters stay the file's exactly, the head moves. Run again with the file gone, the run restores its checkpoint
+  and never reads the file."""
   from conftest import restore_final_state
   _, saved, _ = digits_model
   path = write(tmp_path / "w.safetensors", saved)

@@ -66,13 +66,18 @@ def get_config() -> ml_collections.ConfigDict:
   config.resnet_tv = ml_collections.ConfigDict(dict(
       stem="cifar",              # cifar: conv3×3/1, no pool (28×28 → z 4×4) | imagenet: conv7×7/2 + max-pool 3×3/2
                                  # (torchvision's, for 224×224 images and its weights; 28×28 → z 1×1)
-      zero_init_residual=False,  # each block's last BN scale starts at 0 (torchvision's option, off by default)
+      zero_init_residual=True,   # each block's last BN scale starts at 0, so every block starts as the identity:
+                                 # torchvision's option (off there); on here because resnet50_tv from scratch diverged
+                                 # without it at the default settings (README, efficiency table). Loaded weights
+                                 # (init_from) replace these scales, so it only matters from scratch.
   ))
   # Pretrained weights (models/weights.py): a .safetensors state dict, mapped onto the model when a run starts (a
   # resumed run restores its checkpoint instead); pickles (.pth) are never read. The head is re-initialised when the
   # class count differs.
   config.init_from = ""                    # a .safetensors file ("" = none)
   config.init_from_layout = "torchvision"  # torchvision | timm: whose tensor names the file has
+  config.normalization = "auto"  # auto: ImageNet's mean/std when init_from is set (what such weights expect), else
+                                 # the dataset's own | dataset | imagenet (data/sources.py: normalized_as)
   # Learn to Pay Attention (models/attention.py): conv3×3-BN-ReLU layers numbered from 1, a 2×2 max-pool after
   # the layers in pool_after, attention on the listed layers' maps against a global feature of width
   # global_features; z = the first attention layer's map.

@@ -36,6 +36,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
+from overfocus_jax.data.imagenet import imagenet_statistics
 from overfocus_jax.errors import SettingError, UserError
 
 DEFAULT_SIZE = 64
@@ -47,8 +48,6 @@ TEST_DIRS = ('test', 'val')
 SPLIT_SEED = 0  # fixed: the split of DIR/CLASS folders must not depend on the user's seed (domains: trial_seed)
 TEST_FRACTION = 0.2
 GREY_MODES = frozenset({'1', 'L', 'LA'})
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-GREY_MEAN, GREY_STD = (0.449,), (0.226,)  # the channel averages of ImageNet's
 SYNTAX = ('imagefolder:DIR[:SIZE][:domains] with DIR/train/CLASS/*.png and DIR/test/CLASS/*.png, DIR/CLASS/*.png '
           '(a seeded 80/20 split), or DIR/DOMAIN/CLASS/*.png with :domains')
 _MAX_PROBE_THREADS = 16
@@ -117,7 +116,7 @@ def load(spec: str, arg: str, *, skip_bad_images: bool = False, trial_seed: int 
   domain_names = tuple(roots) if with_domains else ()
   make = lambda part: ImageFolderSource(*part, size=size, mode=mode, class_names=class_names,
                                         domain_names=domain_names)
-  mean, std = (GREY_MEAN, GREY_STD) if mode == 'L' else (IMAGENET_MEAN, IMAGENET_STD)
+  mean, std = imagenet_statistics(1 if mode == 'L' else 3)
   return Folder(make(train), make(test), (size, size, 1 if mode == 'L' else 3), class_names, domain_names, mean, std)
 
 

@@ -15,6 +15,14 @@ same digits white on black in three channels (no colour says anything about the 
 in training (every hue has a channel at 0), so accuracy there also measures a colour the network never saw — as the
 patch's clean test shows digits without the patch no training image lacked. Both are normalised with the clean
 digits' statistics, whatever ``P``. :func:`tint` works on the images of any source.
+
+``mnist5k_glyph[:P]``: a third kind, a local mark whose *shape* is the cue. A 4×4 binary glyph (one of 10 fixed
+patterns, :func:`class_glyphs`, any two differing in at least 6 of their 16 pixels) is stamped at full intensity in
+one of the image's four corners (empty in mnist5k), the corner drawn uniformly for every image, train and test alike,
+so that the place says nothing (:func:`glyph_corners`): in a training image the glyph is the label's with
+probability ``P``, otherwise one drawn uniformly; in a test image a uniform one. Unlike the patch (a position code,
+which a network reads from *where* the activation is) and the colour (in every stroke pixel), the cue is a small
+texture beside the digit: local, as overfocusing is, and never in the same place. Clean test: ``mnist5k``.
 """
 
 import colorsys
@@ -105,3 +113,53 @@ def tint_shortcut(train_images: np.ndarray, train_labels: np.ndarray, test_image
   patch: colour id ``i`` plays the role of position ``i``)."""
   train_ids, test_ids = shortcut_position_plan(train_labels, len(test_images), correlation)
   return tint(train_images, train_ids), tint(test_images, test_ids)
+
+
+GLYPH_SIZE = 4
+GLYPH_MIN_DISTANCE = 6  # pixels in which any two class glyphs differ
+
+
+def class_glyphs() -> np.ndarray:
+  """(10, 4, 4) bool: one pattern per glyph id, half of its pixels on, any two at Hamming distance ≥ 6, drawn once
+  from the fixed seed (the same on every call)."""
+  rng = np.random.default_rng(_SHORTCUT_SEED)
+  glyphs = []
+  while len(glyphs) < NUM_POSITIONS:
+    candidate = rng.permutation(GLYPH_SIZE * GLYPH_SIZE) < GLYPH_SIZE * GLYPH_SIZE // 2
+    if all(np.sum(candidate != other) >= GLYPH_MIN_DISTANCE for other in glyphs):
+      glyphs.append(candidate)
+  return np.stack(glyphs).reshape(NUM_POSITIONS, GLYPH_SIZE, GLYPH_SIZE)
+
+
+def glyph_corners(height: int, width: int, count: int, rng: np.random.Generator) -> np.ndarray:
+  """(count, 2) top-left (row, col) corners of a glyph in one of the image's four corners, drawn uniformly.
+
+  (A place anywhere along the border ring was tried first: ERM then ignored the glyph — 97.6% on decorrelated test
+  images, 97.2% on clean ones, seed 0 — so there was no shortcut to measure.)"""
+  corner = rng.integers(0, 4, size=count)
+  rows = np.where(corner < 2, 0, height - GLYPH_SIZE)
+  cols = np.where(corner % 2 == 0, 0, width - GLYPH_SIZE)
+  return np.stack([rows, cols], axis=1)
+
+
+def stamp_glyphs(images: np.ndarray, glyph_ids: np.ndarray, corners: np.ndarray) -> np.ndarray:
+  """Copies ``images`` (N, H, W, C) uint8 with glyph ``glyph_ids[i]`` at ``corners[i]``: its on pixels at
+  ``PATCH_VALUE``, its off pixels left as they were."""
+  out = np.array(images, copy=True)
+  glyphs = class_glyphs()
+  for image, glyph_id, (row, col) in zip(out, glyph_ids, corners):
+    window = image[row:row + GLYPH_SIZE, col:col + GLYPH_SIZE, :]
+    window[glyphs[glyph_id]] = PATCH_VALUE
+  return out
+
+
+def glyph_shortcut(train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray,
+                   correlation: float) -> tuple[np.ndarray, np.ndarray]:
+  """``(train_images, test_images)`` with the glyph cue of the module docstring (copies): which glyph follows the
+  patch's seeded plan (glyph ``i`` plays the role of position ``i``); where, a second seeded draw, label-blind."""
+  train_ids, test_ids = shortcut_position_plan(train_labels, len(test_images), correlation)
+  rng = np.random.default_rng(_SHORTCUT_SEED + 1)
+  height, width = train_images.shape[1:3]
+  train_corners = glyph_corners(height, width, len(train_images), rng)
+  test_corners = glyph_corners(height, width, len(test_images), rng)
+  return stamp_glyphs(train_images, train_ids, train_corners), stamp_glyphs(test_images, test_ids, test_corners)

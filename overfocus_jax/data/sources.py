@@ -23,11 +23,12 @@ import zlib
 import numpy as np
 
 from overfocus_jax.data import shifts
+from overfocus_jax.data.imagenet import imagenet_statistics
 from overfocus_jax.errors import SettingError, UserError
 
 DEFAULT_SPEC = 'mnist5k'
 VALID_SPECS = (
-    "'mnist5k' (default), 'mnist5k_shortcut[:P]', 'mnist5k_color[:P]', 'mnist5k_rgb', 'digits', "
+    "'mnist5k' (default), 'mnist5k_shortcut[:P]', 'mnist5k_color[:P]', 'mnist5k_glyph[:P]', 'mnist5k_rgb', 'digits', "
     "'tfds:NAME' (e.g. tfds:fashion_mnist), "
     "'idx:DIR' (a directory of MNIST IDX files), "
     "'npz:FILE' (a .npz with x_train, y_train, x_test, y_test), "
@@ -158,12 +159,39 @@ class ImageDataset:
   environment_splits: tuple[tuple[str, Source], ...] = ()
 
 
+NORMALIZATIONS = ('auto', 'dataset', 'imagenet')
+
+
+def normalized_as(dataset: 'ImageDataset', normalization: str, *, pretrained: bool) -> 'ImageDataset':
+  """``dataset`` with the statistics the models see its images normalised by (``config.normalization``).
+
+  ``dataset``: its own (measured over its training images when loaded; an ``imagefolder:``'s are ImageNet's, since
+  measuring them would decode the whole folder); ``imagenet``: ImageNet's; ``auto`` (the default): ImageNet's when
+  the run starts from pretrained weights (``pretrained``: ``config.init_from`` is set), since that is what they were
+  trained with, and the dataset's own otherwise. ImageNet's apply to 1- and 3-channel images only: ``auto`` keeps the
+  dataset's own for other channel counts, ``imagenet`` refuses them.
+
+  Raises:
+    SettingError: ``imagenet`` on images that have neither 1 nor 3 channels.
+  """
+  channels = dataset.image_shape[-1]
+  statistics = imagenet_statistics(channels)
+  if normalization == 'imagenet' and statistics is None:
+    raise SettingError('normalization', f"normalization='imagenet' needs 1- or 3-channel images, and "
+                       f"{dataset.name!r} has {channels} channels", "dataset (the images' own statistics)")
+  if normalization == 'dataset' or statistics is None or (normalization == 'auto' and not pretrained):
+    return dataset
+  mean, std = statistics
+  return dataclasses.replace(dataset, mean=mean, std=std)
+
+
 def load_dataset(spec: str, *, data_dir: str | None = None, skip_bad_images: bool = False,
                  trial_seed: int = 0, image_size: int = 0) -> ImageDataset:
   """Loads and validates the dataset named by `spec`.
 
   Args:
-    spec: 'mnist5k', 'mnist5k_shortcut[:P]', 'mnist5k_color[:P]', 'mnist5k_rgb' (see shifts.py), 'digits',
+    spec: 'mnist5k', 'mnist5k_shortcut[:P]', 'mnist5k_color[:P]', 'mnist5k_glyph[:P]', 'mnist5k_rgb' (see
+      shifts.py), 'digits',
       'tfds:NAME',
       'idx:DIR', 'npz:FILE', 'imagefolder:DIR[:SIZE][:domains]' (see imagefolder.py), or 'colored_mnist[:BASE]',
       'rotated_mnist[:BASE]' (see environments.py).
@@ -191,6 +219,11 @@ def load_dataset(spec: str, *, data_dir: str | None = None, skip_bad_images: boo
     correlation = shifts.parse_correlation(spec, arg.strip())
     base = _load_mnist5k('mnist5k')
     return _replace_images(base, *shifts.stamp_shortcut(base.train.images, base.train.labels, base.test.images,
+                                                        correlation), name=spec)
+  if kind == 'mnist5k_glyph':
+    correlation = shifts.parse_correlation(spec, arg.strip())
+    base = _load_mnist5k('mnist5k')
+    return _replace_images(base, *shifts.glyph_shortcut(base.train.images, base.train.labels, base.test.images,
                                                         correlation), name=spec)
   if kind == 'mnist5k_color':
     correlation = shifts.parse_correlation(spec, arg.strip())

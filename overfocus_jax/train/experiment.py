@@ -16,7 +16,7 @@ from overfocus_jax import parallel, platform_tuning
 from overfocus_jax.challenge import Regularizer, build_regularizer
 from overfocus_jax.challenge import invariance
 from overfocus_jax.data import balanced, pipeline
-from overfocus_jax.data.sources import ImageDataset, load_dataset
+from overfocus_jax.data.sources import ImageDataset, load_dataset, normalized_as
 from overfocus_jax.errors import SettingError, UserError
 from overfocus_jax.models import Model, build_model, weights
 from overfocus_jax.train import state as state_lib
@@ -52,6 +52,8 @@ def build_experiment(config: ml_collections.ConfigDict, *, dataset: ImageDataset
   dataset = dataset or load_dataset(config.dataset, data_dir=config.data_dir or None,
                                     skip_bad_images=config.skip_bad_images, trial_seed=config.environments.trial_seed,
                                     image_size=config.image_size)
+  # A resumed run keeps config.init_from, so its statistics are the new run's (the file itself is not read again).
+  dataset = normalized_as(dataset, config.normalization, pretrained=bool(config.init_from))
   dataset, layout = environment_training(config, dataset)
   mesh = mesh or parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
