@@ -246,11 +246,11 @@ def test_the_injected_conv_builds_every_convolution():
 # ----------------------------------------------------------------------------- training and the experiment
 
 
-@pytest.mark.parametrize("name, optimizer, learning_rate", [("resnet18_tv", "sgd", 0.1)])
+@pytest.mark.parametrize("name, optimizer, learning_rate", [("resnet18_tv", "sgd", 0.1), ("resnet50_tv", "adam", 1e-3)])
 def test_fits_one_batch_of_digits(name, optimizer, learning_rate):
   """8 steps on one batch of 16 digits (8×8, the CIFAR stem: z 1×1), constant learning rate, the config's
-  zero_init_residual (blocks start as the identity). (resnet50_tv's blocks are checked against a reference forward
-  pass above; compiling its train step alone takes ~40 s on 2 cores.)"""
+  zero_init_residual (blocks start as the identity). (ResNet-50 with SGD at 0.1 made the loss jump about on a
+  16-image batch, and at 0.02 fell to 0.38 of its first value in 8 steps; Adam at 1e-3 to 0.09.)"""
   config = make_config(name, optimizer=optimizer, learning_rate=learning_rate, schedule="constant", warmup_epochs=0)
   losses, state = fit_one_batch(config, steps=8, batch_size=16)
   assert losses[-1] < 0.2 * losses[0], losses

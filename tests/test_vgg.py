@@ -4,6 +4,7 @@ bfloat16, training with and without regularizers, and the one-line config errors
 
 import dataclasses
 import functools
+import json
 from typing import Any
 
 import chex
@@ -284,6 +285,21 @@ def test_regularizers_train_vgg16(digits, initial_variables, regularizer):
   assert np.all(np.isfinite(losses)), losses
   dropped = [float(record[f"{regularizer}_dropped_fraction"]) for record in records]
   assert np.mean(dropped) > 0, dropped
+
+
+def test_trains_with_sgdrop_and_explains_through_the_cli(tmp_path, capsys):
+  """The tiny VGG on digits, 2 steps of SGDrop, then ``overfocus explain`` at a conv layer inside the encoder."""
+  workdir = tmp_path / "wd"
+  code, out, err = run_cli(capsys, "train", "--workdir", workdir, "--config.model=vgg16", "--config.dataset=digits",
+                           *TINY_VGG_ARGS, "--config.regularizer.name=sgdrop", "--config.num_epochs=1",
+                           "--config.batch_size=512", "--no-progress")
+  assert code == 0, err
+  assert json.loads(out.strip().splitlines()[-1])["steps"] == 2
+  code, out, err = run_cli(capsys, "explain", "--workdir", workdir, "--n", "2", "--images", "8",
+                           "--methods", "latent,grad_cam", "--no-progress")
+  assert code == 0, err
+  summary = json.loads(out.strip().splitlines()[-1])
+  assert {"latent", "grad_cam"} <= set(summary["methods"]), summary
 
 
 @pytest.mark.parametrize("input_shape", [(1, 1, 1), (8, 8, 1), (28, 28, 3)])

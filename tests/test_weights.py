@@ -268,7 +268,8 @@ def load_check_script(name: str = "check_pretrained"):
 
 @pytest.mark.parametrize("name, library", [("resnet18_tv", "torchvision"), ("resnet50_tv", "torchvision"),
                                            ("resnet50_tv", "timm"), ("vgg16", "torchvision"),
-                                           ("vgg16_bn", "torchvision")])
+                                           ("vgg16_bn", "torchvision"), ("convnext_atto", "timm"),
+                                           ("convnext_femto", "timm")])
 def test_logits_equal_the_peers(tmp_path, name, library):
   """experiments/check_pretrained.py at 64×64: the library's network, saved and loaded in its layout."""
   pytest.importorskip("torch")
