@@ -40,8 +40,8 @@ CONFIGS = {
 }
 # Fields a model needs besides its config file, on every dataset.
 MODEL_OVERRIDES = {
-    # Both train from scratch with the config's zero_init_residual (blocks start as the identity): without it
-    # resnet50_tv's loss diverged within the warm-up at the default settings (README, efficiency table).
+    # Both from scratch with the config's zero_init_residual=auto: on for resnet50_tv (without it its loss diverged
+    # within the warm-up at the default settings), off for resnet18_tv (README, efficiency table).
     "resnet18_tv": ("--config.model=resnet18_tv",),
     "resnet50_tv": ("--config.model=resnet50_tv",),
     "focus_zoom": ("--config.focus.zoom=True",),

@@ -24,7 +24,7 @@ from overfocus_jax.models import convnext
 from overfocus_jax.models.attention import COMPATIBILITIES, NORMALISATIONS, first_empty_layer
 from overfocus_jax.models.focus import MAX_HARRIS_WINDOW
 from overfocus_jax.models.resnet import ACTIVATIONS, NORMS, STEM_POOLS
-from overfocus_jax.models.resnet_tv import STEMS as RESNET_TV_STEMS
+from overfocus_jax.models.resnet_tv import STEMS as RESNET_TV_STEMS, ZERO_INIT_RESIDUAL
 from overfocus_jax.models.weights import LAYOUTS
 from overfocus_jax.models.vgg import HEADS as VGG_HEADS
 from overfocus_jax.train.state import OPTIMIZERS, SCHEDULES
@@ -282,9 +282,9 @@ def _validate_convnext(arch: ml_collections.ConfigDict) -> None:
 
 def _validate_resnet_tv(arch: ml_collections.ConfigDict) -> None:
   _require_choice(arch.stem, RESNET_TV_STEMS, "resnet_tv.stem")
-  _require(isinstance(arch.zero_init_residual, bool),
-           f"config.resnet_tv.zero_init_residual={arch.zero_init_residual!r} must be true or false",
-           "set --config.resnet_tv.zero_init_residual=true or false")
+  _require(str(arch.zero_init_residual).lower() in ZERO_INIT_RESIDUAL,
+           f"config.resnet_tv.zero_init_residual={arch.zero_init_residual!r} must be auto, true or false",
+           "set --config.resnet_tv.zero_init_residual=auto, true or false")
 
 
 def _validate_pretrained(config: ml_collections.ConfigDict) -> None:

@@ -66,10 +66,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.resnet_tv = ml_collections.ConfigDict(dict(
       stem="cifar",              # cifar: conv3×3/1, no pool (28×28 → z 4×4) | imagenet: conv7×7/2 + max-pool 3×3/2
                                  # (torchvision's, for 224×224 images and its weights; 28×28 → z 1×1)
-      zero_init_residual=True,   # each block's last BN scale starts at 0, so every block starts as the identity:
-                                 # torchvision's option (off there); on here because resnet50_tv from scratch diverged
-                                 # without it at the default settings (README, efficiency table). Loaded weights
-                                 # (init_from) replace these scales, so it only matters from scratch.
+      zero_init_residual="auto",  # true: each block's last BN scale starts at 0, every block the identity
+                                  # (torchvision's option) | false: torchvision's default | auto: on for resnet50_tv
+                                  # (from scratch it diverged without it), off for resnet18_tv (it learned 2× slower
+                                  # with it): README, efficiency table. Loaded weights (init_from) replace these
+                                  # scales, so it only matters from scratch.
   ))
   # Pretrained weights (models/weights.py): a .safetensors state dict, mapped onto the model when a run starts (a
   # resumed run restores its checkpoint instead); pickles (.pth) are never read. The head is re-initialised when the

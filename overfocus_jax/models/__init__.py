@@ -160,7 +160,8 @@ def _convnext(config, **common) -> nn.Module:
 
 def _resnet_tv(factory, config, **common) -> nn.Module:
   arch = config.resnet_tv
-  return factory(stem=arch.stem, zero_init_residual=arch.zero_init_residual, **common)
+  zero_init = resnet_tv.zero_init_residual(arch.zero_init_residual, factory.keywords["kind"])
+  return factory(stem=arch.stem, zero_init_residual=zero_init, **common)
 
 
 def _mnist_cnn(config, **common) -> nn.Module:

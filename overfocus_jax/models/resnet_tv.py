@@ -160,6 +160,17 @@ class ResNetTV(EncoderHead):
 ResNet18TV = functools.partial(ResNetTV, kind="basic", stage_sizes=(2, 2, 2, 2))
 ResNet50TV = functools.partial(ResNetTV, kind="bottleneck", stage_sizes=(3, 4, 6, 3))
 
+# config.resnet_tv.zero_init_residual's values, any case (a bool True/False reads as "true"/"false").
+ZERO_INIT_RESIDUAL = ("auto", "true", "false")
+
+
+def zero_init_residual(setting, kind: str) -> bool:
+  """``config.resnet_tv.zero_init_residual`` for a network of ``kind`` blocks: ``auto`` is on for bottleneck blocks
+  (resnet50_tv: from scratch at the default run's settings its loss diverged without it) and off for basic ones
+  (resnet18_tv: it learned about twice as slowly with it); README's efficiency table has both measurements."""
+  setting = str(setting).lower()
+  return kind == "bottleneck" if setting == "auto" else setting == "true"
+
 
 # ----------------------------------------------------------------------------- torchvision's state dict
 
