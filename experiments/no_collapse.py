@@ -2,9 +2,11 @@ r"""Does a regularizer's default collapse training? ERM against each method on e
 
     python experiments/no_collapse.py --methods erm sgdrop rsc --seeds 0 1 2
     python experiments/no_collapse.py --configs default attention --methods erm sgdrop_mass_0.5 --epochs 4
+    python experiments/no_collapse.py --configs mnist_cnn --dataset mnist5k --epochs 3   # not its ColoredMNIST
     python experiments/no_collapse.py --table-only
 
-For each config (``experiments/configs/NAME.py``, on its own dataset), method and seed it trains a run and records
+For each config (``experiments/configs/NAME.py``, on its own dataset unless ``--dataset`` names another), method and
+seed it trains a run and records
 the first epoch's train accuracy on the samples the regularizer masked (``train_regularized_accuracy``: at or below
 chance, 1/classes, the masks remove all of the class evidence; the whole batch's accuracy would mix in the samples
 RSC or a partial-batch SGDrop leave alone) and the final test accuracy. The table gives, per config and method,
@@ -25,16 +27,20 @@ HERE = pathlib.Path(__file__).resolve().parent
 CONFIGS = ("default", "shortcut", "resnet18", "attention", "focus", "corner", "vgg16", "convnext", "mnist_cnn")
 
 
-def run_one(config_name: str, method: str, seed: int, epochs: int | None, runs_dir: pathlib.Path) -> dict:
+def run_one(config_name: str, method: str, seed: int, epochs: int | None, runs_dir: pathlib.Path,
+            dataset: str | None = None) -> dict:
   from overfocus_jax import config as config_lib
   from overfocus_jax.train import loop, workdir as workdir_lib
   overrides = METHODS[method] + [("seed", str(seed))] + ([("num_epochs", str(epochs))] if epochs else [])
+  if dataset:  # another dataset than the config's own; a config that holds out environments holds out none
+    overrides += [("dataset", dataset), ("environments.test_envs", "()")]
   config = config_lib.build_config(str(HERE / "configs" / f"{config_name}.py"), overrides)
-  workdir = runs_dir / f"{config_name}{f'_e{epochs}' if epochs else ''}_{method}_s{seed}"
+  setting = f"{f'_{dataset}' if dataset else ''}{f'_e{epochs}' if epochs else ''}"
+  workdir = runs_dir / f"{config_name}{setting}_{method}_s{seed}"
   summary = loop.train_and_evaluate(config, workdir, progress=False)
   records = workdir_lib.read_metrics(workdir)
   num_classes = workdir_lib.load_trained(workdir).exp.dataset.num_classes
-  return {"config": config_name, "method": method, "seed": seed, "epochs_override": epochs,
+  return {"config": config_name, "method": method, "seed": seed, "epochs_override": epochs, "dataset_override": dataset,
           "epochs": summary["epochs"], "dataset": config.dataset, "model": config.model, "chance": 1 / num_classes,
           "first_epoch_train_accuracy": records[0]["train_accuracy"],
           "first_epoch_masked_accuracy": records[0].get("train_regularized_accuracy"),
@@ -52,9 +58,12 @@ def table(results: list[dict], configs, methods) -> str:
   lines = ["| config | epochs | method | seeds | epoch-1 masked train acc. (chance) | test acc. | Δ vs ERM |",
            "|---|---|---|---|---|---|---|"]
   for config in configs:
-    for epochs in sorted({r["epochs"] for r in results if r["config"] == config}):
+    settings = sorted({(r.get("dataset_override") or "", r["epochs"]) for r in results if r["config"] == config})
+    for dataset, epochs in settings:
+      label = f"{config} on {dataset}" if dataset else config
       rows_of = lambda m: sorted((r for r in results
-                                  if (r["config"], r["epochs"], r["method"]) == (config, epochs, m)),
+                                  if (r["config"], r.get("dataset_override") or "", r["epochs"], r["method"])
+                                  == (config, dataset, epochs, m)),
                                  key=lambda r: r["seed"])
       erm = {r["seed"]: r["test_accuracy"] for r in rows_of("erm")}
       for method in methods:
@@ -65,7 +74,7 @@ def table(results: list[dict], configs, methods) -> str:
         delta = f"{statistics.mean(paired):+.1f}" if paired and method != "erm" else "–"
         masked = [r.get("first_epoch_masked_accuracy") for r in rows]
         first = "–" if None in masked else _mean_std([100 * value for value in masked])
-        lines.append(f"| {config} | {epochs} | {method} | {len(rows)} | {first} ({100 * rows[0]['chance']:.0f}) | "
+        lines.append(f"| {label} | {epochs} | {method} | {len(rows)} | {first} ({100 * rows[0]['chance']:.0f}) | "
                      f"{_mean_std([100 * r['test_accuracy'] for r in rows])} | {delta} |")
   return "\n".join(lines)
 
@@ -78,6 +87,8 @@ def main() -> int:
                       help="names from experiments/methods.py")
   parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
   parser.add_argument("--epochs", type=int, help="override every config's num_epochs")
+  parser.add_argument("--dataset", help="train every config on this dataset instead of its own (its environments, "
+                      "if any, all for training), e.g. mnist5k for mnist_cnn, whose own is ColoredMNIST")
   parser.add_argument("--out", default=str(HERE / "results" / "no_collapse.jsonl"))
   parser.add_argument("--runs-dir", default="runs/no_collapse")
   parser.add_argument("--table-only", action="store_true", help="print the table of finished runs")
@@ -85,13 +96,13 @@ def main() -> int:
   out = pathlib.Path(args.out)
   results = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
   if not args.table_only:
-    done = {(r["config"], r["method"], r["seed"], r["epochs_override"]) for r in results}
+    done = {(r["config"], r["method"], r["seed"], r["epochs_override"], r.get("dataset_override")) for r in results}
     for config in args.configs:
       for method in args.methods:
         for seed in args.seeds:
-          if (config, method, seed, args.epochs) in done:
+          if (config, method, seed, args.epochs, args.dataset) in done:
             continue
-          result = run_one(config, method, seed, args.epochs, pathlib.Path(args.runs_dir))
+          result = run_one(config, method, seed, args.epochs, pathlib.Path(args.runs_dir), args.dataset)
           print(json.dumps(result), flush=True)
           with out.open("a") as f:
             f.write(json.dumps(result) + "\n")

@@ -28,7 +28,8 @@ from overfocus_jax.errors import SettingError, UserError
 
 DEFAULT_SPEC = 'mnist5k'
 VALID_SPECS = (
-    "'mnist5k' (default), 'mnist5k_shortcut[:P]', 'mnist5k_color[:P]', 'mnist5k_glyph[:P]', 'mnist5k_rgb', 'digits', "
+    "'mnist5k' (default), 'mnist5k_shortcut[:P]', 'mnist5k_color[:P]', 'mnist5k_glyph[:P]', 'mnist5k_rgb', "
+    "'digits', "
     "'tfds:NAME' (e.g. tfds:fashion_mnist), "
     "'idx:DIR' (a directory of MNIST IDX files), "
     "'npz:FILE' (a .npz with x_train, y_train, x_test, y_test), "
