@@ -450,7 +450,9 @@ def config_to_json(config: ml_collections.ConfigDict) -> str:
 
 def config_from_json(text: str) -> ml_collections.ConfigDict:
   """Rebuilds a saved config on top of today's defaults, so a run saved before a field existed still loads
-  (the new field takes its default); lists become tuples again so overrides keep their types."""
+  (the new field takes its default); lists become tuples again so overrides keep their types. A saved true/false
+  where a field has since become a word (``resnet_tv.zero_init_residual``: auto | true | false) is read as that
+  word."""
 
   def tuples(node):
     if isinstance(node, dict):
@@ -464,6 +466,8 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
       if isinstance(value, dict) and isinstance(base.get(key), ml_collections.ConfigDict):
         overlay(base[key], value)
       else:
+        if isinstance(value, bool) and isinstance(base.get(key), str):
+          value = str(value).lower()
         with base.unlocked():
           base[key] = value
 

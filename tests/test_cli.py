@@ -12,6 +12,8 @@ import sys
 import numpy as np
 import pytest
 
+from overfocus_jax import config as config_lib
+
 from conftest import (DIGITS_TEST, REPO_ROOT, TINY_ARGS, assert_one_line_error, last_json_line, read_metrics,
                       run_cli, subprocess_env)
 
@@ -199,7 +201,9 @@ def test_eval_of_a_run_saved_before_a_config_field_existed(trained_workdir, tmp_
   config["regularizer"] = {"name": "none"}  # no sgdrop / rsc / rsc_domainbed groups yet
   for group in ("attention", "focus", "corner"):  # nor these models (the run is a resnet)
     del config[group]
+  config["resnet_tv"]["zero_init_residual"] = True  # a true/false before the field took auto | true | false
   (workdir / "config.json").write_text(json.dumps(config))
+  assert config_lib.config_from_json(json.dumps(config)).resnet_tv.zero_init_residual == "true"
   code, out, err = run_cli(capsys, "eval", "--workdir", workdir)
   assert code == 0, err
   result = last_json_line(out)
