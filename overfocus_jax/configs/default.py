@@ -68,9 +68,9 @@ def get_config() -> ml_collections.ConfigDict:
                                  # (torchvision's, for 224×224 images and its weights; 28×28 → z 1×1)
       zero_init_residual="auto",  # true: each block's last BN scale starts at 0, every block the identity
                                   # (torchvision's option) | false: torchvision's default | auto: on for resnet50_tv
-                                  # (from scratch it diverged without it), off for resnet18_tv (it learned more
-                                  # slowly with it): README, "Models". Loaded weights (init_from) replace these
-                                  # scales, so it only matters from scratch.
+                                  # (from scratch it diverged without it), off for resnet18_tv (torchvision's
+                                  # default; it gained nothing from it): README, "Models". Loaded weights
+                                  # (init_from) replace these scales, so it only matters from scratch.
   ))
   # Pretrained weights (models/weights.py): a .safetensors state dict, mapped onto the model when a run starts (a
   # resumed run restores its checkpoint instead); pickles (.pth) are never read. The head is re-initialised when the
