@@ -310,3 +310,18 @@ def test_torch_peer_check_failures():
   bad = {**ok, "loss_abs_diff_step2": 0.5, "logits_max_abs_diff": float("nan")}
   failures = torch_peer.check_failures(bad)
   assert len(failures) == 2 and any(f.startswith("loss_abs_diff_step2 = 0.5") for f in failures)
+
+
+def test_conv_split_slices_compute_the_same_gradients():
+  """benchmarks/conv_split.py times the batch cut into independent slices: it must be the same two gradients."""
+  import jax.numpy as jnp
+  import numpy as np
+  from benchmarks import conv_split
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((8, 5, 5, 3)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((3, 3, 3, 4)), jnp.float32)
+  dx, dw = conv_split.both_gradients(x, w)
+  for slices in (2, 4):
+    dx_sliced, dw_sliced = conv_split.in_slices(x, w, slices)
+    np.testing.assert_allclose(dx_sliced, dx, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw_sliced, dw, rtol=1e-5, atol=1e-4)
