@@ -185,6 +185,19 @@ def test_markdown_table_text_with_a_missing_cell_and_the_average_column():
   assert named.splitlines()[0] == "| Algorithm | +90% | -90% | Avg |"
 
 
+def test_columns_are_the_datasets_environment_names_and_the_spread_can_be_the_std():
+  colored = [{**r, "args": {**r["args"], "dataset": "colored_mnist:idx:/data"}} for r in toy_sweep()]
+  assert tables.markdown_table(colored, "colored_mnist:idx:/data", "oracle").splitlines()[0] == (
+      "| Algorithm | +90% | +80% | -90% | Avg |")
+  assert tables.environment_names("rotated_mnist", 6) == ["0°", "15°", "30°", "45°", "60°", "75°"]
+  assert tables.environment_names("rotated_mnist", 3) == ["env0", "env1", "env2"]  # not DomainBed's six
+  assert tables.environment_names("imagefolder:/x:domains", 2) == ["env0", "env1"]
+  std = tables.markdown_table(small_table_records(), "toy", "training_domain", spread="std")
+  assert "| ERM | 75.0 ± 5.0 | 60.0 ± 0.0 | 67.5 |" in std  # np.std([70, 80]) = 5, its stderr 3.5
+  assert "| ERM | X | 72.5 ± 7.5 | X |" in tables.averages_markdown_table(
+      [*small_table_records(), record([0], 1, algorithm="IRM", dataset="other", n_envs=2)], "oracle", "std")
+
+
 def test_table_rows_are_every_algorithm_of_the_records():
   records = [*small_table_records(), record([0], 1, algorithm="IRM", dataset="other", n_envs=2)]
   assert tables.markdown_table(records, "toy", "oracle").splitlines()[-1] == "| IRM | X | X | X |"
@@ -245,6 +258,8 @@ def test_main_prints_every_methods_tables(tmp_path, capsys):
   path = write_jsonl(tmp_path / "results.jsonl", small_table_records())
   code, out, err = run_tables(capsys, path)
   assert code == 0 and err == ""
+  assert out.splitlines()[0] == ("Test-environment accuracy (%) of the selected model: mean ± standard error "
+                                 "(DomainBed's) over trial seeds.")
   titles = [title for _, title, _ in selection.SELECTION_METHODS.values()]
   assert [line for line in out.splitlines() if line.startswith("# ")] == [f"# Model selection: {t}" for t in titles]
   assert f"## Dataset: toy, model selection method: {titles[0]}\n\n" + tables.markdown_table(
@@ -267,6 +282,7 @@ def assert_one_line_error(code, err, *words):
     (["{good}", "--dataset", "nope"], ["no records of dataset 'nope'", "pick one of: toy"]),
     (["{bad}"], ["bad.jsonl:2: not JSON", "each line must hold"]),
     (["{good}", "--frobnicate"], ["unrecognized arguments: --frobnicate", "--help"]),
+    (["{good}", "--spread", "var"], ["unknown --spread 'var'", "stderr, std"]),
 ])
 def test_bad_input_is_one_line_on_stderr_and_exit_code_2(tmp_path, capsys, argv, words):
   good = write_jsonl(tmp_path / "good.jsonl", small_table_records())

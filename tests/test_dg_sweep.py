@@ -251,8 +251,24 @@ def test_bad_input_is_one_line(tmp_path, capsys, args, fragments):
   assert not (tmp_path / "sweep").exists()
 
 
+@pytest.mark.parametrize("args, fragments", [
+    # rotated_mnist's 5 training environments do not share the config's batch of 128
+    (("--datasets", "rotated_mnist"), ("run rotated_mnist-erm-te0-h0-t0: batch_size=128 does not divide over the 5 "
+                                       "training environments", "--config.batch_size to a multiple of 5")),
+    # each of colored_mnist's environments holds 1,334 in-split examples of mnist5k's 5,000 digits
+    (("--config.batch_size=4000",), ("has 1334 examples, fewer than the 2000", "--config.batch_size to at most 2668")),
+])
+def test_batches_that_do_not_fit_the_environments_fail_before_the_first_run(tmp_path, capsys, args, fragments):
+  code, out, err = run_main(capsys, "--out", tmp_path / "sweep", "--algorithms", "erm", *args)
+  assert_one_line_error(code, err, *fragments)
+  assert out == "" and not (tmp_path / "sweep").exists()
+  code, out, err = run_main(capsys, "--out", tmp_path / "sweep", "--algorithms", "erm", *args, "--dry-run")
+  assert_one_line_error(code, err, *fragments)
+
+
 def test_leave_one_out_needs_three_environments(tmp_path, capsys, monkeypatch):
-  monkeypatch.setattr(sweep, "environment_counts", lambda datasets, config: {"two_envs": 2})
+  two_envs = type("TwoEnvs", (), {"domain_names": ("a", "b")})()
+  monkeypatch.setattr(sweep, "environment_datasets", lambda datasets, config: {"two_envs": two_envs})
   code, _, err = run_main(capsys, "--out", tmp_path / "sweep", "--leave-one-out")
   assert_one_line_error(code, err, "--leave-one-out needs 3 or more environments and 'two_envs' has 2")
 

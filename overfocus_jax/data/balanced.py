@@ -79,7 +79,7 @@ def make_layout(domains: np.ndarray, batch_size: int, environment_ids, names=())
     if len(env_rows) < per_env:
       raise SettingError("batch_size", f"training environment {label(i)} has {len(env_rows)} examples, fewer than "
                          f"the {per_env} of it each balanced batch of {batch_size} needs",
-                         f"at most {len(env_rows) * len(ids)} (batch_size), or hold that environment out")
+                         f"at most {len(env_rows) * len(ids)}, or hold that environment out")
   return Layout(rows=rows, ids=ids, per_env=per_env)
 
 

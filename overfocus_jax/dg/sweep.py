@@ -74,7 +74,7 @@ from overfocus_jax import errors
 from overfocus_jax.data.environments import KINDS as SMALL_IMAGE_KINDS
 from overfocus_jax.data.environments import seed_hash
 from overfocus_jax.dg.selection import record_problem
-from overfocus_jax.errors import UserError
+from overfocus_jax.errors import SettingError, UserError
 from overfocus_jax.overrides import CONFIG_PREFIX, split_overrides
 from overfocus_jax.train.preemption import EXIT_CODES  # numpy only, like the CLI's import
 
@@ -442,19 +442,18 @@ def check_counts(args) -> None:
       raise UserError(f"{flag}={value} must be at least 1", f"pass {flag}=1 or more")
 
 
-def environment_counts(datasets: Sequence[str], config) -> dict[str, int]:
-  """Dataset → its number of environments, each loaded once (with the config's data_dir)."""
+def environment_datasets(datasets: Sequence[str], config) -> dict:
+  """Dataset spec → the dataset of environments it loads (each once, with the config's data_dir)."""
   from overfocus_jax.data import sources  # loaded only when a sweep is checked
-  counts = {}
+  loaded = {}
   for spec in dict.fromkeys(datasets):
     dataset = sources.load_dataset(spec, data_dir=config.data_dir or None, skip_bad_images=config.skip_bad_images,
                                    image_size=config.image_size)
-    names = tuple(getattr(dataset, "domain_names", ()) or ())
-    if not names:
+    if not tuple(getattr(dataset, "domain_names", ()) or ()):
       raise UserError(f"dataset {spec!r} has no environments",
                       "use colored_mnist, rotated_mnist (each [:BASE]) or imagefolder:DIR:domains in --datasets")
-    counts[spec] = len(names)
-  return counts
+    loaded[spec] = dataset
+  return loaded
 
 
 def check_test_envs(env_counts: dict[str, int], test_envs: Sequence[int] | None, leave_one_out: bool) -> None:
@@ -468,13 +467,27 @@ def check_test_envs(env_counts: dict[str, int], test_envs: Sequence[int] | None,
                       "leave out --leave-one-out for this dataset")
 
 
-def check_jobs(jobs: Sequence[Job], config_path: pathlib.Path, user_overrides: Sequence[tuple[str, str]]) -> None:
-  """Builds and validates every run's config as ``overfocus train`` will, so that none fails on its flags."""
+def check_batch_layout(config, dataset) -> None:
+  """The run's balanced batches fit its training environments (the check ``overfocus train`` makes on start)."""
+  from overfocus_jax.data import balanced  # JAX: loaded only when a sweep is checked
+  envs = config.environments
+  if envs.balanced:
+    train_envs = balanced.training_environments(dataset, envs.test_envs, envs.train_envs)
+    balanced.make_layout(dataset.train.domains, config.batch_size, train_envs, dataset.domain_names)
+
+
+def check_jobs(jobs: Sequence[Job], config_path: pathlib.Path, user_overrides: Sequence[tuple[str, str]],
+               datasets: dict | None = None) -> None:
+  """Builds and validates every run's config as ``overfocus train`` will, and with ``datasets`` (spec → dataset)
+  its balanced batches over the training environments, so that no run fails on its flags or its batch size."""
   from overfocus_jax import config as config_lib  # JAX: loaded only when a sweep is checked
   for job in jobs:
     try:
-      config_lib.build_config(str(config_path), config_pairs(job, user_overrides))
+      config = config_lib.build_config(str(config_path), config_pairs(job, user_overrides))
+      if datasets and job.dataset in datasets:
+        check_batch_layout(config, datasets[job.dataset])
     except UserError as e:
+      e = e.as_flag(CONFIG_PREFIX) if isinstance(e, SettingError) else e
       raise UserError(f"run {job.name}: {e}") from None
 
 
@@ -509,12 +522,13 @@ def main(argv: list[str] | None = None) -> int:
     config_path = pathlib.Path(args.config).expanduser().resolve() if args.config else default_config_path()
     from overfocus_jax import config as config_lib  # JAX: only once the arguments are known good
     base = config_lib.build_config(str(config_path), user_overrides)
-    env_counts = environment_counts(args.datasets or [base.dataset], base)
+    datasets = environment_datasets(args.datasets or [base.dataset], base)
+    env_counts = {spec: len(dataset.domain_names) for spec, dataset in datasets.items()}
     check_test_envs(env_counts, args.test_envs, args.leave_one_out)
     test_envs = None if args.test_envs is None else list(dict.fromkeys(args.test_envs))
     jobs = make_jobs(env_counts, list(dict.fromkeys(args.algorithms)), args.n_hparams, args.n_trials, test_envs,
                      args.leave_one_out, args.epochs)
-    check_jobs(jobs, config_path, user_overrides)
+    check_jobs(jobs, config_path, user_overrides, datasets)
     out = pathlib.Path(args.out).expanduser().resolve()
     if args.dry_run:
       for job in jobs:

@@ -3,16 +3,19 @@
 Source: facebookresearch/DomainBed, ``domainbed/scripts/collect_results.py`` (``print_results_tables``,
 ``format_mean``). Per dataset, rows are algorithms (every algorithm of the records, in order of first appearance —
 DomainBed puts those of its own registry first, in its order), columns the test environments and "Avg". A cell is
-``"%.1f ± %.1f"`` of the mean and the standard error (``np.std(accs / sqrt(n))``, DomainBed's ±) over trial seeds of
-the selected test accuracies × 100 (:func:`overfocus_jax.dg.selection.trial_summary`), "X" where no trial has one;
+``"%.1f ± %.1f"`` of the mean and the standard error (``np.std(accs / sqrt(n))``, DomainBed's ±; ``--spread std``
+for the standard deviation ``np.std(accs)``) over trial seeds of the selected test accuracies × 100
+(:func:`overfocus_jax.dg.selection.trial_summary`), "X" where no trial has one;
 "Avg" is ``"%.1f"`` of the mean of the row's means, "X" unless every environment has a cell. The averages table has
 a column per dataset (in name order): per trial seed the mean over whichever test environments it has — DomainBed
 does not require them all there — then mean ± standard error over trial seeds.
 
     python -m overfocus_jax.dg.tables RESULTS.jsonl [--selection training_domain|leave_one_out|oracle|all]
-                                      [--dataset NAME]
+                                      [--dataset NAME] [--spread stderr|std]
 
-prints the tables (all three methods by default; the averages table unless ``--dataset`` picks one). ``RESULTS`` is
+prints the tables (all three methods by default; the averages table unless ``--dataset`` picks one), their columns
+named as the dataset names its environments (ColoredMNIST's +90%, +80%, -90%; RotatedMNIST's 0°, 15°, …; env0,
+env1, … for any other dataset). ``RESULTS`` is
 a ``results.jsonl`` or a DomainBed sweep's output directory. Bad input ends in one line on stderr naming the problem
 and the fix, exit code 2, no traceback.
 """
@@ -23,12 +26,14 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from overfocus_jax.data.environments import ANGLES, COLORED, COLORED_NAMES, ROTATED
 from overfocus_jax.dg.selection import (SELECTION_METHODS, Choice, Summary, env_count, load_records, select,
                                         selection_method, summarize, trial_summary)
 from overfocus_jax import errors
 from overfocus_jax.errors import UserError
 
 PROG = "python -m overfocus_jax.dg.tables"
+SPREADS = {"stderr": "standard error (DomainBed's)", "std": "standard deviation"}
 
 
 def algorithms_in(records: Iterable[dict]) -> list[str]:
@@ -40,8 +45,20 @@ def datasets_in(records: Iterable[dict]) -> list[str]:
   return sorted({r["args"]["dataset"] for r in records})
 
 
-def format_cell(summary: Summary | None) -> str:
-  return "X" if summary is None else f"{summary.mean:.1f} ± {summary.stderr:.1f}"
+def environment_names(dataset: str, n_envs: int) -> list[str]:
+  """The table's column names for ``dataset``'s environments: DomainBed's names for ColoredMNIST and RotatedMNIST
+  (whatever their base), env0, env1, ... otherwise."""
+  kind = dataset.partition(":")[0].strip()
+  if kind == COLORED and n_envs == len(COLORED_NAMES):
+    return list(COLORED_NAMES)
+  if kind == ROTATED and n_envs == len(ANGLES):
+    return [f"{angle}°" for angle in ANGLES]
+  return [f"env{i}" for i in range(n_envs)]
+
+
+def format_cell(summary: Summary | None, spread: str = "stderr") -> str:
+  """``mean ± spread`` (``spread``: ``stderr``, DomainBed's, or ``std``), "X" for no summary."""
+  return "X" if summary is None else f"{summary.mean:.1f} ± {getattr(summary, spread):.1f}"
 
 
 def format_average(summaries: Sequence[Summary | None]) -> str:
@@ -57,22 +74,22 @@ def markdown(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
 
 
 def markdown_table(records: Sequence[dict], dataset: str, method: str,
-                   environments: Sequence[str] | None = None) -> str:
-  """The table of ``dataset`` under the selection ``method``; columns are named ``environments`` (default env0,
-  env1, ...). Rows are the algorithms of all ``records``, as in DomainBed, so an algorithm not run on ``dataset``
+                   environments: Sequence[str] | None = None, spread: str = "stderr") -> str:
+  """The table of ``dataset`` under the selection ``method``; columns are named ``environments`` (default:
+  :func:`environment_names`), cells ``mean ± spread`` (:func:`format_cell`). Rows are the algorithms of all ``records``, as in DomainBed, so an algorithm not run on ``dataset``
   is a row of X."""
   own = [r for r in records if r["args"]["dataset"] == dataset]
   if not own:
     raise UserError(f"no records of dataset {dataset!r}", f"pick one of: {', '.join(datasets_in(records))}")
   n_envs = max(map(env_count, own))
-  labels = [f"env{i}" for i in range(n_envs)] if environments is None else list(environments)
+  labels = environment_names(dataset, n_envs) if environments is None else list(environments)
   if len(labels) != n_envs:
     raise ValueError(f"{len(labels)} environment names for the {n_envs} environments of {dataset}")
   summaries = summarize(select(own, method))
   rows = []
   for algorithm in algorithms_in(records):
     cells = [summaries.get((dataset, algorithm, test_env)) for test_env in range(n_envs)]
-    rows.append([algorithm, *map(format_cell, cells), format_average(cells)])
+    rows.append([algorithm, *(format_cell(cell, spread) for cell in cells), format_average(cells)])
   return markdown(["Algorithm", *labels, "Avg"], rows)
 
 
@@ -85,29 +102,32 @@ def trial_means(choices: Iterable[Choice], algorithm: str, dataset: str) -> list
   return [float(np.mean(by_trial[trial])) for trial in sorted(by_trial)]
 
 
-def averages_markdown_table(records: Sequence[dict], method: str) -> str:
-  """Algorithms × datasets (and "Avg"): mean ± standard error over trial seeds of the per-trial averages."""
+def averages_markdown_table(records: Sequence[dict], method: str, spread: str = "stderr") -> str:
+  """Algorithms × datasets (and "Avg"): mean ± spread (:func:`format_cell`) over trial seeds of the per-trial
+  averages."""
   choices = select(records, method)
   datasets = datasets_in(records)
   rows = []
   for algorithm in algorithms_in(records):
     cells = [trial_summary(trial_means(choices, algorithm, dataset)) for dataset in datasets]
-    rows.append([algorithm, *map(format_cell, cells), format_average(cells)])
+    rows.append([algorithm, *(format_cell(cell, spread) for cell in cells), format_average(cells)])
   return markdown(["Algorithm", *datasets, "Avg"], rows)
 
 
-def report(records: Sequence[dict], methods: Sequence[str], datasets: Sequence[str], averages: bool) -> str:
-  """The tables of each method (a heading, a table per dataset, the averages table if asked), as markdown."""
-  sections = []
+def report(records: Sequence[dict], methods: Sequence[str], datasets: Sequence[str], averages: bool,
+           spread: str = "stderr") -> str:
+  """The tables of each method (a heading, a table per dataset, the averages table if asked), as markdown, after a
+  line that says what the cells are."""
+  sections = [f"Test-environment accuracy (%) of the selected model: mean ± {SPREADS[spread]} over trial seeds."]
   for method in methods:
     title = selection_method(method).title
     sections.append(f"# Model selection: {title}")
     for dataset in datasets:
       sections.append(f"## Dataset: {dataset}, model selection method: {title}")
-      sections.append(markdown_table(records, dataset, method))
+      sections.append(markdown_table(records, dataset, method, spread=spread))
     if averages:
       sections.append(f"## Averages, model selection method: {title}")
-      sections.append(averages_markdown_table(records, method))
+      sections.append(averages_markdown_table(records, method, spread))
   return "\n\n".join(sections)
 
 
@@ -124,6 +144,9 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--selection", default="all",
                       help=f"model selection: {' | '.join(SELECTION_METHODS)} | all (default: all)")
   parser.add_argument("--dataset", help="only this dataset's table (default: every dataset, and the averages)")
+  parser.add_argument("--spread", default="stderr",
+                      help="what follows the ±: stderr (standard error over trial seeds, DomainBed's) | std "
+                           "(standard deviation) (default: stderr)")
   return parser
 
 
@@ -132,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.selection != "all" and args.selection not in SELECTION_METHODS:
       raise UserError(f"unknown --selection {args.selection!r}", f"use one of {', '.join([*SELECTION_METHODS, 'all'])}")
+    if args.spread not in SPREADS:
+      raise UserError(f"unknown --spread {args.spread!r}", f"use one of {', '.join(SPREADS)}")
     methods = list(SELECTION_METHODS) if args.selection == "all" else [args.selection]
     records = load_records(args.results)
     if not records:
@@ -140,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dataset is not None and args.dataset not in datasets:
       raise UserError(f"no records of dataset {args.dataset!r} in {args.results}",
                       f"pick one of: {', '.join(datasets)}")
-    print(report(records, methods, datasets if args.dataset is None else [args.dataset], args.dataset is None))
+    print(report(records, methods, datasets if args.dataset is None else [args.dataset], args.dataset is None,
+                 args.spread))
   except UserError as e:
     return errors.report(e)
   return 0
