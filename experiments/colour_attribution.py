@@ -23,6 +23,23 @@ image ``x̄``, lit in both channels, is unlike any training image, so per image 
 sign; what the network consistently draws from each source is the signed mean.) It also prints the accuracy, and
 the accuracy with every image's colour flipped (the digit moved to the other channel): a network that reads the
 digit keeps it.
+
+The same question asked of the tools the two overfocusing regularizers rank features with — how much of their
+relevance mass falls on the colour (the relevance-mass measure of a known shortcut):
+
+* **At the input, SGDrop's rule** ``ReLU(g ⊙ x)`` (``g = ∂m/∂x``, of the true class's margin) in a colour-opponent
+  basis, where colour and shape are separate coordinates: per pixel, ``x = u·(1,1)/√2 + v·(1,−1)/√2`` (``u`` the luminance: the digit's
+  ink, the same in either colour; ``v`` the opponent: its sign is the colour), and ``g`` likewise, so
+  ``g·x = g_u u + g_v v``. The colour's relevance is ``Σ_pixels ReLU(g_v v)``, the digit's ``Σ ReLU(g_u u)``; the
+  column is the colour's share of their sum over an environment's images (``input_colour_mass``).
+* **In the latent, the regularizers' own tools**: each latent unit's colour dependence ``s = |z − z'| / (|z| +
+  |z'|)`` ∈ [0, 1], with ``z'`` the unit's value on the colour-flipped image (0: the unit fires the same for either
+  colour — it reads the digit; 1: it fires for one colour only), weighted by the tool's relevance:
+  ``Σ A·s / Σ A`` with SGDrop's attribution ``A = ReLU(∂ψ_y/∂z ⊙ z)`` on the model's latent map
+  (``sgdrop_colour_mass``), and with RSC's ranking score ``ReLU(∂ψ_y/∂f)`` on the pooled features ``f`` it drops
+  from, DomainBed's RSC (``rsc_colour_mass``; the official RSC's channel score is the same gradient's spatial mean).
+  ``unit_colour_dependence`` is the plain mean of ``s`` over the latent map, the share to compare with: a tool that
+  ignores the colour puts on it no more than that.
 """
 
 import argparse
@@ -34,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from overfocus_jax.challenge.attribution import class_score_gradient, class_score_vjp, gradient_times_activation
 from overfocus_jax.data import environments
 from overfocus_jax.explain.attributions import integrated_gradients
 from overfocus_jax.train import workdir as workdir_lib
@@ -67,6 +85,59 @@ def path_evidence(margin_fn, images: jax.Array, labels: jax.Array, steps: int) -
           "m_image": pick(images), "m_flipped": pick(colour_flipped(images))}
 
 
+def opponent(images: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Two-channel images → per pixel (luminance, opponent) coordinates ``((x0 + x1)/√2, (x0 − x1)/√2)``."""
+  return (images[..., 0] + images[..., 1]) / np.sqrt(2), (images[..., 0] - images[..., 1]) / np.sqrt(2)
+
+
+def input_relevance(logit_fn, images: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per image, SGDrop's ``ReLU(g ⊙ x)`` at the input summed over the colour coordinate and the luminance one."""
+  _, grad = class_score_vjp(logit_fn, images, lambda logits: labels)
+  (g_lum, g_col), (x_lum, x_col) = opponent(grad), opponent(images)
+  return jax.nn.relu(g_col * x_col).sum((1, 2)), jax.nn.relu(g_lum * x_lum).sum((1, 2))
+
+
+def colour_dependence(z: jax.Array, z_flipped: jax.Array) -> jax.Array:
+  """Per unit, ``|z − z'| / (|z| + |z'|)`` ∈ [0, 1]; 0 where both are 0 (a unit that never fires reads nothing)."""
+  total = jnp.abs(z) + jnp.abs(z_flipped)
+  return jnp.where(total > 0, jnp.abs(z - z_flipped) / jnp.where(total > 0, total, 1.0), 0.0)
+
+
+def colour_bound_relevance(relevance: jax.Array, dependence: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per image, ``(Σ relevance·dependence, Σ relevance)`` over its units: their ratio is the colour's share."""
+  axes = tuple(range(1, relevance.ndim))
+  return (relevance * dependence).sum(axes), relevance.sum(axes)
+
+
+def tool_relevance(model, variables, images: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+  """Per image, the sums behind ``input_colour_mass``, ``sgdrop_colour_mass``, ``rsc_colour_mass`` and
+  ``unit_colour_dependence`` (those a model's splits allow)."""
+  flipped = colour_flipped(images)
+  out = {}
+  # At the input on the margin, as the path evidence: a two-class softmax depends on nothing else.
+  out["input_colour"], out["input_digit"] = input_relevance(
+      lambda x: margins(model.apply(variables, x, train=False)[0]), images, labels)
+  if model.supports_split("latent"):
+    encode, classify = model.split("latent")
+    z, z_flipped = encode(variables, images)[0], encode(variables, flipped)[0]
+    attribution = gradient_times_activation(lambda latent: classify(variables, latent)[0], z, labels)
+    dependence = colour_dependence(z, z_flipped)
+    out["sgdrop_colour"], out["sgdrop_total"] = colour_bound_relevance(attribution, dependence)
+    out["units_colour"], out["units_total"] = colour_bound_relevance(jnp.ones_like(dependence), dependence)
+  if model.supports_split("pooled"):
+    embed, classify = model.split("pooled")
+    f, f_flipped = embed(variables, images)[0], embed(variables, flipped)[0]
+    _, grad = class_score_gradient(lambda pooled: classify(variables, pooled)[0], f, labels)
+    out["rsc_colour"], out["rsc_total"] = colour_bound_relevance(jax.nn.relu(grad), colour_dependence(f, f_flipped))
+  return out
+
+
+def share(numerator: np.ndarray, denominator: np.ndarray) -> float | None:
+  """``Σ numerator / Σ denominator`` over an environment's images (None without any relevance)."""
+  total = float(np.sum(denominator))
+  return float(np.sum(numerator)) / total if total > 0 else None
+
+
 def measure(run, rows_by_split, steps: int) -> dict:
   """The evidence of every image of one environment's in- and out-split (normalised as the run's input)."""
   exp, state = run.exp, run.state
@@ -75,13 +146,18 @@ def measure(run, rows_by_split, steps: int) -> dict:
     raise SystemExit(f"{run.workdir}: expects colored_mnist's unnormalised input (pixel / 255)")
   # The variables are an argument, not constants of the program (XLA would fold every weight into it).
   margin_fn = lambda variables: lambda x: margins(exp.model.apply(variables, x, train=False)[0])
-  evidence = jax.jit(lambda variables, x, y: path_evidence(margin_fn(variables), x, y, steps))
+  evidence = jax.jit(lambda variables, x, y: {**path_evidence(margin_fn(variables), x, y, steps),
+                                                **tool_relevance(exp.model, variables, x, y)})
   result = {}
   for split, (images, labels) in rows_by_split.items():
     parts = [jax.device_get(evidence(state.variables, jnp.asarray(images[i:i + BATCH], jnp.float32) / 255.0,
                                      jnp.asarray(labels[i:i + BATCH], jnp.int32)))
              for i in range(0, len(labels), BATCH)]
     e = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    tools = {"input_colour_mass": share(e["input_colour"], e["input_colour"] + e["input_digit"])}
+    for name, key in (("sgdrop_colour_mass", "sgdrop"), ("rsc_colour_mass", "rsc"), ("unit_colour_dependence", "units")):
+      if f"{key}_total" in e:
+        tools[name] = share(e[f"{key}_colour"], e[f"{key}_total"])
     colour, digit = float(np.mean(e["colour"])), float(np.mean(e["digit"]))
     result[split] = {
         "n": int(len(labels)),
@@ -93,6 +169,7 @@ def measure(run, rows_by_split, steps: int) -> dict:
         "mean_abs_colour_evidence": float(np.mean(np.abs(e["colour"]))),
         "mean_abs_digit_evidence": float(np.mean(np.abs(e["digit"]))),
         "max_completeness_residual": float(np.max(np.abs(e["colour"] + e["digit"] - (e["m_image"] - e["m_black"])))),
+        **tools,
     }
   return result
 

@@ -204,6 +204,15 @@ def test_dry_run_prints_the_commands_only(tmp_path, capsys):
   assert f"--config.seed={domainbed_seed_hash('colored_mnist', 'erm', [0], 1, 0)}" in lines[1]
 
 
+def test_steps_become_the_fewest_whole_epochs_of_each_runs_layout(tmp_path, capsys):
+  """colored_mnist on mnist5k: 1,334 in-split digits per environment. Two training environments share a batch of
+  128 (64 each): 20 steps an epoch; a leave-one-out run's one environment takes all 128: 10 steps an epoch."""
+  code, out, _ = run_main(capsys, "--out", tmp_path / "sweep", "--algorithms", "erm", "--test-envs", "0",
+                          "--leave-one-out", "--steps", "101", "--dry-run")
+  epochs = [re.search(r"--config\.num_epochs=(\d+)", line).group(1) for line in out.strip().splitlines()]
+  assert code == 0 and epochs == ["6", "11", "11"]  # ⌈101/20⌉, then ⌈101/10⌉ for te0_1 and te0_2
+
+
 def test_a_failed_run_does_not_stop_the_sweep(tmp_path, capsys, monkeypatch):
   fail = [sys.executable, "-c", "import sys; print('first', file=sys.stderr); sys.exit('boom: the last line')"]
   monkeypatch.setattr(sweep, "train_command", lambda *args: fail)
@@ -242,6 +251,9 @@ def test_a_stopped_run_is_not_done_and_an_interrupted_one_stops_the_sweep(tmp_pa
     (("--config.environments.test_envs=0",), ("set by the sweep", "--test-envs")),
     (("--epochs", "2", "--config.num_epochs=3"), ("both --epochs and --config.num_epochs",)),
     (("--n-hparams", "0"), ("--n-hparams=0 must be at least 1",)),
+    (("--steps", "0"), ("--steps=0 must be at least 1",)),
+    (("--steps", "100", "--epochs", "2"), ("both --epochs and --steps",)),
+    (("--steps", "100", "--config.num_epochs=3"), ("both --steps and --config.num_epochs",)),
     (("--bogus",), ("unknown argument '--bogus'",)),
     (("--config", "no/such/config.py"), ("not found",)),
 ])

@@ -280,16 +280,21 @@ def test_base_without_ten_classes_is_a_one_line_error(capsys, tmp_path, base):
 # ----------------------------------------------------------------------------- colour vs digit evidence
 
 
-def test_colour_and_digit_evidence_add_up_to_the_margin():
-  """experiments/colour_attribution.py's two-leg path 0 → x̄ → x: on a model quadratic in x the 16-step midpoint
-  rule is exact, so R_digit + R_colour is m(x) − m(0), each leg's sum its own margin difference."""
+def colour_attribution_script():
   import importlib.util
-  import jax
-  import jax.numpy as jnp
   path = README.parent / 'experiments' / 'colour_attribution.py'
   spec = importlib.util.spec_from_file_location('colour_attribution', path)
   script = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(script)
+  return script
+
+
+def test_colour_and_digit_evidence_add_up_to_the_margin():
+  """experiments/colour_attribution.py's two-leg path 0 → x̄ → x: on a model quadratic in x the 16-step midpoint
+  rule is exact, so R_digit + R_colour is m(x) − m(0), each leg's sum its own margin difference."""
+  import jax
+  import jax.numpy as jnp
+  script = colour_attribution_script()
   digits = jax.random.uniform(jax.random.PRNGKey(0), (6, 5, 5, 1))
   zeros = jnp.zeros_like(digits[:3])
   images = jnp.concatenate([jnp.concatenate([digits[:3], zeros], -1),   # three digits in colour 0
@@ -305,3 +310,46 @@ def test_colour_and_digit_evidence_add_up_to_the_margin():
   np.testing.assert_allclose(e['colour'], e['m_image'] - e['m_neutral'], rtol=1e-4, atol=1e-5)
   margin = logits(images)[:, 0] - logits(images)[:, 1]
   np.testing.assert_allclose(e['m_image'], np.where(labels == 0, margin, -margin), rtol=1e-5)
+
+
+def test_relevance_mass_on_the_colour_of_known_colour_and_digit_readers():
+  """The tools' relevance mass: a margin that reads only the colour (channel 0 minus channel 1) puts all of the input
+  relevance on the opponent coordinate, one that reads only the ink (both channels alike) all on the luminance; a
+  unit's colour dependence is 0 when the flip leaves it, 1 when it fires for one colour only."""
+  import jax
+  import jax.numpy as jnp
+  script = colour_attribution_script()
+  digits = jax.random.uniform(jax.random.PRNGKey(0), (4, 5, 5, 1))
+  zeros = jnp.zeros_like(digits)
+  images = jnp.concatenate([jnp.concatenate([digits[:2], zeros[:2]], -1), jnp.concatenate([zeros[2:], digits[2:]], -1)])
+  labels = jnp.array([0, 0, 1, 1])  # the colour's label: channel 0 → class 0
+  w = jax.random.uniform(jax.random.PRNGKey(1), (5, 5))
+  colour_reader = lambda x: script.margins(jnp.stack([jnp.sum(w * (x[..., 0] - x[..., 1]), (1, 2)), 0 * x[:, 0, 0, 0]], 1))
+  ink_reader = lambda x: script.margins(jnp.stack([jnp.sum(w * (x[..., 0] + x[..., 1]), (1, 2)), 0 * x[:, 0, 0, 0]], 1))
+  colour, digit = script.input_relevance(colour_reader, images, labels)
+  assert np.all(colour > 0) and np.allclose(digit, 0)
+  colour, digit = script.input_relevance(ink_reader, images, jnp.zeros(4, int))  # class 0 gains from any ink
+  assert np.allclose(colour, 0) and np.all(digit > 0)
+  np.testing.assert_allclose(script.colour_dependence(jnp.array([[1., 0., 2., 0., -1.]]), jnp.array([[1., 1., 0., 0., 1.]])),
+                             [[0., 1., 1., 0., 1.]])
+  bound, total = script.colour_bound_relevance(jnp.array([[[3., 1.]], [[0., 0.]]]), jnp.array([[[1., 0.]], [[1., 1.]]]))
+  np.testing.assert_allclose(bound, [3., 0.]) and np.testing.assert_allclose(total, [4., 0.])
+  assert script.share(np.array([3., 0.]), np.array([4., 0.])) == 0.75 and script.share(np.zeros(2), np.zeros(2)) is None
+
+
+def test_the_tools_relevance_of_a_real_model_with_both_splits():
+  """On DomainBed's MNIST_CNN (latent and pooled splits) every share is computed, per image, and lies in [0, 1]."""
+  import jax
+  import jax.numpy as jnp
+  from overfocus_jax import config as config_lib, models
+  script = colour_attribution_script()
+  config = config_lib.load_config_file(README.parent / 'experiments' / 'configs' / 'mnist_cnn.py')
+  model = models.build_model(config, 2)
+  variables = model.init(jax.random.PRNGKey(0), (28, 28, 2))
+  images = jnp.concatenate([jax.random.uniform(jax.random.PRNGKey(2), (3, 28, 28, 1)), jnp.zeros((3, 28, 28, 1))], -1)
+  out = script.tool_relevance(model, variables, images, jnp.array([0, 1, 0]))
+  assert set(out) == {'input_colour', 'input_digit', 'sgdrop_colour', 'sgdrop_total', 'units_colour', 'units_total',
+                      'rsc_colour', 'rsc_total'}
+  assert all(v.shape == (3,) and np.all(np.isfinite(v)) for v in out.values())
+  for key in ('sgdrop', 'units', 'rsc'):
+    assert 0 <= script.share(out[f'{key}_colour'], out[f'{key}_total']) <= 1

@@ -3,7 +3,7 @@ r"""DomainBed's sweep: every (trial seed, dataset, algorithm, test environments,
 
     python -m overfocus_jax.dg.sweep --out DIR [--datasets colored_mnist ...] [--algorithms erm irm ...]
                                      [--n-hparams N] [--n-trials T] [--test-envs I ...] [--leave-one-out]
-                                     [--config FILE] [--epochs N] [--dry-run] [--config.FIELD=VALUE ...]
+                                     [--config FILE] [--epochs N | --steps N] [--dry-run] [--config.FIELD=VALUE ...]
     python -m overfocus_jax.dg.tables DIR
 
 Source: facebookresearch/DomainBed, ``domainbed/scripts/sweep.py`` (``make_args_list``, ``Job``),
@@ -50,8 +50,17 @@ succeeded, ``RUN/results.jsonl`` — one DomainBed record per line of its ``metr
 and an empty ``RUN/done``. Resumable: a run with ``done`` is skipped, one without is launched again (``overfocus
 train`` resumes its checkpoint). One status line per run (done, skipped, or failed with the last stderr line); a
 failed run does not stop the sweep, and the exit code is then 1. ``--dry-run`` prints the commands of the runs not
-done, and runs nothing. Bad input (an unknown algorithm, a dataset without environments, a test environment out of
-range, a bad ``--config.FIELD``, ...) is found before the first run: one line on stderr naming the problem and the
+done, and runs nothing.
+
+Length: ``--epochs N`` sets every run's ``config.num_epochs``; ``--steps N`` trains each run for at least ``N`` steps,
+DomainBed's budget (``--steps 5000``): ``num_epochs = ⌈N / S⌉`` with ``S`` the run's steps per epoch (its balanced
+layout's: the smallest training environment's in-split over the examples of each environment per batch), so a run
+ends on the first epoch boundary at or past step ``N`` and is evaluated after each epoch (DomainBed: every 100
+steps on the MNISTs).
+
+Bad input (an unknown algorithm, a dataset without environments, a test environment out of
+range, a bad ``--config.FIELD``, a batch that does not divide over a run's training environments or needs more
+examples of one than it has, ...) is found before the first run: one line on stderr naming the problem and the
 fix, exit code 2, no traceback. Importing this module loads numpy and PIL only; checking a sweep loads the config
 (JAX) and the datasets.
 """
@@ -425,19 +434,23 @@ def default_config_path() -> pathlib.Path:
                   "pass --config FILE (e.g. experiments/configs/mnist_cnn.py of a checkout)")
 
 
-def check_user_overrides(overrides: Sequence[tuple[str, str]], epochs: int | None) -> None:
+def check_user_overrides(overrides: Sequence[tuple[str, str]], epochs: int | None, steps: int | None = None) -> None:
   for field, _ in overrides:
     if field in RESERVED_FIELDS:
       raise UserError(f"--config.{field} is set by the sweep for each run", RESERVED_FIELDS[field])
-    if field == "num_epochs" and epochs is not None:
-      raise UserError("both --epochs and --config.num_epochs are given", "pass one of them")
+    if field == "num_epochs" and (epochs is not None or steps is not None):
+      flag = "--epochs" if epochs is not None else "--steps"
+      raise UserError(f"both {flag} and --config.num_epochs are given", "pass one of them")
 
 
 def check_counts(args) -> None:
   unknown = [a for a in args.algorithms if a not in ALGORITHMS]
   if unknown:
     raise UserError(f"unknown algorithm {unknown[0]!r}", f"use some of {', '.join(ALGORITHMS)}")
-  for flag, value in (("--n-hparams", args.n_hparams), ("--n-trials", args.n_trials), ("--epochs", args.epochs)):
+  if args.epochs is not None and args.steps is not None:
+    raise UserError("both --epochs and --steps are given", "pass one of them")
+  for flag, value in (("--n-hparams", args.n_hparams), ("--n-trials", args.n_trials), ("--epochs", args.epochs),
+                      ("--steps", args.steps)):
     if value is not None and value < 1:
       raise UserError(f"{flag}={value} must be at least 1", f"pass {flag}=1 or more")
 
@@ -467,28 +480,44 @@ def check_test_envs(env_counts: dict[str, int], test_envs: Sequence[int] | None,
                       "leave out --leave-one-out for this dataset")
 
 
-def check_batch_layout(config, dataset) -> None:
-  """The run's balanced batches fit its training environments (the check ``overfocus train`` makes on start)."""
+def run_steps_per_epoch(config, dataset) -> int:
+  """The run's training steps per epoch on ``dataset`` (as ``overfocus train`` counts them), its balanced batches
+  checked against its training environments as ``overfocus train`` checks them on start.
+
+  Raises:
+    SettingError: a batch that does not divide over the training environments, or needs more of one than it has.
+  """
   from overfocus_jax.data import balanced  # JAX: loaded only when a sweep is checked
   envs = config.environments
+  train_envs = balanced.training_environments(dataset, envs.test_envs, envs.train_envs)
   if envs.balanced:
-    train_envs = balanced.training_environments(dataset, envs.test_envs, envs.train_envs)
-    balanced.make_layout(dataset.train.domains, config.batch_size, train_envs, dataset.domain_names)
+    return balanced.make_layout(dataset.train.domains, config.batch_size, train_envs,
+                                dataset.domain_names).steps_per_epoch
+  return max(1, int(np.isin(dataset.train.domains, train_envs).sum()) // config.batch_size)
 
 
 def check_jobs(jobs: Sequence[Job], config_path: pathlib.Path, user_overrides: Sequence[tuple[str, str]],
-               datasets: dict | None = None) -> None:
+               datasets: dict | None = None) -> list[int | None]:
   """Builds and validates every run's config as ``overfocus train`` will, and with ``datasets`` (spec → dataset)
-  its balanced batches over the training environments, so that no run fails on its flags or its batch size."""
+  its batches over the training environments, so that no run fails on its flags or its batch size; returns each
+  run's steps per epoch (None without its dataset)."""
   from overfocus_jax import config as config_lib  # JAX: loaded only when a sweep is checked
+  steps = []
   for job in jobs:
     try:
       config = config_lib.build_config(str(config_path), config_pairs(job, user_overrides))
-      if datasets and job.dataset in datasets:
-        check_batch_layout(config, datasets[job.dataset])
+      dataset = (datasets or {}).get(job.dataset)
+      steps.append(None if dataset is None else run_steps_per_epoch(config, dataset))
     except UserError as e:
       e = e.as_flag(CONFIG_PREFIX) if isinstance(e, SettingError) else e
       raise UserError(f"run {job.name}: {e}") from None
+  return steps
+
+
+def with_steps(job: Job, steps: int, steps_per_epoch: int) -> Job:
+  """``job`` trained for the fewest whole epochs that reach ``steps`` steps."""
+  epochs = -(-steps // steps_per_epoch)
+  return dataclasses.replace(job, overrides=(*job.overrides, ("num_epochs", epochs)))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -509,6 +538,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="also hold out each pair [t, v] (leave-one-domain-out model selection)")
   parser.add_argument("--config", help=f"config file (default: experiments/configs/{DEFAULT_CONFIG})")
   parser.add_argument("--epochs", type=int, help="config.num_epochs of every run (default: the config's)")
+  parser.add_argument("--steps", type=int,
+                      help="train each run for the fewest whole epochs that reach N steps (DomainBed: 5000)")
   parser.add_argument("--dry-run", action="store_true", help="print the commands of the runs not done; run nothing")
   return parser
 
@@ -518,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = _parser().parse_known_args(sys.argv[1:] if argv is None else argv)
     user_overrides = split_overrides(extra, PROG)
     check_counts(args)
-    check_user_overrides(user_overrides, args.epochs)
+    check_user_overrides(user_overrides, args.epochs, args.steps)
     config_path = pathlib.Path(args.config).expanduser().resolve() if args.config else default_config_path()
     from overfocus_jax import config as config_lib  # JAX: only once the arguments are known good
     base = config_lib.build_config(str(config_path), user_overrides)
@@ -528,7 +559,9 @@ def main(argv: list[str] | None = None) -> int:
     test_envs = None if args.test_envs is None else list(dict.fromkeys(args.test_envs))
     jobs = make_jobs(env_counts, list(dict.fromkeys(args.algorithms)), args.n_hparams, args.n_trials, test_envs,
                      args.leave_one_out, args.epochs)
-    check_jobs(jobs, config_path, user_overrides, datasets)
+    steps_per_epoch = check_jobs(jobs, config_path, user_overrides, datasets)
+    if args.steps is not None:
+      jobs = [with_steps(job, args.steps, per_epoch) for job, per_epoch in zip(jobs, steps_per_epoch)]
     out = pathlib.Path(args.out).expanduser().resolve()
     if args.dry_run:
       for job in jobs:
