@@ -10,6 +10,7 @@ Library code below the config edge (data, models, parallel) does not know how a 
 words the fix: :meth:`SettingError.as_flag` for the command line. Entry points end in :func:`report`.
 """
 
+import os
 import sys
 
 
@@ -43,3 +44,13 @@ def report(error: UserError, program: str = "overfocus", flag_prefix: str = "--c
     error = error.as_flag(flag_prefix)
   print(f"{program}: error: {error}", file=sys.stderr)
   return UserError.exit_code
+
+
+def closed_pipe() -> int:
+  """For an entry point whose reader went away (``... | head``): stdout is pointed at the null device so that the
+  interpreter's final flush cannot fail again, and the exit code is a pipe's, 141 (128 + SIGPIPE). No traceback."""
+  try:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+  except (OSError, ValueError):
+    pass
+  return 141

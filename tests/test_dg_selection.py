@@ -299,3 +299,13 @@ def test_python_dash_m_prints_only_the_one_error_line(tmp_path):
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
   assert result.stdout == ""
   assert_one_line_error(result.returncode, result.stderr, "no results file")
+
+
+def test_tables_piped_into_a_reader_that_stops_early_end_without_a_traceback(tmp_path):
+  """``python -m overfocus_jax.dg.tables FILE | head -1``: the closed pipe is a quiet exit 141, not a traceback."""
+  path = write_jsonl(tmp_path / "results.jsonl", small_table_records())
+  reader = subprocess.Popen([sys.executable, "-m", "overfocus_jax.dg.tables", str(path)], cwd=REPO_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  reader.stdout.close()  # the reader is gone before the first line is written
+  _, err = reader.communicate(timeout=60)
+  assert reader.returncode == 141 and b"Traceback" not in err, err.decode()

@@ -579,6 +579,8 @@ def main(argv: list[str] | None = None) -> int:
   except KeyboardInterrupt:
     print("overfocus: interrupted; run the same command again to resume the sweep", file=sys.stderr)
     return 130
+  except BrokenPipeError:  # --dry-run piped into a reader that stopped early
+    return errors.closed_pipe()
 
 
 if __name__ == "__main__":

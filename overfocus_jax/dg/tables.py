@@ -169,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                  args.spread))
   except UserError as e:
     return errors.report(e)
+  except BrokenPipeError:  # the tables piped into a reader that stopped early
+    return errors.closed_pipe()
   return 0
 
 
