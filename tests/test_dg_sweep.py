@@ -211,6 +211,9 @@ def test_steps_become_the_fewest_whole_epochs_of_each_runs_layout(tmp_path, caps
                           "--leave-one-out", "--steps", "101", "--dry-run")
   epochs = [re.search(r"--config\.num_epochs=(\d+)", line).group(1) for line in out.strip().splitlines()]
   assert code == 0 and epochs == ["6", "11", "11"]  # ⌈101/20⌉, then ⌈101/10⌉ for te0_1 and te0_2
+  code, out, _ = run_main(capsys, "--out", tmp_path / "sweep", "--algorithms", "erm", "--test-envs", "0",
+                          "--steps", "101", "--dry-run", "--config.environments.balanced=false")
+  assert code == 0 and "--config.num_epochs=6" in out  # unbalanced: 2,668 digits // 128 = 20 steps an epoch
 
 
 def test_a_failed_run_does_not_stop_the_sweep(tmp_path, capsys, monkeypatch):

@@ -487,13 +487,14 @@ def run_steps_per_epoch(config, dataset) -> int:
   Raises:
     SettingError: a batch that does not divide over the training environments, or needs more of one than it has.
   """
-  from overfocus_jax.data import balanced  # JAX: loaded only when a sweep is checked
+  from overfocus_jax.data import balanced, pipeline  # JAX: loaded only when a sweep is checked
   envs = config.environments
-  train_envs = balanced.training_environments(dataset, envs.test_envs, envs.train_envs)
   if envs.balanced:
+    train_envs = balanced.training_environments(dataset, envs.test_envs, envs.train_envs)
     return balanced.make_layout(dataset.train.domains, config.batch_size, train_envs,
                                 dataset.domain_names).steps_per_epoch
-  return max(1, int(np.isin(dataset.train.domains, train_envs).sum()) // config.batch_size)
+  # Unbalanced batches: pipeline's count over the run's own training view, as overfocus train takes it.
+  return pipeline.steps_per_epoch(balanced.training_view(dataset, envs.test_envs, envs.train_envs), config.batch_size)
 
 
 def check_jobs(jobs: Sequence[Job], config_path: pathlib.Path, user_overrides: Sequence[tuple[str, str]],
