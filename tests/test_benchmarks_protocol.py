@@ -325,3 +325,27 @@ def test_conv_split_slices_compute_the_same_gradients():
     dx_sliced, dw_sliced = conv_split.in_slices(x, w, slices)
     np.testing.assert_allclose(dx_sliced, dx, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dw_sliced, dw, rtol=1e-5, atol=1e-4)
+
+
+def test_library_flags_reads_which_kernel_runs_each_convolution():
+  """benchmarks/library_flags.py tells Eigen's plain convolutions from a library fusion's, and its im2col form of
+  the weight gradient is the same ∂L/∂W."""
+  import jax
+  import numpy as np
+  from benchmarks import library_flags
+  hlo = "\n".join([
+      "%fused_computation (param_0: f32[8,8]) -> f32[8,8] {",
+      "  ROOT %c = f32[2,4,4,3]{3,2,1,0} convolution(%p0, %p1), window={size=3x3}, dim_labels=b01f_01io->b01f",
+      "}",
+      "ENTRY %main.1 (x: f32[2,4,4,3], w: f32[3,3,3,3]) -> f32[2,4,4,3] {",
+      "  %ynn_fusion = f32[2,4,4,3]{3,2,1,0} fusion(%x, %w), kind=kCustom, calls=%fused_computation",
+      "  ROOT %conv.2 = f32[2,4,4,3]{3,2,1,0} convolution(%ynn_fusion, %w), window={size=3x3}, dim_labels=b01f_01io->b01f",
+      "}"])
+  assert library_flags.convolution_kernels(hlo) == ["ynn", "eigen"]
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 6, 6, 3)).astype(np.float32)
+  g = rng.standard_normal((2, 6, 6, 4)).astype(np.float32)
+  np.testing.assert_allclose(library_flags.weight_gradient_as_matmul(x, g), library_flags.weight_gradient(x, g),
+                             rtol=1e-4, atol=1e-4)
+  compiled = jax.jit(library_flags.conv).lower(x, rng.standard_normal((3, 3, 3, 4)).astype(np.float32))
+  assert len(library_flags.convolution_kernels(compiled.compile().as_text())) == 1
