@@ -1,8 +1,9 @@
 r"""Platform tuning: what makes the train step faster on one platform without changing its maths — one module,
-one switch (``config.platform_tuning``: ``auto`` | ``off``).
+one switch (``config.platform_tuning``: ``auto`` | ``xla`` | ``off``).
 
-``auto`` applies, on a one-device CPU mesh only, three measured changes (BENCHMARKS.md; the third, for ConvNeXt, is
-measured below); ``off`` (and every other mesh: GPUs, TPUs, several devices) compiles plain XLA. Both keep the
+``auto`` applies, on a one-device CPU mesh only, four measured changes (BENCHMARKS.md; the third, for ConvNeXt, is
+measured below); ``xla`` the first three (XLA's own convolutions: the package before session 15, which produced
+the results recorded before it to the last digit); ``off`` (and every other mesh: GPUs, TPUs, several devices) compiles plain XLA. Both keep the
 results equal to float rounding.
 
 1. **Compiler option.** jaxlib 0.10's CPU backend sends convolutions to YNNPACK, which runs them on one core;
@@ -44,6 +45,14 @@ results equal to float rounding.
    with ``off`` and 3.7 s with point 1 alone (Eigen's grouped convolutions are slower still than YNNPACK's), the
    same loss to 4 decimals; compilation 20 s instead of 12 s (2 cores shared with other jobs, load ≈ 4: the ratios
    hold, not the times). A custom VJP too: reverse mode only.
+
+4. **oneDNN convolutions** (:mod:`overfocus_jax.onednn`): for the models in :data:`ONEDNN_MODELS`, every float32
+   NHWC convolution — forward, input gradient and weight gradient — is one call of oneDNN's kernel (the library
+   PyTorch's CPU step uses) through XLA's FFI, with points 2 and 3 as the fallback for everything else (bf16,
+   dilation, groups). The default model's step 1.16× faster than with points 1 and 2 alone, ResNet-18's 1.34×
+   (``python -m benchmarks.onednn_models``). Where the kernels cannot be built (no C++ compiler or oneDNN wheel,
+   another OS or CPU, ``OVERFOCUS_ONEDNN=off``), and at ``platform_tuning=xla``, the models keep points 1–3; ``overfocus bench`` reports which ran
+   (``cpu_convolutions``). A custom VJP: reverse mode only.
 """
 
 import functools
@@ -53,15 +62,18 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-MODES = ("auto", "off")
+from overfocus_jax import onednn
+from overfocus_jax.onednn import NHWC, explicit_pads, is_plain_nhwc  # noqa: F401  (the layout tests, shared)
+
+MODES = ("auto", "xla", "off")  # xla: auto without the oneDNN kernels (point 4), XLA's convolutions only
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
 
 
 def applies(mesh, mode: str) -> bool:
-  """Whether ``mode`` tunes this mesh: ``auto`` on a one-device CPU mesh."""
+  """Whether ``mode`` tunes this mesh: ``auto`` or ``xla`` on a one-device CPU mesh."""
   if mode not in MODES:
     raise ValueError(f"unknown platform tuning {mode=}; use one of {MODES}")
-  return mode == "auto" and mesh.devices.size == 1 and mesh.devices.flat[0].platform == "cpu"
+  return mode != "off" and mesh.devices.size == 1 and mesh.devices.flat[0].platform == "cpu"
 
 
 @functools.cache
@@ -93,15 +105,26 @@ SLICED_MODELS = ("resnet", "resnet18")
 DEPTHWISE_MODELS = ("convnext",)  # the models with depthwise convolutions (point 3)
 
 
+# The models whose float32 convolutions go to oneDNN (point 4): those whose step it made faster in ``python -m
+# benchmarks.onednn_models`` (1.16-1.35×). Not attention (1.03×), convnext (0.98×), focus (0.90×), corner (0.82×):
+# their convolutions are small, and a kernel call's fixed cost outweighs the faster kernels.
+ONEDNN_MODELS = ("resnet", "resnet18", "vgg16", "mnist_cnn")
+
+
 def conv_module(mesh, mode: str, model: str = "resnet"):
   """The ``nn.Conv`` that model ``model`` builds its convolutions from on this mesh (a flax ``ModuleDef``)."""
-  if applies(mesh, mode) and model in SLICED_MODELS:
-    return functools.partial(nn.Conv, conv_general_dilated=sliced_conv_general_dilated)
-  if applies(mesh, mode) and model in DEPTHWISE_MODELS:
-    return functools.partial(nn.Conv, conv_general_dilated=shifted_depthwise_conv_general_dilated)
-  return nn.Conv
+  if not applies(mesh, mode):
+    return nn.Conv
+  hook = lax.conv_general_dilated
+  if model in SLICED_MODELS:
+    hook = sliced_conv_general_dilated
+  elif model in DEPTHWISE_MODELS:
+    hook = shifted_depthwise_conv_general_dilated
+  if mode == "auto" and model in ONEDNN_MODELS:
+    if onednn.available():  # builds the kernels on first use
+      hook = onednn.make_conv_general_dilated(fallback=hook)
+  return nn.Conv if hook is lax.conv_general_dilated else functools.partial(nn.Conv, conv_general_dilated=hook)
 
-NHWC = ("NHWC", "HWIO", "NHWC")
 # The rule below was read off benchmarks/weight_grad_slices.py (commit 173b1d8) on a 2-core CPU with 1-2 MiB of L2
 # cache per core.
 EXAMPLES_PER_SLICE = 8        # the best slice size there (16 is close)
@@ -151,23 +174,6 @@ def sliced_kernel_grad(x, g, kernel_shape, strides, pads, slices: int):
   # Partial sums in float32 at least: adding 16-32 bfloat16 parts would lose precision a single call keeps.
   total = functools.reduce(jnp.add, [p.astype(jnp.promote_types(p.dtype, jnp.float32)) for p in parts])
   return total.astype(x.dtype)
-
-
-def is_plain_nhwc(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
-                  batch_group_count) -> bool:
-  """Whether a ``conv_general_dilated`` call is a 2-D NHWC/HWIO convolution without dilation or groups."""
-  undilated = all(d == 1 for d in (lhs_dilation or ())) and all(d == 1 for d in (rhs_dilation or ()))
-  layout = lhs.ndim == rhs.ndim == 4 and dimension_numbers is not None and (
-      tuple(dimension_numbers) == NHWC
-      or dimension_numbers == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC))
-  return undilated and layout and feature_group_count == 1 and batch_group_count == 1
-
-
-def explicit_pads(lhs, rhs, strides, padding):
-  """``padding`` ("SAME", "VALID", ... or pairs) of an NHWC/HWIO convolution as (low, high) integer pairs."""
-  if isinstance(padding, str):
-    padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
-  return tuple((int(lo), int(hi)) for lo, hi in padding)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))

@@ -55,6 +55,8 @@ def test_bench_prints_json_timings(capsys):
   assert result["devices"] == 1 and result["batch_size"] == 64 and result["image_shape"] == [8, 8, 1]
   assert result["step_ms"] > 0 and len(result["step_ms_repeats"]) == 1
   np.testing.assert_allclose(result["images_per_s"], 64 / (result["step_ms"] / 1e3), rtol=1e-6)
+  # What ran the convolutions: oneDNN's kernels, or XLA's and why not (None off a one-device CPU mesh).
+  assert result["cpu_convolutions"] in (None, "onednn") or result["cpu_convolutions"].startswith("xla (")
   # End to end: an epoch of the loop's own path (digits on the device, one step per dispatch on a CPU).
   assert result["data_on_device"] is False and result["steps_per_dispatch"] == 1 and result["end_to_end_epochs"] == 1
   assert result["end_to_end_images_per_s"] > 0 and result["end_to_end_step_ms"] > 0

@@ -27,7 +27,8 @@ PACKAGE_DIR = pathlib.Path(__file__).resolve().parent.parent / "overfocus_jax"
 # ``overfocus_jax`` stands for its own __init__.py alone (it imports nothing, so importing errors drags nothing in).
 # A module may import its own unit, the other units of its rank, and any lower rank.
 LAYERS = {
-    0: ("overfocus_jax", "overfocus_jax.errors", "overfocus_jax.files", "overfocus_jax.overrides"),
+    0: ("overfocus_jax", "overfocus_jax.errors", "overfocus_jax.files", "overfocus_jax.overrides",
+        "overfocus_jax.onednn"),
     1: ("overfocus_jax.data", "overfocus_jax.models", "overfocus_jax.parallel", "overfocus_jax.platform_tuning",
         "overfocus_jax.compilation_cache"),
     2: ("overfocus_jax.challenge",),  # the regularizers: masks, attribution, sgdrop, rsc and their base API

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from overfocus_jax import parallel
+from overfocus_jax import onednn, parallel
 from overfocus_jax import platform_tuning
 from overfocus_jax import platform_tuning as conv  # the sliced convolution's functions
 from overfocus_jax.models import build_model
@@ -90,13 +90,32 @@ def test_other_convolutions_are_lax_unchanged(shapes, numbers):
   assert str(ours) == str(jax.make_jaxpr(jax.grad(fn(lax.conv_general_dilated), (0, 1)))(x, kernel))
 
 
+def xla_hook(module):
+  """The convolution XLA computes in a ``conv_module`` (under the oneDNN kernels' hook where they are in use)."""
+  if module is nn.Conv:
+    return lax.conv_general_dilated
+  hook = module.keywords["conv_general_dilated"]
+  return getattr(hook, "fallback", hook)
+
+
 def test_auto_tunes_one_cpu_device_only_and_off_never():
   one_cpu = parallel.make_mesh(CPU[:1])
   two_entries = jax.sharding.Mesh(np.array(CPU[:1] * 2), ("data",))  # takes the multi-device branch
   tuned = platform_tuning.conv_module(one_cpu, "auto")
-  assert tuned.func is nn.Conv and tuned.keywords == {"conv_general_dilated": conv.sliced_conv_general_dilated}
-  assert platform_tuning.conv_module(one_cpu, "auto", "resnet18").func is nn.Conv
-  assert platform_tuning.conv_module(one_cpu, "auto", "focus") is nn.Conv  # measured slower there
+  assert tuned.func is nn.Conv and list(tuned.keywords) == ["conv_general_dilated"]
+  assert xla_hook(tuned) is conv.sliced_conv_general_dilated
+  assert xla_hook(platform_tuning.conv_module(one_cpu, "auto", "resnet18")) is conv.sliced_conv_general_dilated
+  # measured slower sliced there: XLA's own convolution, under the oneDNN kernels where they are in use
+  assert xla_hook(platform_tuning.conv_module(one_cpu, "auto", "focus")) is lax.conv_general_dilated
+  for model in platform_tuning.ONEDNN_MODELS:
+    module = platform_tuning.conv_module(one_cpu, "auto", model)
+    assert (module is not nn.Conv and hasattr(module.keywords["conv_general_dilated"], "fallback")) == (
+        onednn.available())
+    # xla: the same tuning with XLA's own convolutions, never the kernels
+    without = platform_tuning.conv_module(one_cpu, "xla", model)
+    assert without is nn.Conv or not hasattr(without.keywords["conv_general_dilated"], "fallback")
+    assert xla_hook(without) is xla_hook(module)
+  assert platform_tuning.compiler_options(one_cpu, "xla") == platform_tuning.compiler_options(one_cpu, "auto")
   for mesh, mode in ((one_cpu, "off"), (two_entries, "auto"), (two_entries, "off")):
     assert platform_tuning.conv_module(mesh, mode) is nn.Conv
     assert platform_tuning.compiler_options(mesh, mode) is None

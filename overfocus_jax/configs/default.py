@@ -181,7 +181,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_norm = "global"      # global: statistics over the whole batch, across devices (as on one device) |
                                     # local: each device's own rows, one all-reduce per step (train/step.py)
   config.dtype = "float32"          # float32 | bfloat16: activations and convolutions (parameters stay float32)
-  config.platform_tuning = "auto"   # auto: the measured CPU-only speed-ups on one CPU device | off: plain XLA
+  config.platform_tuning = "auto"   # auto: the measured CPU-only speed-ups on one CPU device, oneDNN's convolutions
+                                    # among them | xla: the same with XLA's convolutions | off: plain XLA
                                     # (overfocus_jax/platform_tuning.py; same maths either way)
 
   # Bookkeeping.

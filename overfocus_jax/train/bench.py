@@ -15,7 +15,7 @@ import numpy as np
 
 from overfocus_jax import parallel
 from overfocus_jax.data import pipeline
-from overfocus_jax.models import parameter_count
+from overfocus_jax.models import build_model, parameter_count
 from overfocus_jax.train import loop, streams
 from overfocus_jax.train.experiment import Experiment, jit_train_step
 
@@ -24,12 +24,30 @@ def inference_flops_per_image(exp: Experiment) -> float | None:
   """FLOPs of one image's inference forward pass, from XLA's cost analysis of the compiled computation
   (a multiply-add counts 2); None where the backend reports none."""
   variables = jax.device_get(exp.state.variables)
-  forward = jax.jit(lambda v, x: exp.model.apply(v, x, train=False)[0])
+  # Counted on the model with XLA's own convolutions: a oneDNN kernel (platform tuning on a CPU) is an FFI call,
+  # whose FLOPs XLA does not see. Same parameters, same maths.
+  model = build_model(exp.config, exp.dataset.num_classes)
+  forward = jax.jit(lambda v, x: model.apply(v, x, train=False)[0])
   analysis = forward.lower(variables, jnp.zeros((1, *exp.dataset.image_shape), jnp.float32)).compile().cost_analysis()
   if isinstance(analysis, (list, tuple)):  # older jaxlibs return one dict per computation
     analysis = analysis[0] if analysis else {}
   flops = (analysis or {}).get("flops")
   return float(flops) if flops is not None and flops >= 0 else None
+
+
+def cpu_convolutions(exp: Experiment) -> str | None:
+  """What runs the step's convolutions on a one-device CPU mesh: ``"onednn"``, or ``"xla"`` and why not oneDNN;
+  None on other meshes (GPUs, TPUs, several devices), where XLA's own always do."""
+  from overfocus_jax import onednn, platform_tuning
+  if not platform_tuning.applies(exp.mesh, exp.config.platform_tuning):
+    return None if exp.mesh.devices.flat[0].platform != "cpu" or exp.mesh.devices.size > 1 else "xla (platform_tuning=off)"
+  if exp.config.platform_tuning == "xla":
+    return "xla (platform_tuning=xla)"
+  if exp.config.model not in platform_tuning.ONEDNN_MODELS:
+    return f"xla (oneDNN not used for {exp.config.model})"
+  if exp.config.dtype != "float32":
+    return f"xla (the oneDNN kernels are float32; dtype={exp.config.dtype})"
+  return "onednn" if onednn.available() else f"xla ({onednn.status()})"
 
 
 def time_train_step(exp: Experiment, *, steps: int = 20, repeats: int = 3, warmup: int = 3) -> dict:
@@ -64,7 +82,7 @@ def time_train_step(exp: Experiment, *, steps: int = 20, repeats: int = 3, warmu
       "batch_size": config.batch_size, "model": config.model, "regularizer": config.regularizer.name,
       "dataset": config.dataset, "image_shape": list(exp.dataset.image_shape), "backend": jax.default_backend(),
       "device_kind": jax.devices()[0].device_kind, "dtype": config.dtype, "platform_tuning": config.platform_tuning,
-      "compile_s": compile_s, "step_ms_repeats": [t * 1e3 for t in per_step],
+      "cpu_convolutions": cpu_convolutions(exp), "compile_s": compile_s, "step_ms_repeats": [t * 1e3 for t in per_step],
   }
 
 

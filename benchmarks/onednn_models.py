@@ -1,0 +1,102 @@
+r"""oneDNN convolutions (``overfocus_jax/onednn.py``) against XLA's, for every shipped model config, on this CPU.
+
+    python -m benchmarks.onednn_models                     # every config; one JSON line and a markdown table
+    python -m benchmarks.onednn_models --configs default resnet18 --rounds 5
+
+For each config it builds the train step twice in one process — at ``platform_tuning=auto`` with the oneDNN
+kernels (for every model, whether ``platform_tuning.ONEDNN_MODELS`` lists it or not), and at ``platform_tuning=xla``
+(XLA's convolutions, Eigen with the sliced weight gradient or the shifted depthwise sums: the package before them) — checks that one step from the same state and batch gives the same
+loss and parameters to float rounding, then times them in interleaved rounds (``--rounds`` × ``--steps``, medians).
+``platform_tuning.ONEDNN_MODELS`` lists the models where the kernels won.
+"""
+
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CONFIGS = {"default": None, **{name: str(ROOT / "experiments" / "configs" / f"{name}.py") for name in (
+    "shortcut", "resnet18", "attention", "focus", "corner", "vgg16", "convnext", "mnist_cnn")}}
+CONFIG_MODELS = {"default": "resnet", "shortcut": "resnet", "resnet18": "resnet18", "attention": "attention",
+                 "focus": "focus", "corner": "corner", "vgg16": "vgg16", "convnext": "convnext", "mnist_cnn": "mnist_cnn"}
+
+
+def build(config_file, overrides, with_onednn: bool):
+  from overfocus_jax import config as config_lib, parallel, platform_tuning
+  from overfocus_jax.data import pipeline
+  from overfocus_jax.train import experiment
+  models = platform_tuning.ONEDNN_MODELS
+  platform_tuning.ONEDNN_MODELS = tuple(CONFIG_MODELS.values())  # measure every model, listed or not
+  try:
+    config = config_lib.build_config(config_file, [*overrides, ("platform_tuning", "auto" if with_onednn else "xla")])
+    exp = experiment.build_experiment(config)
+  finally:
+    platform_tuning.ONEDNN_MODELS = models
+  batch = parallel.shard_batch(next(pipeline.make_train_iterator(
+      exp.dataset, batch_size=config.batch_size, seed=0, augment=False)), exp.mesh)
+  return experiment.jit_train_step(exp), exp.state, batch, config
+
+
+def largest_difference(a, b) -> float:
+  return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+def measure(name: str, rounds: int, steps: int, overrides) -> dict:
+  cases = {"onednn": build(CONFIGS[name], overrides, True), "xla": build(CONFIGS[name], overrides, False)}
+  first, states = {}, {}
+  for case, (step, state, batch, _) in cases.items():  # both from the same initial state (same config and seed)
+    first[case] = jax.block_until_ready(step(state, batch))
+    states[case] = first[case][0]
+  params = {case: jax.device_get(result[0].params) for case, result in first.items()}
+  losses = {case: float(result[1]["loss"]) for case, result in first.items()}
+  seconds = {case: [] for case in cases}
+  for _ in range(rounds):
+    for case, (step, _, batch, _) in cases.items():
+      start = time.perf_counter()
+      for _ in range(steps):  # the step donates its state: thread it through
+        states[case] = step(states[case], batch)[0]
+      jax.block_until_ready(states[case])
+      seconds[case].append((time.perf_counter() - start) / steps)
+  ms = {case: statistics.median(values) * 1e3 for case, values in seconds.items()}
+  config = cases["onednn"][3]
+  return {"config": name, "model": config.model, "batch_size": config.batch_size,
+          "onednn_step_ms": round(ms["onednn"], 2), "xla_step_ms": round(ms["xla"], 2),
+          "speedup": round(ms["xla"] / ms["onednn"], 3),
+          "params_max_abs_diff": largest_difference(params["onednn"], params["xla"]),
+          "loss_abs_diff": abs(losses["onednn"] - losses["xla"])}
+
+
+def main(argv=None) -> int:
+  from overfocus_jax import onednn
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--steps", type=int, default=3)
+  parser.add_argument("--batch-size", type=int, help="override every config's batch_size")
+  args = parser.parse_args(argv)
+  if not onednn.available():
+    print(f"benchmarks.onednn_models: the oneDNN kernels are not available: {onednn.status()}", file=sys.stderr)
+    return 1
+  overrides = [("batch_size", str(args.batch_size))] if args.batch_size else []
+  rows = []
+  for name in args.configs:
+    rows.append(measure(name, args.rounds, args.steps, overrides))
+    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+  print("| config | model | batch | oneDNN step ms | XLA step ms | speedup | max param diff after a step |")
+  print("|---|---|---|---|---|---|---|")
+  for r in rows:
+    print(f"| {r['config']} | {r['model']} | {r['batch_size']} | {r['onednn_step_ms']} | {r['xla_step_ms']} | "
+          f"{r['speedup']:.2f}× | {r['params_max_abs_diff']:.1e} |")
+  print(json.dumps({"command": "python -m benchmarks.onednn_models " + " ".join(argv or sys.argv[1:]),
+                    "jax": jax.__version__, "rows": rows}))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
