@@ -12,7 +12,9 @@ layer) and its forward + both gradients, reads off the compiled HLO what runs ea
 ``convolution`` instruction (Eigen) or a library fusion/custom call (``ynn``, ``xnn``, ``onednn``) — and times both
 (median of ``--repeats`` calls after one warm-up). It also times the weight gradient alone, as XLA writes it and as
 one matrix product of the image patches (im2col, ``lax.conv_general_dilated_patches``) with the output gradient —
-the form a oneDNN matrix product could take over (the last flag set sends matrix products to oneDNN).
+the form a oneDNN matrix product could take over (the last flag set sends matrix products to oneDNN). The last row
+is the package's own way to oneDNN's convolutions (``overfocus_jax/onednn.py``, session 15): the same three
+products through its FFI kernels, timed the same way.
 """
 
 import argparse
@@ -28,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 EIGEN = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+ONEDNN_ROW = "the package's oneDNN kernels (overfocus_jax.onednn, through XLA's FFI)"
 FLAG_SETS = {
     "xla default (YNNPACK convolutions)": "",
     "Eigen convolutions (the package's tuning)": EIGEN,
@@ -41,6 +44,7 @@ FLAG_SETS = {
     "+ use_onednn + onednn_fusion_type=dot (matrix products to oneDNN)": (
         "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution,-individual_dot,-dot"
         " --xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=dot,individual_dot"),
+    ONEDNN_ROW: EIGEN,
 }
 
 
@@ -83,12 +87,20 @@ def weight_gradient_as_matmul(x, g):
   return product.reshape(x.shape[-1], 3, 3, g.shape[-1]).transpose(1, 2, 0, 3)
 
 
-def measure(repeats: int) -> dict:
+def onednn_conv(x, w):
+  from overfocus_jax import onednn
+  if not onednn.available():
+    raise SystemExit(f"the oneDNN kernels are not available: {onednn.status()}")
+  return onednn.conv(x, w, (1, 1), ((1, 1), (1, 1)))
+
+
+def measure(repeats: int, with_onednn: bool = False) -> dict:
   x = jax.random.normal(jax.random.PRNGKey(0), (128, 28, 28, 32))
   w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 32, 32)) * 0.1
-  forward = jax.jit(conv)
-  gradients = jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(conv(x, w) ** 2), argnums=(0, 1)))
-  as_xla = jax.jit(weight_gradient)
+  convolution = onednn_conv if with_onednn else conv
+  forward = jax.jit(convolution)
+  gradients = jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(convolution(x, w) ** 2), argnums=(0, 1)))
+  as_xla = jax.jit(lambda x, g: jax.vjp(lambda w: convolution(x, w), jnp.zeros((3, 3, 32, 32)))[1](g)[0])
   as_matmul = jax.jit(weight_gradient_as_matmul)
   g = jax.random.normal(jax.random.PRNGKey(2), (128, 28, 28, 32))
   result = {"weight_gradient_forms_agree": bool(jnp.allclose(as_xla(x, g), as_matmul(x, g), rtol=1e-3, atol=1e-1))}
@@ -102,7 +114,8 @@ def measure(repeats: int) -> dict:
       seconds.append(time.perf_counter() - start)
     result[name + "_ms"] = round(statistics.median(seconds) * 1e3, 2)
   for name, fn in (("forward", forward), ("forward_and_gradients", gradients)):
-    result[name + "_kernels"] = sorted(set(convolution_kernels(fn.lower(x, w).compile().as_text())))
+    text = fn.lower(x, w).compile().as_text()
+    result[name + "_kernels"] = sorted(set(convolution_kernels(text) + (["onednn (FFI)"] * ("Onednn" in text))))
     jax.block_until_ready(fn(x, w))
     seconds = []
     for _ in range(repeats):
@@ -117,15 +130,17 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--repeats", type=int, default=7)
   parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+  parser.add_argument("--child-onednn", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.child:
-    print(json.dumps(measure(args.repeats)))
+    print(json.dumps(measure(args.repeats, args.child_onednn)))
     return 0
   rows = {}
   for name, flags in FLAG_SETS.items():
     env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
     done = subprocess.run([sys.executable, "-m", "benchmarks.library_flags", "--child", "--repeats",
-                           str(args.repeats)], env=env, capture_output=True, text=True)
+                           str(args.repeats)] + ["--child-onednn"] * (name == ONEDNN_ROW), env=env,
+                          capture_output=True, text=True)
     if done.returncode == 0:
       rows[name] = {"xla_flags": flags, **json.loads(done.stdout.strip().splitlines()[-1])}
     else:
