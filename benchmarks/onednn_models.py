@@ -65,7 +65,7 @@ def measure(name: str, rounds: int, steps: int, overrides) -> dict:
       seconds[case].append((time.perf_counter() - start) / steps)
   ms = {case: statistics.median(values) * 1e3 for case, values in seconds.items()}
   config = cases["onednn"][3]
-  return {"config": name, "model": config.model, "batch_size": config.batch_size,
+  return {"config": name, "model": config.model, "batch_size": config.batch_size, "dtype": config.dtype,
           "onednn_step_ms": round(ms["onednn"], 2), "xla_step_ms": round(ms["xla"], 2),
           "speedup": round(ms["xla"] / ms["onednn"], 3),
           "params_max_abs_diff": largest_difference(params["onednn"], params["xla"]),
@@ -79,19 +79,21 @@ def main(argv=None) -> int:
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--batch-size", type=int, help="override every config's batch_size")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="override every config's dtype")
   args = parser.parse_args(argv)
   if not onednn.available():
     print(f"benchmarks.onednn_models: the oneDNN kernels are not available: {onednn.status()}", file=sys.stderr)
     return 1
   overrides = [("batch_size", str(args.batch_size))] if args.batch_size else []
+  overrides += [("dtype", args.dtype)] if args.dtype else []
   rows = []
   for name in args.configs:
     rows.append(measure(name, args.rounds, args.steps, overrides))
     print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-  print("| config | model | batch | oneDNN step ms | XLA step ms | speedup | max param diff after a step |")
-  print("|---|---|---|---|---|---|---|")
+  print("| config | model | batch | dtype | oneDNN step ms | XLA step ms | speedup | max param diff after a step |")
+  print("|---|---|---|---|---|---|---|---|")
   for r in rows:
-    print(f"| {r['config']} | {r['model']} | {r['batch_size']} | {r['onednn_step_ms']} | {r['xla_step_ms']} | "
+    print(f"| {r['config']} | {r['model']} | {r['batch_size']} | {r['dtype']} | {r['onednn_step_ms']} | {r['xla_step_ms']} | "
           f"{r['speedup']:.2f}× | {r['params_max_abs_diff']:.1e} |")
   print(json.dumps({"command": "python -m benchmarks.onednn_models " + " ".join(argv or sys.argv[1:]),
                     "jax": jax.__version__, "rows": rows}))

@@ -1,6 +1,6 @@
 r"""oneDNN convolutions on the CPU: the kernels PyTorch's CPU step uses, called from the jitted step through XLA's FFI.
 
-For y = conv(x, W) with x in NHWC, W in HWIO, stride s and padding (float32, no dilation, one group), the three
+For y = conv(x, W) with x in NHWC, W in HWIO, stride s and padding (float32 or bfloat16, no dilation, one group), the three
 products of a training step are each one oneDNN primitive (``kernels/onednn_conv.cc``):
 
     y              = conv(x, W)                                              OnednnConvForward
@@ -41,6 +41,7 @@ ENV = "OVERFOCUS_ONEDNN"             # "off" turns the oneDNN convolutions off
 CACHE_ENV = "OVERFOCUS_ONEDNN_CACHE"  # where the built library is kept
 SOURCE = pathlib.Path(__file__).parent / "kernels" / "onednn_conv.cc"
 TARGETS = ("OnednnConvForward", "OnednnConvBackwardData", "OnednnConvBackwardWeights")
+DTYPE_SUFFIX = {jnp.dtype(jnp.float32): "", jnp.dtype(jnp.bfloat16): "Bf16"}  # the kernels' operand types
 DISTRIBUTIONS = ("onednn-cpu-gomp", "onednn-devel-cpu-gomp")
 
 _status = {"reason": "not tried yet"}
@@ -105,7 +106,8 @@ def available() -> bool:
   try:
     library = ctypes.cdll.LoadLibrary(str(_build()))
     for name in TARGETS:
-      jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)), platform="cpu")
+      for suffix in DTYPE_SUFFIX.values():
+        jax.ffi.register_ffi_target(name + suffix, jax.ffi.pycapsule(getattr(library, name + suffix)), platform="cpu")
   except (RuntimeError, OSError, AttributeError) as e:
     _status["reason"] = str(e)
     return False
@@ -135,14 +137,15 @@ def output_shape(x_shape, kernel_shape, strides, pads) -> tuple:
 def _call(target, shape, *operands, strides, pads):
   # vmap runs the kernel once per mapped slice ("sequential"): correct for any batching, and the package's own
   # code never vmaps through a convolution.
-  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method="sequential")(
-      *operands, **_attributes(strides, pads))
+  dtype = operands[0].dtype
+  return jax.ffi.ffi_call(target + DTYPE_SUFFIX[jnp.dtype(dtype)], jax.ShapeDtypeStruct(shape, dtype),
+                          vmap_method="sequential")(*operands, **_attributes(strides, pads))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv(x, kernel, strides: tuple, pads: tuple):
-  """conv(x, W) through oneDNN: x NHWC float32, W HWIO float32, ``strides`` (s_h, s_w), ``pads`` ((top, bottom),
-  (left, right)); call only when :func:`available`."""
+  """conv(x, W) through oneDNN: x NHWC, W HWIO, both float32 or both bfloat16 (accumulated in float32, rounded
+  once), ``strides`` (s_h, s_w), ``pads`` ((top, bottom), (left, right)); call only when :func:`available`."""
   return _call(TARGETS[0], output_shape(x.shape, kernel.shape, strides, pads), x, kernel, strides=strides, pads=pads)
 
 
@@ -179,11 +182,11 @@ def explicit_pads(lhs, rhs, strides, padding):
 
 def takes(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count, batch_group_count,
           precision, preferred_element_type, out_sharding) -> bool:
-  """Whether a ``conv_general_dilated`` call is one the kernels compute: 2-D NHWC/HWIO, float32, no dilation,
-  groups, precision, output type or sharding asked for."""
+  """Whether a ``conv_general_dilated`` call is one the kernels compute: 2-D NHWC/HWIO, both operands float32 or
+  both bfloat16, no dilation, groups, precision, output type or sharding asked for."""
   return (is_plain_nhwc(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
                         batch_group_count)
-          and lhs.dtype == rhs.dtype == jnp.float32 and precision is None and preferred_element_type is None
+          and lhs.dtype == rhs.dtype and jnp.dtype(lhs.dtype) in DTYPE_SUFFIX and precision is None and preferred_element_type is None
           and out_sharding is None)
 
 

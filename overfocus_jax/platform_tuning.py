@@ -47,9 +47,9 @@ results equal to float rounding.
    hold, not the times). A custom VJP too: reverse mode only.
 
 4. **oneDNN convolutions** (:mod:`overfocus_jax.onednn`): for the models in :data:`ONEDNN_MODELS`, every float32
-   NHWC convolution — forward, input gradient and weight gradient — is one call of oneDNN's kernel (the library
-   PyTorch's CPU step uses) through XLA's FFI, with points 2 and 3 as the fallback for everything else (bf16,
-   dilation, groups). The default model's step 1.16× faster than with points 1 and 2 alone, ResNet-18's 1.34×
+   or bfloat16 NHWC convolution — forward, input gradient and weight gradient — is one call of oneDNN's kernel (the library
+   PyTorch's CPU step uses) through XLA's FFI, with points 2 and 3 as the fallback for everything else (mixed or
+   other dtypes, dilation, groups). The default model's step 1.16× faster than with points 1 and 2 alone, ResNet-18's 1.34×
    (``python -m benchmarks.onednn_models``). Where the kernels cannot be built (no C++ compiler or oneDNN wheel,
    another OS or CPU, ``OVERFOCUS_ONEDNN=off``), and at ``platform_tuning=xla``, the models keep points 1–3; ``overfocus bench`` reports which ran
    (``cpu_convolutions``). A custom VJP: reverse mode only.
@@ -105,7 +105,7 @@ SLICED_MODELS = ("resnet", "resnet18")
 DEPTHWISE_MODELS = ("convnext",)  # the models with depthwise convolutions (point 3)
 
 
-# The models whose float32 convolutions go to oneDNN (point 4): those whose step it made faster in ``python -m
+# The models whose convolutions go to oneDNN (point 4): those whose step it made faster in ``python -m
 # benchmarks.onednn_models`` (1.16-1.35×). Not attention (1.03×), convnext (0.98×), focus (0.90×), corner (0.82×):
 # their convolutions are small, and a kernel call's fixed cost outweighs the faster kernels.
 ONEDNN_MODELS = ("resnet", "resnet18", "vgg16", "mnist_cnn")

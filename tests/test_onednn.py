@@ -46,6 +46,24 @@ def test_values_and_both_gradients_match_xla(x_shape, kernel_shape, strides, pad
 
 
 @needs_kernels
+@pytest.mark.parametrize("strides, padding", [((1, 1), "SAME"), ((2, 2), "SAME")])
+def test_bfloat16_matches_xlas_bfloat16_convolution(strides, padding):
+  """bf16 operands, float32 accumulation, each result rounded to bf16 once: what XLA's bf16 convolution gives."""
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.standard_normal((4, 10, 10, 16)), jnp.bfloat16)
+  kernel = jnp.asarray(rng.standard_normal((3, 3, 16, 8)) * 0.1, jnp.bfloat16)
+  hook = onednn.make_conv_general_dilated()
+  ours, ours_vjp = jax.vjp(lambda x, k: hook(x, k, strides, padding, dimension_numbers=NHWC), x, kernel)
+  theirs, theirs_vjp = jax.vjp(lambda x, k: _reference(x, k, strides, padding), x, kernel)
+  assert ours.dtype == jnp.bfloat16
+  g = jnp.asarray(rng.standard_normal(theirs.shape), jnp.bfloat16)
+  for mine, reference in zip((ours, *ours_vjp(g)), (theirs, *theirs_vjp(g))):
+    assert mine.dtype == reference.dtype == jnp.bfloat16
+    scale = float(jnp.max(jnp.abs(reference.astype(jnp.float32))))
+    np.testing.assert_allclose(mine.astype(jnp.float32), reference.astype(jnp.float32), rtol=0, atol=2e-2 * scale)
+
+
+@needs_kernels
 def test_under_jit_and_vmap():
   rng = np.random.default_rng(1)
   xs = jnp.asarray(rng.standard_normal((3, 2, 8, 8, 4)), jnp.float32)
@@ -56,11 +74,14 @@ def test_under_jit_and_vmap():
                              atol=1e-4)
 
 
-@pytest.mark.parametrize("case", ["bfloat16", "dilated", "grouped", "nchw"])
+@pytest.mark.parametrize("case", ["preferred float32 output", "float16", "dilated", "grouped", "nchw"])
 def test_other_convolutions_go_to_the_fallback(case):
   x, kernel, kwargs, numbers = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 4)), {}, NHWC
-  if case == "bfloat16":
+  if case == "preferred float32 output":
     x, kernel = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
+    kwargs = {"preferred_element_type": jnp.float32}
+  elif case == "float16":
+    x, kernel = x.astype(jnp.float16), kernel.astype(jnp.float16)
   elif case == "dilated":
     kwargs = {"rhs_dilation": (2, 2)}
   elif case == "grouped":

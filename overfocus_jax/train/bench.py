@@ -45,8 +45,6 @@ def cpu_convolutions(exp: Experiment) -> str | None:
     return "xla (platform_tuning=xla)"
   if exp.config.model not in platform_tuning.ONEDNN_MODELS:
     return f"xla (oneDNN not used for {exp.config.model})"
-  if exp.config.dtype != "float32":
-    return f"xla (the oneDNN kernels are float32; dtype={exp.config.dtype})"
   return "onednn" if onednn.available() else f"xla ({onednn.status()})"
 
 
