@@ -63,6 +63,7 @@ struct Entry {
   memory::desc wei_md;     // the primitive's weights (or weight-gradient) layout
   dnnl::reorder wei_reorder;  // user HWIO <-> primitive layout
   bool plain;              // primitive's layout is already HWIO
+  dnnl::memory scratch_w;  // the weights in the primitive's layout, allocated once (calls run one at a time)
 };
 
 Entry& Lookup(const std::string& key, const Geometry& g, int kind) {
@@ -88,6 +89,7 @@ Entry& Lookup(const std::string& key, const Geometry& g, int kind) {
   }
   e->plain = (e->wei_md == user_w);
   if (!e->plain) {
+    e->scratch_w = memory(e->wei_md, Engine());
     if (kind == 2) e->wei_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), e->wei_md, Engine(), user_w));
     else e->wei_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), user_w, Engine(), e->wei_md));
   }
@@ -99,10 +101,10 @@ Entry& Lookup(const std::string& key, const Geometry& g, int kind) {
 // kind 0: y = conv(x, w); 1: dx = conv_transpose(dy, w); 2: dw from x and dy.
 void Execute(int kind, void* x, void* w, void* y, const Geometry& g) {
   Entry& e = Lookup(g.Key(kind == 0 ? "f" : kind == 1 ? "d" : "w"), g, kind);
-  dnnl::stream s(Engine());
+  static dnnl::stream s(Engine());
   memory src(Md(g, g.src, tag::nhwc), Engine(), x), dst(Md(g, g.dst, tag::nhwc), Engine(), y);
   memory user_w(Md(g, g.wei, tag::hwio), Engine(), w);
-  memory prim_w = e.plain ? user_w : memory(e.wei_md, Engine());
+  memory prim_w = e.plain ? user_w : e.scratch_w;
   if (kind != 2 && !e.plain) e.wei_reorder.execute(s, user_w, prim_w);
   if (kind == 0) e.prim.execute(s, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, prim_w}, {DNNL_ARG_DST, dst}});
   else if (kind == 1) e.prim.execute(s, {{DNNL_ARG_DIFF_SRC, src}, {DNNL_ARG_WEIGHTS, prim_w}, {DNNL_ARG_DIFF_DST, dst}});
