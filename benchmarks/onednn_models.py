@@ -5,8 +5,9 @@ r"""oneDNN convolutions (``overfocus_jax/onednn.py``) against XLA's, for every s
 
 For each config it builds the train step twice in one process — at ``platform_tuning=auto`` with the oneDNN
 kernels (for every model, whether ``platform_tuning.ONEDNN_MODELS`` lists it or not), and at ``platform_tuning=xla``
-(XLA's convolutions, Eigen with the sliced weight gradient or the shifted depthwise sums: the package before them) — checks that one step from the same state and batch gives the same
-loss and parameters to float rounding, then times them in interleaved rounds (``--rounds`` × ``--steps``, medians).
+(XLA's convolutions, Eigen with the sliced weight gradient or the shifted depthwise sums: the package before them)
+— checks that one step from the same state and batch gives the same loss and parameters to float rounding, then
+times them in interleaved rounds (``--rounds`` × ``--steps``, medians).
 ``platform_tuning.ONEDNN_MODELS`` lists the models where the kernels won.
 """
 

@@ -1,7 +1,7 @@
 r"""oneDNN convolutions on the CPU: the kernels PyTorch's CPU step uses, called from the jitted step through XLA's FFI.
 
-For y = conv(x, W) with x in NHWC, W in HWIO, stride s and padding (float32 or bfloat16, no dilation, one group), the three
-products of a training step are each one oneDNN primitive (``kernels/onednn_conv.cc``):
+For y = conv(x, W) with x in NHWC, W in HWIO, stride s and padding (float32 or bfloat16, no dilation, one group),
+the three products of a training step are each one oneDNN primitive (``kernels/onednn_conv.cc``):
 
     y              = conv(x, W)                                              OnednnConvForward
     ∂L/∂x          = conv_transpose(∂L/∂y, W)                                OnednnConvBackwardData
@@ -186,8 +186,8 @@ def takes(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, feature_group
   both bfloat16, no dilation, groups, precision, output type or sharding asked for."""
   return (is_plain_nhwc(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
                         batch_group_count)
-          and lhs.dtype == rhs.dtype and jnp.dtype(lhs.dtype) in DTYPE_SUFFIX and precision is None and preferred_element_type is None
-          and out_sharding is None)
+          and lhs.dtype == rhs.dtype and jnp.dtype(lhs.dtype) in DTYPE_SUFFIX
+          and precision is None and preferred_element_type is None and out_sharding is None)
 
 
 def make_conv_general_dilated(fallback=lax.conv_general_dilated):

@@ -3,8 +3,8 @@ one switch (``config.platform_tuning``: ``auto`` | ``xla`` | ``off``).
 
 ``auto`` applies, on a one-device CPU mesh only, four measured changes (BENCHMARKS.md; the third, for ConvNeXt, is
 measured below); ``xla`` the first three (XLA's own convolutions: the package before session 15, which produced
-the results recorded before it to the last digit); ``off`` (and every other mesh: GPUs, TPUs, several devices) compiles plain XLA. Both keep the
-results equal to float rounding.
+the results recorded before it to the last digit); ``off`` (and every other mesh: GPUs, TPUs, several devices)
+compiles plain XLA. All keep the results equal to float rounding.
 
 1. **Compiler option.** jaxlib 0.10's CPU backend sends convolutions to YNNPACK, which runs them on one core;
    Eigen's convolutions use every core and made the whole train step 1.8× faster on 2 cores
@@ -47,12 +47,13 @@ results equal to float rounding.
    hold, not the times). A custom VJP too: reverse mode only.
 
 4. **oneDNN convolutions** (:mod:`overfocus_jax.onednn`): for the models in :data:`ONEDNN_MODELS`, every float32
-   or bfloat16 NHWC convolution — forward, input gradient and weight gradient — is one call of oneDNN's kernel (the library
-   PyTorch's CPU step uses) through XLA's FFI, with points 2 and 3 as the fallback for everything else (mixed or
-   other dtypes, dilation, groups). The default model's step 1.16× faster than with points 1 and 2 alone, ResNet-18's 1.34×
-   (``python -m benchmarks.onednn_models``). Where the kernels cannot be built (no C++ compiler or oneDNN wheel,
-   another OS or CPU, ``OVERFOCUS_ONEDNN=off``), and at ``platform_tuning=xla``, the models keep points 1–3; ``overfocus bench`` reports which ran
-   (``cpu_convolutions``). A custom VJP: reverse mode only.
+   or bfloat16 NHWC convolution — forward, input gradient and weight gradient — is one call of oneDNN's kernel (the
+   library PyTorch's CPU step uses) through XLA's FFI, with points 2 and 3 as the fallback for everything else
+   (mixed or other dtypes, dilation, groups). The default model's float32 step is 1.19× faster than with points 1
+   and 2 alone, ResNet-18's 1.29×; in bf16 1.67× and 2.10× (``python -m benchmarks.onednn_models [--dtype
+   bfloat16]``). Where the kernels cannot be built (no C++ compiler or oneDNN wheel, another OS or CPU,
+   ``OVERFOCUS_ONEDNN=off``), and at ``platform_tuning=xla``, the models keep points 1–3; ``overfocus bench``
+   reports which ran (``cpu_convolutions``). A custom VJP: reverse mode only.
 """
 
 import functools
@@ -105,9 +106,9 @@ SLICED_MODELS = ("resnet", "resnet18")
 DEPTHWISE_MODELS = ("convnext",)  # the models with depthwise convolutions (point 3)
 
 
-# The models whose convolutions go to oneDNN (point 4): those whose step it made faster in ``python -m
-# benchmarks.onednn_models`` (1.16-1.35×). Not attention (1.03×), convnext (0.98×), focus (0.90×), corner (0.82×):
-# their convolutions are small, and a kernel call's fixed cost outweighs the faster kernels.
+# The models whose convolutions go to oneDNN (point 4): those whose float32 step it made faster in ``python -m
+# benchmarks.onednn_models`` (1.19-1.29×; 1.16-1.35× in a first run). Not attention (1.03×), corner (1.01×), focus
+# (0.97×), convnext (0.97×): small convolutions, where a kernel call's fixed cost outweighs the faster kernel.
 ONEDNN_MODELS = ("resnet", "resnet18", "vgg16", "mnist_cnn")
 
 

@@ -39,8 +39,11 @@ def cpu_convolutions(exp: Experiment) -> str | None:
   """What runs the step's convolutions on a one-device CPU mesh: ``"onednn"``, or ``"xla"`` and why not oneDNN;
   None on other meshes (GPUs, TPUs, several devices), where XLA's own always do."""
   from overfocus_jax import onednn, platform_tuning
+  one_cpu = exp.mesh.devices.size == 1 and exp.mesh.devices.flat[0].platform == "cpu"
+  if not one_cpu:
+    return None
   if not platform_tuning.applies(exp.mesh, exp.config.platform_tuning):
-    return None if exp.mesh.devices.flat[0].platform != "cpu" or exp.mesh.devices.size > 1 else "xla (platform_tuning=off)"
+    return "xla (platform_tuning=off)"
   if exp.config.platform_tuning == "xla":
     return "xla (platform_tuning=xla)"
   if exp.config.model not in platform_tuning.ONEDNN_MODELS:
