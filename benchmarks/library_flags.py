@@ -72,10 +72,10 @@ def conv(x, w):
   return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def weight_gradient(x, g):
-  """∂L/∂W of a 3×3 SAME convolution for output gradient g, as XLA writes it (a convolution over the batch)."""
+def weight_gradient(x, g, convolution=conv):
+  """∂L/∂W of a 3×3 SAME ``convolution`` for output gradient g (with XLA's, a convolution over the batch)."""
   w = jnp.zeros((3, 3, x.shape[-1], g.shape[-1]), x.dtype)
-  return jax.vjp(lambda w: conv(x, w), w)[1](g)[0]
+  return jax.vjp(lambda w: convolution(x, w), w)[1](g)[0]
 
 
 def weight_gradient_as_matmul(x, g):
@@ -94,35 +94,33 @@ def onednn_conv(x, w):
   return onednn.conv(x, w, (1, 1), ((1, 1), (1, 1)))
 
 
+def median_ms(fn, args, repeats: int) -> float:
+  """Median milliseconds of ``fn(*args)`` over ``repeats`` calls after one warm-up (compilation) call."""
+  jax.block_until_ready(fn(*args))
+  seconds = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    seconds.append(time.perf_counter() - start)
+  return round(statistics.median(seconds) * 1e3, 2)
+
+
 def measure(repeats: int, with_onednn: bool = False) -> dict:
   x = jax.random.normal(jax.random.PRNGKey(0), (128, 28, 28, 32))
   w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 32, 32)) * 0.1
   convolution = onednn_conv if with_onednn else conv
   forward = jax.jit(convolution)
   gradients = jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(convolution(x, w) ** 2), argnums=(0, 1)))
-  as_xla = jax.jit(lambda x, g: jax.vjp(lambda w: convolution(x, w), jnp.zeros((3, 3, 32, 32)))[1](g)[0])
+  as_xla = jax.jit(lambda x, g: weight_gradient(x, g, convolution))
   as_matmul = jax.jit(weight_gradient_as_matmul)
   g = jax.random.normal(jax.random.PRNGKey(2), (128, 28, 28, 32))
   result = {"weight_gradient_forms_agree": bool(jnp.allclose(as_xla(x, g), as_matmul(x, g), rtol=1e-3, atol=1e-1))}
-  for name, fn, args in (("weight_gradient", as_xla, (x, g)),
-                         ("weight_gradient_as_matmul", as_matmul, (x, g))):
-    jax.block_until_ready(fn(*args))
-    seconds = []
-    for _ in range(repeats):
-      start = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      seconds.append(time.perf_counter() - start)
-    result[name + "_ms"] = round(statistics.median(seconds) * 1e3, 2)
+  result["weight_gradient_ms"] = median_ms(as_xla, (x, g), repeats)
+  result["weight_gradient_as_matmul_ms"] = median_ms(as_matmul, (x, g), repeats)
   for name, fn in (("forward", forward), ("forward_and_gradients", gradients)):
     text = fn.lower(x, w).compile().as_text()
     result[name + "_kernels"] = sorted(set(convolution_kernels(text) + (["onednn (FFI)"] * ("Onednn" in text))))
-    jax.block_until_ready(fn(x, w))
-    seconds = []
-    for _ in range(repeats):
-      start = time.perf_counter()
-      jax.block_until_ready(fn(x, w))
-      seconds.append(time.perf_counter() - start)
-    result[name + "_ms"] = round(statistics.median(seconds) * 1e3, 2)
+    result[name + "_ms"] = median_ms(fn, (x, w), repeats)
   return result
 
 

@@ -24,16 +24,14 @@ import jax.numpy as jnp
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIGS = {"default": None, **{name: str(ROOT / "experiments" / "configs" / f"{name}.py") for name in (
     "shortcut", "resnet18", "attention", "focus", "corner", "vgg16", "convnext", "mnist_cnn")}}
-CONFIG_MODELS = {"default": "resnet", "shortcut": "resnet", "resnet18": "resnet18", "attention": "attention",
-                 "focus": "focus", "corner": "corner", "vgg16": "vgg16", "convnext": "convnext", "mnist_cnn": "mnist_cnn"}
 
 
 def build(config_file, overrides, with_onednn: bool):
-  from overfocus_jax import config as config_lib, parallel, platform_tuning
+  from overfocus_jax import config as config_lib, models as models_lib, parallel, platform_tuning
   from overfocus_jax.data import pipeline
   from overfocus_jax.train import experiment
   models = platform_tuning.ONEDNN_MODELS
-  platform_tuning.ONEDNN_MODELS = tuple(CONFIG_MODELS.values())  # measure every model, listed or not
+  platform_tuning.ONEDNN_MODELS = models_lib.MODELS  # measure every model, listed or not
   try:
     config = config_lib.build_config(config_file, [*overrides, ("platform_tuning", "auto" if with_onednn else "xla")])
     exp = experiment.build_experiment(config)

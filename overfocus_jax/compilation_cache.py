@@ -14,7 +14,7 @@ import sys
 
 import jax
 
-from overfocus_jax.files import make_writable_directory
+from overfocus_jax.files import make_writable_directory, user_cache_directory
 
 ENV = "OVERFOCUS_COMPILATION_CACHE"
 OFF = "off"
@@ -23,8 +23,7 @@ MIN_COMPILE_TIME_S = 0.0
 
 
 def default_location() -> pathlib.Path:
-  base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
-  return pathlib.Path(base) / "overfocus_jax" / "xla"
+  return user_cache_directory() / "xla"
 
 
 def location() -> pathlib.Path | None:

@@ -7,6 +7,12 @@ import socket
 WRITE_PROBE = ".write_test"
 
 
+def user_cache_directory() -> pathlib.Path:
+  """The package's per-user cache: ``$XDG_CACHE_HOME/overfocus_jax`` (``~/.cache/overfocus_jax`` without it)."""
+  base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+  return pathlib.Path(base) / "overfocus_jax"
+
+
 def make_writable_directory(path: pathlib.Path) -> None:
   """Creates ``path`` (with its parents) and proves it writable by writing and removing a probe file; raises
   ``OSError`` when it cannot — before any real work depends on it. Safe when several processes (of one

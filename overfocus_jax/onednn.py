@@ -37,6 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from overfocus_jax.files import user_cache_directory
+
 ENV = "OVERFOCUS_ONEDNN"             # "off" turns the oneDNN convolutions off
 CACHE_ENV = "OVERFOCUS_ONEDNN_CACHE"  # where the built library is kept
 SOURCE = pathlib.Path(__file__).parent / "kernels" / "onednn_conv.cc"
@@ -50,10 +52,7 @@ NHWC = ("NHWC", "HWIO", "NHWC")
 
 def cache_directory() -> pathlib.Path:
   setting = os.environ.get(CACHE_ENV, "").strip()
-  if setting:
-    return pathlib.Path(setting).expanduser()
-  base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
-  return pathlib.Path(base) / "overfocus_jax" / "onednn"
+  return pathlib.Path(setting).expanduser() if setting else user_cache_directory() / "onednn"
 
 
 def _installed_file(distribution: str, name: str) -> pathlib.Path:

@@ -113,7 +113,6 @@ void Execute(int kind, void* x, void* w, void* y, const Geometry& g) {
   s.wait();
 }
 
-// kind 0: y = conv(x, w); 1: dx = conv_transpose(dy, w); 2: dw from x and dy.
 ffi::Error Run(int kind, void* x, void* w, void* y, const Geometry& g) {
   try {
     std::lock_guard<std::mutex> guard(Lock());
