@@ -11,7 +11,8 @@ A spec is a JSON object with a ``kind``:
                 ``matmul_precision``: jax's default matmul precision for the process. ``overrides``: more
                 ``[FIELD, VALUE]`` config overrides (e.g. ``[["regularizer.name", "rsc"]]``). ``flops``: true to
                 report the model's FLOPs per image (``bench.inference_flops_per_image``, counted by XLA for the
-                CPU where JAX has that backend, so the same number on every platform) in the info.
+                CPU where JAX has that backend, so the same number on every platform) in the info. ``warmup``:
+                untimed steps after the compiling one (default 0).
   jax_part      forward (train-mode BN, loss), or forward+backward (``jax.value_and_grad``) of the same model,
                 jitted with ``experiment.jit`` (the spec's ``platform_tuning``, as the train step).
   torch_step    the torch peer's train step (torch_peer.TorchStep); ``channels_last`` picks the memory format,
@@ -34,6 +35,7 @@ harness also takes env (e.g. XLA_FLAGS) and cpus (taskset) per case.
 
 import json
 import os
+import resource
 import sys
 import time
 import traceback
@@ -106,6 +108,7 @@ def make_jax_step(spec):
 
 def build_jax_step(spec, made=None):
   import jax
+  from overfocus_jax import host_memory
   from overfocus_jax.train import bench
   step, exp, batch = made or make_jax_step(spec)
   n_params = bench.parameter_count(exp.state.params)  # before the first step donates the state's buffers
@@ -115,6 +118,9 @@ def build_jax_step(spec, made=None):
   holder["state"], _ = step(holder["state"], batch)
   jax.block_until_ready(holder["state"])
   compile_s = time.perf_counter() - t
+  for _ in range(spec.get("warmup", 0)):  # untimed steps after compilation, as the torch peer's ``warmup``
+    holder["state"], _ = step(holder["state"], batch)
+  jax.block_until_ready(holder["state"])
 
   def run():
     holder["state"], metrics = step(holder["state"], batch)
@@ -125,7 +131,7 @@ def build_jax_step(spec, made=None):
 
   info = {"compile_s": compile_s, "params": n_params, "backend": jax.default_backend(),
           "device_kind": jax.devices()[0].device_kind, "platform_tuning": exp.config.platform_tuning,
-          "dtype": exp.config.dtype, "regularizer": exp.config.regularizer.name,
+          "dtype": exp.config.dtype, "regularizer": exp.config.regularizer.name, "host_memory": host_memory.status(),
           "matmul_precision": jax.config.jax_default_matmul_precision}
   if spec.get("flops"):
     info["flops_per_image"] = flops
@@ -327,6 +333,11 @@ BUILDERS = {"jax_step": build_jax_step, "jax_part": build_jax_part, "jax_conv": 
             "torch_step": build_torch_step, "torch_part": build_torch_part, "torch_conv": build_torch_conv}
 
 
+def minor_faults() -> int:
+  """This process's minor page faults so far (pages the kernel mapped on first touch)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def serve() -> None:
   spec = json.loads(sys.stdin.readline())
   try:
@@ -339,13 +350,13 @@ def serve() -> None:
   for line in sys.stdin:
     steps = json.loads(line)["steps"]
     finish(None)  # nothing left running from before (a GPU's queue) counts in this block
-    start, cpu_start = time.perf_counter(), time.process_time()
+    start, cpu_start, faults = time.perf_counter(), time.process_time(), minor_faults()
     out = None
     for _ in range(steps):
       out = run()
     finish(out)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    reply({"seconds": wall / steps, "cpu_per_wall": cpu / wall})
+    reply({"seconds": wall / steps, "cpu_per_wall": cpu / wall, "minor_faults": (minor_faults() - faults) / steps})
 
 
 if __name__ == "__main__":

@@ -125,7 +125,7 @@ def step_cases(model: str, batch_size: int, dtype: str, device: str, torch_modes
   """The worker specs of one steps group: the JAX step and the torch peer in each mode (``warmup`` untimed
   steps each, compilation included)."""
   common = {"model": model, "batch_size": batch_size, "dtype": dtype, **MODELS[model]}
-  cases = {"jax": {"kind": "jax_step", "flops": True, **common}}
+  cases = {"jax": {"kind": "jax_step", "flops": True, "warmup": max(warmup - 1, 0), **common}}  # + compiling
   for mode in torch_modes:
     cases[f"torch {mode}"] = {"kind": "torch_step", "device": device, "channels_last": True,
                               "compile": TORCH_MODES[mode], "warmup": warmup, **common}
@@ -169,7 +169,8 @@ def run_group(cases: dict, args, log) -> dict:
       continue
     values = seconds[name]
     rows[name] = {"step_ms": harness.median_ms(values), "images_per_s": spec["batch_size"] / statistics.median(values),
-                  "step_ms_all": [v * 1e3 for v in values], "info": workers[name].info}
+                  "step_ms_all": [v * 1e3 for v in values], "minor_faults_per_step": workers[name].minor_faults,
+                  "info": workers[name].info}
   return rows
 
 
@@ -381,7 +382,7 @@ def parse_args(argv=None):
   parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
   parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are reported")
   parser.add_argument("--steps", type=int, default=20, help="steps per timed block (and per overfocus bench repeat)")
-  parser.add_argument("--warmup", type=int, default=5, help="untimed torch steps first (compilation included)")
+  parser.add_argument("--warmup", type=int, default=5, help="untimed steps first, JAX and torch (compilation included)")
   parser.add_argument("--bench-repeats", type=int, default=3, help="overfocus bench --repeats")
   parser.add_argument("--bench-warmup", type=int, default=3, help="overfocus bench --warmup")
   parser.add_argument("--check-tolerance", type=float, default=1e-3,

@@ -40,6 +40,7 @@ class Worker:
                platform: str | None = None, wait: bool = True):
     self.name, self.spec = name, spec
     self.cpu_per_wall = []  # process CPU time / wall time of each timed block: ~threads kept busy
+    self.minor_faults = []  # minor page faults per call in each timed block (pages mapped on first touch)
     self.info = None
     full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **worker_env(platform), **(env or {})}
     cmd = [sys.executable, "-m", "benchmarks.cases"]  # cwd: the repository root, where `benchmarks` is a package
@@ -77,6 +78,7 @@ class Worker:
     self._send({"steps": steps})
     reply = self._receive()
     self.cpu_per_wall.append(reply.get("cpu_per_wall"))
+    self.minor_faults.append(reply.get("minor_faults"))
     return reply["seconds"]
 
   def close(self) -> None:

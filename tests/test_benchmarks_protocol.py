@@ -205,7 +205,8 @@ def test_case_specs_and_their_environments():
   cpu = gp.step_cases("resnet18", 128, "bfloat16", "cpu", ["eager", "compile default"], warmup=4)
   assert set(cpu) == {"jax", "torch eager", "torch compile default"}
   assert all("env" not in spec for spec in cpu.values())
-  assert cpu["jax"] == {"kind": "jax_step", "flops": True, "model": "resnet18", "batch_size": 128,
+  # Both sides get ``warmup`` untimed steps: JAX's compiling step and warmup − 1 more.
+  assert cpu["jax"] == {"kind": "jax_step", "flops": True, "model": "resnet18", "batch_size": 128, "warmup": 3,
                         "dtype": "bfloat16", "image_shape": [32, 32, 3], "dataset": "synthetic"}
   assert cpu["torch compile default"]["compile"] == "default" and cpu["torch eager"]["compile"] == "none"
   assert cpu["torch eager"]["channels_last"] and cpu["torch eager"]["warmup"] == 4

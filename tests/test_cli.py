@@ -57,6 +57,8 @@ def test_bench_prints_json_timings(capsys):
   np.testing.assert_allclose(result["images_per_s"], 64 / (result["step_ms"] / 1e3), rtol=1e-6)
   # What ran the convolutions: oneDNN's kernels, or XLA's and why not (None off a one-device CPU mesh).
   assert result["cpu_convolutions"] in (None, "onednn") or result["cpu_convolutions"].startswith("xla (")
+  # Whether XLA:CPU's per-step block stays mapped (host_memory.py): retained, or why not.
+  assert isinstance(result["host_memory"], str) and result["host_memory"]
   # End to end: an epoch of the loop's own path (digits on the device, one step per dispatch on a CPU).
   assert result["data_on_device"] is False and result["steps_per_dispatch"] == 1 and result["end_to_end_epochs"] == 1
   assert result["end_to_end_images_per_s"] > 0 and result["end_to_end_step_ms"] > 0

@@ -24,11 +24,12 @@ import textwrap
 PACKAGE_DIR = pathlib.Path(__file__).resolve().parent.parent / "overfocus_jax"
 
 # rank → the units of that layer. A unit is a module, or a package with all its submodules; the top package
-# ``overfocus_jax`` stands for its own __init__.py alone (it imports nothing, so importing errors drags nothing in).
+# ``overfocus_jax`` stands for its own __init__.py alone (it imports host_memory only, which imports nothing of the
+# package, so importing errors drags nothing else in).
 # A module may import its own unit, the other units of its rank, and any lower rank.
 LAYERS = {
     0: ("overfocus_jax", "overfocus_jax.errors", "overfocus_jax.files", "overfocus_jax.overrides",
-        "overfocus_jax.onednn"),
+        "overfocus_jax.onednn", "overfocus_jax.host_memory"),
     1: ("overfocus_jax.data", "overfocus_jax.models", "overfocus_jax.parallel", "overfocus_jax.platform_tuning",
         "overfocus_jax.compilation_cache"),
     2: ("overfocus_jax.challenge",),  # the regularizers: masks, attribution, sgdrop, rsc and their base API

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from overfocus_jax import parallel
+from overfocus_jax import host_memory, parallel
 from overfocus_jax.data import pipeline
 from overfocus_jax.models import build_model, parameter_count
 from overfocus_jax.train import loop, streams
@@ -83,7 +83,7 @@ def time_train_step(exp: Experiment, *, steps: int = 20, repeats: int = 3, warmu
       "batch_size": config.batch_size, "model": config.model, "regularizer": config.regularizer.name,
       "dataset": config.dataset, "image_shape": list(exp.dataset.image_shape), "backend": jax.default_backend(),
       "device_kind": jax.devices()[0].device_kind, "dtype": config.dtype, "platform_tuning": config.platform_tuning,
-      "cpu_convolutions": cpu_convolutions(exp), "compile_s": compile_s, "step_ms_repeats": [t * 1e3 for t in per_step],
+      "cpu_convolutions": cpu_convolutions(exp), "host_memory": host_memory.status(), "compile_s": compile_s, "step_ms_repeats": [t * 1e3 for t in per_step],
   }
 
 

@@ -1,0 +1,92 @@
+r"""Host memory for XLA:CPU: keep the memory a step frees, so that the next step does not fault every page in again.
+
+XLA:CPU gives each execution of a compiled program one block for all its temporaries and frees it at the end:
+158 MB for the default model's train step at batch 128. glibc serves a block that large from ``mmap`` (a worker
+thread's arena cannot hold it) and unmaps it on ``free``, so every step the kernel maps fresh zeroed pages again —
+38,700 minor page faults per step on that step, 151 MB written with zeros before the step can use it. With
+
+    M_ARENA_MAX = 1              every thread allocates from the main heap, which can grow to any size
+    M_MMAP_MAX = 0               no allocation is served by mmap
+    M_TRIM_THRESHOLD = 2³¹ − 1   freed memory stays in the heap instead of going back to the kernel
+
+the block comes from the heap and stays mapped between steps, as PyTorch's tensors do (each is below glibc's mmap
+threshold). The process keeps its peak host memory instead of shrinking after each step (measurements in
+BENCHMARKS.md, "The fast path on this CPU"; ``python -m benchmarks.host_memory``).
+
+glibc assigns a thread its arena at the thread's first allocation, so this must run before JAX's first computation:
+the package applies it when it is imported (``overfocus_jax/__init__.py``), which is before any computation in the
+CLI, the experiments and a script that imports the package first. It applies only where JAX will compute on the CPU
+(no accelerator plugin installed, or ``JAX_PLATFORMS=cpu``), on glibc. ``OVERFOCUS_HOST_MEMORY=default`` leaves
+glibc's settings alone; :func:`status` says what happened, and ``overfocus bench`` reports it (``host_memory``).
+"""
+
+import ctypes
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import sys
+
+ENV = "OVERFOCUS_HOST_MEMORY"  # "default" leaves glibc's malloc settings alone
+# mallopt parameters (glibc's malloc.h) and the values set.
+M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
+SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1))
+ACCELERATOR_MODULES = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin", "libtpu")
+
+_status = {"reason": "not applied yet"}
+
+
+def _jax_has_run() -> bool:
+  """Whether JAX has created its backends (and with them the threads whose arenas are already fixed)."""
+  bridge = sys.modules.get("jax._src.xla_bridge")  # not imported: JAX cannot have run
+  return bridge is not None and bridge.backends_are_initialized()
+
+
+def _accelerator_installed() -> str | None:
+  """The name of an installed JAX accelerator plugin, if any (JAX would compute there by default)."""
+  if importlib.metadata.entry_points(group="jax_plugins"):
+    return next(iter(importlib.metadata.entry_points(group="jax_plugins"))).name
+  return next((name for name in ACCELERATOR_MODULES if importlib.util.find_spec(name) is not None), None)
+
+
+def why_not() -> str | None:
+  """Why the settings would not apply in this process now, or None when they would."""
+  if os.environ.get(ENV, "").strip().lower() == "default":
+    return f"off (${ENV}=default)"
+  if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    return f"not glibc ({platform.system()} {' '.join(platform.libc_ver()).strip()})"
+  platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
+  if platforms and platforms.split(",")[0] != "cpu":
+    return f"JAX_PLATFORMS={platforms}: not a CPU run"
+  if not platforms:
+    accelerator = _accelerator_installed()
+    if accelerator:
+      return f"an accelerator plugin ({accelerator}) is installed; JAX_PLATFORMS=cpu applies them"
+  if _jax_has_run():
+    return "JAX had already computed before overfocus_jax was imported; import the package first"
+  return None
+
+
+def apply() -> bool:
+  """Sets glibc's malloc to keep freed memory (see the module docstring) unless :func:`why_not`; True if set."""
+  if _status["reason"] == "retained":
+    return True
+  reason = why_not()
+  if reason is None:
+    try:
+      mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError) as e:
+      reason = f"no mallopt ({e})"
+    else:
+      mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+      if all(mallopt(parameter, value) == 1 for parameter, value in SETTINGS):
+        _status["reason"] = "retained"
+        return True
+      reason = "mallopt refused a setting"
+  _status["reason"] = reason
+  return False
+
+
+def status() -> str:
+  """``"retained"`` when the settings are in effect, else why not."""
+  return _status["reason"]
