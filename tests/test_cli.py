@@ -60,7 +60,7 @@ def test_bench_prints_json_timings(capsys):
   # Whether XLA:CPU's per-step block stays mapped (host_memory.py): retained, or why not.
   assert isinstance(result["host_memory"], str) and result["host_memory"]
   # End to end: an epoch of the loop's own path (digits on the device, one step per dispatch on a CPU).
-  assert result["data_on_device"] is False and result["steps_per_dispatch"] == 1 and result["end_to_end_epochs"] == 1
+  assert result["data_on_device"] is True and result["steps_per_dispatch"] == 1 and result["end_to_end_epochs"] == 1
   assert result["end_to_end_images_per_s"] > 0 and result["end_to_end_step_ms"] > 0
   # The tiny CNN by hand: 3x3 stem 1→8 and two 3x3 convs 8→8 at 8x8; then a 1x1 stride-2 projection 8→16, a 3x3
   # stride-2 conv 8→16 (8x8 → 4x4) and a 3x3 conv 16→16 at 4x4; dense 16→10. Parameters add 3 BNs of 8 and 2 of

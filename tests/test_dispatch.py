@@ -147,13 +147,13 @@ def test_a_run_in_chunks_resumes_exactly(tmp_path, capsys, mode, k):
 
 
 def test_resuming_on_the_other_stream_is_refused_and_leaves_the_run(trained_workdir, tmp_path, capsys):
-  # trained with data_on_device=auto: off (the host stream), on a CPU
-  assert_resume_refused(capsys, trained_workdir, tmp_path, ["--config.data_on_device=on"], "data_on_device=off",
-                        "--config.data_on_device=off")
+  # trained with data_on_device=auto: on (the device stream, which auto picks for resnet on a CPU)
+  assert_resume_refused(capsys, trained_workdir, tmp_path, ["--config.data_on_device=off"], "data_on_device=on",
+                        "--config.data_on_device=on")
 
 
 def test_auto_resumes_on_the_stream_the_checkpoint_was_written_with(tmp_path):
-  config = tiny_config(num_epochs=1, data_on_device="on")
+  config = tiny_config(num_epochs=1, data_on_device="off")
   loop.train_and_evaluate(config, tmp_path, progress=False)
   checkpointer = checkpoint_lib.Checkpointer(tmp_path, read_only=True)
   try:
@@ -161,9 +161,9 @@ def test_auto_resumes_on_the_stream_the_checkpoint_was_written_with(tmp_path):
     _, data_state = checkpointer.restore(checkpoint_lib.abstract_like(exp.state, parallel.replicated(exp.mesh)))
   finally:
     checkpointer.close()
-  assert streams.saved_on_device(data_state) is True
-  assert streams.choose_on_device(exp, data_state) is True  # auto alone would choose the host stream on a CPU
-  assert streams.choose_on_device(exp, None) is False
+  assert streams.saved_on_device(data_state) is False
+  assert streams.choose_on_device(exp, data_state) is False  # auto alone chooses the device stream (resnet, CPU)
+  assert streams.choose_on_device(exp, None) is True
 
 
 def test_an_asynchronous_save_survives_the_next_step_donating_the_state(tmp_path):

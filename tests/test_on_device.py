@@ -152,10 +152,14 @@ class AcceleratorMesh:
   local_devices = [Accelerator()]
 
 
-def test_auto_keeps_data_on_an_accelerator_when_it_fits_and_takes_the_host_stream_on_a_cpu(digits):
+def test_auto_keeps_data_on_an_accelerator_when_it_fits_and_on_a_cpu_for_the_listed_models(digits):
   mesh = parallel.make_mesh()
-  assert not on_device.resolve("auto", digits, mesh)  # this CPU: grain's threads beside the step
-  assert on_device.resolve("auto", digits, AcceleratorMesh())
+  assert not on_device.resolve("auto", digits, mesh)  # no model named: grain's threads beside the step on this CPU
+  assert not on_device.resolve("auto", digits, mesh, "focus")
+  assert on_device.CPU_MODELS == ("resnet", "vgg16")
+  assert all(on_device.resolve("auto", digits, mesh, model) for model in on_device.CPU_MODELS)
+  assert on_device.resolve("auto", digits, AcceleratorMesh()) and on_device.resolve("auto", digits, AcceleratorMesh(),
+                                                                                    "focus")
   assert on_device.resolve("on", digits, mesh) and not on_device.resolve("off", digits, mesh)
 
   class Huge(ArraySource):

@@ -172,7 +172,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.backbone_lr_scale = 1.0  # the encoder's learning rate = learning_rate × this (fine-tuning: e.g. 0.1)
 
   # Where the data lives and how often the host talks to the devices (overfocus_jax/train/streams.py, dispatch.py).
-  config.data_on_device = "auto"    # auto: on for an accelerator the data fits, off on CPUs | on | off (grain)
+  config.data_on_device = "auto"    # auto: on when the data fits an accelerator, on a CPU for resnet and vgg16
+                                    # (data/on_device.py: CPU_MODELS) | on | off (grain)
   config.data_workers = 0           # off: grain worker processes that read and augment (0: threads of this process)
   config.steps_per_dispatch = 0     # K: train steps per compiled call (one host sync each), at most an epoch;
                                     # 0: 1 on CPUs (XLA:CPU loops are slow, train/dispatch.py), 20 on accelerators

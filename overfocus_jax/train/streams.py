@@ -43,7 +43,7 @@ def choose_on_device(exp: Experiment, data_state: dict | None) -> bool:
   saved = saved_on_device(data_state)
   if saved is not None and mode == "auto":
     return saved
-  chosen = on_device.resolve(mode, exp.dataset, exp.mesh)
+  chosen = on_device.resolve(mode, exp.dataset, exp.mesh, exp.config.model)
   if saved is not None and saved != chosen:
     written = "on" if saved else "off"
     raise UserError(f"the checkpoint was written with data_on_device={written} and this run asks for {mode}",
