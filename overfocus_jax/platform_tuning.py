@@ -51,7 +51,7 @@ compiles plain XLA. All keep the results equal to float rounding.
    library PyTorch's CPU step uses) through XLA's FFI, with points 2 and 3 as the fallback for everything else
    (mixed or other dtypes, dilation, groups). The default model's float32 step is 1.19× faster than with points 1
    and 2 alone, ResNet-18's 1.29×; in bf16 1.67× and 2.10× (``python -m benchmarks.onednn_models [--dtype
-   bfloat16]``). Where the kernels cannot be built (no C++ compiler or oneDNN wheel, another OS or CPU,
+   bfloat16]``); the attention and corner models' 1.07–1.26× (session 16). Where the kernels cannot be built (no C++ compiler or oneDNN wheel, another OS or CPU,
    ``OVERFOCUS_ONEDNN=off``), and at ``platform_tuning=xla``, the models keep points 1–3; ``overfocus bench``
    reports which ran (``cpu_convolutions``). A custom VJP: reverse mode only.
 """
@@ -107,9 +107,11 @@ DEPTHWISE_MODELS = ("convnext",)  # the models with depthwise convolutions (poin
 
 
 # The models whose convolutions go to oneDNN (point 4): those whose float32 step it made faster in ``python -m
-# benchmarks.onednn_models`` (1.19-1.29×; 1.16-1.35× in a first run). Not attention (1.03×), corner (1.01×), focus
-# (0.97×), convnext (0.97×): small convolutions, where a kernel call's fixed cost outweighs the faster kernel.
-ONEDNN_MODELS = ("resnet", "resnet18", "vgg16", "mnist_cnn")
+# benchmarks.onednn_models`` (1.19-1.29×; 1.16-1.35× in a first run). attention and corner since session 16, once
+# XLA:CPU's temporaries stopped being faulted in every step (overfocus_jax/host_memory.py): 1.11× and 1.26×, 1.07×
+# and 1.20× in a second run (1.03× and 1.01× before). Not focus (1.02×, 1.10×: within the noise) nor convnext
+# (0.96×; its depthwise convolutions keep point 3 and its dense ones gain nothing).
+ONEDNN_MODELS = ("resnet", "resnet18", "vgg16", "mnist_cnn", "attention", "corner")
 
 
 def conv_module(mesh, mode: str, model: str = "resnet"):
