@@ -39,7 +39,10 @@ _status = {"reason": "not applied yet"}
 def _jax_has_run() -> bool:
   """Whether JAX has created its backends (and with them the threads whose arenas are already fixed)."""
   bridge = sys.modules.get("jax._src.xla_bridge")  # not imported: JAX cannot have run
-  return bridge is not None and bridge.backends_are_initialized()
+  if bridge is None:
+    return False
+  initialized = getattr(bridge, "backends_are_initialized", None)  # a private module: read it defensively
+  return initialized() if callable(initialized) else bool(getattr(bridge, "_backends", None))
 
 
 def _accelerator_installed() -> str | None:
@@ -71,20 +74,24 @@ def apply() -> bool:
   """Sets glibc's malloc to keep freed memory (see the module docstring) unless :func:`why_not`; True if set."""
   if _status["reason"] == "retained":
     return True
-  reason = why_not()
-  if reason is None:
-    try:
-      mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError) as e:
-      reason = f"no mallopt ({e})"
-    else:
-      mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-      if all(mallopt(parameter, value) == 1 for parameter, value in SETTINGS):
-        _status["reason"] = "retained"
-        return True
-      reason = "mallopt refused a setting"
+  try:
+    reason = why_not() or _call_mallopt()
+  except Exception as e:  # noqa: BLE001 — runs on import: never stop the package from loading
+    reason = f"not applied ({type(e).__name__}: {e})"
   _status["reason"] = reason
-  return False
+  return reason == "retained"
+
+
+def _call_mallopt() -> str:
+  """Sets :data:`SETTINGS`; returns "retained", or why they could not be set."""
+  try:
+    mallopt = ctypes.CDLL(None).mallopt
+  except (OSError, AttributeError) as e:
+    return f"no mallopt ({e})"
+  mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+  if all(mallopt(parameter, value) == 1 for parameter, value in SETTINGS):
+    return "retained"
+  return "mallopt refused a setting"
 
 
 def status() -> str:

@@ -76,3 +76,15 @@ def test_the_reason_off_glibc(monkeypatch):
   monkeypatch.setattr(host_memory.platform, "system", lambda: "Darwin")
   monkeypatch.setattr(host_memory.platform, "libc_ver", lambda: ("", ""))
   assert host_memory.why_not().startswith("not glibc (Darwin")
+
+
+def test_an_error_while_deciding_never_stops_the_package_from_loading(monkeypatch):
+  from overfocus_jax import host_memory
+  monkeypatch.setitem(host_memory._status, "reason", "not applied yet")
+
+  def broken():
+    raise RuntimeError("a private JAX module changed")
+
+  monkeypatch.setattr(host_memory, "why_not", broken)
+  assert host_memory.apply() is False
+  assert host_memory.status() == "not applied (RuntimeError: a private JAX module changed)"
