@@ -16,35 +16,31 @@ import pathlib
 import statistics
 import sys
 
-from benchmarks import harness
+from benchmarks import gpu_protocol, harness
 
 HERE = pathlib.Path(__file__).resolve().parent
-COMMON = {"model": "resnet", "batch_size": 128, "image_shape": [28, 28, 1], "dataset": "mnist5k"}
+MODEL, BATCH_SIZE = "resnet", 128
 
 
 def cases(dtype: str, warmup: int) -> dict:
-  jax = {"kind": "jax_step", "dtype": dtype, "warmup": max(warmup - 1, 0), **COMMON}  # + the compiling step
+  """The goal command's pair (gpu_protocol.step_cases on this CPU) and the JAX step with glibc's own settings."""
+  pair = gpu_protocol.step_cases(MODEL, BATCH_SIZE, dtype, "cpu", ["eager"], warmup)
+  jax = {key: value for key, value in pair["jax"].items() if key != "flops"}  # FLOPs are not asked for here
   return {f"jax {dtype}, kept mapped": jax,
           f"jax {dtype}, glibc default": {**jax, "env": {"OVERFOCUS_HOST_MEMORY": "default"}},
-          f"torch eager {dtype}": {"kind": "torch_step", "channels_last": True, "dtype": dtype, "warmup": warmup,
-                                   **COMMON}}
+          f"torch eager {dtype}": pair["torch eager"]}
 
 
 def measure(dtype: str, args, log) -> dict:
-  group = cases(dtype, args.warmup)
-  workers = harness.start(group, log=log, platform="cpu")
-  try:
-    seconds = harness.interleave(workers, steps=args.steps, repeats=args.rounds, log=log)
-  finally:
-    harness.close(workers)
-  reference = statistics.median(seconds[f"torch eager {dtype}"])
-  rows = {}
-  for name, values in seconds.items():
-    rows[name] = {"step_ms": harness.median_ms(values), "step_ms_all": [v * 1e3 for v in values],
-                  "images_per_s": COMMON["batch_size"] / statistics.median(values),
-                  "over_torch_eager": reference / statistics.median(values),
-                  "minor_faults_per_step": statistics.median(workers[name].minor_faults),
-                  "host_memory": workers[name].info.get("host_memory")}
+  rows = gpu_protocol.run_group(cases(dtype, args.warmup), args, log)
+  failed = {name: row["error"] for name, row in rows.items() if "error" in row}
+  if failed:
+    raise SystemExit(f"cases failed to start: {failed}")
+  reference = rows[f"torch eager {dtype}"]["step_ms"]
+  for row in rows.values():
+    row.update(over_torch_eager=reference / row["step_ms"],
+               minor_faults_per_step=statistics.median(row["minor_faults_per_step"]),
+               host_memory=row["info"].get("host_memory"))
   return {"dtype": dtype, "rows": rows}
 
 
@@ -66,6 +62,7 @@ def main(argv=None) -> int:
   parser.add_argument("--warmup", type=int, default=5, help="untimed steps first, JAX and torch (compilation "
                       "included)")
   parser.add_argument("--out", default=str(HERE / "results" / "host_memory.json"))
+  parser.set_defaults(platform="cpu", device="cpu")  # what gpu_protocol.run_group reads
   args = parser.parse_args(argv)
   log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
   groups = [measure(dtype, args, log) for dtype in args.dtypes]

@@ -47,8 +47,9 @@ def _jax_has_run() -> bool:
 
 def _accelerator_installed() -> str | None:
   """The name of an installed JAX accelerator plugin, if any (JAX would compute there by default)."""
-  if importlib.metadata.entry_points(group="jax_plugins"):
-    return next(iter(importlib.metadata.entry_points(group="jax_plugins"))).name
+  plugin = next(iter(importlib.metadata.entry_points(group="jax_plugins")), None)
+  if plugin is not None:
+    return plugin.name
   return next((name for name in ACCELERATOR_MODULES if importlib.util.find_spec(name) is not None), None)
 
 
