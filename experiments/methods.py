@@ -8,7 +8,8 @@ Shared by ``shortcut.py`` and ``no_collapse.py`` so that a name means the same r
   ``rate=0.5``, element units unless a granularity is named, the drop ramped in over ``r`` epochs if named, on a
   random half of each batch (``batch_fraction=0.5``) if ``_half``;
 - ``sgdrop``: whatever the config's SGDrop fields are (the library's default on the shipped configs; today the same
-  run as ``sgdrop_mass_spatial_0.5_ramp1_half``).
+  run as ``sgdrop_mass_spatial_0.5_ramp1_half``); ``sgdrop_ema`` the same with the paper's EMA teacher (decay 0.99);
+- ``sgdrop_element_0.1_ema``: the paper's whole design (its rule and setting, attribution from the EMA teacher).
 """
 
 SGDROP = ("regularizer.name", "sgdrop")
@@ -59,6 +60,8 @@ METHODS = {
        for granularity in ("element", "spatial", "channel") for rate in (0.03, 0.1, 0.3)},
     "sgdrop_element_0.1_ema": sgdrop(rule="quantile", rate=0.1, granularity="element", ema_decay=0.99),
     "sgdrop_spatial_0.3_ema": sgdrop(rule="quantile", rate=0.3, granularity="spatial", ema_decay=0.99),
+    # The library's default attributing with the paper's EMA teacher (every other field the config's).
+    "sgdrop_ema": [SGDROP, ("regularizer.sgdrop.ema_decay", "0.99")],
     **_mass_methods(),
     "rsc": [("regularizer.name", "rsc")],
     # RSC's official rule in one mode only (its default picks spatial or channel with probability 1/2 each step).

@@ -9,7 +9,7 @@ markdown table of mean ± std over seeds.
 ``--kind patch`` trains on ``mnist5k_shortcut`` (clean test: ``mnist5k``), ``--kind color`` on ``mnist5k_color``
 (clean test: ``mnist5k_rgb``), ``--kind glyph`` on ``mnist5k_glyph`` (clean test: ``mnist5k``); ``--config`` is the
 base config (default: experiments/configs/shortcut.py),
-``--epochs`` overrides its epochs. Each record also keeps the first epoch's train accuracy, on the whole batch and on
+``--epochs`` overrides its epochs; ``--columns FILE ...`` prints one table with a column per results file. Each record also keeps the first epoch's train accuracy, on the whole batch and on
 the samples the regularizer masked alone: at or below chance there, the regularizer collapsed training.
 """
 
@@ -85,6 +85,29 @@ def table(results: list[dict], methods) -> str:
   return "\n".join(lines)
 
 
+def cell(rows: list[dict]) -> str:
+  """``decorrelated / clean / epoch-1 masked (seeds)``, mean ± std in %, as in experiments/README.md's tables."""
+  def fmt(key):
+    if any(r.get(key) is None for r in rows):  # ERM masks nothing; older records lack the masked accuracy
+      return "–"
+    values = [100 * r[key] for r in rows]
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.1f}"
+  if not rows:
+    return "–"
+  return (f"{fmt('decorrelated_accuracy')} / {fmt('clean_accuracy')} / {fmt('first_epoch_masked_accuracy')} "
+          f"({len(rows)})")
+
+
+def columns_table(paths: list[pathlib.Path], methods) -> str:
+  """One row per method, one cell per results file (each file one kind and config): the README's summary tables."""
+  files = {path: [json.loads(line) for line in path.read_text().splitlines()] for path in paths}
+  lines = ["| method | " + " | ".join(path.stem for path in paths) + " |", "|---|" + "---|" * len(paths)]
+  for method in methods:
+    lines.append(f"| `{method}` | " + " | ".join(cell([r for r in rows if r["method"] == method])
+                                               for rows in files.values()) + " |")
+  return "\n".join(lines)
+
+
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=sorted(METHODS), metavar="METHOD",
@@ -97,7 +120,17 @@ def main() -> int:
                       help="the shortcut: a patch's place, a colour or a glyph's shape")
   parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="the base config file")
   parser.add_argument("--epochs", type=int, help="override the config's num_epochs")
+  parser.add_argument("--columns", nargs="+", metavar="RESULTS",
+                      help="print one table, a column per results file (decorrelated / clean / epoch-1 masked), "
+                           "and run nothing")
   args = parser.parse_args()
+  if args.columns:
+    missing = [path for path in args.columns if not pathlib.Path(path).is_file()]
+    if missing:
+      print(f"error: --columns: no results file {missing[0]}; run the experiment that writes it first", file=sys.stderr)
+      return 2
+    print(columns_table([pathlib.Path(path) for path in args.columns], args.methods))
+    return 0
   out = pathlib.Path(args.out)
   results = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
   if not args.table_only:
