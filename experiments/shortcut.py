@@ -6,11 +6,11 @@ markdown table of mean ± std over seeds.
     python experiments/shortcut.py --seeds 0 1 2 --methods sgdrop_spatial_0.1 --table-only
     python experiments/shortcut.py --kind color --config overfocus_jax/configs/default.py --epochs 4 ...
 
-``--kind patch`` trains on ``mnist5k_shortcut`` (clean test: ``mnist5k``), ``--kind color`` on ``mnist5k_color``
-(clean test: ``mnist5k_rgb``), ``--kind glyph`` on ``mnist5k_glyph`` (clean test: ``mnist5k``); ``--config`` is the
-base config (default: experiments/configs/shortcut.py),
-``--epochs`` overrides its epochs; ``--columns FILE ...`` prints one table with a column per results file. Each record also keeps the first epoch's train accuracy, on the whole batch and on
-the samples the regularizer masked alone: at or below chance there, the regularizer collapsed training.
+``--kind patch`` trains on ``mnist5k_shortcut`` (clean test: ``mnist5k``), ``--kind color`` on ``mnist5k_color`` (clean
+test: ``mnist5k_rgb``), ``--kind glyph`` on ``mnist5k_glyph`` (clean test: ``mnist5k``); ``--config`` is the base config
+(default: experiments/configs/shortcut.py), ``--epochs`` overrides its epochs; ``--columns FILE ...`` prints one table
+with a column per results file. Each record also keeps the first epoch's train accuracy, on the whole batch and on the
+samples the regularizer masked alone: at or below chance there, the regularizer collapsed training.
 """
 
 import argparse
