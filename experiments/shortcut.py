@@ -67,6 +67,18 @@ def run_one(method: str, seed: int, runs_dir: pathlib.Path, *, kind: str = "patc
           "overrides": dict(overrides), "regularizer_fields": regularizer_fields(config)}
 
 
+def mean_std(rows: list[dict], key: str) -> str:
+  """``mean ± std`` of ``key`` over ``rows``, in % (the sample std; 0 for one row)."""
+  values = [100 * r[key] for r in rows]
+  spread = statistics.stdev(values) if len(values) > 1 else 0.0
+  return f"{statistics.mean(values):.1f} ± {spread:.1f}"
+
+
+def mean_std_if_known(rows: list[dict], key: str) -> str:
+  """``mean_std``, or ``–`` where a row has no value (ERM masks nothing; older records lack the masked accuracy)."""
+  return mean_std(rows, key) if all(r.get(key) is not None for r in rows) else "–"
+
+
 def table(results: list[dict], methods) -> str:
   lines = ["| method | seeds | decorrelated test acc. | clean test acc. | train acc. | epoch-1 train acc. | "
            "epoch-1 acc. on masked samples |", "|---|---|---|---|---|---|---|"]
@@ -74,28 +86,19 @@ def table(results: list[dict], methods) -> str:
     rows = [r for r in results if r["method"] == method]
     if not rows:
       continue
-    def fmt(key):
-      values = [100 * r[key] for r in rows]
-      spread = statistics.stdev(values) if len(values) > 1 else 0.0
-      return f"{statistics.mean(values):.1f} ± {spread:.1f}"
-    known = lambda key: fmt(key) if all(r.get(key) is not None for r in rows) else "–"
-    lines.append(f"| {method} | {len(rows)} | {fmt('decorrelated_accuracy')} | {fmt('clean_accuracy')} | "
-                 f"{fmt('train_accuracy')} | {known('first_epoch_train_accuracy')} | "
-                 f"{known('first_epoch_masked_accuracy')} |")
+    lines.append(f"| {method} | {len(rows)} | {mean_std(rows, 'decorrelated_accuracy')} | "
+                 f"{mean_std(rows, 'clean_accuracy')} | {mean_std(rows, 'train_accuracy')} | "
+                 f"{mean_std_if_known(rows, 'first_epoch_train_accuracy')} | "
+                 f"{mean_std_if_known(rows, 'first_epoch_masked_accuracy')} |")
   return "\n".join(lines)
 
 
 def cell(rows: list[dict]) -> str:
   """``decorrelated / clean / epoch-1 masked (seeds)``, mean ± std in %, as in experiments/README.md's tables."""
-  def fmt(key):
-    if any(r.get(key) is None for r in rows):  # ERM masks nothing; older records lack the masked accuracy
-      return "–"
-    values = [100 * r[key] for r in rows]
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.1f}"
   if not rows:
     return "–"
-  return (f"{fmt('decorrelated_accuracy')} / {fmt('clean_accuracy')} / {fmt('first_epoch_masked_accuracy')} "
-          f"({len(rows)})")
+  return " / ".join(mean_std_if_known(rows, key) for key in
+                    ("decorrelated_accuracy", "clean_accuracy", "first_epoch_masked_accuracy")) + f" ({len(rows)})"
 
 
 def columns_table(paths: list[pathlib.Path], methods) -> str:
