@@ -360,6 +360,8 @@ def serve() -> None:
 
 
 if __name__ == "__main__":
+  from overfocus_jax.host_memory import retain_host_memory
+  retain_host_memory()  # before JAX computes: a CPU run keeps its per-step memory mapped
   sys.stdout = os.fdopen(os.dup(1), "w")  # protocol channel
   os.dup2(2, 1)  # anything a library prints on fd 1 goes to stderr
   serve()

@@ -54,7 +54,7 @@ def step_cases() -> dict:
   stacked = {k: jnp.asarray(np.stack([b[k] for b in raw])) for k in ("image", "label")}
   batch = {"image": jnp.asarray(pipeline.normalize(raw[0]["image"], exp.dataset.mean, exp.dataset.std)),
            "label": jnp.asarray(raw[0]["label"])}
-  step = make_train_step(exp.model, exp.tx, schedule=exp.schedule, steps_per_epoch=exp.steps_per_epoch)
+  step = make_train_step(exp.model, exp.tx, schedule=exp.schedule)
   chunk = jax.jit(dispatch.make_train_chunk(step, dispatch.host_feed(exp.dataset.mean, exp.dataset.std)),
                   static_argnums=2)
   alone = jax.jit(step)
@@ -78,4 +78,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+  from overfocus_jax.host_memory import retain_host_memory
+  retain_host_memory()  # before JAX computes: a CPU run keeps its per-step memory mapped
   sys.exit(main())

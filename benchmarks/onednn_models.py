@@ -100,4 +100,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  from overfocus_jax.host_memory import retain_host_memory
+  retain_host_memory()  # before JAX computes: a CPU run keeps its per-step memory mapped
   sys.exit(main())

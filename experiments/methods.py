@@ -2,8 +2,9 @@
 
 Shared by ``shortcut.py`` and ``no_collapse.py`` so that a name means the same run in every table. SGDrop names:
 
-- ``sgdrop_{granularity}_{rho}``: the paper's quantile rule, ⌈ρN⌉ units dropped;
-- ``sgdrop_paper``: the paper's rule at the paper's setting (quantile, element, ρ = 0.1), whatever the defaults;
+- ``sgdrop_{granularity}_{rho}``: the paper's rule with an exact count (``rule=topk``: ⌈ρN⌉ units dropped);
+- ``sgdrop_paper``: the paper's rule at the paper's setting (exact count, element, ρ = 0.1), whatever the defaults;
+  ``sgdrop_paper_quantile`` the same with the formula as written, ``1[A ≤ quantile(A, 1 − ρ)]`` (``rule=quantile``);
 - ``sgdrop_mass[_{granularity}]_{m}[_ramp{r}][_half]``: the attribution-mass rule with share ``m`` and cap
   ``rate=0.5``, element units unless a granularity is named, the drop ramped in over ``r`` epochs if named, on a
   random half of each batch (``batch_fraction=0.5``) if ``_half``;
@@ -20,7 +21,7 @@ MASS_CAP = 0.5
 
 # Every field a name does not set is the paper's, whatever the library's defaults are: a name always means the same
 # run (the results files hold runs from before the defaults changed).
-PAPER_FIELDS = dict(rule="quantile", rate=0.1, mass=0.5, granularity="element", batch_fraction=1.0, ramp_epochs=0,
+PAPER_FIELDS = dict(rule="topk", rate=0.1, mass=0.5, granularity="element", batch_fraction=1.0, ramp_epochs=0,
                     rescale=False, target="true", ema_decay=0.0)
 
 
@@ -53,13 +54,14 @@ METHODS = {
     "erm": [("regularizer.name", "none")],
     "sgdrop": [SGDROP],
     "sgdrop_paper": sgdrop(),
-    **{f"sgdrop_paper_ramp{ramp}": sgdrop(rule="quantile", rate=0.1, granularity="element", ramp_epochs=ramp)
+    "sgdrop_paper_quantile": sgdrop(rule="quantile"),
+    **{f"sgdrop_paper_ramp{ramp}": sgdrop(rule="topk", rate=0.1, granularity="element", ramp_epochs=ramp)
        for ramp in RAMPS},
-    "sgdrop_paper_half": sgdrop(rule="quantile", rate=0.1, granularity="element", batch_fraction=0.5),
-    **{f"sgdrop_{granularity}_{rate}": sgdrop(rule="quantile", rate=rate, granularity=granularity)
+    "sgdrop_paper_half": sgdrop(rule="topk", rate=0.1, granularity="element", batch_fraction=0.5),
+    **{f"sgdrop_{granularity}_{rate}": sgdrop(rule="topk", rate=rate, granularity=granularity)
        for granularity in ("element", "spatial", "channel") for rate in (0.03, 0.1, 0.3)},
-    "sgdrop_element_0.1_ema": sgdrop(rule="quantile", rate=0.1, granularity="element", ema_decay=0.99),
-    "sgdrop_spatial_0.3_ema": sgdrop(rule="quantile", rate=0.3, granularity="spatial", ema_decay=0.99),
+    "sgdrop_element_0.1_ema": sgdrop(rule="topk", rate=0.1, granularity="element", ema_decay=0.99),
+    "sgdrop_spatial_0.3_ema": sgdrop(rule="topk", rate=0.3, granularity="spatial", ema_decay=0.99),
     # The library's default attributing with the paper's EMA teacher (every other field the config's).
     "sgdrop_ema": [SGDROP, ("regularizer.sgdrop.ema_decay", "0.99")],
     **_mass_methods(),

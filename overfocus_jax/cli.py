@@ -171,6 +171,11 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "explain": cmd_explain, "bench
 
 
 def main(argv: list[str] | None = None) -> int:
+  """The ``overfocus`` command. Its process-wide settings are made here, at the entry point, and nowhere else: glibc
+  keeps the memory XLA:CPU frees between steps (:func:`overfocus_jax.host_memory.retain_host_memory`, before JAX
+  computes anything) and compiled programs are cached across runs."""
+  from overfocus_jax.host_memory import retain_host_memory
+  retain_host_memory()
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   try:
     args, extra = _parser().parse_known_args(sys.argv[1:] if argv is None else argv)

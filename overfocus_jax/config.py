@@ -10,6 +10,7 @@ import importlib.util
 import json
 import math
 import pathlib
+import sys
 
 import ml_collections
 
@@ -444,15 +445,31 @@ def check_fits_images(config: ml_collections.ConfigDict, image_shape: tuple[int,
              f"{(min(height, width) + 1) // 2}")
 
 
+# config.json's "format": 2 since SGDrop's rule "quantile" means the formula 1[A ≤ quantile(A, 1 − ρ)] as written;
+# in a config.json without it, "quantile" is the exact-count rule, today's "topk".
+CONFIG_FORMAT = 2
+FORMAT_KEY = "format"
+
+
 def config_to_json(config: ml_collections.ConfigDict) -> str:
-  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
+  return json.dumps({**config.to_dict(), FORMAT_KEY: CONFIG_FORMAT}, indent=2, sort_keys=True, default=list)
+
+
+def legacy_sgdrop_rule(saved: dict) -> bool:
+  """Whether a saved config.json's SGDrop rule is "quantile" in its earlier meaning (the exact-count rule)."""
+  rule = saved.get("regularizer", {}).get("sgdrop", {}).get("rule")
+  return saved.get(FORMAT_KEY, 1) < CONFIG_FORMAT and rule == "quantile"
+
+
+LEGACY_RULE_NOTE = ("overfocus: note: this run's config.json names SGDrop's rule 'quantile' in its earlier meaning, "
+                    "the exact count ⌈ρN⌉; it keeps that rule, now named 'topk'")
 
 
 def config_from_json(text: str) -> ml_collections.ConfigDict:
   """Rebuilds a saved config on top of today's defaults, so a run saved before a field existed still loads
   (the new field takes its default); lists become tuples again so overrides keep their types. A saved true/false
   where a field has since become a word (``resnet_tv.zero_init_residual``: auto | true | false) is read as that
-  word."""
+  word, and an SGDrop rule "quantile" saved before ``CONFIG_FORMAT`` 2 as "topk" (one line on stderr says so)."""
 
   def tuples(node):
     if isinstance(node, dict):
@@ -471,6 +488,12 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
         with base.unlocked():
           base[key] = value
 
+  saved = json.loads(text)
+  legacy_rule = legacy_sgdrop_rule(saved)
+  saved.pop(FORMAT_KEY, None)
   config = load_config_file(default_config_path())
-  overlay(config, tuples(json.loads(text)))
+  overlay(config, tuples(saved))
+  if legacy_rule:  # the run keeps the rule it was trained with
+    print(LEGACY_RULE_NOTE, file=sys.stderr)
+    config.regularizer.sgdrop.rule = "topk"
   return config

@@ -13,11 +13,12 @@ the block comes from the heap and stays mapped between steps, as PyTorch's tenso
 threshold). The process keeps its peak host memory instead of shrinking after each step (measurements in
 BENCHMARKS.md, "The fast path on this CPU"; ``python -m benchmarks.host_memory``).
 
-glibc assigns a thread its arena at the thread's first allocation, so this must run before JAX's first computation:
-the package applies it when it is imported (``overfocus_jax/__init__.py``), which is before any computation in the
-CLI, the experiments and a script that imports the package first. It applies only where JAX will compute on the CPU
-(no accelerator plugin installed, or ``JAX_PLATFORMS=cpu``), on glibc. ``OVERFOCUS_HOST_MEMORY=default`` leaves
-glibc's settings alone; :func:`status` says what happened, and ``overfocus bench`` reports it (``host_memory``).
+glibc assigns a thread its arena at the thread's first allocation, so this must run before JAX's first computation.
+Importing the package changes nothing: the ``overfocus`` CLI calls :func:`retain_host_memory` first thing, and so do
+the experiment and benchmark scripts; a script of your own opts in with ``ofx.retain_host_memory()`` before it
+computes anything. It applies only where JAX will compute on the CPU (no accelerator plugin installed, or
+``JAX_PLATFORMS=cpu``), on glibc. ``OVERFOCUS_HOST_MEMORY=default`` leaves glibc's settings alone; :func:`status`
+says what happened, and ``overfocus bench`` reports it (``host_memory``).
 """
 
 import ctypes
@@ -33,7 +34,7 @@ M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
 SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1))
 ACCELERATOR_MODULES = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin", "libtpu")
 
-_status = {"reason": "not applied yet"}
+_status = {"reason": "not applied (call retain_host_memory())"}
 
 
 def _jax_has_run() -> bool:
@@ -67,7 +68,7 @@ def why_not() -> str | None:
     if accelerator:
       return f"an accelerator plugin ({accelerator}) is installed; JAX_PLATFORMS=cpu applies them"
   if _jax_has_run():
-    return "JAX had already computed before overfocus_jax was imported; import the package first"
+    return "JAX had already computed; call retain_host_memory() before the first computation"
   return None
 
 
@@ -93,6 +94,14 @@ def _call_mallopt() -> str:
   if all(mallopt(parameter, value) == 1 for parameter, value in SETTINGS):
     return "retained"
   return "mallopt refused a setting"
+
+
+def retain_host_memory() -> bool:
+  """Keeps the memory XLA:CPU frees between steps mapped (glibc's ``mallopt``; see the module docstring): a
+  process-wide setting, for a CPU run, made before JAX's first computation. Returns whether it is in effect; where it
+  does not apply (an accelerator, another libc, ``OVERFOCUS_HOST_MEMORY=default``, JAX already running) it changes
+  nothing, and :func:`status` says why."""
+  return apply()
 
 
 def status() -> str:

@@ -110,15 +110,28 @@ def is_primary() -> bool:
 
 
 def make_mesh(devices=None) -> Mesh:
+  """A one-axis mesh named :data:`DATA_AXIS` (``"data"``) over ``devices`` (default: every device of every
+  process, ``jax.devices()``, process-major).
+
+  Examples:
+    >>> import overfocus_jax as ofx
+    >>> mesh = ofx.make_mesh()
+    >>> mesh.axis_names, mesh.devices.size == len(__import__("jax").devices())
+    (('data',), True)
+  """
   devices = np.asarray(jax.devices() if devices is None else devices)
   return Mesh(devices.reshape(-1), (DATA_AXIS,))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+  """The sharding that puts a whole copy of an array on every device of ``mesh`` (parameters, optimizer and
+  regularizer states): ``NamedSharding(mesh, P())``."""
   return NamedSharding(mesh, P())
 
 
 def data_sharded(mesh: Mesh) -> NamedSharding:
+  """The sharding that splits an array's first (batch) axis over ``mesh``'s ``data`` axis, each device holding its
+  rows: ``NamedSharding(mesh, P("data"))``. The batch size must divide by the device count."""
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
@@ -141,8 +154,10 @@ def process_rows(batch_size: int, mesh: Mesh) -> slice:
 
 
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
-  """A global host batch (every process holds the same) → global arrays sharded over the ``data`` axis; each process
-  sends only its own rows (:func:`process_rows`)."""
+  """A global host batch (a pytree of arrays with a common first axis; every process holds the same) → global
+  arrays sharded over the ``data`` axis (:func:`data_sharded`); each process sends only its own rows
+  (:func:`process_rows`). A ``jax.jit`` step given these and parameters put by :func:`replicate` runs on every
+  device, its gradient mean over the batch one all-reduce."""
   sharding = data_sharded(mesh)
   rows = process_rows(len(next(iter(jax.tree.leaves(batch)))), mesh)
   return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)[rows]), batch)
@@ -158,4 +173,6 @@ def put(tree, sharding: NamedSharding):
 
 
 def replicate(tree, mesh: Mesh):
+  """A pytree of host arrays (every process holding the same) → global arrays with a whole copy on every device of
+  ``mesh`` (:func:`replicated`): the parameters and states a step reads everywhere."""
   return put(tree, replicated(mesh))

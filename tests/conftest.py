@@ -126,13 +126,14 @@ def digits_config(model: str, **fields):
 def assert_the_experiment_accepts(model, make_config, input_shape=None):
   """What ``overfocus train`` checks before it builds the state: the image size (when given) and every regularizer's
   split of ``model`` (``make_config(regularizer__name=NAME)`` builds each regularizer's config)."""
-  from overfocus_jax.challenge import NAMES, build_regularizer
+  from overfocus_jax.challenge import NAMES
+  from overfocus_jax.train.regularizers import build_regularizer
   from overfocus_jax.train import experiment
   if input_shape is not None:
     experiment.check_input_shape(model, input_shape)
     config_lib.check_fits_images(make_config(), input_shape)
   for name in NAMES:
-    experiment.check_regularizer_fits(model, build_regularizer(make_config(regularizer__name=name)), name)
+    experiment.check_regularizer_fits(model, build_regularizer(make_config(regularizer__name=name), 10), name)
 
 
 def abstract_variables(model, input_shape):

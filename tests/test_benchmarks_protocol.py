@@ -350,3 +350,21 @@ def test_library_flags_reads_which_kernel_runs_each_convolution():
                              rtol=1e-4, atol=1e-4)
   compiled = jax.jit(library_flags.conv).lower(x, rng.standard_normal((3, 3, 3, 4)).astype(np.float32))
   assert len(library_flags.convolution_kernels(compiled.compile().as_text())) == 1
+
+
+def test_gpu_protocol_records_the_mask_kernel_benchmark(monkeypatch):
+  row = {"batch": 128, "size": 4096, "k": 410, "ms_per_call": {"top_k": 2.0, "threshold": 0.5},
+         "threshold_over_top_k": 0.25, "auto": "threshold"}
+  line = json.dumps({"backend": "gpu", "device_kind": "NVIDIA H100 80GB HBM3", "rows": [row]})
+  calls = []
+  monkeypatch.setattr(gp.subprocess, "run", lambda cmd, **kw: calls.append((cmd, kw)) or
+                      subprocess.CompletedProcess(cmd, 0, "compiling\n" + line + "\n", ""))
+  args = type("Args", (), {"rounds": 3, "platform": "cuda,cpu"})()
+  record = gp.mask_kernels(args, log=lambda *a: None)
+  assert calls[0][0][1:] == ["-m", "benchmarks.mask_kernels", "--rounds", "3"]
+  assert calls[0][1]["env"]["JAX_PLATFORMS"] == "cuda,cpu" and record["rows"] == [row]
+  table = gp.markdown({"mask_kernels": record})
+  assert "| 128 × 4096 | 410 | 2.000 | 0.500 | **0.25** | threshold |" in table
+  failing = lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "boom")  # noqa: E731
+  monkeypatch.setattr(gp.subprocess, "run", failing)
+  assert "boom" in gp.mask_kernels(args, log=lambda *a: None)["error"]

@@ -1,6 +1,6 @@
-"""SGDrop and RSC: exact masks, hand-built examples, gradients, EMA teacher, jit, bad input."""
+"""SGDrop and RSC as pure functions: exact masks, hand-built examples, gradients, the EMA teacher, jit, bad
+arguments. Nothing here reads a config or runs the train loop (test_regularizers_in_training.py does)."""
 
-import json
 import math
 
 import chex
@@ -9,25 +9,24 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from overfocus_jax import config as config_lib
-from overfocus_jax.challenge import NONE, StepInfo, attribution, build_regularizer, chain, masks, rsc, sgdrop, stateless
-from overfocus_jax.cli import main as cli_main
-from overfocus_jax.models import build_model
-from overfocus_jax.train import step as step_lib
+from overfocus_jax.challenge import TeacherInputs, attribution, masks, rsc, sgdrop
 
 
 # The paper's unit and batch (element units, every sample), on which the hand-built cases below are written; the
 # library's defaults (spatial units, half of each batch) are tested in test_sgdrop_defaults.py.
-PAPER_SETTING = dict(rule="quantile", granularity="element", batch_fraction=1.0, ramp_epochs=0.0)
+PAPER_SETTING = dict(rule="topk", granularity="element", batch_fraction=1.0, ramp_steps=0)
 
 
 def paper_sgdrop(**fields):
   return sgdrop.sgdrop(**{**PAPER_SETTING, **fields})
 
 
-def apply_once(regularizer, classify_fn, z, labels, key, info=StepInfo(), variables=None):
-  """One ``apply`` from the regularizer's initial state: ``(z̃, metrics)``."""
-  out, _, metrics = regularizer.apply(regularizer.init(variables), classify_fn, z, labels, key, info)
+def apply_once(regularizer, classify_fn, z, labels, key, count=0, variables=None):
+  """One ``apply`` from the regularizer's initial state at step ``count``: ``(z̃, metrics)``."""
+  state = regularizer.init(variables)
+  if count:
+    state = {**state, "count": jnp.int32(count)}
+  out, _, metrics = regularizer.apply(state, classify_fn, z, labels, key)
   return out, metrics
 
 
@@ -101,7 +100,7 @@ def test_sgdrop_drops_the_most_salient_units_hand_built():
                                                 ("channel", (4, 1, 1, 8))])
 def test_sgdrop_granularity_mask_shapes_and_counts(granularity, shape):
   attr = jax.random.uniform(jax.random.PRNGKey(1), (4, 3, 3, 8))
-  mask = sgdrop.saliency_mask(attr, 0.25, granularity)
+  mask = sgdrop.saliency_mask(attr, 0.25, granularity, rule="topk")
   chex.assert_shape(mask, shape)
   units = int(np.prod(shape[1:]))
   np.testing.assert_array_equal(np.sum(np.asarray(mask).reshape(4, -1) == 0, axis=1), math.ceil(0.25 * units))
@@ -109,7 +108,7 @@ def test_sgdrop_granularity_mask_shapes_and_counts(granularity, shape):
 
 def test_sgdrop_spatial_sums_attribution_over_channels():
   attr = jnp.zeros((1, 2, 2, 3)).at[0, 1, 0, :].set(1.0).at[0, 0, 1, 0].set(2.5)  # sums: (1,0)=3, (0,1)=2.5
-  mask = sgdrop.saliency_mask(attr, 0.25, "spatial")
+  mask = sgdrop.saliency_mask(attr, 0.25, "spatial", rule="topk")
   np.testing.assert_array_equal(mask[0, :, :, 0], [[1, 1], [0, 1]])
 
 
@@ -148,15 +147,16 @@ def test_sgdrop_attributes_with_its_ema_teacher_and_moves_it():
   online = {"params": {"scale": jnp.array([5.0, 0.0])}, "batch_stats": {}}    # the online net finds channel 0 salient
   teacher = {"params": {"scale": jnp.array([0.0, 10.0])}, "batch_stats": {}}  # the teacher channel 1
   reg = paper_sgdrop(rate=0.5, ema_decay=0.9)
-  info = StepInfo(images=jnp.ones((1, 1, 1, 2)), variables=online, encode=encode, classify=classify)
-  out, state, _ = reg.apply({"ema": teacher}, lambda latent: classify(online, latent), z, jnp.array([0]),
-                            jax.random.PRNGKey(0), info)
+  assert reg.needs_teacher
+  inputs = TeacherInputs(variables=online, images=jnp.ones((1, 1, 1, 2)), encode=encode, classify=classify)
+  start = {"count": jnp.int32(0), "ema": teacher}
+  out, state, _ = reg.apply(start, lambda latent: classify(online, latent), z, jnp.array([0]),
+                            jax.random.PRNGKey(0), teacher=inputs)
   np.testing.assert_allclose(state["ema"]["params"]["scale"], [0.5, 9.0], rtol=1e-6)  # 0.9·teacher + 0.1·online
   np.testing.assert_array_equal(out.ravel(), [1.0, 0.0])  # the teacher's choice: channel 1 dropped
   assert reg.init(online)["ema"]["params"]["scale"].tolist() == [5.0, 0.0]  # starts as a copy
-  with pytest.raises(ValueError, match="EMA teacher needs"):
-    reg.apply({"ema": teacher}, lambda latent: classify(online, latent), z, jnp.array([0]), jax.random.PRNGKey(0),
-              StepInfo())
+  with pytest.raises(ValueError, match="teacher is needed"):
+    reg.apply(start, lambda latent: classify(online, latent), z, jnp.array([0]), jax.random.PRNGKey(0))
 
 
 def test_sgdrop_predicted_target_attributes_the_argmax():
@@ -171,12 +171,12 @@ def test_sgdrop_predicted_target_attributes_the_argmax():
 
 
 @pytest.mark.parametrize("kwargs", [dict(rate=1.0), dict(rate=-0.1), dict(granularity="pixel"),
-                                    dict(target="other"), dict(batch_fraction=0.0), dict(rule="topk"),
+                                    dict(target="other"), dict(batch_fraction=0.0), dict(rule="top_k"),
                                     dict(rule="mass", mass=0.0), dict(rule="mass", mass=1.2),
-                                    dict(rule="mass", rate=0.0), dict(ramp_epochs=-1.0)])
+                                    dict(rule="mass", rate=0.0), dict(ramp_steps=-1.0)])
 def test_sgdrop_rejects_bad_arguments(kwargs):
   with pytest.raises(ValueError):
-    sgdrop.sgdrop(**kwargs)
+    sgdrop.sgdrop(**{"ramp_steps": 0, **kwargs})
 
 
 # ------------------------------------------------------------------------------------------------ the mass rule
@@ -202,28 +202,28 @@ def test_mass_drop_mask_hand_built(share, cap, scores, dropped):
 
 
 def test_mass_rule_never_empties_a_one_by_one_map():
-  """Spatial units on a 1×1 map: the quantile rule drops the only position (the paper's rule, unchanged); the mass
-  rule keeps it, whatever its share and cap."""
+  """Spatial units on a 1×1 map: the exact-count rule drops the only position; the mass rule keeps it, whatever its
+  share and cap."""
   weights = jnp.ones((8, 1))
   z = jnp.arange(1.0, 9.0).reshape(1, 1, 1, 8)
   mass_out, metrics = apply_once(paper_sgdrop(rule="mass", mass=1.0, rate=0.9, granularity="spatial"),
                                  linear_pool_head(weights), z, jnp.array([0]), jax.random.PRNGKey(0))
   np.testing.assert_array_equal(mass_out, z)
   assert float(metrics["sgdrop_dropped_fraction"]) == 0.0
-  quantile_out, _ = apply_once(paper_sgdrop(rule="quantile", rate=0.1, granularity="spatial"),
+  quantile_out, _ = apply_once(paper_sgdrop(rule="topk", rate=0.1, granularity="spatial"),
                                linear_pool_head(weights), z, jnp.array([0]), jax.random.PRNGKey(0))
   assert not np.any(np.asarray(quantile_out))
 
 
 def test_mass_rule_in_sgdrop_follows_the_concentration_not_the_unit_count():
-  """One salient unit: the mass rule drops it alone; the quantile rule at the same ρ drops ⌈ρN⌉ units."""
+  """One salient unit: the mass rule drops it alone; the exact-count rule at the same ρ drops ⌈ρN⌉ units."""
   weights = jnp.ones((8, 1))  # one class reading every channel
   z = jnp.full((1, 1, 1, 8), 0.01).at[0, 0, 0, 3].set(10.0)  # channel 3 carries almost all the evidence
   mass_out, metrics = apply_once(paper_sgdrop(rule="mass", mass=0.5, rate=0.5), linear_pool_head(weights), z,
                                  jnp.array([0]), jax.random.PRNGKey(0))
   np.testing.assert_array_equal(np.flatnonzero(np.asarray(mass_out).ravel() == 0), [3])
   assert float(metrics["sgdrop_dropped_fraction"]) == 1 / 8
-  quantile_out, _ = apply_once(paper_sgdrop(rule="quantile", rate=0.5), linear_pool_head(weights), z,
+  quantile_out, _ = apply_once(paper_sgdrop(rule="topk", rate=0.5), linear_pool_head(weights), z,
                                jnp.array([0]), jax.random.PRNGKey(0))
   assert int(np.sum(np.asarray(quantile_out) == 0)) == 4
   # rescaled, the mass rule scales each sample's kept units by N / kept: here 8 / 7
@@ -232,27 +232,27 @@ def test_mass_rule_in_sgdrop_follows_the_concentration_not_the_unit_count():
   np.testing.assert_allclose(np.asarray(rescaled).ravel()[[0, 7]], [0.01 * 8 / 7] * 2, rtol=1e-6)
 
 
-@pytest.mark.parametrize("rule", ["quantile", "mass"])
+@pytest.mark.parametrize("rule", ["topk", "mass"])
 def test_ramp_grows_the_drop_from_nothing_over_the_ramp(rule):
-  """10 steps per epoch, a 1-epoch ramp: step 0 drops ⌈0.1·k⌉ units (quantile) or a tenth of the share (mass), step 4
-  half, step 9 and later exactly what the unramped rule drops."""
+  """A 10-step ramp: step 0 drops ⌈0.1·k⌉ units (topk) or a tenth of the share (mass), step 4 half, step 9 and later
+  exactly what the unramped rule drops."""
   weights = jnp.ones((10, 1))
   z = jnp.arange(1.0, 11.0).reshape(1, 1, 1, 10)  # attribution ∝ z: unit 9 the largest
   head = linear_pool_head(weights)
-  reg = paper_sgdrop(rule=rule, rate=0.5, mass=1.0, ramp_epochs=1)
+  reg = paper_sgdrop(rule=rule, rate=0.5, mass=1.0, ramp_steps=10)
   dropped = {}
   for step in (0, 4, 9, 25):
-    out, _ = apply_once(reg, head, z, jnp.array([0]), jax.random.PRNGKey(0), StepInfo(step=step, steps_per_epoch=10))
+    out, _ = apply_once(reg, head, z, jnp.array([0]), jax.random.PRNGKey(0), count=step)
     dropped[step] = int(np.sum(np.asarray(out) == 0))
   unramped, _ = apply_once(paper_sgdrop(rule=rule, rate=0.5, mass=1.0), head, z, jnp.array([0]),
                            jax.random.PRNGKey(0))
-  # quantile: k = ⌈0.5·10⌉ = 5, scaled by 0.1, 0.5, 1 → 1, 3 (⌈2.5⌉), 5 units. mass (m = 1, cap 5), of a total 55:
+  # topk: k = ⌈0.5·10⌉ = 5, scaled by 0.1, 0.5, 1 → 1, 3 (⌈2.5⌉), 5 units. mass (m = 1, cap 5), of a total 55:
   # share 0.1 → 5.5, the 10 alone; share 0.5 → 27.5, 10 + 9 + 8 = 27 falls short, so 4 units; share 1 → the cap, 5
-  assert dropped == ({0: 1, 4: 3, 9: 5, 25: 5} if rule == "quantile" else {0: 1, 4: 4, 9: 5, 25: 5})
+  assert dropped == ({0: 1, 4: 3, 9: 5, 25: 5} if rule == "topk" else {0: 1, 4: 4, 9: 5, 25: 5})
   assert int(np.sum(np.asarray(unramped) == 0)) == 5
   # rescaled during the ramp, the kept units are scaled by N / kept: at step 0 one unit is dropped, so by 10 / 9
-  rescaled, _ = apply_once(paper_sgdrop(rule=rule, rate=0.5, mass=1.0, ramp_epochs=1, rescale=True), head, z,
-                           jnp.array([0]), jax.random.PRNGKey(0), StepInfo(step=0, steps_per_epoch=10))
+  rescaled, _ = apply_once(paper_sgdrop(rule=rule, rate=0.5, mass=1.0, ramp_steps=10, rescale=True), head, z,
+                           jnp.array([0]), jax.random.PRNGKey(0))
   np.testing.assert_allclose(np.asarray(rescaled).ravel()[0], 1.0 * 10 / 9, rtol=1e-6)
 
 
@@ -280,16 +280,29 @@ def test_rsc_batch_selection_hand_built():
 
 
 def test_rsc_curriculum():
-  np.testing.assert_allclose(rsc.curriculum_percent(jnp.array([0, 9, 10, 19, 20, 30, 45])),
-                             [0.3, 0.3, 0.5, 0.5, 0.7, 0.9, 0.9], rtol=1e-6)
+  np.testing.assert_allclose(rsc.curriculum_percent(jnp.array([0, 1, 2, 3, 4])), [0.3, 0.5, 0.7, 0.9, 0.9], rtol=1e-6)
+  # The regularizer counts its own steps: with 10-step stages, steps 0-9 at 0.3, 10-19 at 0.5, from 30 on 0.9.
+  weights = jax.random.normal(jax.random.PRNGKey(0), (16, 10))
+  z = jax.nn.relu(jax.random.normal(jax.random.PRNGKey(1), (8, 4, 4, 16)))
+  labels = jnp.arange(8) % 10
+  reg = rsc.rsc(curriculum_steps=10)
+  apply = jax.jit(lambda state: reg.apply(state, linear_pool_head(weights), z, labels, jax.random.PRNGKey(0)))
+  state, seen = reg.init(None), {}
+  for step in range(45):
+    _, state, metrics = apply(state)
+    seen[step] = round(float(metrics["rsc_percent"]), 6)
+  assert int(state["count"]) == 45
+  assert {seen[s] for s in range(10)} == {0.3} and {seen[s] for s in range(10, 20)} == {0.5}
+  assert seen[29] == 0.7 and seen[30] == 0.9 and seen[44] == 0.9
+  with pytest.raises(ValueError, match="curriculum_steps is required"):
+    rsc.rsc()
 
 
 def test_rsc_coin_gives_both_modes_and_only_challenged_samples_are_masked():
   weights = jax.random.normal(jax.random.PRNGKey(0), (16, 10))
   z = jax.nn.relu(jax.random.normal(jax.random.PRNGKey(1), (32, 4, 4, 16)))
   labels = jax.random.randint(jax.random.PRNGKey(2), (32,), 0, 10)
-  reg = jax.jit(lambda key: apply_once(rsc.rsc(batch_percent=0.5), linear_pool_head(weights), z, labels, key,
-                                       StepInfo(epoch=jnp.array(0))))
+  reg = jax.jit(lambda key: apply_once(rsc.rsc(batch_percent=0.5), linear_pool_head(weights), z, labels, key))
   modes = []
   for i in range(20):
     out, metrics = reg(jax.random.PRNGKey(i))
@@ -307,7 +320,7 @@ def test_rsc_computes_only_the_mask_its_coin_picked():
   z = jax.nn.relu(jax.random.normal(jax.random.PRNGKey(1), (8, 4, 4, 16)))
   labels = jax.random.randint(jax.random.PRNGKey(2), (8,), 0, 10)
   reg = rsc.rsc(batch_percent=0.5)
-  apply = lambda key: apply_once(reg, linear_pool_head(weights), z, labels, key, StepInfo(epoch=jnp.array(0)))
+  apply = lambda key: apply_once(reg, linear_pool_head(weights), z, labels, key)
   jaxpr = jax.make_jaxpr(apply)(jax.random.PRNGKey(0))
   conds = [eqn for eqn in jaxpr.jaxpr.eqns if eqn.primitive.name == "cond"]
   assert len(conds) == 1
@@ -333,182 +346,3 @@ def test_rsc_domainbed_masks_top_gradient_features_of_most_changed_samples():
   # sample 0 σ(3) = .953 → σ(0) = .5 (Δ .45); sample 1 σ(−4.6) → σ(−4.9) (Δ .003); sample 2 σ(8) → σ(2) (Δ .12)
   np.testing.assert_allclose(out, [[0.0, 1.0, 1.0], [0.1, 0.1, 5.0], [2.0, 2.0, 0.0]])
   assert np.isclose(float(metrics["rsc_batch_masked_fraction"]), 1 / 3)
-
-
-# ------------------------------------------------------------------------------------------------ in the step
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_setup):
-  return tiny_model_setup
-
-
-def _regularizer(config, **overrides):
-  config = config.copy_and_resolve_references()
-  for dotted, value in overrides.items():
-    config_lib.apply_override(config, dotted, value)
-  return build_regularizer(config)
-
-
-@pytest.mark.parametrize("overrides", [
-    {"regularizer.name": "sgdrop"},
-    {"regularizer.name": "sgdrop", "regularizer.sgdrop.granularity": "channel", "regularizer.sgdrop.ema_decay": "0.9"},
-    {"regularizer.name": "rsc"},
-    {"regularizer.name": "rsc_domainbed"},
-])
-def test_regularized_step_jit_equals_no_jit(tiny, overrides):
-  config, model, tx, schedule, state, batch = tiny
-  regularizer = _regularizer(config, **overrides)
-  state = state.replace(regularizer_state=regularizer.init(state.variables))
-  train_step = step_lib.make_train_step(model, tx, schedule=schedule, regularizer=regularizer)
-  eager_state, eager_metrics = train_step(state, batch)
-  jit_state, jit_metrics = jax.jit(train_step)(state, batch)
-  chex.assert_trees_all_close(jit_state, eager_state, rtol=2e-5, atol=2e-6)
-  chex.assert_trees_all_close(jit_metrics, eager_metrics, rtol=2e-5, atol=2e-6)
-  assert any(k.startswith(("sgdrop_", "rsc_")) for k in jit_metrics)
-
-
-def test_ema_teacher_in_the_step_moves_by_the_decay_toward_the_steps_variables(tiny):
-  config, model, tx, schedule, state, batch = tiny
-  decay = 0.9
-  regularizer = _regularizer(config, **{"regularizer.name": "sgdrop", "regularizer.sgdrop.ema_decay": str(decay)})
-  # make the teacher differ from the online network so the update is visible
-  teacher = jax.tree.map(lambda a: a + 1.0, regularizer.init(state.variables))
-  state = state.replace(regularizer_state=teacher)
-  train_step = jax.jit(step_lib.make_train_step(model, tx, schedule=schedule, regularizer=regularizer))
-  new_state, _ = train_step(state, batch)
-  expected = jax.tree.map(lambda e, o: decay * e + (1 - decay) * o, teacher["ema"], state.variables)
-  chex.assert_trees_all_close(new_state.regularizer_state["ema"], expected, rtol=1e-6, atol=1e-6)
-
-
-def test_chain_two_regularizers_in_the_step(tiny):
-  config, model, tx, schedule, state, batch = tiny
-  chained = chain(paper_sgdrop(rate=0.1, ema_decay=0.5), rsc.rsc(batch_percent=0.5))
-  state = state.replace(regularizer_state=chained.init(state.variables))
-  assert len(state.regularizer_state) == 2 and "ema" in state.regularizer_state[0]
-  train_step = jax.jit(step_lib.make_train_step(model, tx, schedule=schedule, regularizer=chained))
-  new_state, metrics = train_step(state, batch)
-  assert {"sgdrop_dropped_fraction", "rsc_spatial"} <= set(metrics)
-  chex.assert_trees_all_equal_structs(new_state.regularizer_state, state.regularizer_state)
-  with pytest.raises(ValueError, match="different split points"):
-    chain(sgdrop.sgdrop(), rsc.rsc_domainbed())
-
-
-# ------------------------------------------------------------------------------------------------ bad input
-
-
-def test_regularizer_on_a_model_without_a_split_is_a_user_error():
-  import flax.linen as nn
-  from overfocus_jax.errors import UserError
-  from overfocus_jax.models import Model
-  from overfocus_jax.train import experiment
-
-  class Plain(nn.Module):  # logits only: no encode/classify
-    @nn.compact
-    def __call__(self, x, train=False):
-      return nn.Dense(10)(x.reshape(x.shape[0], -1))
-
-  model = Model(Plain(), "plain")
-  assert not model.supports_split("latent") and not model.supports_split("pooled")
-  with pytest.raises(UserError, match="encode/classify split"):
-    experiment.check_regularizer_fits(model, NONE, "sgdrop")
-  experiment.check_regularizer_fits(build_model(config_lib.load_config_file(config_lib.default_config_path()), 10),
-                                    stateless(lambda *args: args[1:2] + ({},), split="pooled"), "rsc_domainbed")
-
-
-@pytest.mark.parametrize("override,fragment", [
-    ("--config.regularizer.sgdrop.rate=1.0", "regularizer.sgdrop.rate"),
-    ("--config.regularizer.sgdrop.rate=-0.2", "regularizer.sgdrop.rate"),
-    ("--config.regularizer.rsc.spatial_fraction=1.5", "regularizer.rsc.spatial_fraction"),
-    ("--config.regularizer.rsc_domainbed.feature_drop=1", "regularizer.rsc_domainbed.feature_drop"),
-    ("--config.regularizer.sgdrop.granularity=pixels", "granularity"),
-    ("--config.regularizer.name=dropblock", "regularizer.name"),
-    ("--config.regularizer.sgdrop.rule=topk", "regularizer.sgdrop.rule"),
-    ("--config.regularizer.sgdrop.mass=0", "regularizer.sgdrop.mass"),
-    ("--config.regularizer.sgdrop.mass=1.5", "regularizer.sgdrop.mass"),
-    ("--config.regularizer.sgdrop.ramp_epochs=-1", "regularizer.sgdrop.ramp_epochs"),
-    ("--config.regularizer.sgdrop.batch_fraction=0", "regularizer.sgdrop.batch_fraction"),
-    ("--config.regularizer.sgdrop.batch_fraction=1.5", "regularizer.sgdrop.batch_fraction"),
-])
-def test_bad_regularizer_config_is_a_one_line_error(override, fragment, tmp_path, capsys):
-  code = cli_main(["train", "--workdir", str(tmp_path / "wd"), override])
-  err = capsys.readouterr().err.strip()
-  assert code == 2 and len(err.splitlines()) == 1 and fragment in err, err
-  assert not (tmp_path / "wd").exists()
-
-
-@pytest.mark.parametrize("rate", ["0", "0.0"])
-def test_the_mass_rule_needs_a_cap_above_zero(rate, tmp_path, capsys):
-  code = cli_main(["train", "--workdir", str(tmp_path / "wd"), "--config.regularizer.sgdrop.rule=mass",
-                   f"--config.regularizer.sgdrop.rate={rate}"])
-  err = capsys.readouterr().err.strip()
-  assert code == 2 and len(err.splitlines()) == 1, err
-  assert "regularizer.sgdrop.rate" in err and "mass rule" in err and "Traceback" not in err
-
-
-# ------------------------------------------------------------------------------------------------ collapse warning
-
-
-def test_collapse_warning_names_the_fields_only_at_or_below_chance():
-  from overfocus_jax.train.loop import collapse_warning
-  config = config_lib.build_config(None, [("regularizer.name", "sgdrop")])
-  line = collapse_warning(config, 0.04, 10, 1)
-  assert line.startswith("overfocus: warning: epoch 1: train accuracy 0.040") and "\n" not in line
-  assert "--config.regularizer.sgdrop.rate" in line and "--config.regularizer.sgdrop.rule" in line
-  assert collapse_warning(config, 0.1, 10, 2) is not None        # at chance counts
-  assert collapse_warning(config, 0.11, 10, 2) is None
-  erm = config_lib.build_config(None, [])
-  assert collapse_warning(erm, 0.0, 10, 1) is None                # ERM is never "a regularizer collapsing"
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("regularizer, warns", [
-    (["--config.regularizer.name=sgdrop", "--config.regularizer.sgdrop.rule=quantile",
-      "--config.regularizer.sgdrop.rate=0.9"], True),  # forced collapse
-    # Half of each batch masked: the batch accuracy stays above chance, the masked half's does not.
-    (["--config.regularizer.name=sgdrop", "--config.regularizer.sgdrop.rule=quantile",
-      "--config.regularizer.sgdrop.rate=0.9", "--config.regularizer.sgdrop.batch_fraction=0.5"], True),
-    (["--config.regularizer.name=none"], False),
-])
-def test_collapse_warning_fires_in_a_real_run(regularizer, warns, tmp_path, capsys):
-  from conftest import BASE_RUN_ARGS
-  code = cli_main(["train", "--workdir", str(tmp_path / "wd"), *BASE_RUN_ARGS, "--config.num_epochs=1",
-                   *regularizer])
-  captured = capsys.readouterr()
-  assert code == 0, captured.err  # the run goes on
-  warnings = [line for line in captured.err.splitlines() if "warning: epoch 1" in line]
-  assert len(warnings) == (1 if warns else 0), captured.err
-
-
-def test_idle_warning_only_when_a_regularizer_changed_nothing():
-  from overfocus_jax.train.loop import idle_warning
-  config = config_lib.build_config(None, [("regularizer.name", "sgdrop")])
-  line = idle_warning(config, 0.0, 3)
-  assert line.startswith("overfocus: warning: epoch 3: sgdrop changed no training sample")
-  assert "--config.regularizer.sgdrop.granularity=element" in line and "\n" not in line
-  assert idle_warning(config, 0.5, 3) is None and idle_warning(config, None, 3) is None
-  assert idle_warning(config_lib.build_config(None, []), 0.0, 3) is None  # ERM changes nothing by design
-
-
-def test_regularized_sample_metrics_count_only_the_changed_samples():
-  from overfocus_jax.train.step import regularized_sample_metrics
-  z = jnp.ones((4, 2, 2, 3))
-  regularized = z.at[1, 0, 0, 0].set(0.0).at[3].set(0.0)  # samples 1 and 3 changed
-  logits = jnp.eye(3)[jnp.array([0, 1, 2, 0])]              # predicts 0, 1, 2, 0
-  labels = jnp.array([0, 1, 0, 1])                           # right on 0 and 1 only
-  metrics = regularized_sample_metrics(z, regularized, logits, labels)
-  assert float(metrics["regularized_share"]) == 0.5
-  assert float(metrics["regularized_hits"]) == 0.25         # sample 1: changed and right; sample 3: wrong
-
-
-def test_partial_batch_records_the_accuracy_of_the_masked_samples(tmp_path, capsys):
-  """metrics.jsonl's train_regularized_accuracy is the masked samples' own: with ρ = 0.9 on half of each batch it
-  is far below the batch accuracy, which the untouched half lifts."""
-  from conftest import BASE_RUN_ARGS
-  code = cli_main(["train", "--workdir", str(tmp_path / "wd"), *BASE_RUN_ARGS, "--config.num_epochs=2",
-                   "--config.regularizer.name=sgdrop", "--config.regularizer.sgdrop.rule=quantile",
-                   "--config.regularizer.sgdrop.rate=0.9", "--config.regularizer.sgdrop.batch_fraction=0.5"])
-  assert code == 0, capsys.readouterr().err
-  last = json.loads((tmp_path / "wd" / "metrics.jsonl").read_text().splitlines()[-1])
-  assert 0.4 < last["train_regularized_share"] < 0.6
-  assert last["train_regularized_accuracy"] < last["train_accuracy"] - 0.1

@@ -150,6 +150,53 @@ def test_checkpoint_from_before_regularizers_owned_their_state_restores(tmp_path
   assert int(restored.step) == 123 and data_state == {"position": 3}
 
 
+@pytest.mark.parametrize("old, new", [
+    ((), {"count": 0}),                                                 # RSC and SGDrop without a teacher
+    ({"ema": "variables"}, {"count": 0, "ema": "variables"}),           # SGDrop with its EMA teacher
+    (((), ()), ({"count": 0}, ())),                                     # a chain: SGDrop, then DomainBed's RSC
+])
+def test_checkpoint_from_before_regularizers_counted_their_steps_restores_with_the_count_at_the_step(
+    tmp_path, old, new):
+  """A regularizer's schedules count its own steps now; a run saved before restores with every counter at the train
+  step, which is what the counter counts in a run of the CLI."""
+  state = make_state()
+  fill = lambda tree: jax.tree.map(lambda leaf: state.variables if leaf == "variables" else leaf, tree,  # noqa: E731
+                                   is_leaf=lambda leaf: leaf == "variables")
+  old, new = fill(old), jax.tree.map(lambda leaf: jnp.int32(leaf) if isinstance(leaf, int) else leaf, fill(new))
+  checkpointer = checkpoint_lib.Checkpointer(tmp_path)
+  checkpointer.save(7, state.replace(regularizer_state=old), {"position": 3})
+  checkpointer.wait()
+  restored, data_state = checkpointer.restore(abstract(state.replace(regularizer_state=new)))
+  checkpointer.close()
+  counters = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(restored.regularizer_state)[0]
+              if jax.tree_util.keystr(path).endswith("['count']")]
+  assert counters and all(int(c) == 123 and c.dtype == jnp.int32 for c in counters)
+  chex.assert_trees_all_equal(restored.params, state.params)
+  if isinstance(new, dict) and "ema" in new:
+    chex.assert_trees_all_equal(restored.regularizer_state["ema"], state.variables)
+  assert data_state == {"position": 3}
+
+
+def test_a_config_json_with_the_earlier_quantile_keeps_the_exact_count_rule(tmp_path, capsys):
+  """config.json written before SGDrop's "quantile" meant the formula as written is read with the rule it was
+  trained with, "topk"; a resumed run keeps it too. One line on stderr says so; today's config.json is read as is."""
+  from overfocus_jax import config as config_lib
+  config = config_lib.build_config(None, [("regularizer.name", "sgdrop"), ("regularizer.sgdrop.rule", "quantile")])
+  today = config_lib.config_to_json(config)
+  assert config_lib.config_from_json(today).regularizer.sgdrop.rule == "quantile"
+  assert capsys.readouterr().err == ""
+  earlier = json.loads(today)
+  del earlier["format"]
+  assert config_lib.config_from_json(json.dumps(earlier)).regularizer.sgdrop.rule == "topk"
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "'topk'" in err
+  (tmp_path / "config.json").write_text(json.dumps(earlier))
+  assert workdir_lib.keep_trained_rule(config, tmp_path).regularizer.sgdrop.rule == "topk"
+  assert config.regularizer.sgdrop.rule == "quantile"  # the caller's config is left as it was
+  (tmp_path / "config.json").write_text(today)
+  assert workdir_lib.keep_trained_rule(config, tmp_path).regularizer.sgdrop.rule == "quantile"
+
+
 def test_checkpoint_with_an_old_layout_ema_teacher_is_refused_in_one_line_and_kept(tmp_path):
   state = make_state()
   checkpointer = checkpoint_lib.Checkpointer(tmp_path)

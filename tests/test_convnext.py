@@ -485,12 +485,12 @@ def test_every_regularizer_fits_the_model():
 @pytest.mark.parametrize("regularizer", ["sgdrop", "rsc_domainbed"])
 def test_the_regularizers_mask_at_the_split(micro, regularizer):
   """SGDrop on the 2×2 latent map, DomainBed's RSC on the pooled vector: a jitted step changes samples."""
-  from overfocus_jax.challenge import build_regularizer
+  from overfocus_jax.train.regularizers import build_regularizer
   from overfocus_jax.train import state as state_lib
   from overfocus_jax.train.step import make_train_step
   model, variables, x = micro
   config = make_config(regularizer__name=regularizer)
-  reg = build_regularizer(config)
+  reg = build_regularizer(config, 10)
   tx = state_lib.make_optimizer(config, state_lib.make_schedule(config, 10))
   state = start_state(variables, tx, reg)
   _, metrics = jax.jit(make_train_step(model, tx, regularizer=reg))(

@@ -39,7 +39,7 @@ def host_chunk(exp, count, seed=0):
 def test_a_chunk_of_k_steps_equals_the_k_steps_one_by_one():
   exp = experiment.build_experiment(tiny_config(schedule="constant", warmup_epochs=0))
   stacked, batches = host_chunk(exp, 3)
-  step = jax.jit(make_train_step(exp.model, exp.tx, schedule=exp.schedule, steps_per_epoch=exp.steps_per_epoch))
+  step = jax.jit(make_train_step(exp.model, exp.tx, schedule=exp.schedule))
   state, sums = exp.state, None
   for batch in batches:
     state, metrics = step(state, batch)
@@ -54,7 +54,7 @@ def test_a_chunk_of_k_steps_equals_the_k_steps_one_by_one():
 
 def test_the_chunk_compiles_once_for_every_call():
   exp = experiment.build_experiment(tiny_config())
-  step = make_train_step(exp.model, exp.tx, schedule=exp.schedule, steps_per_epoch=exp.steps_per_epoch)
+  step = make_train_step(exp.model, exp.tx, schedule=exp.schedule)
   traced = chex.assert_max_traces(dispatch.make_train_chunk(step, dispatch.host_feed(exp.dataset.mean,
                                                                                       exp.dataset.std)), n=1)
   chunk = jax.jit(traced, static_argnums=2, donate_argnums=0)

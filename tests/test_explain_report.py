@@ -39,7 +39,7 @@ class _ConvThenLinear(nn.Module):
 
 def test_feature_layers_are_the_per_image_maps_in_call_order():
   model, variables = _tiny_resnet()
-  found = layers.feature_layers(model, variables, (8, 8, 1))
+  found = layers.linen_feature_layers(model, variables, (8, 8, 1))
   assert list(found)[0] == "encoder/stem" and found["encoder"] == (4, 4, 16)
   assert "head/dense" not in found and "" not in found  # vectors are not maps
 
@@ -48,12 +48,12 @@ def test_grad_cam_at_the_encoder_is_grad_cam_on_z():
   model, variables = _tiny_resnet()
   x = jax.random.normal(jax.random.PRNGKey(1), (4, 8, 8, 1))
   labels = jnp.asarray([0, 3, 5, 9])
-  probed = jax.jit(lambda v: layers.layer_grad_cam(model, variables, v, labels, "encoder"))(x)
+  probed = jax.jit(lambda v: layers.layer_grad_cam(layers.linen_probe(model, variables, "encoder"), v, labels))(x)
   split = attributions.grad_cam(lambda v: model.encode(variables, v)[0], lambda z: model.classify(variables, z)[0],
                                 x, labels)
   np.testing.assert_allclose(probed, split, rtol=1e-5, atol=1e-6)
   # The probe does not change the forward pass.
-  np.testing.assert_allclose(layers.layer_activation(model, variables, x, "encoder"),
+  np.testing.assert_allclose(layers.layer_activation(layers.linen_probe(model, variables, "encoder"), x),
                              model.encode(variables, x)[0], rtol=1e-6)
 
 
@@ -63,7 +63,7 @@ def test_grad_cam_at_a_layer_by_hand():
   x = jax.random.normal(jax.random.PRNGKey(2), (2, 5, 5, 1))
   variables = module.init(jax.random.PRNGKey(3), x)
   labels = jnp.asarray([2, 0])
-  got = layers.layer_grad_cam(model, variables, x, labels, "conv")
+  got = layers.layer_grad_cam(layers.linen_probe(model, variables, "conv"), x, labels)
   a = nn.Conv(4, (3, 3)).apply({"params": variables["params"]["conv"]}, x)  # the layer's output, by hand
   weights = variables["params"]["dense"]["kernel"][:, labels].T  # (B, 4)
   expected = np.maximum(np.einsum("bhwk,bk->bhw", a, weights) / 25.0, 0.0)

@@ -1,6 +1,6 @@
-"""The host-memory settings (overfocus_jax/host_memory.py): applied when the package is imported on a CPU run,
-with the effect they exist for — a large block freed and allocated again is not faulted in again — and the reasons
-when they are not applied."""
+"""The host-memory settings (overfocus_jax/host_memory.py): nothing changes when the package is imported; the
+effect they exist for once ``retain_host_memory()`` is called (the CLI does, first thing) — a large block freed and
+allocated again is not faulted in again — and the reasons when they are not applied."""
 
 import json
 import os
@@ -12,12 +12,13 @@ import pytest
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
-# In a fresh process: the status after importing the package, then the minor page faults of writing a 256 MiB
-# malloc'd block a second time after freeing it (glibc's default maps it anew: one fault per 4 KiB page).
+# In a fresh process: {setup}, then the status and the minor page faults of writing a 256 MiB malloc'd block a
+# second time after freeing it (glibc's default maps it anew: one fault per 4 KiB page).
 PROBE = r"""
 import ctypes, json, resource, sys
-import overfocus_jax
+import overfocus_jax as ofx
 from overfocus_jax import host_memory
+{setup}
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
 libc.free.argtypes = (ctypes.c_void_p,)
@@ -29,44 +30,66 @@ def touch():
 touch()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 touch()
-print(json.dumps({"status": host_memory.status(),
-                  "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}))
+print(json.dumps({{"status": host_memory.status(),
+                  "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}}))
 """
+# Every public name and the pure modules, imported: what a library user's script does.
+IMPORT_ALL = ("[getattr(ofx, name) for name in ofx.__all__]\n"
+              "import overfocus_jax.challenge, overfocus_jax.models, overfocus_jax.explain.metrics")
 
 
-def probe(**env) -> dict:
+def probe(setup: str, **env) -> dict:
   environment = {key: value for key, value in os.environ.items() if key not in ("OVERFOCUS_HOST_MEMORY",)}
   environment.update({"JAX_PLATFORMS": "cpu", **env})
-  done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=environment, timeout=120)
+  done = subprocess.run([sys.executable, "-c", PROBE.format(setup=setup)], capture_output=True, text=True,
+                        env=environment, timeout=120)
   assert done.returncode == 0, done.stderr
   return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.skipif(not GLIBC, reason="the settings are glibc's")
-def test_importing_the_package_keeps_freed_blocks_mapped():
-  kept = probe()
+def test_importing_the_package_leaves_glibc_as_it_is():
+  plain = probe(IMPORT_ALL)
+  assert plain["status"] == "not applied (call retain_host_memory())"
+  assert plain["faults"] > 30_000, plain  # 65,536 pages: glibc returned the block and mapped it again
+
+
+@pytest.mark.skipif(not GLIBC, reason="the settings are glibc's")
+def test_retain_host_memory_keeps_freed_blocks_mapped():
+  kept = probe("ofx.retain_host_memory()")
   assert kept["status"] == "retained"
   assert kept["faults"] < 1000, kept  # the second pass reuses the mapped pages
-  default = probe(OVERFOCUS_HOST_MEMORY="default")
+  default = probe("ofx.retain_host_memory()", OVERFOCUS_HOST_MEMORY="default")
   assert default["status"] == "off ($OVERFOCUS_HOST_MEMORY=default)"
-  assert default["faults"] > 30_000, default  # 65,536 pages: glibc mapped them again
+  assert default["faults"] > 30_000, default
+
+
+@pytest.mark.skipif(not GLIBC, reason="the settings are glibc's")
+def test_the_cli_retains_host_memory_at_its_entry_point():
+  code = ("import contextlib, io\nfrom overfocus_jax import cli, host_memory\n"
+          "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+          "  cli.main(['--help'])\nprint(host_memory.status())")
+  environment = {key: value for key, value in os.environ.items() if key != "OVERFOCUS_HOST_MEMORY"}
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        env={**environment, "JAX_PLATFORMS": "cpu"}, timeout=120)
+  assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "retained", done.stderr
 
 
 def run_status(code: str, **env) -> str:
   environment = {key: value for key, value in os.environ.items() if key != "OVERFOCUS_HOST_MEMORY"}
   environment.update(env)
-  done = subprocess.run([sys.executable, "-c", code + "\nfrom overfocus_jax import host_memory\n"
-                         "print(host_memory.status())"], capture_output=True, text=True, env=environment, timeout=120)
+  done = subprocess.run([sys.executable, "-c", code + "\nimport overfocus_jax as ofx\nofx.retain_host_memory()\n"
+                         "from overfocus_jax import host_memory\nprint(host_memory.status())"],
+                        capture_output=True, text=True, env=environment, timeout=120)
   assert done.returncode == 0, done.stderr
   return done.stdout.strip().splitlines()[-1]
 
 
-@pytest.mark.skipif(not GLIBC, reason="the settings are glibc's")
 def test_the_reasons_it_is_not_applied():
   assert run_status("", JAX_PLATFORMS="cuda") == "JAX_PLATFORMS=cuda: not a CPU run"
   late = run_status("import jax.numpy as jnp; (jnp.ones(2) + 1).block_until_ready()", JAX_PLATFORMS="cpu")
-  assert late == "JAX had already computed before overfocus_jax was imported; import the package first"
-  # Importing JAX alone does not start its backends: the package still applies them.
+  assert late == "JAX had already computed; call retain_host_memory() before the first computation"
+  # Importing JAX alone does not start its backends: the settings still apply.
   assert run_status("import jax", JAX_PLATFORMS="cpu") == "retained"
 
 
@@ -78,7 +101,7 @@ def test_the_reason_off_glibc(monkeypatch):
   assert host_memory.why_not().startswith("not glibc (Darwin")
 
 
-def test_an_error_while_deciding_never_stops_the_package_from_loading(monkeypatch):
+def test_an_error_while_deciding_is_a_status_never_an_exception(monkeypatch):
   from overfocus_jax import host_memory
   monkeypatch.setitem(host_memory._status, "reason", "not applied yet")
 

@@ -24,8 +24,8 @@ import textwrap
 PACKAGE_DIR = pathlib.Path(__file__).resolve().parent.parent / "overfocus_jax"
 
 # rank → the units of that layer. A unit is a module, or a package with all its submodules; the top package
-# ``overfocus_jax`` stands for its own __init__.py alone (it imports host_memory only, which imports nothing of the
-# package, so importing errors drags nothing else in).
+# ``overfocus_jax`` stands for its own __init__.py alone (the public namespace: it imports nothing when it is
+# imported, and each name's module when the name is first used; PURE below says which modules those may be).
 # A module may import its own unit, the other units of its rank, and any lower rank.
 LAYERS = {
     0: ("overfocus_jax", "overfocus_jax.errors", "overfocus_jax.files", "overfocus_jax.overrides",
@@ -307,6 +307,19 @@ def _failure(problems: list[str], what: str, *notes: str) -> str:
   return "\n".join([f"{what}: {len(problems)}", *notes, *problems])
 
 
+# The library a researcher imports: the public namespace resolves to these modules only, and they import nothing
+# outside them (no config, data pipelines, train loop, checkpoints, platform tuning or CLI), directly or through a
+# package's __init__.
+PURE = ("overfocus_jax.challenge", "overfocus_jax.models", "overfocus_jax.parallel", "overfocus_jax.errors",
+        "overfocus_jax.host_memory", "overfocus_jax.explain.attributions", "overfocus_jax.explain.layers",
+        "overfocus_jax.explain.metrics", "overfocus_jax.explain.latent", "overfocus_jax.explain")
+
+
+def _is_pure(module: str) -> bool:
+  return any(module == unit or module.startswith(unit + ".") for unit in PURE if unit != "overfocus_jax.explain") \
+      or module == "overfocus_jax.explain"
+
+
 # ------------------------------------------------------------------------------------------------- the package
 
 LAYER_LINE = "layers: " + " | ".join(f"{rank}: {', '.join(map(_short, units))}" for rank, units in LAYERS.items())
@@ -487,3 +500,14 @@ def test_checker_passes_a_clean_package_and_lists_unplaced_modules(tmp_path):
   assert module_cycles(imports) == [] and unit_cycles(imports, layers, (1,)) == [] and not imports.missing
   assert unplaced_modules(imports, layers) == ["pkg.extra (pkg/extra.py)", "pkg.sub (pkg/sub/__init__.py)",
                                                "pkg.sub.deep (pkg/sub/deep.py)"]
+
+
+def test_the_pure_layer_imports_nothing_of_the_application():
+  problems = [str(edge) for edge in package_imports().edges if _is_pure(edge.importer) and not _is_pure(edge.imported)]
+  assert not problems, _failure(problems, "pure-layer imports of the application (PURE, tests/test_imports.py)")
+
+
+def test_the_public_namespace_resolves_to_the_pure_layer_only():
+  import overfocus_jax
+  sources = set(overfocus_jax._SOURCES.values())
+  assert sources and all(_is_pure(module) for module in sources), sorted(m for m in sources if not _is_pure(m))

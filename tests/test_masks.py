@@ -1,16 +1,12 @@
 """The drop mask's threshold kernel: exactly :func:`masks.top_k_drop_mask`'s mask (count, ties, ±0.0, NaN, k = 0,
-k = N − 1, ramped counts, inside jax.jit), the rule that picks a kernel for SGDrop and RSC, and the GPU protocol's
-record of the kernels' benchmark."""
-
-import json
-import subprocess
+k = N − 1, ramped counts, inside jax.jit) and the rule that picks a kernel for SGDrop and RSC (the GPU protocol's
+record of the kernels' benchmark is tested in test_benchmarks_protocol.py)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import gpu_protocol
 from overfocus_jax.challenge import masks, rsc, sgdrop
 
 N = 37  # odd, not a power of two: the index bisection's top bit covers more than the row
@@ -145,33 +141,15 @@ def test_drop_mask_dispatches_and_both_kernels_agree():
 
 
 def test_sgdrop_and_rsc_masks_take_the_threshold_kernel_on_an_accelerator(monkeypatch):
-  """With the backend reported as a GPU, the quantile rule's masks (plain and ramped) and RSC's run no top_k and
+  """With the backend reported as a GPU, the exact-count rule's masks (plain and ramped) and RSC's run no top_k and
   are the CPU's masks exactly."""
   attribution = jnp.asarray(rows("relu")).reshape(4, 1, N, 1)  # N elements, N positions
   grad = jnp.asarray(rows("integers")).reshape(4, 1, 1, N)       # N channels
-  cases = {"sgdrop": lambda a: sgdrop.saliency_mask(a, 0.5, "element"),
-           "sgdrop ramped": lambda a: sgdrop.saliency_mask(a, 0.5, "spatial", scale=jnp.float32(0.6)),
+  cases = {"sgdrop": lambda a: sgdrop.saliency_mask(a, 0.5, "element", rule="topk"),
+           "sgdrop ramped": lambda a: sgdrop.saliency_mask(a, 0.5, "spatial", rule="topk", scale=jnp.float32(0.6)),
            "rsc channel": lambda a: rsc.channel_mask(grad, 0.5)}
   on_cpu = {name: fn(attribution) for name, fn in cases.items()}
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   for name, fn in cases.items():
     assert "top_k" not in primitives(fn, attribution), name
     np.testing.assert_array_equal(fn(attribution), on_cpu[name], err_msg=name)
-
-
-def test_gpu_protocol_records_the_mask_kernel_benchmark(monkeypatch):
-  row = {"batch": 128, "size": 4096, "k": 410, "ms_per_call": {"top_k": 2.0, "threshold": 0.5},
-         "threshold_over_top_k": 0.25, "auto": "threshold"}
-  line = json.dumps({"backend": "gpu", "device_kind": "NVIDIA H100 80GB HBM3", "rows": [row]})
-  calls = []
-  monkeypatch.setattr(gpu_protocol.subprocess, "run", lambda cmd, **kw: calls.append((cmd, kw)) or
-                      subprocess.CompletedProcess(cmd, 0, "compiling\n" + line + "\n", ""))
-  args = type("Args", (), {"rounds": 3, "platform": "cuda,cpu"})()
-  record = gpu_protocol.mask_kernels(args, log=lambda *a: None)
-  assert calls[0][0][1:] == ["-m", "benchmarks.mask_kernels", "--rounds", "3"]
-  assert calls[0][1]["env"]["JAX_PLATFORMS"] == "cuda,cpu" and record["rows"] == [row]
-  table = gpu_protocol.markdown({"mask_kernels": record})
-  assert "| 128 × 4096 | 410 | 2.000 | 0.500 | **0.25** | threshold |" in table
-  failing = lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "boom")  # noqa: E731
-  monkeypatch.setattr(gpu_protocol.subprocess, "run", failing)
-  assert "boom" in gpu_protocol.mask_kernels(args, log=lambda *a: None)["error"]

@@ -15,7 +15,7 @@ def python_blocks() -> list[str]:
 def test_the_readme_has_the_examples_this_file_runs():
   blocks = python_blocks()
   assert len(blocks) == 2
-  assert "model.encode" in blocks[0] and "train_and_evaluate" in blocks[1]
+  assert "ofx.sgdrop_mask" in blocks[0] and "train_and_evaluate" in blocks[1]
 
 
 @pytest.mark.slow
@@ -29,8 +29,10 @@ def test_readme_example_runs(index, tmp_path, monkeypatch):
   exec(compile(code, f"README.md python block {index}", "exec"), namespace)  # noqa: S102  (our own README)
   if index == 0:
     import numpy as np
-    logits, _ = namespace["model"].apply(namespace["variables"], namespace["x"], train=True)
-    np.testing.assert_allclose(namespace["logits"], logits, rtol=1e-5, atol=1e-5)
+    z, mask, aux = namespace["z"], namespace["mask"], namespace["aux"]
+    assert mask.shape == z.shape[:3] + (1,) and set(np.unique(np.asarray(mask))) <= {0.0, 1.0}
+    assert namespace["masks"].shape == (3, *mask.shape)
+    np.testing.assert_array_equal(namespace["z_masked"], z * aux["mask"])
   else:
     summary = (tmp_path / "runs" / "mine" / "summary.json").read_text()
     assert '"test_accuracy"' in summary

@@ -263,7 +263,8 @@ def test_fits_one_batch_of_digits(name, optimizer, learning_rate):
 @pytest.mark.parametrize("name", ["resnet18_tv", "resnet50_tv"])
 def test_the_experiment_accepts_the_model_with_every_regularizer_and_image_size(name):
   """What ``overfocus train`` checks before it builds the state: the image size and each regularizer's split."""
-  from overfocus_jax.challenge import NAMES, build_regularizer
+  from overfocus_jax.challenge import NAMES
+  from overfocus_jax.train.regularizers import build_regularizer
   from overfocus_jax.train import experiment
   for stem in resnet_tv.STEMS:
     model = make_model(name, resnet_tv__stem=stem)
@@ -272,7 +273,7 @@ def test_the_experiment_accepts_the_model_with_every_regularizer_and_image_size(
       config_lib.check_fits_images(make_config(name), input_shape)
     for regularizer in NAMES:
       config = make_config(name, regularizer__name=regularizer)
-      experiment.check_regularizer_fits(model, build_regularizer(config), regularizer)
+      experiment.check_regularizer_fits(model, build_regularizer(config, 10), regularizer)
 
 
 BAD_FIELDS = [

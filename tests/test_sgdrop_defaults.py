@@ -71,13 +71,18 @@ def test_default_sgdrop_on_a_one_by_one_map_drops_nothing_and_says_so(tmp_path, 
 
 
 def test_the_functional_api_and_the_config_share_the_defaults():
-  """``sgdrop.sgdrop()`` in a user's own script is the same regularizer as ``--config.regularizer.name=sgdrop``."""
+  """``sgdrop.sgdrop(ramp_steps=steps_per_epoch)`` in a user's own script is the same regularizer as
+  ``--config.regularizer.name=sgdrop``: every other default is the config's, and the ramp's length has none (the
+  library counts steps, the config epochs)."""
   import inspect
   from overfocus_jax.challenge import sgdrop
   signature = {name: p.default for name, p in inspect.signature(sgdrop.sgdrop).parameters.items()}
   group = config_lib.build_config(None, []).regularizer.sgdrop.to_dict()
   group["ema_decay"] = group["ema_decay"] or None  # the config's 0.0 is the function's None: no teacher
+  assert signature.pop("ramp_steps") is None and group.pop("ramp_epochs") == 1.0
   assert signature == group
+  with pytest.raises(ValueError, match="ramp_steps is required"):
+    sgdrop.sgdrop()
 
 
 def test_the_default_departs_from_the_paper_as_documented():

@@ -13,7 +13,8 @@ from overfocus_jax.data import pipeline
 from overfocus_jax.data.sources import load_dataset
 from overfocus_jax.models import build_model
 from overfocus_jax.train import state as state_lib
-from overfocus_jax.challenge import NONE, Regularizer, StepInfo, chain, stateless
+from overfocus_jax.challenge import NONE, Regularizer, TeacherInputs, chain, stateless
+from overfocus_jax.challenge.base import apply_regularizer
 from overfocus_jax.train.step import cross_entropy, make_eval_step, make_train_step
 
 from conftest import tiny_config
@@ -39,7 +40,7 @@ def setup():
 def jit_step(setup):
   """The plain step, compiled once for the module; it fails any test that would make it trace twice."""
   _, model, schedule, tx, _, _ = setup
-  return jax.jit(chex.assert_max_traces(make_train_step(model, tx, schedule=schedule, steps_per_epoch=10), n=1))
+  return jax.jit(chex.assert_max_traces(make_train_step(model, tx, schedule=schedule), n=1))
 
 
 # ----------------------------------------------------------------------------- the step itself
@@ -47,7 +48,7 @@ def jit_step(setup):
 
 def test_jit_equals_no_jit(setup, jit_step):
   _, model, schedule, tx, state, batch = setup
-  eager_state, eager_metrics = make_train_step(model, tx, schedule=schedule, steps_per_epoch=10)(state, batch)
+  eager_state, eager_metrics = make_train_step(model, tx, schedule=schedule)(state, batch)
   jit_state, jit_metrics = jit_step(state, batch)
   chex.assert_trees_all_close(jit_state, eager_state, rtol=1e-5, atol=1e-6)
   chex.assert_trees_all_close(jit_metrics, eager_metrics, rtol=1e-5, atol=1e-6)
@@ -77,7 +78,7 @@ def test_loss_falls_on_a_fixed_batch_with_one_trace(setup, jit_step):
 def test_one_trace_for_several_batches_of_one_shape(setup):
   """Same shapes and dtypes every step (step counter, merged batch stats, optimizer state): no retracing."""
   config, model, schedule, tx, state, _ = setup
-  step = jax.jit(chex.assert_max_traces(make_train_step(model, tx, schedule=schedule, steps_per_epoch=3), n=1))
+  step = jax.jit(chex.assert_max_traces(make_train_step(model, tx, schedule=schedule), n=1))
   iterator = pipeline.make_train_iterator(load_dataset("digits"), batch_size=BATCH, seed=1, augment=True)
   for _ in range(4):
     state, _ = step(state, next(iterator))
@@ -106,8 +107,8 @@ def test_batch_stats_after_a_step_are_the_fresh_ones_of_both_halves(setup, jit_s
 
 
 @stateless
-def zero_z(classify_fn, z, labels, key, info):
-  del classify_fn, labels, key, info
+def zero_z(classify_fn, z, labels, key):
+  del classify_fn, labels, key
   return jnp.zeros_like(z), {"z_norm_in": jnp.sum(jnp.abs(z))}
 
 
@@ -141,21 +142,21 @@ def test_user_regularizer_changes_what_the_head_sees(setup):
   assert not np.isclose(plain_metrics["loss"], metrics["loss"])
 
 
-def test_regularizer_gets_step_info_and_an_inference_mode_head(setup):
+def test_regularizer_gets_its_teacher_inputs_and_an_inference_mode_head(setup):
   _, model, schedule, tx, state, batch = setup
-  state = state.replace(step=jnp.asarray(7, jnp.int32))
 
-  @stateless
-  def probe(classify_fn, z, labels, key, info):
+  def apply(state, classify_fn, z, labels, key, teacher=None):
     logits = classify_fn(z)
-    z_again = info.encode(info.variables, info.images)  # the model in inference mode, at the step's variables
-    return z, {"epoch": info.epoch, "seen_step": info.step, "logit_sum": jnp.sum(logits),
-               "label_sum": jnp.sum(labels), "image_sum": jnp.sum(info.images),
-               "z_gap": jnp.max(jnp.abs(z_again - model.encode(state.variables, batch["image"])[0]))}
+    z_again = teacher.encode(teacher.variables, teacher.images)  # the model in inference mode, at the step's variables
+    return z, state + 1, {"seen_count": state, "logit_sum": jnp.sum(logits),
+                          "label_sum": jnp.sum(labels), "image_sum": jnp.sum(teacher.images),
+                          "z_gap": jnp.max(jnp.abs(z_again - model.encode(state_vars, batch["image"])[0]))}
 
-  _, metrics = jax.jit(make_train_step(model, tx, schedule=schedule, regularizer=probe, steps_per_epoch=3))(
-      state, batch)
-  assert int(metrics["epoch"]) == 2 and int(metrics["seen_step"]) == 7
+  state_vars = state.variables
+  probe = Regularizer(init=lambda variables: jnp.int32(7), apply=apply, needs_teacher=True)
+  state = state.replace(regularizer_state=probe.init(state.variables))
+  new_state, metrics = jax.jit(make_train_step(model, tx, schedule=schedule, regularizer=probe))(state, batch)
+  assert int(metrics["seen_count"]) == 7 and int(new_state.regularizer_state) == 8  # its own counter, carried
   np.testing.assert_allclose(metrics["image_sum"], jnp.sum(batch["image"]), rtol=1e-5)
   assert float(metrics["z_gap"]) < 1e-4
   assert int(metrics["label_sum"]) == int(np.sum(batch["label"]))
@@ -168,10 +169,10 @@ def test_regularizer_gets_step_info_and_an_inference_mode_head(setup):
 
 
 def test_chain_applies_in_order_and_merges_metrics_and_states():
-  def double(classify_fn, z, labels, key, info):
-    return 2 * z, {"first": jnp.sum(classify_fn(z)), "shared": 1.0, "key1": key, "step1": info.step}
+  def double(classify_fn, z, labels, key):
+    return 2 * z, {"first": jnp.sum(classify_fn(z)), "shared": 1.0, "key1": key, "mask": jnp.full((2, 1, 1, 1), 2.0)}
 
-  def count_calls(state, classify_fn, z, labels, key, info):  # a stateful regularizer: counts its calls
+  def count_calls(state, classify_fn, z, labels, key):  # a stateful regularizer: counts its calls
     return z + 1, state + 1, {"second": jnp.sum(z), "shared": 2.0, "key2": key, "labels": jnp.sum(labels)}
 
   add_one = Regularizer(init=lambda variables: jnp.zeros((), jnp.int32), apply=count_calls)
@@ -180,20 +181,22 @@ def test_chain_applies_in_order_and_merges_metrics_and_states():
   chained = chain(stateless(double), add_one)
   states = chained.init({})
   assert len(states) == 2 and states[0] == () and int(states[1]) == 0
-  out, states, metrics = chained.apply(states, classify_fn, z, jnp.array([1, 4]), jax.random.PRNGKey(0),
-                                       StepInfo(step=5))
+  out, states, metrics = chained.apply(states, classify_fn, z, jnp.array([1, 4]), jax.random.PRNGKey(0))
   np.testing.assert_array_equal(out, 3.0)  # (1 * 2) + 1; the other order would give 4
   assert int(states[1]) == 1                  # each regularizer's state is its own
-  assert set(metrics) == {"first", "second", "shared", "key1", "key2", "step1", "labels"}
+  assert set(metrics) == {"first", "second", "shared", "key1", "key2", "labels"}  # no "mask": one member has none
   assert float(metrics["first"]) == 60.0     # classify_fn of the original z
   assert float(metrics["second"]) == 48.0    # the second sees the first's output
   assert metrics["shared"] == 2.0            # later regularizers win on clashing names
-  assert int(metrics["step1"]) == 5 and int(metrics["labels"]) == 5
+  assert int(metrics["labels"]) == 5
   assert not np.array_equal(metrics["key1"], metrics["key2"])  # independent randomness
   swapped, _, _ = chain(add_one, stateless(double)).apply((0, ()), classify_fn, z, jnp.array([1, 4]),
-                                                          jax.random.PRNGKey(0), StepInfo(step=5))
+                                                          jax.random.PRNGKey(0))
   np.testing.assert_array_equal(swapped, 4.0)
-  identity, state, empty = NONE.apply(NONE.init({}), classify_fn, z, None, None, StepInfo())
+  _, _, both = chain(stateless(double), stateless(double)).apply(((), ()), classify_fn, z, jnp.array([1, 4]),
+                                                                 jax.random.PRNGKey(0))
+  np.testing.assert_array_equal(both["mask"], 4.0)  # every member reports a mask: their product
+  identity, state, empty = NONE.apply(NONE.init({}), classify_fn, z, None, None)
   assert identity is z and state == () and empty == {}
 
 
@@ -201,7 +204,7 @@ def test_regularizer_state_is_carried_from_step_to_step(setup):
   """A user's stateful regularizer: the step stores its new state in the train state and hands it back next step."""
   _, model, schedule, tx, _, batch = setup
 
-  def apply(state, classify_fn, z, labels, key, info):
+  def apply(state, classify_fn, z, labels, key):
     return z, {"calls": state["calls"] + 1, "z_sum": state["z_sum"] + jnp.sum(z)}, {"calls": state["calls"]}
 
   counter = Regularizer(init=lambda variables: {"calls": jnp.zeros((), jnp.int32), "z_sum": jnp.zeros(())},
@@ -343,12 +346,12 @@ def test_a_bfloat16_train_step_runs_and_keeps_float32_state(setup):
 def test_bfloat16_regularizers_rank_in_float32_and_keep_the_latent_dtype(name):
   """With a bf16 model, the head's gradient and SGDrop's attribution are float32 (ties and rounding of bf16 scores
   would change which units are dropped); the masked map keeps the model's dtype."""
-  from overfocus_jax import challenge
   from overfocus_jax.challenge.attribution import gradient_times_activation
+  from overfocus_jax.train.regularizers import build_regularizer
   from overfocus_jax.train import experiment
   config = tiny_config(dtype="bfloat16", regularizer__name=name)
   exp = experiment.build_experiment(config)
-  split = challenge.build_regularizer(config).split
+  split = build_regularizer(config, 22).split
   encode, classify = exp.model.split(split)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(16, 8, 8, 1)), jnp.float32)
   labels = jnp.arange(16) % 10
@@ -357,10 +360,12 @@ def test_bfloat16_regularizers_rank_in_float32_and_keep_the_latent_dtype(name):
   assert z.dtype == jnp.bfloat16
   if split == "latent":
     assert gradient_times_activation(classify_fn, z, labels).dtype == jnp.float32
-  regularizer = challenge.build_regularizer(config)
-  info = challenge.StepInfo(step=jnp.int32(100), epoch=jnp.int32(3), steps_per_epoch=22, images=x,
-                            variables=exp.state.variables, encode=lambda v, x: encode(v, x, train=False)[0],
-                            classify=lambda v, latent: classify(v, latent, train=False)[0])
-  masked, _, _ = regularizer.apply(exp.state.regularizer_state, classify_fn, z, labels, jax.random.PRNGKey(0), info)
+  regularizer = build_regularizer(config, 22)
+  teacher = TeacherInputs(variables=exp.state.variables, images=x, encode=lambda v, x: encode(v, x, train=False)[0],
+                          classify=lambda v, latent: classify(v, latent, train=False)[0])
+  state = exp.state.regularizer_state
+  if "count" in state:  # past SGDrop's ramp
+    state = {**state, "count": jnp.int32(100)}
+  masked, _, _ = apply_regularizer(regularizer, state, classify_fn, z, labels, jax.random.PRNGKey(0), teacher)
   assert masked.dtype == jnp.bfloat16 and masked.shape == z.shape
   assert bool(jnp.any(masked != z))  # it did drop something

@@ -65,9 +65,23 @@ def gradient_times_activation(classify_fn: ClassifyFn, z: jax.Array, labels: jax
   return jax.nn.relu(grad * jax.lax.stop_gradient(z).astype(grad.dtype))
 
 
-def latent_attribution(model, variables: dict, x: jax.Array, labels: jax.Array,
-                       target: str = "true") -> tuple[jax.Array, jax.Array]:
-  """``(z, A(z, c))`` of a model with an ``encode``/``classify`` split, for a batch in inference mode."""
-  z, _ = model.encode(variables, x, train=False)
-  classify_fn = lambda latent: model.classify(variables, latent, train=False)[0]
+def latent_attribution(encode_fn: Callable[[jax.Array], jax.Array], classify_fn: ClassifyFn, x: jax.Array,
+                       labels: jax.Array, target: str = "true") -> tuple[jax.Array, jax.Array]:
+  """``(z, A(z, c))`` with ``z = encode_fn(x)``: the latent map and its attribution through the head, for a batch.
+
+  ``encode_fn`` and ``classify_fn`` are any model's two halves in inference mode: a Linen module's methods
+  (:func:`overfocus_jax.models.adapters.linen_fns`), an NNX module's (:func:`~overfocus_jax.models.adapters.nnx_fns`)
+  or plain functions.
+  """
+  z = encode_fn(x)
   return z, gradient_times_activation(classify_fn, z, labels, target)
+
+
+def check_labels(z: jax.Array, labels: jax.Array, name: str = "z") -> None:
+  """Raises ``ValueError`` unless ``labels`` is one integer class per row of ``z``."""
+  shape = getattr(labels, "shape", None)
+  if shape is None or len(shape) != 1 or shape[0] != z.shape[0]:
+    raise ValueError(f"labels must be one class per sample, shape ({z.shape[0]},) for {name} of shape {z.shape}; "
+                     f"got labels of shape {shape}")
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise ValueError(f"labels must be integer classes, got labels of dtype {labels.dtype}")

@@ -3,19 +3,25 @@ r"""The regularizer interface: an optax-style pair of pure functions that challe
 .. math::
 
     s_0 = \mathrm{init}(\theta_0), \qquad
-    (\tilde z_t,\; s_{t+1},\; m_t) = \mathrm{apply}(s_t,\; \psi_{\theta_t},\; z_t,\; y_t,\; k_t,\; \mathrm{info}_t),
+    (\tilde z_t,\; s_{t+1},\; \mathrm{aux}_t) = \mathrm{apply}(s_t,\; \psi_{\theta_t},\; z_t,\; y_t,\; k_t),
     \qquad \mathcal L_t = \mathrm{CE}(\psi(\tilde z_t), y_t)
 
-``init(variables) -> state`` makes the regularizer's own state (an EMA teacher, counters; ``()`` when it keeps
-none) from the model's initial variables. ``apply(state, classify_fn, z, labels, key, info) -> (z̃, new_state,
-metrics)`` runs inside the jitted train step: ``classify_fn(z) -> logits`` is the head in inference mode with
-stopped gradients, so ``jax.vjp`` through it is the one extra backward pass SGDrop and RSC need; ``key`` is this
-step's PRNG key; ``info`` is a :class:`StepInfo`. ``split`` says where the model is cut: ``"latent"`` (the last
-feature map ``(B, H, W, C)``) or ``"pooled"`` (the pooled feature vector ``(B, D)``).
+``init(variables) -> state`` makes the regularizer's own state from the model's initial variables: a step
+``count`` that its schedules read (like optax's), an EMA teacher's variables; ``()`` when it keeps none.
+``apply(state, classify_fn, z, labels, key) -> (z̃, new_state, aux)`` runs inside the user's jitted step:
 
-The train step stores ``state`` in the train state, so it is checkpointed and restored with everything else.
-:func:`chain` composes regularizers left to right, like ``optax.chain``; :func:`stateless` lifts a plain
-``fn(classify_fn, z, labels, key, info) -> (z̃, metrics)`` into a :class:`Regularizer`.
+- ``classify_fn(z) -> logits`` is the head in inference mode; ``jax.vjp`` through it is the one extra backward pass
+  SGDrop and RSC need. Gradients reach the encoder through ``z̃ = z ⊙ M``; none flow through the mask ``M``.
+- ``key`` is this step's PRNG key for the regularizer's random choices.
+- ``aux["mask"]`` is the 0/1 mask it multiplied ``z`` by (broadcastable to ``z``); every other entry of ``aux`` is a
+  scalar metric.
+- A regularizer with ``needs_teacher`` (SGDrop with an EMA teacher) also takes ``teacher=TeacherInputs(...)``: the
+  online variables the teacher follows, the batch's images, and how to run the network on other variables. Calling
+  it without them is a ``ValueError`` when the step is traced.
+
+``split`` says where the model is cut: ``"latent"`` (the last feature map ``(B, H, W, C)``) or ``"pooled"`` (the
+pooled feature vector ``(B, D)``). :func:`chain` composes regularizers left to right, like ``optax.chain``;
+:func:`stateless` lifts a plain ``fn(classify_fn, z, labels, key) -> (z̃, aux)`` into a :class:`Regularizer`.
 """
 
 from typing import Any, Callable, NamedTuple
@@ -27,59 +33,72 @@ Variables = Any
 SPLITS = ("latent", "pooled")
 
 
-class StepInfo(NamedTuple):
-  """What a regularizer may know about the step besides ``z`` and the labels (a typed structure, not a dict).
+class TeacherInputs(NamedTuple):
+  """What an EMA teacher needs from the step: the online ``variables`` it follows (gradients stopped), the
+  ``images`` the latent map came from, and how to run the network with other variables, in inference mode:
+  ``encode(variables, images) -> z`` and ``classify(variables, z) -> logits``."""
 
-  ``images``, ``variables``, ``encode`` and ``classify`` let a regularizer run the model itself with other
-  variables (SGDrop's EMA teacher: ``encode(teacher_variables, images)``); they are ``None`` outside a train step.
-  """
-
-  step: jax.Array | int = 0        # optimizer steps taken before this one
-  epoch: jax.Array | int = 0       # step // steps_per_epoch
-  steps_per_epoch: int = 1         # a Python int (static): turns schedules in epochs into steps
-  images: jax.Array | None = None  # the (augmented) batch z was computed from
-  variables: Variables = None      # the online variables at the start of the step, gradients stopped
-  encode: Callable[[Variables, jax.Array], jax.Array] | None = None    # (variables, x) -> z, inference mode
-  classify: Callable[[Variables, jax.Array], jax.Array] | None = None  # (variables, z) -> logits, inference mode
+  variables: Variables
+  images: jax.Array
+  encode: Callable[[Variables, jax.Array], jax.Array]
+  classify: Callable[[Variables, jax.Array], jax.Array]
 
 
 InitFn = Callable[[Variables], Any]
-ApplyFn = Callable[[Any, ClassifyFn, jax.Array, jax.Array, jax.Array, StepInfo],
-                   tuple[jax.Array, Any, dict[str, jax.Array]]]
+ApplyFn = Callable[..., tuple[jax.Array, Any, dict[str, jax.Array]]]
 
 
 class Regularizer(NamedTuple):
-  """``init(variables) -> state`` and ``apply(state, classify_fn, z, labels, key, info) -> (z̃, state, metrics)``."""
+  """``init(variables) -> state`` and ``apply(state, classify_fn, z, labels, key[, teacher=]) -> (z̃, state, aux)``
+  (see the module docstring)."""
 
   init: InitFn
   apply: ApplyFn
   split: str = "latent"
+  needs_teacher: bool = False
 
 
-def stateless(fn: Callable[..., tuple[jax.Array, dict]], *, split: str = "latent") -> Regularizer:
-  """A :class:`Regularizer` from ``fn(classify_fn, z, labels, key, info) -> (z̃, metrics)`` that keeps no state."""
+def check_split(split: str) -> None:
   if split not in SPLITS:
     raise ValueError(f"unknown {split=}; use one of {SPLITS}")
 
-  def apply(state, classify_fn, z, labels, key, info):
-    z, metrics = fn(classify_fn, z, labels, key, info)
-    return z, state, metrics
+
+def stateless(fn: Callable[..., tuple[jax.Array, dict]], *, split: str = "latent") -> Regularizer:
+  """A :class:`Regularizer` from ``fn(classify_fn, z, labels, key) -> (z̃, aux)`` that keeps no state."""
+  check_split(split)
+
+  def apply(state, classify_fn, z, labels, key):
+    z, aux = fn(classify_fn, z, labels, key)
+    return z, state, aux
 
   return Regularizer(init=lambda variables: (), apply=apply, split=split)
 
 
-def _identity(classify_fn, z, labels, key, info):
-  del classify_fn, labels, key, info
+def _identity(classify_fn, z, labels, key):
+  del classify_fn, labels, key
   return z, {}
 
 
 NONE = stateless(_identity)  # ERM: the latent map goes to the head unchanged
 
 
+def identity() -> Regularizer:
+  """The regularizer that leaves the latent map as it is (ERM), like ``optax.identity``."""
+  return NONE
+
+
+def apply_regularizer(regularizer: Regularizer, state, classify_fn, z, labels, key, teacher: TeacherInputs | None):
+  """``regularizer.apply``, given ``teacher`` only when it needs one (a regularizer that does not may not take it)."""
+  if regularizer.needs_teacher:
+    return regularizer.apply(state, classify_fn, z, labels, key, teacher=teacher)
+  return regularizer.apply(state, classify_fn, z, labels, key)
+
+
 def chain(*regularizers: Regularizer) -> Regularizer:
   """Applies ``regularizers`` left to right, each to the previous one's output; states are a tuple, metrics merged.
 
-  Each gets its own PRNG key (split from the step's). All must work at the same split point.
+  Each gets its own PRNG key (split from the step's). All must work at the same split point. ``aux["mask"]`` is the
+  product of the members' masks when every member reports one.
   """
   if not regularizers:
     return NONE
@@ -87,16 +106,29 @@ def chain(*regularizers: Regularizer) -> Regularizer:
   if len(splits) > 1:
     raise ValueError(f"chained regularizers work at different split points {sorted(splits)}; chain ones that "
                      "share one")
+  needs_teacher = any(r.needs_teacher for r in regularizers)
 
   def init(variables):
     return tuple(r.init(variables) for r in regularizers)
 
-  def apply(states, classify_fn, z, labels, key, info):
-    new_states, metrics = [], {}
+  def apply(states, classify_fn, z, labels, key, teacher: TeacherInputs | None = None):
+    new_states, aux, masks = [], {}, []
     for regularizer, state, sub_key in zip(regularizers, states, jax.random.split(key, len(regularizers))):
-      z, state, more = regularizer.apply(state, classify_fn, z, labels, sub_key, info)
+      z, state, more = apply_regularizer(regularizer, state, classify_fn, z, labels, sub_key, teacher)
       new_states.append(state)
-      metrics.update(more)
-    return z, tuple(new_states), metrics
+      more = dict(more)
+      masks.append(more.pop("mask", None))
+      aux.update(more)
+    if all(m is not None for m in masks):
+      product = masks[0]
+      for m in masks[1:]:
+        product = product * m
+      aux["mask"] = product
+    return z, tuple(new_states), aux
 
-  return Regularizer(init=init, apply=apply, split=regularizers[0].split)
+  if needs_teacher:
+    return Regularizer(init=init, apply=apply, split=regularizers[0].split, needs_teacher=True)
+  return Regularizer(init=init, apply=lambda states, classify_fn, z, labels, key: apply(states, classify_fn, z,
+                                                                                         labels, key),
+                     split=regularizers[0].split)
+

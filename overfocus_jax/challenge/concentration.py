@@ -74,9 +74,10 @@ def gini(maps: jax.Array) -> jax.Array:
   return jnp.where(total > 0, jnp.sum(weights * ascending, axis=-1) / (n * safe_total), 0.0)
 
 
-def latent_concentration(model, variables: dict, x: jax.Array, labels: jax.Array, share: float = 0.5) -> dict:
-  """Mean attribution ratio, normalised entropy and Gini of ``A(z, y)`` over the batch (scalars)."""
-  _, attribution = latent_attribution(model, variables, x, labels)
+def latent_concentration(encode_fn, classify_fn, x: jax.Array, labels: jax.Array, share: float = 0.5) -> dict:
+  """Mean attribution ratio, normalised entropy and Gini of ``A(z, y)`` over the batch (scalars), for a model's two
+  halves in inference mode (:func:`~overfocus_jax.challenge.attribution.latent_attribution`)."""
+  _, attribution = latent_attribution(encode_fn, classify_fn, x, labels)
   return {"attribution_ratio": jnp.mean(attribution_ratio(attribution, share)),
           # The same at spatial positions (summed over channels): the share of the image the decision rests on.
           "attribution_ratio_spatial": jnp.mean(attribution_ratio(attribution.sum(-1), share)),

@@ -1,34 +1,46 @@
-r"""Exact top-k drop masks.
+r"""Drop masks: which units of each row of scores a regularizer zeroes. Every mask is a constant for autodiff
+(no gradient flows through it) and every fraction may be a traced array (``jax.jit``, ``jax.vmap`` over it).
 
-For scores :math:`s \in \mathbb{R}^{B \times N}` and a drop fraction :math:`\rho \in [0, 1)`,
+For scores :math:`s \in \mathbb{R}^{B \times N}` and a drop fraction :math:`\rho \in [0, 1)`, three rules:
+
+**Exact count** (:func:`drop_mask`): :math:`k = \lceil \rho N \rceil` entries dropped in every row,
 
 .. math::
 
-    k = \lceil \rho N \rceil, \qquad
     M_{b,i} = 0 \text{ if } i \in \operatorname{top}_k(s_b) \text{ else } 1,
 
-so exactly :math:`k` entries are dropped in every row, which is the paper's :math:`M = 1[A \le q_\rho]` with the
-upper :math:`\rho`-quantile :math:`q_\rho` taken per sample. Ties are broken deterministically: among equal scores,
-the lower index is dropped first (``lax.top_k`` returns lower indices first). ``lax.top_k`` selects without a full
-sort. Masks are constants for autodiff: no gradient flows through them.
+ties broken deterministically: among equal scores the lower index is dropped first (``lax.top_k``'s order).
 
-Attribution-mass masks (:func:`mass_drop_mask`) drop, per row of non-negative scores, the fewest highest-scored
-entries whose scores sum to a share :math:`m` of the row's total, at most :math:`K = \min(\lceil c N \rceil, N - 1)`
-of them — the rule always keeps at least one unit, so a 1×1 map or a single channel is never emptied:
+**Quantile** (:func:`quantile_mask`): the formula as written, per row,
+
+.. math::
+
+    M_{b,i} = 1\big[s_{b,i} \le \operatorname{quantile}(s_b,\, 1 - \rho)\big]
+
+with ``jnp.quantile``'s linear interpolation: on distinct scores it drops :math:`N - 1 - \lfloor (1-\rho)(N-1)
+\rfloor` entries, and every entry tied with the threshold stays (an all-equal row loses nothing).
+
+**Attribution mass** (:func:`mass_drop_mask`): per row of non-negative scores, the fewest highest-scored entries
+whose scores sum to a share :math:`m` of the row's total, at most :math:`K = \min(\lceil c N \rceil, N - 1)` of
+them — the rule always keeps at least one unit, so a 1×1 map or a single channel is never emptied:
 
 .. math::
 
     k_b = \min\Big(K,\; \min\{k : \textstyle\sum_{i \le k} s_{b,(i)} \ge m \sum_i s_{b,i}\}\Big),
     \qquad k_b = 0 \text{ when } \textstyle\sum_i s_{b,i} = 0,
 
-with :math:`s_{b,(1)} \ge s_{b,(2)} \ge \dots` the row sorted in decreasing order (ties: lower index first). The count
-follows how concentrated the evidence is, where a fixed :math:`\rho` follows the number of units.
+with :math:`s_{b,(1)} \ge s_{b,(2)} \ge \dots` the row sorted in decreasing order (ties: lower index first).
 
-**Two kernels, one mask.** XLA's GPU top-k is built for small :math:`k`, and SGDrop's element mask asks for hundreds
-per row. The threshold kernel (:func:`threshold_mask`) builds the same mask without it. Each score :math:`x` of
-:math:`w` bits (32 for float32) maps to an unsigned integer in the order ``lax.top_k``'s comparator uses (the float
-total order: :math:`-0.0 < +0.0`; a NaN with its sign bit clear above :math:`+\infty`, one with it set below
-:math:`-\infty`):
+**Counts.** :math:`\lceil \rho N \rceil` forgives float noise: a product within :math:`2^{-20}` (relative) above an
+integer counts as that integer, so float32's rounding of :math:`\rho` never adds a unit. A Python fraction gives a
+Python count (:func:`drop_count`); an array, traced or not, an int32 count computed the same way in float32
+(:func:`unit_count`), and the threshold kernel below, which needs no static :math:`k`.
+
+**Two kernels, one exact-count mask.** ``lax.top_k`` needs a static :math:`k`, and XLA's GPU top-k is built for
+small :math:`k`. The threshold kernel (:func:`threshold_mask`) builds the same mask from a count that may be traced.
+Each score :math:`x` of :math:`w` bits (32 for float32) maps to an unsigned integer in the order ``lax.top_k``'s
+comparator uses (the float total order: :math:`-0.0 < +0.0`; a NaN with its sign bit clear above :math:`+\infty`,
+one with it set below :math:`-\infty`):
 
 .. math::
 
@@ -46,43 +58,67 @@ total order: :math:`-0.0 < +0.0`; a NaN with its sign bit clear above :math:`+\i
     M_{b,i} = 0 \iff u_{b,i} > v_b \;\lor\; (u_{b,i} = v_b \land i \le p_b \land r_b > 0),
 
 the entries above the threshold and the :math:`r_b` lowest-indexed of those on it (:math:`p_b`, the index of the
-:math:`r_b`-th, is bisected the same way in :math:`\lceil \log_2 N \rceil` passes, which timed about twice as
-fast as a cumsum here): exactly :math:`k`, with ``lax.top_k``'s tie rule. Keys compare bits, so every float, NaN and
-±0.0 included, ranks as ``lax.top_k`` ranks it on a CPU (tested); attributions are finite and mostly ≥ 0 after the
-ReLU, where this is the plain order. Scores of other float widths use keys of their width (bfloat16: 16 passes).
+:math:`r_b`-th, is bisected the same way in :math:`\lceil \log_2 N \rceil` passes): exactly :math:`k`, with
+``lax.top_k``'s tie rule. Keys compare bits, so every float, NaN and ±0.0 included, ranks as ``lax.top_k`` ranks it
+on a CPU; scores of other float widths use keys of their width (bfloat16: 16 passes).
 
-:func:`drop_mask` and :func:`ramped_drop_mask` pick the kernel (:func:`mask_kernel`): ``lax.top_k`` for small
-:math:`k`, the threshold kernel above the platform's ``TOP_K_MAX_K``. On the CPU here the threshold kernel is the
-faster from :math:`k = 26` on (0.30× ``lax.top_k``'s time at :math:`128 \times 16384`; the paper's SGDrop step,
-:math:`N = 6272`, in 0.96× the time) and ``lax.top_k`` at :math:`k \le 17` (BENCHMARKS.md, "Drop-mask kernels").
-The accelerators' limit, 16, is **not measured** (no GPU was lent): ``python -m benchmarks.mask_kernels`` on one
-measures it.
-
-:func:`mass_drop_mask` stays on ``lax.top_k``: its count rests on the running sums of the top values in sorted
-order; a threshold search would add the same values in another order, so where the share falls within rounding of
-a sum its count could differ. Its ``lax.top_k`` is over the cap (25 of 49 positions by default).
-:func:`top_k_select` (a batch's samples: 64 of 128 by default) stays on it too.
+:func:`drop_mask` picks the kernel (:func:`mask_kernel`): ``lax.top_k`` for small :math:`k`, the threshold kernel
+above the platform's ``TOP_K_MAX_K`` (the crossover is measured by ``python -m benchmarks.mask_kernels``; the
+results page holds the numbers). :func:`mass_drop_mask` stays on ``lax.top_k``: its count rests on the running sums
+of the top values in sorted order, and a threshold search would add the same values in another order.
 """
 
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
 
 KERNELS = ("auto", "top_k", "threshold")
-# "auto" runs lax.top_k for k up to this many per row and the threshold kernel above, by jax.default_backend().
-# "cpu" is measured on the 2-core CPU here (BENCHMARKS.md, "Drop-mask kernels"): lax.top_k is the faster at k ≤ 17,
-# the threshold kernel from k = 26 on. Every other platform takes DEFAULT_TOP_K_MAX_K, NOT measured (no GPU was
-# lent): `python -m benchmarks.mask_kernels` on one measures it.
+# "auto" runs lax.top_k for k up to this many per row and the threshold kernel above, by jax.default_backend(). The
+# CPU's limit is read off `python -m benchmarks.mask_kernels`; every other platform takes DEFAULT_TOP_K_MAX_K until
+# that command has been run on it.
 TOP_K_MAX_K = {"cpu": 24}
 DEFAULT_TOP_K_MAX_K = 16
+# A traced fraction's count forgives this much float noise (relative) above an integer: float32's rounding of ρ.
+COUNT_TOLERANCE = 2.0 ** -20
+
+
+def is_static(value) -> bool:
+  """Whether ``value`` is a Python (or NumPy) number, known when the program is traced; arrays, traced or not, are
+  not: their counts are computed inside the program."""
+  return isinstance(value, numbers.Number)
+
+
+def check_fraction(name: str, value, *, low: float = 0.0, high: float = 1.0, low_open: bool = False,
+                   high_open: bool = True) -> None:
+  """Raises ``ValueError`` naming ``name`` when a static ``value`` lies outside its interval (a traced one cannot be
+  checked: it is the caller's)."""
+  if not is_static(value):
+    return
+  above_low = value > low if low_open else value >= low
+  below_high = value < high if high_open else value <= high
+  if not (above_low and below_high and math.isfinite(value)):
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    raise ValueError(f"{name} must be in {interval}, got {name}={value!r}")
 
 
 def drop_count(fraction: float, size: int) -> int:
-  """⌈fraction · size⌉, robust to float noise (0.28 · 25 is 7.000000000000001 in binary)."""
+  """⌈fraction · size⌉ for a Python fraction in [0, 1), forgiving ``COUNT_TOLERANCE`` of float noise above an integer
+  (0.28 · 25 is 7.000000000000001; float32's 1/3 times 72 is 24.0000007)."""
   if not 0 <= fraction < 1:
     raise ValueError(f"drop fraction must be in [0, 1), got {fraction=}")
-  return min(size, math.ceil(round(fraction * size, 9)))
+  product = fraction * size
+  return min(size, math.ceil(product - abs(product) * COUNT_TOLERANCE))
+
+
+def unit_count(fraction, size: int):
+  """⌈fraction · size⌉: :func:`drop_count` (a Python int) for a Python fraction; an int32 array in [0, size] for an
+  array (traced or not), computed the same way in float32."""
+  if is_static(fraction):
+    return drop_count(fraction, size)
+  product = jnp.asarray(fraction, jnp.float32) * size
+  return jnp.clip(jnp.ceil(product - jnp.abs(product) * COUNT_TOLERANCE), 0, size).astype(jnp.int32)
 
 
 def top_k_drop_mask(scores: jax.Array, fraction: float) -> jax.Array:
@@ -101,41 +137,55 @@ def top_k_drop_mask(scores: jax.Array, fraction: float) -> jax.Array:
 RELATIVE_SLACK = 1e-6
 
 
-def count_holding_share(descending: jax.Array, total: jax.Array, share: float) -> jax.Array:
+def count_holding_share(descending: jax.Array, total: jax.Array, share) -> jax.Array:
   """(B,) the fewest leading entries of each row of ``descending`` (sorted largest first, ≥ 0) whose sum reaches
   ``share`` of ``total`` (B, 1); the row's length when even all of them fall short."""
   short = jnp.cumsum(descending, axis=-1) < share * total * (1.0 - RELATIVE_SLACK)
   return jnp.minimum(jnp.sum(short, axis=-1) + 1, descending.shape[-1])
 
 
-def mass_cap(max_fraction: float, size: int) -> int:
+def mass_cap(max_fraction, size: int):
   """K = min(⌈max_fraction · size⌉, size − 1): the most units the mass rule drops in a row; one always stays."""
-  return min(drop_count(max_fraction, size), size - 1)
+  if is_static(max_fraction):
+    return min(drop_count(max_fraction, size), size - 1)
+  return jnp.minimum(unit_count(max_fraction, size), size - 1)
 
 
-def mass_drop_mask(scores: jax.Array, share: float, max_fraction: float) -> jax.Array:
+def mass_drop_mask(scores: jax.Array, share, max_fraction) -> jax.Array:
   """``scores`` (B, N) ≥ 0 → float mask (B, N): 0 at the fewest top scores holding ``share`` of each row's total,
   at most min(⌈max_fraction·N⌉, N − 1) of them (see the module docstring); 1 elsewhere. Negative scores count
-  as 0."""
-  if isinstance(share, (int, float)) and not 0 < share <= 1:  # a traced share (a ramp) is checked by its maker
-    raise ValueError(f"attribution mass share must be in (0, 1], got {share=}")
-  if not 0 < max_fraction < 1:
-    raise ValueError(f"max drop fraction must be in (0, 1), got {max_fraction=}")
+  as 0. ``share`` and ``max_fraction`` may be traced (a traced cap ranks the whole row)."""
+  check_fraction("share", share, low_open=True, high_open=False)
+  check_fraction("max_fraction", max_fraction, low_open=True)
   batch, size = scores.shape
   cap = mass_cap(max_fraction, size)
-  if cap == 0:  # a single unit: dropping it would leave the classifier nothing
+  # A static cap ranks only its own worth of units; a traced one every unit but one, then counts to the cap.
+  ranked = cap if is_static(cap) else size - 1
+  if ranked == 0:  # a single unit: dropping it would leave the classifier nothing
     return jnp.ones_like(scores)
   scores = jax.nn.relu(jax.lax.stop_gradient(scores))
-  values, indices = jax.lax.top_k(scores, cap)  # the cap's worth, largest first
+  values, indices = jax.lax.top_k(scores, ranked)  # largest first
   total = jnp.sum(scores, axis=-1, keepdims=True)
-  count = jnp.where((total[:, 0] > 0) & (share > 0), count_holding_share(values, total, share), 0)  # k_b ≤ cap
-  drop = jnp.arange(cap)[None, :] < count[:, None]
+  count = jnp.where((total[:, 0] > 0) & (share > 0), count_holding_share(values, total, share), 0)
+  if not is_static(cap):
+    count = jnp.minimum(count, cap)
+  drop = jnp.arange(ranked)[None, :] < count[:, None]
   mask = jnp.ones_like(scores).at[jnp.arange(batch)[:, None], indices].min(jnp.where(drop, 0.0, 1.0))
   return jax.lax.stop_gradient(mask)
 
 
-def ramped_count(scale: jax.Array, k: int) -> jax.Array:
-  """⌈scale·k⌉ as an int32 (rounded to 6 decimals first, against float noise); ``scale`` may be traced."""
+def quantile_mask(scores: jax.Array, fraction) -> jax.Array:
+  """``scores`` (B, N) → float mask (B, N): 1[s ≤ jnp.quantile(s, 1 − fraction)] per row, ties and all (see the
+  module docstring); ``fraction`` in [0, 1] may be traced."""
+  check_fraction("fraction", fraction, high_open=False)
+  scores = jax.lax.stop_gradient(scores)
+  level = 1.0 - jnp.asarray(fraction, jnp.promote_types(scores.dtype, jnp.float32))
+  threshold = jnp.quantile(scores.astype(level.dtype), level, axis=-1, keepdims=True)
+  return jax.lax.stop_gradient((scores.astype(level.dtype) <= threshold).astype(scores.dtype))
+
+
+def ramped_count(scale: jax.Array, k) -> jax.Array:
+  """⌈scale·k⌉ as an int32 (rounded to 6 decimals first, against float noise); ``scale`` and ``k`` may be traced."""
   return jnp.ceil(jnp.round(scale * k, 6)).astype(jnp.int32)
 
 
@@ -196,8 +246,9 @@ def last_tied_index(level: jax.Array, room: jax.Array) -> jax.Array:
 @jax.jit
 def threshold_mask(scores: jax.Array, count: jax.Array | int) -> jax.Array:
   """``scores`` (B, N) → float mask (B, N), 0 at the ``count`` highest scores of each row (lower index first among
-  ties), 1 elsewhere — :func:`top_k_drop_mask`'s mask without ``lax.top_k``; ``count`` in [0, N] may be traced.
-  Jitted, so that an eager call compiles once per shape rather than its loops at every call."""
+  ties), 1 elsewhere — :func:`top_k_drop_mask`'s mask without ``lax.top_k``; ``count`` in [0, N] may be traced, a
+  scalar or one per row (B, 1). Jitted, so that an eager call compiles once per shape rather than its loops at
+  every call."""
   keys = order_keys(jax.lax.stop_gradient(scores))
   threshold = kth_largest_key(keys, count)
   above, level = keys > threshold, keys == threshold
@@ -206,14 +257,15 @@ def threshold_mask(scores: jax.Array, count: jax.Array | int) -> jax.Array:
   return jax.lax.stop_gradient(jnp.where(above | tied, 0, 1).astype(scores.dtype))
 
 
-def threshold_drop_mask(scores: jax.Array, fraction: float) -> jax.Array:
-  """:func:`top_k_drop_mask` by the threshold kernel: the same mask, exactly."""
-  return threshold_mask(scores, drop_count(fraction, scores.shape[-1]))
+def threshold_drop_mask(scores: jax.Array, fraction) -> jax.Array:
+  """:func:`top_k_drop_mask` by the threshold kernel: the same mask, exactly (``fraction`` may be traced)."""
+  return threshold_mask(scores, unit_count(fraction, scores.shape[-1]))
 
 
-def ramped_threshold_drop_mask(scores: jax.Array, fraction: float, scale: jax.Array) -> jax.Array:
-  """:func:`ramped_top_k_drop_mask` by the threshold kernel: the same mask, exactly (the count clipped to [0, k])."""
-  k = drop_count(fraction, scores.shape[-1])
+def ramped_threshold_drop_mask(scores: jax.Array, fraction, scale: jax.Array) -> jax.Array:
+  """:func:`ramped_top_k_drop_mask` by the threshold kernel: the same mask, exactly (the count clipped to [0, k]);
+  ``fraction`` may be traced."""
+  k = unit_count(fraction, scores.shape[-1])
   return threshold_mask(scores, jnp.clip(ramped_count(scale, k), 0, k))
 
 
@@ -229,18 +281,29 @@ def mask_kernel(k: int, kernel: str = "auto", platform: str | None = None) -> st
   return "top_k" if k <= TOP_K_MAX_K.get(platform, DEFAULT_TOP_K_MAX_K) else "threshold"
 
 
-def drop_mask(scores: jax.Array, fraction: float, kernel: str = "auto") -> jax.Array:
+def _kernel_for(fraction, size: int, kernel: str) -> str:
+  """A traced fraction's count is known only at run time: the threshold kernel, whatever ``kernel`` says."""
+  if not is_static(fraction):
+    mask_kernel(0, kernel)  # still reject an unknown kernel name
+    return "threshold"
+  return mask_kernel(drop_count(fraction, size), kernel)
+
+
+def drop_mask(scores: jax.Array, fraction, kernel: str = "auto") -> jax.Array:
   """0 at the ⌈fraction·N⌉ highest scores of each row of ``scores`` (B, N), 1 elsewhere, by the kernel
-  :func:`mask_kernel` picks: :func:`top_k_drop_mask` or :func:`threshold_drop_mask` (the same mask)."""
-  if mask_kernel(drop_count(fraction, scores.shape[-1]), kernel) == "top_k":
+  :func:`mask_kernel` picks: :func:`top_k_drop_mask` or :func:`threshold_drop_mask` (the same mask). ``fraction``
+  in [0, 1) may be traced."""
+  check_fraction("fraction", fraction)
+  if _kernel_for(fraction, scores.shape[-1], kernel) == "top_k":
     return top_k_drop_mask(scores, fraction)
   return threshold_drop_mask(scores, fraction)
 
 
-def ramped_drop_mask(scores: jax.Array, fraction: float, scale: jax.Array, kernel: str = "auto") -> jax.Array:
+def ramped_drop_mask(scores: jax.Array, fraction, scale: jax.Array, kernel: str = "auto") -> jax.Array:
   """:func:`drop_mask` with the count scaled at run time (:func:`ramped_top_k_drop_mask`), by the kernel
   :func:`mask_kernel` picks for the unscaled count."""
-  if mask_kernel(drop_count(fraction, scores.shape[-1]), kernel) == "top_k":
+  check_fraction("fraction", fraction)
+  if _kernel_for(fraction, scores.shape[-1], kernel) == "top_k":
     return ramped_top_k_drop_mask(scores, fraction, scale)
   return ramped_threshold_drop_mask(scores, fraction, scale)
 
@@ -251,6 +314,18 @@ def top_k_select(scores: jax.Array, count: int) -> jax.Array:
     return jnp.zeros(scores.shape, bool)
   _, chosen = jax.lax.top_k(jax.lax.stop_gradient(scores), count)
   return jnp.zeros(scores.shape, bool).at[chosen].set(True)
+
+
+def select_top(scores: jax.Array, fraction) -> jax.Array:
+  """``scores`` (B,) → bool (B,), True for the ⌈fraction·B⌉ highest (lower index first among ties); every entry at
+  ``fraction`` ≥ 1. ``fraction`` may be traced: the same choice, counted at run time."""
+  if is_static(fraction):
+    if fraction >= 1:
+      return jnp.ones(scores.shape, bool)
+    return top_k_select(scores, drop_count(fraction, scores.shape[0]))
+  count = jnp.where(jnp.asarray(fraction) >= 1, scores.shape[0], unit_count(jnp.minimum(fraction, 1.0),
+                                                                            scores.shape[0]))
+  return threshold_mask(scores[None, :], count)[0] == 0
 
 
 def dropped_fraction(mask: jax.Array) -> jax.Array:

@@ -6,202 +6,253 @@ Regularization Approach", 2024, https://arxiv.org/abs/2409.17370 (Fig. 2).
 .. math::
 
     A(z, c) = \operatorname{ReLU}\!\Big(\frac{\partial \psi_c(z)}{\partial z} \odot z\Big), \qquad
-    M = 1[A \le q_\rho(A)], \qquad
-    \tilde z = z \odot M \;\big(\cdot \tfrac{1}{1-\rho} \text{ if rescaled}\big), \qquad
+    M = 1[A \le q_{1-\rho}(A)], \qquad
+    \tilde z = z \odot M, \qquad
     \mathcal L = \mathrm{CE}(\psi(\tilde z), y)
 
-with :math:`q_\rho` the upper :math:`\rho`-quantile per sample: exactly :math:`\lceil \rho N \rceil` of the
-:math:`N` units are dropped (``rule="quantile"``, :mod:`overfocus_jax.challenge.masks`). ``rule="mass"`` drops
-instead the fewest most-attributed units that hold a share :math:`m` of the sample's positive attribution, at most
-:math:`\lceil \rho N \rceil` of them (:func:`overfocus_jax.challenge.masks.mass_drop_mask`): on a trained CNN a few
-units carry almost all of the evidence, so a fixed share of *units* can remove all of it, and how many that is
-depends on the latent shape and the network.
+with :math:`q_{1-\rho}` the :math:`(1-\rho)`-quantile of the sample's attribution. No gradient flows through
+:math:`M`. The paper leaves open what the library must choose: the class attributed (``target``: the true or the
+predicted one), the unit a score belongs to (``granularity``: an element of ``z``, a spatial position with its
+attribution summed over channels, or a channel summed over positions), how the quantile is taken and how ties fall
+(``rule``), whether the kept units are rescaled, and :math:`\rho`. Three rules (:mod:`.masks`):
 
-``ramp_epochs = r > 0`` grows the drop linearly from nothing over the first :math:`r` epochs: at step :math:`t` the
-quantile rule drops :math:`\lceil s_t \lceil \rho N \rceil \rceil` units and the mass rule a share :math:`s_t m`,
-with :math:`s_t = \min(1, (t + 1) / (r \cdot \text{steps per epoch}))` — an untrained network's evidence is
-spread thin, and taking half of it away before it has learned anything stops it from learning. Units are single
-elements of ``z``, spatial positions (attribution summed over channels) or channels (summed over positions). No
-gradient flows through ``M``.
+- ``"quantile"``: :math:`M = 1[A \le \operatorname{quantile}(A, 1-\rho)]` per sample, as written (``jnp.quantile``,
+  linear interpolation): every unit tied with the threshold stays, so an all-zero attribution drops nothing.
+- ``"topk"``: exactly :math:`\lceil \rho N \rceil` of the :math:`N` units per sample, ties to the lower index.
+- ``"mass"``: the fewest most-attributed units holding a share :math:`m` of the sample's positive attribution, at
+  most :math:`\min(\lceil \rho N \rceil, N - 1)` of them (``rate`` is then the cap): the count follows how
+  concentrated the evidence is, where a fixed :math:`\rho` follows the number of units.
 
-**The library's default departs from the paper.** The paper's rule at its setting (``rule="quantile"``, ρ = 0.1 of
-the elements, every sample) removes all of the class evidence on most of the shipped models: its masked samples
-train below chance in epoch 1 (3.4% on the default model, 6.2% on ``attention``, 3.8% on ``focus``, 3.9% on
-``corner``; chance is 10%), the default model ends at 60.6% where ERM reaches 97.6%, and ``focus`` and ``corner``
-never learn (8.5%). The default is instead ``rule="mass"``, ``mass=0.5``, ``rate=0.5`` (the cap),
-``granularity="spatial"``, ``batch_fraction=0.5``, ``ramp_epochs=1``: drop the fewest *positions* holding half of
-the sample's attribution (at most half of them, never all), on a random half of each batch, the share growing from
-nothing over the first epoch. Each part was measured (experiments/README.md, "SGDrop's defaults", commands beside
-every number):
+Two more choices the paper does not make are the library's: a ``batch_fraction`` of each batch is masked (the rest
+trains on the whole map, so the network always sees the full evidence of some samples), and a ramp grows the drop
+from nothing over the first ``ramp_steps`` steps: at the regularizer's step :math:`t` (its own ``count``)
 
-- the mass rule follows how concentrated the evidence is, where a share of units follows the latent's shape;
-- positions, not elements: a shortcut sits at a place, and dropping a position removes it from every channel;
-- half of each batch stays whole, so the network always sees the full evidence of some samples and cannot collapse
-  (RSC masks part of the batch for the same reason);
-- the ramp keeps the masked samples above chance in the first epoch, when an untrained network's few right answers
-  rest on the units the mask takes.
+.. math::
 
-On the six configs it was chosen on, and on vgg16, convnext and mnist_cnn (its ColoredMNIST and plain digits; shipped
-later), its final test accuracy is within a point of ERM's (3 seeds; convnext, whose recipe already regularizes hard,
-and mnist_cnn on plain digits are the closest, at 0.8 below). With the shortcut config it gains 11 points over ERM on
-decorrelated test images with the planted patch (the paper's rule 7) and 12 with a class glyph in a random corner, a
-kind added after the default was chosen (the paper's rule 7); with the default config it is within a point of ERM on
-both (+0.7, −0.4; 5 seeds). It does **not** help against a colour cue (a feature of every stroke pixel, hence of every
-latent position): in the shortcut config's 6 epochs no SGDrop variant nor RSC beats ERM there; trained 5× longer, the
-paper's element rule gains 6 points and with its EMA teacher 12, where the default's positions gain 1
-(experiments/README.md, "The paper's EMA teacher on longer runs"); that design, though, starves the glimpse models
-(``focus`` 42.7%, ``corner`` 26.1%, one seed).
-``sgdrop(rule="quantile", rate=0.1, granularity="element", batch_fraction=1, ramp_epochs=0)`` is the paper's rule,
-exactly as before.
+    s_t = \min\Big(1, \frac{t + 1}{\text{ramp\_steps}}\Big),
+
+and the rules drop at :math:`s_t \rho` (quantile), :math:`\lceil s_t \lceil \rho N \rceil \rceil` units (topk) or
+the share :math:`s_t m` (mass) — an untrained network's evidence is spread thin, and taking it away before it has
+learned anything stops it from learning.
+
+The library's default is ``rule="mass"``, ``mass=0.5``, ``rate=0.5``, ``granularity="spatial"``,
+``batch_fraction=0.5``, a one-epoch ramp in the ``overfocus`` CLI. ``sgdrop(rule="quantile", rate=0.1,
+granularity="element", batch_fraction=1, ramp_steps=0)`` is the paper's rule. Why the default departs from the
+paper, with the measurements behind each choice, is on the results pages (``experiments/README.md``, "SGDrop's
+defaults").
 
 In the paper the attribution comes from an EMA copy :math:`(\phi', \psi')` of the network,
 :math:`A_{\psi'}(\phi'(x), c)`, and the mask multiplies the online :math:`z`. With ``ema_decay=d`` that teacher is
 SGDrop's own state: ``init`` copies the initial variables, and each step first moves it toward the online
 variables :math:`\theta_t` the step starts from, :math:`\theta' \leftarrow d\,\theta' + (1 - d)\,\theta_t`
-(parameters and batch statistics, ``optax.incremental_update``), then attributes with it. Without a decay the
-online head and ``z`` are used and the state is empty.
+(``optax.incremental_update``), then attributes with it; ``apply`` then needs ``teacher=TeacherInputs(...)``.
 """
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from overfocus_jax.challenge.attribution import TARGETS, gradient_times_activation
-from overfocus_jax.challenge.base import Regularizer, StepInfo
-from overfocus_jax.challenge.masks import (drop_count, drop_mask, dropped_fraction, mass_drop_mask, ramped_drop_mask,
-                                           top_k_select)
+from overfocus_jax.challenge.attribution import TARGETS, check_labels, gradient_times_activation
+from overfocus_jax.challenge.base import Regularizer, TeacherInputs
+from overfocus_jax.challenge.masks import (check_fraction, dropped_fraction, is_static, mass_drop_mask,
+                                           quantile_mask, ramped_drop_mask, drop_mask, select_top)
 
 GRANULARITIES = ("element", "spatial", "channel")
-RULES = ("quantile", "mass")
+RULES = ("quantile", "topk", "mass")
+
+
+def check_choice(name: str, value, choices) -> None:
+  if value not in choices:
+    raise ValueError(f"unknown {name}={value!r}; use one of {choices}")
+
+
+def check_latent(z: jax.Array, granularity: str) -> None:
+  """``ValueError`` unless ``z`` has the shape ``granularity`` needs: (B, H, W, C) for positions and channels, at
+  least (B, N) for elements."""
+  check_choice("granularity", granularity, GRANULARITIES)
+  if granularity != "element" and z.ndim != 4:
+    raise ValueError(f"granularity={granularity!r} needs z of shape (B, H, W, C), got z of shape {z.shape}; use "
+                     "granularity='element' for other shapes")
+  if z.ndim < 2:
+    raise ValueError(f"z must hold one map per sample, shape (B, ...), got z of shape {z.shape}")
 
 
 def unit_scores(attribution: jax.Array, granularity: str) -> tuple[jax.Array, tuple[int, ...]]:
   """``(scores (B, N), mask_shape)``: one score per unit — an element, a position (summed over channels) or a
   channel (summed over positions) — and the shape that broadcasts a (B, N) mask back onto ``attribution``."""
+  check_latent(attribution, granularity)
   batch = attribution.shape[0]
   if granularity == "element":
     return attribution.reshape(batch, -1), attribution.shape
-  if attribution.ndim != 4:
-    raise ValueError(f"{granularity=} needs a (B, H, W, C) latent map, got shape {attribution.shape}")
   _, height, width, channels = attribution.shape
   if granularity == "spatial":
     return jnp.sum(attribution, axis=-1).reshape(batch, -1), (batch, height, width, 1)
-  if granularity == "channel":
-    return jnp.sum(attribution, axis=(1, 2)), (batch, 1, 1, channels)
-  raise ValueError(f"unknown {granularity=}; use one of {GRANULARITIES}")
+  return jnp.sum(attribution, axis=(1, 2)), (batch, 1, 1, channels)
 
 
-def saliency_mask(attribution: jax.Array, rate: float, granularity: str, *, rule: str = "quantile",
-                  mass: float = 0.5, scale: jax.Array | None = None) -> jax.Array:
-  """0/1 mask, broadcastable to ``attribution`` (B, H, W, C): per sample, the top ⌈ρN⌉ units (``quantile``) or the
-  fewest top units holding a share ``mass`` of the attribution, at most ⌈ρN⌉ (``mass``); ``scale`` (a ramp's
-  value in [0, 1], None: 1) shrinks the count or the share."""
+def _is_one(scale) -> bool:
+  return is_static(scale) and scale == 1
+
+
+def saliency_mask(attribution: jax.Array, rate, granularity: str, *, rule: str, mass=0.5, scale=1.0) -> jax.Array:
+  """The 0/1 mask (broadcastable to ``attribution``) each sample would get from its attribution ``A`` (``rule``: see
+  the module docstring); ``scale`` in [0, 1] (the ramp's :math:`s_t`) shrinks what is dropped. Every number may be
+  traced."""
+  check_choice("rule", rule, RULES)
   scores, shape = unit_scores(attribution, granularity)
   if rule == "quantile":
-    mask = drop_mask(scores, rate) if scale is None else ramped_drop_mask(scores, rate, scale)
-    return mask.reshape(shape)
+    mask = quantile_mask(scores, rate if _is_one(scale) else scale * rate)
+  elif rule == "topk":
+    mask = drop_mask(scores, rate) if _is_one(scale) else ramped_drop_mask(scores, rate, scale)
+  else:
+    mask = mass_drop_mask(scores, mass if _is_one(scale) else scale * mass, rate)
+  return mask.reshape(shape)
+
+
+def check_mask_arguments(rule: str, rate, mass, granularity: str, batch_fraction, target: str) -> None:
+  """``ValueError`` naming the argument for an unknown rule, granularity or target, or a static number out of range."""
+  check_choice("rule", rule, RULES)
+  check_choice("granularity", granularity, GRANULARITIES)
+  check_choice("target", target, TARGETS)
   if rule == "mass":
-    return mass_drop_mask(scores, mass if scale is None else scale * mass, rate).reshape(shape)
-  raise ValueError(f"unknown SGDrop {rule=}; use one of {RULES}")
+    check_fraction("rate", rate, low_open=True)  # the cap: one unit always stays
+    check_fraction("mass", mass, low_open=True, high_open=False)
+  else:
+    check_fraction("rate", rate)
+  check_fraction("batch_fraction", batch_fraction, low_open=True, high_open=False)
 
 
-def ramp_scale(info: StepInfo, ramp_epochs: float) -> jax.Array | None:
-  """s_t = min(1, (t + 1) / (ramp_epochs · steps_per_epoch)); None without a ramp (exactly the unramped masks)."""
-  if not ramp_epochs:
-    return None
-  ramp_steps = ramp_epochs * info.steps_per_epoch
-  return jnp.minimum(1.0, (jnp.asarray(info.step, jnp.float32) + 1.0) / ramp_steps)
+def sgdrop_mask(classify_fn, z: jax.Array, labels: jax.Array, *, rate=0.5, rule: str = "mass", mass=0.5,
+                granularity: str = "spatial", batch_fraction=0.5, target: str = "true", scale=1.0,
+                key: jax.Array | None = None) -> tuple[jax.Array, dict]:
+  """The 0/1 mask SGDrop multiplies ``z`` by, and what it was made from.
+
+  Args:
+    classify_fn: the head, ``classify_fn(z) -> logits`` (B, K), in inference mode.
+    z: the latent map (B, H, W, C) (any (B, ...) shape with ``granularity="element"``). With an EMA teacher, pass
+      the teacher's head and the teacher's map, and multiply the online map by the mask.
+    labels: (B,) integer classes.
+    rate: :math:`\\rho`, the share of units dropped (``quantile``, ``topk``) or the cap on it (``mass``).
+    rule: ``"quantile"`` | ``"topk"`` | ``"mass"`` (static; see the module docstring).
+    mass: the share of each sample's positive attribution the mass rule drops.
+    granularity: ``"element"`` | ``"spatial"`` | ``"channel"`` (static).
+    batch_fraction: the share of the batch that is masked, chosen at random with ``key``; the other samples get a
+      mask of ones.
+    target: attribute the ``"true"`` class or the ``"predicted"`` one (static).
+    scale: the ramp's value :math:`s_t` in [0, 1]; 1 drops at full strength.
+    key: a PRNG key, needed when ``batch_fraction`` may be below 1.
+
+  Every number may be a traced array: ``jax.vmap`` over ``rate`` gives one mask per rate.
+
+  Returns:
+    ``(mask, aux)``: ``mask`` is 0/1 in the attribution's dtype (float32, or wider when ``z`` is), shaped
+    (B, H, W, 1) for spatial units, (B, 1, 1, C) for channels and like ``z`` for elements; ``aux`` holds
+    ``attribution`` (:math:`A`, like ``z``) and ``chosen`` (B,) bool, the samples masked.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, overfocus_jax as ofx
+    >>> w = jnp.arange(4.0)                                   # a linear head: logit_1 = Σ z · w, logit_0 = −logit_1
+    >>> classify_fn = lambda z: jnp.stack([-(z.reshape(1, -1) @ w), z.reshape(1, -1) @ w], -1)[..., 0]
+    >>> mask, aux = ofx.sgdrop_mask(classify_fn, jnp.ones((1, 1, 1, 4)), jnp.array([1]), rule="topk", rate=0.25,
+    ...                             granularity="element", batch_fraction=1.0)
+    >>> mask.ravel().tolist()                                 # the most salient unit (w = 3) is dropped
+    [1.0, 1.0, 1.0, 0.0]
+  """
+  check_mask_arguments(rule, rate, mass, granularity, batch_fraction, target)
+  check_latent(z, granularity)
+  check_labels(z, labels)
+  check_fraction("scale", scale, high_open=False)
+  attribution = gradient_times_activation(classify_fn, z, labels, target)
+  mask = saliency_mask(attribution, rate, granularity, rule=rule, mass=mass, scale=scale)
+  if is_static(batch_fraction) and batch_fraction >= 1:
+    chosen = jnp.ones((z.shape[0],), bool)
+  else:
+    if key is None:
+      raise ValueError(f"key is needed to choose the masked samples (batch_fraction={batch_fraction!r}); pass "
+                       "key=jax.random.PRNGKey(...), or batch_fraction=1.0 to mask every sample")
+    chosen = select_top(jax.random.uniform(key, (z.shape[0],)), batch_fraction)
+  mask = jnp.where(chosen.reshape((-1,) + (1,) * (mask.ndim - 1)), mask, jnp.ones((), mask.dtype))
+  return jax.lax.stop_gradient(mask), {"attribution": attribution, "chosen": chosen}
 
 
-def kept_scale(mask: jax.Array, rescale: bool) -> jax.Array:
-  """Per sample, N / (units kept) when rescaling (the mass rule drops a different count in each sample), else 1."""
-  if not rescale:
-    return jnp.ones((mask.shape[0],) + (1,) * (mask.ndim - 1), mask.dtype)
+def ramp_scale(count: jax.Array, ramp_steps: float) -> jax.Array | float:
+  """s_t = min(1, (t + 1) / ramp_steps) at the regularizer's step ``count``; 1.0 (static) without a ramp."""
+  if not ramp_steps:
+    return 1.0
+  return jnp.minimum(1.0, (jnp.asarray(count, jnp.float32) + 1.0) / ramp_steps)
+
+
+def kept_scale(mask: jax.Array) -> jax.Array:
+  """Per sample, N / (units kept): the rescaling when the count dropped varies from sample to sample."""
   kept = jnp.sum(mask, axis=tuple(range(1, mask.ndim)), keepdims=True)
-  units = mask[0].size
-  return units / jnp.maximum(kept, 1.0)
-
-
-def choose_samples(key: jax.Array, batch: int, fraction: float) -> jax.Array:
-  """Exactly ⌈fraction·B⌉ samples, chosen uniformly at random (all of them when fraction is 1)."""
-  if fraction >= 1:
-    return jnp.ones((batch,), bool)
-  return top_k_select(jax.random.uniform(key, (batch,)), drop_count(fraction, batch))
+  return mask[0].size / jnp.maximum(kept, 1.0)
 
 
 def init_teacher(variables):
   """The EMA teacher's starting point: a copy of the model's variables."""
-  return {"ema": jax.tree.map(jnp.copy, variables)}
+  return jax.tree.map(jnp.copy, variables)
 
 
-def update_teacher(teacher_variables, online_variables, decay: float):
+def update_teacher(teacher_variables, online_variables, decay):
   """θ' ← decay·θ' + (1 − decay)·θ, leaf by leaf (parameters and batch statistics)."""
   return optax.incremental_update(online_variables, teacher_variables, step_size=1.0 - decay)
 
 
-def sgdrop(*, rule: str = "mass", mass: float = 0.5, rate: float = 0.5, granularity: str = "spatial",
-           batch_fraction: float = 0.5, target: str = "true", rescale: bool = False, ema_decay: float | None = None,
-           ramp_epochs: float = 1.0) -> Regularizer:
-  """The SGDrop regularizer (see the module docstring); ``ema_decay`` in (0, 1) attributes with an EMA teacher.
+def sgdrop(*, ramp_steps: float | None = None, rule: str = "mass", mass=0.5, rate=0.5, granularity: str = "spatial",
+           batch_fraction=0.5, target: str = "true", rescale: bool = False, ema_decay=None) -> Regularizer:
+  """The SGDrop regularizer (see the module docstring): :func:`sgdrop_mask` at the ramp's scale, times ``z``.
 
-  The defaults are the library's (the config's): the mass rule, half of the attribution, at most half of the
-  positions, on half of each batch, ramped in over the first epoch. ``sgdrop(rule="quantile", rate=0.1,
-  granularity="element", batch_fraction=1, ramp_epochs=0)`` is the paper's setting.
+  Args:
+    ramp_steps: steps over which the drop grows from nothing (0: none). Required: the ``overfocus`` CLI ramps over
+      the first epoch (``ramp_steps = steps_per_epoch``).
+    rule, mass, rate, granularity, batch_fraction, target: as in :func:`sgdrop_mask` (numbers may be traced).
+    rescale: multiply the kept units by 1/(1 − ρ) under the unramped ``topk`` rule (the paper's convention), and
+      otherwise by N / kept, per sample.
+    ema_decay: in (0, 1): attribute with an EMA teacher of this decay (the paper's Fig. 2); ``apply`` then takes
+      ``teacher=TeacherInputs(variables, images, encode, classify)``. None: the online head and ``z``.
 
-  ``rule="quantile"`` (the paper's) drops ⌈ρN⌉ units per sample; ``rule="mass"`` the fewest units holding a share
-  ``mass`` of the positive attribution, at most min(⌈ρN⌉, N − 1) (``rate`` is then the cap, in (0, 1)).
-  ``ramp_epochs > 0`` grows the drop from nothing over that many epochs. ``rescale`` multiplies the kept units by
-  1/(1 − ρ) under the unramped quantile rule (the paper's), and otherwise by N / kept, per sample.
-
-  Examples:
-    >>> import jax, jax.numpy as jnp
-    >>> w = jnp.arange(4.0)                                       # a linear head: logit_c = Σ z · w_c
-    >>> classify_fn = lambda z: jnp.stack([-(z.reshape(1, -1) @ w), z.reshape(1, -1) @ w], -1)[..., 0]
-    >>> z = jnp.ones((1, 1, 1, 4))
-    >>> reg = sgdrop(rule="quantile", rate=0.25, granularity="element", batch_fraction=1.0)  # the paper's rule
-    >>> z_masked, state, metrics = reg.apply(reg.init({}), classify_fn, z, jnp.array([1]), jax.random.PRNGKey(0),
-    ...                                      StepInfo())
-    >>> z_masked.ravel().tolist()                                 # the most salient unit (w = 3) is dropped
-    [1.0, 1.0, 1.0, 0.0]
+  The state is ``{"count": int32}`` (``{"count", "ema"}`` with a teacher). ``aux`` holds ``mask`` (the 0/1 mask
+  applied), ``sgdrop_dropped_fraction`` and ``sgdrop_batch_fraction``.
   """
-  if not 0 <= rate < 1:
-    raise ValueError(f"SGDrop rate must be in [0, 1), got {rate=}")
-  if granularity not in GRANULARITIES:
-    raise ValueError(f"unknown {granularity=}; use one of {GRANULARITIES}")
-  if target not in TARGETS:
-    raise ValueError(f"unknown {target=}; use one of {TARGETS}")
-  if not 0 < batch_fraction <= 1:
-    raise ValueError(f"batch_fraction must be in (0, 1], got {batch_fraction=}")
-  if rule not in RULES:
-    raise ValueError(f"unknown SGDrop {rule=}; use one of {RULES}")
-  if rule == "mass" and not (0 < mass <= 1 and 0 < rate < 1):
-    raise ValueError(f"the mass rule needs mass in (0, 1] and rate (its cap) in (0, 1), got {mass=}, {rate=}")
-  if not ramp_epochs >= 0:
-    raise ValueError(f"SGDrop ramp_epochs must be >= 0, got {ramp_epochs=}")
-  if ema_decay is not None and not 0 < ema_decay < 1:
-    raise ValueError(f"SGDrop ema_decay must be in (0, 1) or None, got {ema_decay=}")
-  rescale_factor = 1.0 / (1.0 - rate) if rescale else 1.0
+  if ramp_steps is None:
+    raise ValueError("ramp_steps is required: the steps over which SGDrop's drop grows from nothing, e.g. "
+                     "ramp_steps=steps_per_epoch (the CLI's default: one epoch), or ramp_steps=0 for none")
+  check_fraction("ramp_steps", ramp_steps, high=float("inf"))
+  check_mask_arguments(rule, rate, mass, granularity, batch_fraction, target)
+  if ema_decay is not None:
+    check_fraction("ema_decay", ema_decay, low_open=True)
+  fixed_count = rule == "topk" and not ramp_steps  # every sample drops ⌈ρN⌉: the paper's 1/(1-ρ)
 
   def init(variables):
-    return init_teacher(variables) if ema_decay is not None else ()
+    state = {"count": jnp.zeros((), jnp.int32)}
+    if ema_decay is not None:
+      state["ema"] = init_teacher(variables)
+    return state
 
-  def apply(state, classify_fn, z, labels, key, info: StepInfo):
+  def apply(state, classify_fn, z, labels, key, teacher: TeacherInputs | None = None):
+    new_state = {"count": state["count"] + 1}
     if ema_decay is None:
-      attribution = gradient_times_activation(classify_fn, z, labels, target)
+      attribute_fn, attributed = classify_fn, z
     else:
-      if info.encode is None or info.classify is None or info.variables is None or info.images is None:
-        raise ValueError("SGDrop's EMA teacher needs the step's images, variables, encode and classify in info")
-      teacher = update_teacher(state["ema"], info.variables, ema_decay)
-      state = {"ema": teacher}
-      attribution = gradient_times_activation(lambda latent: info.classify(teacher, latent),
-                                              info.encode(teacher, info.images), labels, target)
-    mask = saliency_mask(attribution, rate, granularity, rule=rule, mass=mass, scale=ramp_scale(info, ramp_epochs))
-    chosen = choose_samples(key, z.shape[0], batch_fraction).reshape((-1,) + (1,) * (z.ndim - 1))
-    fixed_count = rule == "quantile" and not ramp_epochs  # then every sample drops ⌈ρN⌉: today's 1/(1-ρ) rescale
-    multiplier = jnp.where(chosen, mask * (rescale_factor if fixed_count else kept_scale(mask, rescale)), 1.0)
-    dropped = jnp.where(chosen, mask, 1.0) * jnp.ones_like(z)
-    metrics = {"sgdrop_dropped_fraction": dropped_fraction(dropped),
-               "sgdrop_batch_fraction": jnp.mean(chosen.astype(jnp.float32))}
-    return (z * jax.lax.stop_gradient(multiplier)).astype(z.dtype), state, metrics
+      if teacher is None:
+        raise ValueError("teacher is needed: sgdrop(ema_decay=...) attributes with an EMA teacher; pass "
+                         "teacher=TeacherInputs(variables, images, encode, classify) to apply")
+      ema = update_teacher(state["ema"], teacher.variables, ema_decay)
+      new_state["ema"] = ema
+      attribute_fn = lambda latent: teacher.classify(ema, latent)  # noqa: E731
+      attributed = teacher.encode(ema, teacher.images)
+    mask, mask_aux = sgdrop_mask(attribute_fn, attributed, labels, rate=rate, rule=rule, mass=mass,
+                                 granularity=granularity, batch_fraction=batch_fraction, target=target,
+                                 scale=ramp_scale(state["count"], ramp_steps), key=key)
+    multiplier = mask
+    if rescale:  # the masked samples' kept units only
+      chosen = mask_aux["chosen"].reshape((-1,) + (1,) * (mask.ndim - 1))
+      multiplier = jnp.where(chosen, mask * (1.0 / (1.0 - rate) if fixed_count else kept_scale(mask)), 1.0)
+    aux = {"mask": mask, "sgdrop_dropped_fraction": dropped_fraction(mask * jnp.ones_like(z)),
+           "sgdrop_batch_fraction": jnp.mean(mask_aux["chosen"].astype(jnp.float32))}
+    return (z * jax.lax.stop_gradient(multiplier)).astype(z.dtype), new_state, aux
 
-  return Regularizer(init=init, apply=apply)
+  if ema_decay is not None:
+    return Regularizer(init=init, apply=apply, needs_teacher=True)
+  return Regularizer(init=init, apply=lambda state, classify_fn, z, labels, key: apply(state, classify_fn, z, labels,
+                                                                                       key))

@@ -28,11 +28,11 @@ from overfocus_jax.challenge.concentration import latent_concentration as concen
 __all__ = ["channel_sums", "concentration", "latent_attribution", "usage_from_sums"]
 
 
-def channel_sums(model, variables: dict, x: jax.Array, labels: jax.Array, mask: jax.Array,
+def channel_sums(encode_fn, classify_fn, x: jax.Array, labels: jax.Array, mask: jax.Array,
                  target: str = "true") -> dict:
   """Per-channel sums over the real samples of a (padded) batch: ``abs_activation`` (summed over positions too),
   ``attribution`` (summed over positions) and ``count`` — the pieces of :func:`usage_from_sums`."""
-  z, attribution = latent_attribution(model, variables, x, labels, target)
+  z, attribution = latent_attribution(encode_fn, classify_fn, x, labels, target)
   weight = mask.astype(z.dtype)[:, None, None, None]
   return {"abs_activation": jnp.sum(jnp.abs(z) * weight, axis=(0, 1, 2)),
           "attribution": jnp.sum(attribution * weight, axis=(0, 1, 2)),

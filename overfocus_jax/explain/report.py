@@ -92,7 +92,7 @@ def check_options(options: Options) -> None:
 
 
 def check_layer(layer: str, model, variables, input_shape) -> None:
-  available = layers.feature_layers(model, variables, input_shape)
+  available = layers.linen_feature_layers(model, variables, input_shape)
   if layer not in available:
     names = ", ".join(available) or "none"
     raise UserError(f"layer {layer!r} is not a feature map of the {model.name} model",
@@ -113,10 +113,10 @@ def _method_fn(method: str, model, options: Options, baseline: np.ndarray | None
     logits_fn = lambda inputs: model.apply(variables, inputs, train=False)[0]
     height, width = x.shape[1:3]
     if method == "latent":
-      _, native = latent.latent_attribution(model, variables, x, labels, options.target)
+      _, native = latent.latent_attribution(*model.inference_fns(variables), x, labels, options.target)
       return native, attributions.upsample_to(native.sum(-1), height, width)
     if method == "grad_cam":
-      native = layers.layer_grad_cam(model, variables, x, labels, options.layer, options.target)
+      native = layers.layer_grad_cam(layers.linen_probe(model, variables, options.layer), x, labels, options.target)
       return native, attributions.upsample_to(native, height, width)
     if method == "input_gradient":
       grad = attributions.input_gradient(logits_fn, x, labels, options.target)
@@ -213,7 +213,7 @@ def _accuracy(model, variables, batches) -> float:
 def feature_usage(run, source, count: int, target: str = "true") -> dict:
   """Per-channel activation and latent attribution over the first ``count`` images (see ``latent.py``)."""
   model, dataset = run.exp.model, run.exp.dataset
-  fn = jax.jit(lambda v, x, y, m: latent.channel_sums(model, v, x, y, m, target))
+  fn = jax.jit(lambda v, x, y, m: latent.channel_sums(*model.inference_fns(v), x, y, m, target))
   totals = None
   for batch in _batches(source, count, dataset):
     sums = fn(run.state.variables, batch["image"], batch["label"], batch["mask"])

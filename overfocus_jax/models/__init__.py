@@ -1,20 +1,21 @@
-"""Models as pure functions over explicit variables.
+"""Models as pure functions over explicit variables: the library's model zoo and its wrapper, :class:`Model`.
 
     variables = model.init(key, input_shape)                  # {'params': ..., 'batch_stats': ...}
     z, state = model.encode(variables, x, train=...)          # the last feature map (B, H, W, C)
     logits, state = model.classify(variables, z, train=...)   # the head ψ; jax.grad w.r.t. z goes through it alone
     logits, state = model.apply(variables, x, train=...)      # == classify(encode(x))
+    encode_fn, classify_fn = model.inference_fns(variables)   # the two halves as plain callables, inference mode
 
-``model.split("pooled")`` gives the same pair one step later, at the pooled feature vector (B, C).
+``model.split("pooled")`` gives the same pair one step later, at the pooled feature vector (B, C). The interface is
+written out in :mod:`overfocus_jax.models.adapters`, which also adapts NNX modules (:class:`NNXModel`) and gives any
+Linen or NNX module's two halves as plain functions for the masks and attributions.
 
 In training, ``rng`` (an optional PRNG key: ``model.apply(variables, x, train=True, rng=key)``, the same for
 ``encode``, ``classify`` and the pooled split) is the module's ``dropout`` stream, for models with random layers in
 training (ConvNeXt's drop path); the train step passes one derived from its own key every step. Inference needs none.
 
-``state`` holds the updated batch-norm statistics of the part that ran — the ``encoder`` sub-tree for ``encode``,
-the ``head`` sub-tree for ``classify``, both for ``apply`` — and ``{}`` when ``train=False``: nothing is hidden in
-the module, so the train step decides what to keep. A model module therefore names its two halves ``encoder``
-and ``head`` and has ``encode``/``classify`` methods.
+``state`` holds the updated batch-norm statistics of the part that ran and ``{}`` when ``train=False``: nothing is
+hidden in the module, so the train step decides what to keep.
 
 Models that look at parts of the image say where, in inference mode, or return None when they have no such method:
 
@@ -38,43 +39,63 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from overfocus_jax.models import attention, convnext, focus, mnist_cnn, resnet, resnet_tv, vgg
+from overfocus_jax.models.adapters import NNXModel, takes_train  # noqa: F401  (NNXModel: part of this package's API)
 
 Variables = dict[str, Any]
+# The halves of the library's own modules: their batch statistics are returned half by half.
+HALVES = ("encoder", "head")
 
 
 @dataclasses.dataclass(frozen=True)
 class Model:
-  """A Flax module with ``encode``/``classify`` methods, used through pure functions."""
+  """A Flax Linen module used through pure functions (the interface in :mod:`overfocus_jax.models.adapters`).
+
+  The module must have ``__call__(x)``, ``encode(x)`` and ``classify(z)`` with ``classify(encode(x)) == __call__(x)``;
+  the pooled split also needs ``embed(x)`` and ``classify_embedding(pooled)``. A method that takes a ``train``
+  keyword is called with ``train=True`` in training and ``train=False`` in inference; one that does not is called
+  without it (a module without batch norm or dropout needs none). Batch statistics live in the ``batch_stats``
+  collection; the library's modules name their halves ``encoder`` and ``head``, and each call returns the
+  statistics of the half that ran; any other module's calls return the whole collection.
+  """
 
   module: nn.Module
   name: str
 
   def init(self, key: jax.Array, input_shape: tuple[int, ...]) -> Variables:
     x = jnp.zeros((1, *input_shape), jnp.float32)
-    return dict(self.module.init(key, x, train=False))
+    return dict(self.module.init(key, x, **self._train_kwargs(type(self.module).__call__, False)))
+
+  def _train_kwargs(self, method, train: bool) -> dict:
+    return {"train": train} if takes_train(method) else {}
 
   def _run(self, method, variables: Variables, inputs: jax.Array, train: bool, parts: tuple[str, ...],
            rng: jax.Array | None = None):
+    kwargs = self._train_kwargs(method, train)
     if not train:
-      return self.module.apply(variables, inputs, train=False, method=method), {}
+      return self.module.apply(variables, inputs, method=method, **kwargs), {}
     rngs = {} if rng is None else {"dropout": rng}
-    out, state = self.module.apply(variables, inputs, train=True, method=method, mutable=["batch_stats"], rngs=rngs)
-    # Flax returns the whole collection; keep only the half that ran, or the other half's old statistics
-    # would overwrite its fresh ones when the step merges them.
+    out, state = self.module.apply(variables, inputs, method=method, mutable=["batch_stats"], rngs=rngs, **kwargs)
     stats = state.get("batch_stats", {})
-    return out, {"batch_stats": {k: stats[k] for k in parts if k in stats}}
+    if set(stats) <= set(HALVES):
+      # The library's modules: keep only the half that ran, or the other half's old statistics would overwrite its
+      # fresh ones when the step merges them.
+      stats = {k: stats[k] for k in parts if k in stats}
+    return out, {"batch_stats": stats}
 
   def apply(self, variables: Variables, x: jax.Array, *, train: bool = False, rng: jax.Array | None = None):
-    return self._run(self.module.__call__, variables, x, train, ("encoder", "head"), rng)
+    return self._run(self.module.__call__, variables, x, train, HALVES, rng)
 
   def encode(self, variables: Variables, x: jax.Array, *, train: bool = False, rng: jax.Array | None = None):
     return self._run(self.module.encode, variables, x, train, ("encoder",), rng)
 
   def classify(self, variables: Variables, z: jax.Array, *, train: bool = False, rng: jax.Array | None = None):
     return self._run(self.module.classify, variables, z, train, ("head",), rng)
+
+  def inference_fns(self, variables: Variables) -> tuple[Callable, Callable]:
+    """``(encode_fn, classify_fn)``: the two halves with ``variables``, in inference mode, as plain callables."""
+    return (lambda x: self.encode(variables, x)[0]), (lambda z: self.classify(variables, z)[0])
 
   def has(self, name: str) -> bool:
     """Whether the module has the method ``name`` (e.g. ``attention_maps`` or ``keypoints``)."""
@@ -107,7 +128,7 @@ class Model:
       return self.encode, self.classify
     if level == "pooled":
       embed = lambda variables, x, *, train=False, rng=None: self._run(self.module.embed, variables, x, train,
-                                                                       ("encoder", "head"), rng)
+                                                                       HALVES, rng)
       classify = lambda variables, p, *, train=False, rng=None: self._run(self.module.classify_embedding, variables,
                                                                           p, train, (), rng)
       return embed, classify
@@ -115,10 +136,7 @@ class Model:
 
 
 def merge_batch_stats(old: Any, *updates: Variables) -> Any:
-  """Overlays the batch-norm statistics that ``encode``/``classify`` returned on the previous ones.
-
-  ``encode`` returns only the encoder's sub-tree and ``classify`` only the head's, so the union is the new tree.
-  """
+  """Overlays the batch-norm statistics that ``encode``/``classify`` returned on the previous ones."""
   merged = dict(old)
   for update in updates:
     merged.update(update.get("batch_stats", {}))
@@ -205,8 +223,9 @@ BUILDERS: dict[str, Callable[..., nn.Module]] = {
 MODELS = tuple(BUILDERS)
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int, *, conv: Any = nn.Conv) -> Model:
-  """The model named by ``config.model``, sized from its config group, in ``config.dtype``.
+def build_model(config, num_classes: int, *, conv: Any = nn.Conv) -> Model:
+  """The model named by ``config.model`` (an ``ml_collections.ConfigDict``), sized from its config group, in
+  ``config.dtype``.
 
   ``conv``: the convolution module every convolution is built from (``nn.Conv``; the train loop passes
   :func:`overfocus_jax.platform_tuning.conv_module`'s choice). It changes how fast gradients are computed, not

@@ -18,6 +18,9 @@ from absl import logging as absl_logging
 from overfocus_jax.errors import UserError
 
 STATE, DATA = "state", "data"
+# The regularizers' step counters (state["count"]): a checkpoint written before they kept one restores with the
+# counter set to the train step, which is what it counts in a run of the CLI.
+COUNT = "count"
 # Before regularizers owned their state (the renovation), TrainState kept SGDrop's EMA teacher in a field "extra";
 # checkpoints without a teacher stored nothing there and restore unchanged.
 LEGACY_REGULARIZER_FIELD = "extra"
@@ -63,9 +66,11 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise UserError(f"no checkpoint in {self.directory}", "train first: overfocus train --workdir DIR")
-    self._check_compatible(abstract_state, step)
+    counters = self._check_compatible(abstract_state, step)
     legacy = self._is_legacy(step)
     target = _legacy_layout(abstract_state) if legacy else abstract_state
+    if not counters and not legacy:
+      target = dataclasses.replace(target, regularizer_state=_without_counts(target.regularizer_state))
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                                     data=ocp.args.JsonRestore()))
@@ -78,6 +83,9 @@ class Checkpointer:
     if legacy:  # an empty "extra" held nothing: the regularizer starts from its (equally empty) initial state
       fields = {k: v for k, v in state.items() if k != LEGACY_REGULARIZER_FIELD}
       state = dataclasses.replace(abstract_state, **fields)
+    if not counters:
+      state = state.replace(regularizer_state=_with_counts(abstract_state.regularizer_state,
+                                                           state.regularizer_state, state.step))
     return state, restored[DATA]
 
   def _is_legacy(self, step: int) -> bool:
@@ -88,20 +96,26 @@ class Checkpointer:
       return False
     return hasattr(metadata, "keys") and LEGACY_REGULARIZER_FIELD in metadata.keys()
 
-  def _check_compatible(self, abstract_state: Any, step: int) -> None:
-    """Compares saved array shapes with the model's before restoring, for a clear message."""
+  def _check_compatible(self, abstract_state: Any, step: int) -> bool:
+    """Compares saved array shapes with the model's before restoring, for a clear message. Returns whether the
+    checkpoint holds the regularizer's step counters (False: written before regularizers kept them)."""
     try:
       metadata = self.manager.item_metadata(step)[STATE]
     except Exception:  # unreadable metadata: restore() reports the corruption
-      return
+      return True
     if metadata is None:
-      return
+      return True
     saved = _shapes(metadata)
     if any(key == LEGACY_REGULARIZER_FIELD or key.startswith(LEGACY_REGULARIZER_FIELD + "/") for key in saved):
       raise UserError(f"checkpoint {self.directory / str(step)} was written before regularizers kept their own "
                       "state (its SGDrop EMA teacher is stored in the old layout, which this version does not read)",
                       "retrain in a new --workdir, or resume it with overfocus-jax 0.1.0 (commit a7a5f3f)")
     expected = _shapes(abstract_state)
+    counters = [key for key in expected if key.startswith("regularizer_state/") and key.rsplit("/", 1)[-1] == COUNT]
+    if counters and saved and not any(key in saved for key in counters):
+      expected = {k: v for k, v in expected.items() if k not in counters}
+      if saved == expected:
+        return False
     if saved and saved != expected:
       missing = sorted(set(expected) ^ set(saved))
       differing = [k for k in expected if k in saved and saved[k] != expected[k]]
@@ -109,6 +123,7 @@ class Checkpointer:
           f"{expected[differing[0]]}"
       raise UserError(f"checkpoint {self.directory / str(step)} does not match this model/config ({detail})",
                       "use the config the run was started with, or a new --workdir")
+    return True
 
   def close(self) -> None:
     """Finishes any save in flight, then releases the manager."""
@@ -132,6 +147,24 @@ def _shapes(tree: Any) -> dict[str, tuple]:
   # simple keys: a saved dataclass comes back as a dict, so ".params" and "['params']" must compare equal
   return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(getattr(leaf, "shape", np.shape(leaf)))
           for path, leaf in leaves}
+
+
+def _without_counts(node: Any) -> Any:
+  """A regularizer state with its step counters left out (the layout before regularizers kept them)."""
+  if isinstance(node, dict):
+    return {k: _without_counts(v) for k, v in node.items() if k != COUNT}
+  if isinstance(node, tuple):
+    return tuple(_without_counts(v) for v in node)
+  return node
+
+
+def _with_counts(template: Any, restored: Any, step: jax.Array) -> Any:
+  """``restored`` (without counters) with every counter of ``template`` set to ``step``."""
+  if isinstance(template, dict):
+    return {k: step.astype(v.dtype) if k == COUNT else _with_counts(v, restored[k], step) for k, v in template.items()}
+  if isinstance(template, tuple):
+    return tuple(_with_counts(t, r, step) for t, r in zip(template, restored))
+  return restored
 
 
 def _legacy_layout(abstract_state: Any) -> dict:

@@ -101,5 +101,5 @@ def attribution_batch(exp: Experiment) -> dict | None:
 def jit_attribution_probe(exp: Experiment):
   """``(state, batch) -> {attribution_ratio, ...}`` (:func:`latent_concentration`), everything replicated."""
   rep = parallel.replicated(exp.mesh)
-  fn = lambda state, batch: latent_concentration(exp.model, state.variables, batch["image"], batch["label"])
+  fn = lambda state, batch: latent_concentration(*exp.model.inference_fns(state.variables), batch["image"], batch["label"])
   return jit(exp, fn, in_shardings=(rep, rep), out_shardings=rep)

@@ -13,7 +13,7 @@ import ml_collections
 
 from overfocus_jax import config as config_lib
 from overfocus_jax import parallel, platform_tuning
-from overfocus_jax.challenge import Regularizer, build_regularizer
+from overfocus_jax.challenge import Regularizer
 from overfocus_jax.challenge import invariance
 from overfocus_jax.data import balanced, pipeline
 from overfocus_jax.data.sources import ImageDataset, load_dataset, normalized_as
@@ -21,6 +21,7 @@ from overfocus_jax.errors import SettingError, UserError
 from overfocus_jax.models import Model, build_model, weights
 from overfocus_jax.train import state as state_lib
 from overfocus_jax.train.dispatch import Feed, make_train_chunk
+from overfocus_jax.train.regularizers import build_regularizer
 from overfocus_jax.train.step import local_batch_norm_step, make_eval_step, make_train_step
 
 
@@ -62,9 +63,9 @@ def build_experiment(config: ml_collections.ConfigDict, *, dataset: ImageDataset
   model = build_model(config, dataset.num_classes, conv=platform_tuning.conv_module(mesh, config.platform_tuning,
                                                                                       config.model))
   check_input_shape(model, dataset.image_shape)
-  regularizer = regularizer or build_regularizer(config)
-  check_regularizer_fits(model, regularizer, config.regularizer.name)
   steps = layout.steps_per_epoch if layout else pipeline.steps_per_epoch(dataset, config.batch_size)
+  regularizer = regularizer or build_regularizer(config, steps)
+  check_regularizer_fits(model, regularizer, config.regularizer.name)
   objective = invariance.build_objective(config.objective.name, config.objective.get(config.objective.name),
                                          len(layout.ids) if layout else 0, layout.ids if layout else None)
   schedule = state_lib.make_schedule(config, steps)
@@ -153,7 +154,7 @@ def _train_step(exp: Experiment, regularizer: Regularizer | None = None):
   ``config.batch_norm = local``, run per device (:func:`local_batch_norm_step`)."""
   local = exp.config.batch_norm == "local"
   step = make_train_step(exp.model, exp.tx, schedule=exp.schedule, regularizer=regularizer or exp.regularizer,
-                         label_smoothing=exp.config.label_smoothing, steps_per_epoch=exp.steps_per_epoch,
+                         label_smoothing=exp.config.label_smoothing,
                          axis_name=parallel.DATA_AXIS if local else None, objective=exp.objective)
   return local_batch_norm_step(step, exp.mesh, parallel.DATA_AXIS) if local else step
 

@@ -24,13 +24,14 @@ import tqdm
 
 from overfocus_jax import config as config_lib
 from overfocus_jax import parallel
-from overfocus_jax.challenge import STRENGTH_FIELDS, Regularizer
+from overfocus_jax.challenge import Regularizer
 from overfocus_jax.errors import UserError
 from overfocus_jax.train import checkpoint as checkpoint_lib
 from overfocus_jax.train import dispatch, preemption, streams
 from overfocus_jax.train.evaluation import attribution_batch, jit_attribution_probe, make_evaluator
 from overfocus_jax.train.experiment import build_experiment, jit_train_chunk
-from overfocus_jax.train.workdir import MetricWriter, prepare_workdir, restore_or_init
+from overfocus_jax.train.regularizers import STRENGTH_FIELDS
+from overfocus_jax.train.workdir import MetricWriter, keep_trained_rule, prepare_workdir, restore_or_init
 
 
 def _check_finite(metrics: dict, step: int) -> None:
@@ -99,6 +100,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   """
   config_lib.validate(config)
   workdir = prepare_workdir(workdir)
+  config = keep_trained_rule(config, workdir)
   # Pretrained weights start a new run only: a resumed one restores its checkpoint (and never reads the file).
   pretrained = bool(config.init_from) and not checkpoint_lib.has_checkpoint(workdir)
   exp = build_experiment(config, regularizer=regularizer, pretrained=pretrained)

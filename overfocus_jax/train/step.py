@@ -2,18 +2,24 @@
 ``jax.jit``-compiled function.
 
     z                 = encode(x)                                      (online encoder, train mode, a dropout key)
-    z̃, s', aux        = regularizer.apply(s, classify_fn, z, y, key, info)   (SGDrop/RSC masks; identity for NONE)
+    z̃, s', aux        = regularizer.apply(s, classify_fn, z, y, key)   (SGDrop/RSC masks; identity for NONE)
     logits            = classify(z̃)                                   (online head, train mode)
     loss              = objective(CE(logits_i, smooth(y_i)) for each i)     (the batch mean for ERM; IRM, V-REx)
 
 A regularizer is a :class:`overfocus_jax.challenge.Regularizer`, an ``init``/``apply`` pair of pure functions;
-its state ``s`` lives in ``TrainState.regularizer_state`` and is checkpointed with the rest. ``classify_fn(z) ->
-logits`` closes over the current variables with the head in inference mode and stopped gradients, so a
-regularizer may call ``jax.grad``/``jax.vjp`` through the head alone to decide what to drop. ``info`` is a
-:class:`overfocus_jax.challenge.StepInfo`: step, epoch, the batch's images, the online variables and the model's
-inference-mode ``encode``/``classify`` at the regularizer's split point (``regularizer.split``: the feature map
-or the pooled vector, ``Model.split``). An objective (:mod:`overfocus_jax.challenge.invariance`) turns the per-example
-losses into the loss: their mean (ERM), or the risks of the batch's environments with IRM's or V-REx's penalty.
+its state ``s`` (its step counter, an EMA teacher) lives in ``TrainState.regularizer_state`` and is checkpointed with
+the rest. ``classify_fn(z) -> logits`` closes over the step's starting variables with the head in inference mode
+and stopped gradients, so a regularizer may call ``jax.grad``/``jax.vjp`` through the head alone to decide what to
+drop. A regularizer that ``needs_teacher`` also gets a :class:`overfocus_jax.challenge.TeacherInputs`: the online
+variables, the batch's images and the model's inference-mode ``encode``/``classify`` at the regularizer's split
+point (``regularizer.split``: the feature map or the pooled vector, ``Model.split``). Its ``aux`` scalars become
+the step's metrics (``aux["mask"]`` is not logged). An objective (:mod:`overfocus_jax.challenge.invariance`) turns
+the per-example losses into the loss: their mean (ERM), or the risks of the batch's environments with IRM's or
+V-REx's penalty.
+
+Batch-norm statistics are threaded through the two halves: ``classify`` runs on the variables ``encode`` updated, so
+a model whose halves return the whole updated collection (an NNX adapter) and one that returns only its own half
+(the library's Linen models) both end with every fresh statistic.
 """
 
 from typing import Callable
@@ -22,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from overfocus_jax.challenge import NONE, Regularizer, StepInfo
+from overfocus_jax.challenge import NONE, Regularizer, TeacherInputs
+from overfocus_jax.challenge.base import apply_regularizer
 from overfocus_jax.challenge.invariance import ERM, Objective, reset_optimizer_state
 from overfocus_jax.models import Model, merge_batch_stats
 from overfocus_jax.train.state import TrainState
@@ -52,13 +59,14 @@ def regularized_sample_metrics(z: jax.Array, regularized: jax.Array, logits: jax
 
 
 def make_train_step(model: Model, tx: optax.GradientTransformation, *, schedule: optax.Schedule | None = None,
-                    regularizer: Regularizer = NONE, label_smoothing: float = 0.0, steps_per_epoch: int = 1,
-                    axis_name: str | None = None,
+                    regularizer: Regularizer = NONE, label_smoothing: float = 0.0, axis_name: str | None = None,
                     objective: Objective = ERM) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """Returns ``train_step(state, batch) -> (state, metrics)``, a pure function ready for ``jax.jit``.
 
-  ``batch`` holds ``image`` (B, H, W, C) float and ``label`` (B,) int32. ``metrics`` are batch means.
-  ``state.regularizer_state`` must come from ``regularizer.init`` (see ``state.create_train_state``).
+  ``model``: the library's :class:`~overfocus_jax.models.Model` or an adapter with its interface
+  (:mod:`overfocus_jax.models.adapters`). ``batch`` holds ``image`` (B, H, W, C) float and ``label`` (B,) int32.
+  ``metrics`` are batch means. ``state.regularizer_state`` must come from ``regularizer.init`` (see
+  ``state.create_train_state``).
 
   ``axis_name``: the step runs per device under ``shard_map`` over that mesh axis (:func:`local_batch_norm_step`):
   forward, batch-norm statistics and regularizer on the device's own rows, then one all-reduce averages the
@@ -82,23 +90,24 @@ def make_train_step(model: Model, tx: optax.GradientTransformation, *, schedule:
     if axis_name is not None:  # each device's rows draw their own masks
       dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(axis_name))
     frozen = jax.lax.stop_gradient(state.variables)
-    info = StepInfo(step=state.step, epoch=state.step // steps_per_epoch, steps_per_epoch=steps_per_epoch,
-                    images=images, variables=frozen, encode=infer_encode, classify=infer_classify)
+    teacher = TeacherInputs(variables=frozen, images=images, encode=infer_encode, classify=infer_classify) \
+        if regularizer.needs_teacher else None
 
     def loss_fn(params):
       variables = {"params": params, "batch_stats": state.batch_stats}
       z, encoder_state = encode(variables, images, train=True, rng=dropout_key)
       classify_fn = lambda latent: infer_classify(frozen, latent)
-      regularized, reg_state, reg_metrics = regularizer.apply(state.regularizer_state, classify_fn, z, labels,
-                                                              step_key, info)
-      logits, head_state = classify(variables, regularized, train=True)
+      regularized, reg_state, reg_aux = apply_regularizer(regularizer, state.regularizer_state, classify_fn, z,
+                                                          labels, step_key, teacher)
+      encoded_stats = merge_batch_stats(state.batch_stats, encoder_state)
+      logits, head_state = classify({"params": params, "batch_stats": encoded_stats}, regularized, train=True)
       loss, objective_metrics = objective.loss(cross_entropy(logits, labels, label_smoothing), logits, labels,
                                                state.step)
+      reg_metrics = {name: value for name, value in reg_aux.items() if name != "mask"}
       if regularizer is not NONE:
         reg_metrics = {**reg_metrics, **regularized_sample_metrics(z, regularized, logits, labels)}
       reg_metrics = {**reg_metrics, **objective_metrics}
-      return loss, (logits, merge_batch_stats(state.batch_stats, encoder_state, head_state), reg_state,
-                    reg_metrics)
+      return loss, (logits, merge_batch_stats(encoded_stats, head_state), reg_state, reg_metrics)
 
     # Under shard_map, gradients taken at the replicated parameters would come out already summed over the
     # devices; taken at a per-device view of them they are each device's own, and the mean below is the one

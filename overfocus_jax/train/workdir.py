@@ -10,6 +10,7 @@
 import dataclasses
 import json
 import pathlib
+import sys
 
 import ml_collections
 
@@ -45,6 +46,25 @@ def saved_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
   except (ValueError, OSError) as e:
     raise UserError(f"{path} is unreadable ({e})", "restore it or retrain in a new --workdir") from None
   config_lib.validate(config)
+  return config
+
+
+def keep_trained_rule(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> ml_collections.ConfigDict:
+  """``config`` for a run resumed in ``workdir``: when its config.json named SGDrop's rule "quantile" in the earlier
+  meaning (:func:`config_lib.legacy_sgdrop_rule`) and ``config`` still names it, the run keeps the rule it was
+  trained with, "topk" (one line on stderr)."""
+  path = workdir / "config.json"
+  if config.regularizer.sgdrop.rule != "quantile" or not path.is_file():
+    return config
+  try:
+    saved = json.loads(path.read_text())
+  except (ValueError, OSError):
+    return config
+  if not config_lib.legacy_sgdrop_rule(saved):
+    return config
+  print(config_lib.LEGACY_RULE_NOTE, file=sys.stderr)
+  config = config.copy_and_resolve_references()
+  config.regularizer.sgdrop.rule = "topk"
   return config
 
 
