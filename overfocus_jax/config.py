@@ -17,6 +17,7 @@ import ml_collections
 from overfocus_jax import challenge, models, platform_tuning
 from overfocus_jax.challenge import invariance
 from overfocus_jax.challenge.attribution import TARGETS
+from overfocus_jax.challenge.rsc import RULES as RSC_RULES
 from overfocus_jax.challenge.sgdrop import GRANULARITIES, RULES
 from overfocus_jax.data import augmentation, on_device
 from overfocus_jax.data.sources import NORMALIZATIONS
@@ -414,6 +415,8 @@ def _validate_regularizer(reg: ml_collections.ConfigDict) -> None:
   _require_fraction(rsc.spatial_probability, "regularizer.rsc.spatial_probability", upper_inclusive=True)
   _require(rsc.batch_percent < 1, f"config.regularizer.rsc.batch_percent={rsc.batch_percent!r} must be below 1",
            "set a value in [0, 1), or -1 for the official curriculum")
+  _require_choice(rsc.rule, RSC_RULES, "regularizer.rsc.rule")
+  _require_choice(domainbed.rule, RSC_RULES, "regularizer.rsc_domainbed.rule")
   _require_fraction(domainbed.feature_drop, "regularizer.rsc_domainbed.feature_drop")
   _require_fraction(domainbed.batch_drop, "regularizer.rsc_domainbed.batch_drop")
 
@@ -445,8 +448,9 @@ def check_fits_images(config: ml_collections.ConfigDict, image_shape: tuple[int,
              f"{(min(height, width) + 1) // 2}")
 
 
-# config.json's "format": 2 since SGDrop's rule "quantile" means the formula 1[A ≤ quantile(A, 1 − ρ)] as written;
-# in a config.json without it, "quantile" is the exact-count rule, today's "topk".
+# config.json's "format": 2 since SGDrop's rule "quantile" means the formula 1[A ≤ quantile(A, 1 − ρ)] as written
+# and the RSCs follow their reference code's counts by default; in a config.json without it, SGDrop's "quantile" and
+# both RSCs counted exactly ⌈f·N⌉ units: today's rule "topk".
 CONFIG_FORMAT = 2
 FORMAT_KEY = "format"
 
@@ -455,21 +459,34 @@ def config_to_json(config: ml_collections.ConfigDict) -> str:
   return json.dumps({**config.to_dict(), FORMAT_KEY: CONFIG_FORMAT}, indent=2, sort_keys=True, default=list)
 
 
-def legacy_sgdrop_rule(saved: dict) -> bool:
-  """Whether a saved config.json's SGDrop rule is "quantile" in its earlier meaning (the exact-count rule)."""
-  rule = saved.get("regularizer", {}).get("sgdrop", {}).get("rule")
-  return saved.get(FORMAT_KEY, 1) < CONFIG_FORMAT and rule == "quantile"
+# What a regularizer's rule field read before CONFIG_FORMAT 2, for a run that keeps it: SGDrop's "quantile", or none
+# (the RSCs had no rule field), is now "topk".
+EARLIER_RULES = {"sgdrop": "quantile", "rsc": None, "rsc_domainbed": None}
 
 
-LEGACY_RULE_NOTE = ("overfocus: note: this run's config.json names SGDrop's rule 'quantile' in its earlier meaning, "
-                    "the exact count ⌈ρN⌉; it keeps that rule, now named 'topk'")
+def trained_rule(saved: dict) -> str | None:
+  """The regularizer of a saved config.json whose masks counted exactly ⌈f·N⌉ under a rule that now means something
+  else (SGDrop's earlier "quantile"; the RSCs before they followed their reference code), or None."""
+  if saved.get(FORMAT_KEY, 1) >= CONFIG_FORMAT:
+    return None
+  regularizer = saved.get("regularizer", {})
+  name = regularizer.get("name")
+  if name not in EARLIER_RULES or regularizer.get(name, {}).get("rule") != EARLIER_RULES[name]:
+    return None
+  return name
+
+
+def trained_rule_note(name: str) -> str:
+  return (f"overfocus: note: this run was trained with {name}'s exact-count rule (⌈f·N⌉ units), which its "
+          f"config.json names as the earlier default; it keeps that rule, now rule 'topk'")
 
 
 def config_from_json(text: str) -> ml_collections.ConfigDict:
   """Rebuilds a saved config on top of today's defaults, so a run saved before a field existed still loads
   (the new field takes its default); lists become tuples again so overrides keep their types. A saved true/false
   where a field has since become a word (``resnet_tv.zero_init_residual``: auto | true | false) is read as that
-  word, and an SGDrop rule "quantile" saved before ``CONFIG_FORMAT`` 2 as "topk" (one line on stderr says so)."""
+  word; and a run's regularizer that counted exactly ⌈f·N⌉ under a rule whose meaning has since changed
+  (:func:`trained_rule`) keeps that rule, "topk" (one line on stderr says so)."""
 
   def tuples(node):
     if isinstance(node, dict):
@@ -489,11 +506,11 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
           base[key] = value
 
   saved = json.loads(text)
-  legacy_rule = legacy_sgdrop_rule(saved)
+  earlier = trained_rule(saved)
   saved.pop(FORMAT_KEY, None)
   config = load_config_file(default_config_path())
   overlay(config, tuples(saved))
-  if legacy_rule:  # the run keeps the rule it was trained with
-    print(LEGACY_RULE_NOTE, file=sys.stderr)
-    config.regularizer.sgdrop.rule = "topk"
+  if earlier:  # the run keeps the rule it was trained with
+    print(trained_rule_note(earlier), file=sys.stderr)
+    config.regularizer[earlier].rule = "topk"
   return config

@@ -274,9 +274,14 @@ def test_rsc_batch_selection_hand_built():
   p_after = jnp.array([0.1, 0.8, 0.5, 0.9, 0.95, 0.2, 0.85, 0.7, 0.3, 0.6])
   # changes (− 1e-4, clamped): .8 .1 .4 0 0 .7 .05 .2 .6 .3; sorted desc: .8 .7 .6 .4 .3 .2 .1 .05 0 0
   # percent 0.3 → position 3 → threshold 0.4 → strictly above: samples 0 (.8), 5 (.7), 8 (.6)
-  chosen = rsc.most_challenged(p_before, p_after, 0.3)
+  assert rsc.selection_position(10, 0.3) == 3
+  chosen = rsc.most_challenged(rsc.confidence_change(p_before, p_after), 3)
   np.testing.assert_array_equal(np.flatnonzero(chosen), [0, 5, 8])
-  assert not np.any(rsc.most_challenged(p_before, p_before, 0.5))  # no drop in confidence: nobody masked
+  assert not np.any(rsc.most_challenged(rsc.confidence_change(p_before, p_before), 5))  # nobody lost confidence
+  # Where the reference reads its threshold: Python's round, half to even, in float64 (15 · 0.3 = 4.5 → 4; float32
+  # would give 4.5000002 → 5), and inside the batch where it would index past it.
+  assert [rsc.selection_position(15, 0.3), rsc.selection_position(5, 0.3), rsc.selection_position(4, 0.9)] == [4, 2, 3]
+  assert [rsc.official_percent(s) for s in range(4)] == [3.0 / 10 + (e / 10) * 2.0 / 10 for e in (0, 10, 20, 30)]
 
 
 def test_rsc_curriculum():
@@ -313,9 +318,16 @@ def test_rsc_coin_gives_both_modes_and_only_challenged_samples_are_masked():
   assert set(modes) == {0.0, 1.0}
 
 
+def count_primitive(jaxpr, name: str) -> int:
+  """How many times the primitive ``name`` occurs in ``jaxpr``, nested jaxprs included."""
+  return sum((eqn.primitive.name == name) + sum(count_primitive(sub, name)
+                                                for sub in jax.extend.core.jaxprs_in_params(eqn.params))
+             for eqn in jaxpr.eqns)
+
+
 def test_rsc_computes_only_the_mask_its_coin_picked():
-  """The coin chooses between two branches of a conditional (one top-k runs per step), and each branch is exactly
-  the hand-built mask of its mode."""
+  """The coin chooses between two branches of a conditional (one sort, or one top-k with the exact-count rule, runs
+  per step), and each branch is exactly the hand-built mask of its mode."""
   weights = jax.random.normal(jax.random.PRNGKey(0), (16, 10))
   z = jax.nn.relu(jax.random.normal(jax.random.PRNGKey(1), (8, 4, 4, 16)))
   labels = jax.random.randint(jax.random.PRNGKey(2), (8,), 0, 10)
@@ -324,7 +336,12 @@ def test_rsc_computes_only_the_mask_its_coin_picked():
   jaxpr = jax.make_jaxpr(apply)(jax.random.PRNGKey(0))
   conds = [eqn for eqn in jaxpr.jaxpr.eqns if eqn.primitive.name == "cond"]
   assert len(conds) == 1
-  assert all(sum(e.primitive.name == "top_k" for e in branch.jaxpr.eqns) == 1 for branch in conds[0].params["branches"])
+  assert all(count_primitive(branch.jaxpr, "sort") == 1 for branch in conds[0].params["branches"])
+  topk = jax.make_jaxpr(lambda key: apply_once(rsc.rsc(batch_percent=0.5, rule="topk"), linear_pool_head(weights), z,
+                                               labels, key))(jax.random.PRNGKey(0))
+  branches = [eqn for eqn in topk.jaxpr.eqns if eqn.primitive.name == "cond"][0].params["branches"]
+  assert all(count_primitive(branch.jaxpr, "top_k") == 1 and count_primitive(branch.jaxpr, "sort") == 0
+             for branch in branches)
   _, grad = attribution.class_score_gradient(linear_pool_head(weights), z, labels)
   for seed in range(6):
     out, metrics = apply(jax.random.PRNGKey(seed))

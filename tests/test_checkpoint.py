@@ -195,6 +195,16 @@ def test_a_config_json_with_the_earlier_quantile_keeps_the_exact_count_rule(tmp_
   assert config.regularizer.sgdrop.rule == "quantile"  # the caller's config is left as it was
   (tmp_path / "config.json").write_text(today)
   assert workdir_lib.keep_trained_rule(config, tmp_path).regularizer.sgdrop.rule == "quantile"
+  # The RSCs counted exactly ⌈f·N⌉ before they had a rule field: a run of then keeps that count.
+  for name in ("rsc", "rsc_domainbed"):
+    rsc_config = config_lib.build_config(None, [("regularizer.name", name)])
+    assert rsc_config.regularizer[name].rule == "reference"
+    earlier = json.loads(config_lib.config_to_json(rsc_config))
+    del earlier["format"], earlier["regularizer"][name]["rule"]
+    assert config_lib.config_from_json(json.dumps(earlier)).regularizer[name].rule == "topk"
+    (tmp_path / "config.json").write_text(json.dumps(earlier))
+    assert workdir_lib.keep_trained_rule(rsc_config, tmp_path).regularizer[name].rule == "topk"
+    assert f"{name}'s exact-count rule" in capsys.readouterr().err
 
 
 def test_checkpoint_with_an_old_layout_ema_teacher_is_refused_in_one_line_and_kept(tmp_path):

@@ -153,3 +153,52 @@ def test_sgdrop_and_rsc_masks_take_the_threshold_kernel_on_an_accelerator(monkey
   for name, fn in cases.items():
     assert "top_k" not in primitives(fn, attribution), name
     np.testing.assert_array_equal(fn(attribution), on_cpu[name], err_msg=name)
+
+
+# ------------------------------------------------------------------------------------------------ the references' rules
+
+
+def percentile_rows(kind: str, rng) -> np.ndarray:
+  size = int(rng.integers(2, 150))
+  if kind == "random":
+    return rng.normal(size=(4, size)).astype(np.float32)
+  if kind == "ties":
+    return rng.integers(0, 4, (4, size)).astype(np.float32)
+  if kind == "neighbours":  # consecutive floats: the interpolation rounds onto an end
+    return (np.float32(1.0) + rng.integers(-3, 4, (4, size)).astype(np.float32) * np.float32(2 ** -23))
+  return (rng.normal(size=(4, size)) * 1e-6 + 1.0).astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["random", "ties", "neighbours", "close"])
+def test_below_percentile_is_numpy_s_comparison(kind):
+  """``scores < np.percentile(scores, p, axis=-1, keepdims=True)`` as NumPy decides it, at DomainBed's percents
+  (1 − f)·100 for f from its sweep's range, with a Python percent (float64 weights) and inside jax.jit."""
+  rng = np.random.default_rng(["random", "ties", "neighbours", "close"].index(kind))
+  static = jax.jit(masks.below_percentile, static_argnums=1)
+  for trial in range(60):
+    scores = percentile_rows(kind, rng)
+    f = [0.0, 1 / 3, 0.25, 0.5, 0.047][trial % 5] if trial < 10 else float(rng.uniform(0, 0.5))
+    percent = (1 - f) * 100
+    expected = scores < np.percentile(scores, percent, axis=1, keepdims=True)
+    np.testing.assert_array_equal(static(jnp.asarray(scores), percent), expected, err_msg=f"{f=}")
+  # A traced percent (float32 arithmetic) on distinct scores agrees too.
+  scores = rng.normal(size=(4, 101)).astype(np.float32)
+  traced = jax.jit(masks.below_percentile)
+  for f in (0.0, 0.25, 1 / 3, 0.5):
+    np.testing.assert_array_equal(traced(jnp.asarray(scores), jnp.float32((1 - f) * 100)),
+                                  scores < np.percentile(scores, (1 - f) * 100, axis=1, keepdims=True))
+
+
+def test_above_kth_mask_drops_above_the_next_score_ties_and_all():
+  """The official RSC's rule: the entries strictly above the (k + 1)-th largest. Distinct: exactly k. A tie across the
+  threshold: fewer, possibly none. k ≥ N: everything. −0.0 and +0.0 compare equal."""
+  rows = jnp.array([[5.0, 1.0, 4.0, 2.0, 3.0],     # k = 2: the 5 and the 4
+                    [5.0, 4.0, 4.0, 4.0, 1.0],     # the 3rd largest is a 4: only the 5 (fewer than k)
+                    [2.0, 2.0, 2.0, 2.0, 2.0],     # all tied: none
+                    [0.0, -0.0, 0.0, -0.0, 1.0]])  # ±0 tie: only the 1
+  np.testing.assert_array_equal(masks.above_kth_mask(rows, 2), [[0, 1, 0, 1, 1], [0, 1, 1, 1, 1], [1, 1, 1, 1, 1],
+                                                                [1, 1, 1, 1, 0]])
+  np.testing.assert_array_equal(masks.above_kth_mask(rows, 5), np.zeros((4, 5)))
+  traced = jax.jit(masks.above_kth_mask)
+  for k in range(6):
+    np.testing.assert_array_equal(traced(rows, k), masks.above_kth_mask(rows, k), err_msg=f"{k=}")

@@ -114,12 +114,16 @@ def test_regularizer_on_a_model_without_a_split_is_a_user_error():
     ("--config.regularizer.sgdrop.ramp_epochs=-1", "regularizer.sgdrop.ramp_epochs"),
     ("--config.regularizer.sgdrop.batch_fraction=0", "regularizer.sgdrop.batch_fraction"),
     ("--config.regularizer.sgdrop.batch_fraction=1.5", "regularizer.sgdrop.batch_fraction"),
+    ("--config.regularizer.rsc.rule=exact", "regularizer.rsc.rule 'exact'"),
+    ("--config.regularizer.rsc_domainbed.rule=numpy", "regularizer.rsc_domainbed.rule 'numpy'"),
 ])
 def test_bad_regularizer_config_is_a_one_line_error(override, fragment, tmp_path, capsys):
   code = cli_main(["train", "--workdir", str(tmp_path / "wd"), override])
   err = capsys.readouterr().err.strip()
   assert code == 2 and len(err.splitlines()) == 1 and fragment in err, err
   assert not (tmp_path / "wd").exists()
+  if ".rule=" in override and "rsc" in override:
+    assert "reference, topk" in err, err  # the choices
 
 
 @pytest.mark.parametrize("rate", ["0", "0.0"])

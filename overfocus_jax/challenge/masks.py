@@ -328,6 +328,69 @@ def select_top(scores: jax.Array, fraction) -> jax.Array:
   return threshold_mask(scores[None, :], count)[0] == 0
 
 
+def above_kth_mask(scores: jax.Array, count) -> jax.Array:
+  """The official RSC's threshold rule: 0 at the entries of each row of ``scores`` (B, N) strictly above its
+  (count + 1)-th largest value, 1 elsewhere. On distinct scores that is the ``count`` largest; where a tie crosses
+  the boundary, fewer (possibly none); at ``count ≥ N``, where the reference code would index past its sorted list,
+  every entry. Values compare as IEEE floats (−0.0 equals +0.0). ``count`` may be traced."""
+  scores = jax.lax.stop_gradient(scores)
+  size = scores.shape[-1]
+  ascending = jnp.sort(scores, axis=-1)
+  index = jnp.asarray(size - 1 - count)  # the (count + 1)-th largest, in ascending order
+  threshold = jnp.take(ascending, jnp.clip(index, 0, size - 1), axis=-1)[..., None]
+  above = (scores > threshold) | (index < 0)
+  return jax.lax.stop_gradient(jnp.where(above, 0, 1).astype(scores.dtype))
+
+
+def below_percentile(scores: jax.Array, percent) -> jax.Array:
+  r"""bool, like ``scores`` (B, N): ``scores < np.percentile(scores, percent, axis=-1, keepdims=True)``, as NumPy
+  decides it for float32 scores (its default "linear" method, the interpolation in float32):
+
+  .. math::
+
+      v = (N - 1) \cdot \tfrac{p}{100}, \quad a = s_{(\lfloor v \rfloor)}, \quad b = s_{(\lfloor v \rfloor + 1)},
+      \quad \gamma = v - \lfloor v \rfloor, \qquad
+      q = \begin{cases} a \oplus (b \ominus a) \otimes \gamma & \gamma < \tfrac12 \\
+                         b \ominus (b \ominus a) \otimes (1 - \gamma) & \text{else} \end{cases}
+
+  (:math:`s_{(i)}` the row in increasing order; :math:`\oplus, \ominus, \otimes` float32 operations, each rounded;
+  at :math:`v \ge N - 1`, :math:`q` is the largest value). No value lies strictly between :math:`a` and :math:`b`
+  and :math:`a \le q \le b`, so :math:`s < q` exactly when :math:`s < a`, or :math:`s = a < q`; whether
+  :math:`q > a` is decided from the rounding of those two operations, in exact comparisons — a compiler that fused
+  the multiply and the add (one rounding) would otherwise move :math:`q` by an ulp. :math:`v` and :math:`\gamma`
+  are float64 for a Python ``percent``, as in NumPy, and float32 for a traced one."""
+  scores = jax.lax.stop_gradient(scores)
+  size = scores.shape[-1]
+  ascending = jnp.sort(scores, axis=-1)
+  if is_static(percent):
+    virtual = (size - 1) * (percent / 100)
+    top = virtual >= size - 1
+    low = min(max(math.floor(virtual), 0), size - 1)
+    gamma = virtual - low
+  else:
+    virtual = (size - 1) * (jnp.asarray(percent, jnp.float32) / 100)
+    top = virtual >= size - 1
+    low = jnp.clip(jnp.floor(virtual), 0, size - 1).astype(jnp.int32)
+    gamma = virtual - low
+  a = jnp.take(ascending, low, axis=-1)[..., None]
+  b = jnp.take(ascending, jnp.minimum(low + 1, size - 1), axis=-1)[..., None]
+  up = jnp.nextafter(a, jnp.asarray(jnp.inf, a.dtype))  # the float after a
+  up_is_even = (jax.lax.bitcast_convert_type(up, jnp.uint32 if up.dtype == jnp.float32 else jnp.uint16) & 1) == 0
+  # γ < ½: q = a ⊕ p with p = (b ⊖ a) ⊗ γ ≥ 0 rounds above a when p passes half the gap to the next float (a tie
+  # goes to the even one).
+  p = (b - a) * jnp.asarray(gamma, scores.dtype)
+  half_gap = (up - a) * 0.5
+  low_branch = (p > half_gap) | ((p == half_gap) & up_is_even)
+  # γ ≥ ½: q = b ⊖ (b ⊖ a) ⊗ w, w = 1 − γ ≤ ½, lies in [(a + b) / 2, b]: above a unless b is a's neighbour, and then
+  # (b − a a power of two, the product exact) unless w = ½ lands on the midpoint and the tie goes to a.
+  w = jnp.asarray(1 - gamma, scores.dtype)
+  high_branch = (b > a) & ((b > up) | (w < 0.5) | ((w == 0.5) & up_is_even))
+  q_above_a = jnp.where(jnp.asarray(gamma) < 0.5, low_branch, high_branch)
+  below = (scores < a) | ((scores == a) & q_above_a)
+  largest = ascending[..., -1:]
+  return jnp.where(top, scores < largest, below)
+
+
 def dropped_fraction(mask: jax.Array) -> jax.Array:
   """The share of entries a 0/1 mask drops, as a float scalar (for the step's metrics)."""
   return 1.0 - jnp.mean(mask)

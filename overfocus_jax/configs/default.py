@@ -117,13 +117,14 @@ def get_config() -> ml_collections.ConfigDict:
       sgdrop=dict(
           # The default departs from the paper (quantile, ρ = 0.1 of the elements, whole batch), which collapses
           # training on this model: see challenge/sgdrop.py and experiments/README.md for the evidence.
-          rule="mass",             # mass: the fewest units holding `mass` of A | quantile: ⌈ρN⌉ units (the paper)
-          rate=0.5,                # quantile: ρ, the share of units dropped, in [0, 1) | mass: the cap, in (0, 1)
+          rule="mass",             # mass: the fewest units holding `mass` of A | topk: exactly ⌈ρN⌉ units |
+                                   # quantile: 1[A ≤ quantile(A, 1 − ρ)], the paper's formula as written
+          rate=0.5,                # quantile, topk: ρ, the share of units dropped, in [0, 1) | mass: the cap, in (0, 1)
           mass=0.5,                # m: the share of each sample's positive attribution the mass rule drops, (0, 1]
           ramp_epochs=1.0,         # > 0: grow the drop (ρ's count or m) linearly from 0 over this many epochs
           granularity="spatial",   # spatial (positions) | element | channel
           target="true",           # attribute the true class or the predicted one
-          rescale=False,           # multiply the kept units by 1/(1-ρ) (quantile) or N/kept (mass, ramps)
+          rescale=False,           # multiply the kept units by 1/(1-ρ) (topk) or N/kept (the others, ramps)
           batch_fraction=0.5,      # share of each batch that is masked (the rest trains on the whole map)
           ema_decay=0.0,           # > 0: attribution from an EMA teacher with this decay (the paper's Fig. 2)
       ),
@@ -132,10 +133,12 @@ def get_config() -> ml_collections.ConfigDict:
           channel_fraction=1 / 3.2,  # share of channels dropped in channel mode
           spatial_probability=0.5,   # chance of spatial mode at each step
           batch_percent=-1.0,        # share of the batch masked; < 0 follows the 0.3 + 0.2·⌊epoch/10⌋ curriculum
+          rule="reference",          # reference: the official code's thresholds and ties | topk: exactly ⌈f·N⌉ units
       ),
       rsc_domainbed=dict(
           feature_drop=1 / 3,      # f: share of pooled features dropped per sample
           batch_drop=1 / 3,        # b: share of the batch masked
+          rule="reference",        # reference: DomainBed's np.percentile counts and ties | topk: exactly ⌈f·N⌉
       ),
   ))
 

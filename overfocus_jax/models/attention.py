@@ -33,6 +33,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from overfocus_jax.models import norms
+
 COMPATIBILITIES = ("pc", "dp")
 NORMALISATIONS = ("softmax", "sigmoid")
 
@@ -86,7 +88,7 @@ class ConvBNReLU(nn.Module):
   features: int
   dtype: Any = jnp.float32
   conv: ModuleDef = nn.Conv
-  norm: ModuleDef = nn.BatchNorm
+  norm: ModuleDef = norms.BatchNorm
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -106,7 +108,7 @@ class AttentionEncoder(nn.Module):
   pool_after: Sequence[int]
   dtype: Any = jnp.float32
   conv: ModuleDef = nn.Conv
-  norm: ModuleDef = nn.BatchNorm
+  norm: ModuleDef = norms.BatchNorm
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -129,7 +131,7 @@ class AttentionHead(nn.Module):
   normalisation: str = "softmax"
   dtype: Any = jnp.float32
   conv: ModuleDef = nn.Conv
-  norm: ModuleDef = nn.BatchNorm
+  norm: ModuleDef = norms.BatchNorm
 
   @nn.compact
   def __call__(self, z, train: bool, return_maps: bool = False):
@@ -174,7 +176,7 @@ class AttentionNet(nn.Module):
   normalisation: str = "softmax"
   dtype: Any = jnp.float32
   conv: ModuleDef = nn.Conv
-  norm: ModuleDef = nn.BatchNorm
+  norm: ModuleDef = norms.BatchNorm
 
   def setup(self):
     first = self.attention_layers[0]

@@ -64,7 +64,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from overfocus_jax.models import weights
+from overfocus_jax.models import norms, weights
 from overfocus_jax.models.split import EncoderHead
 
 ModuleDef = Any  # a flax module class or a functools.partial of one (flax's examples' convention)
@@ -115,7 +115,7 @@ def pad_to_multiple(x: jax.Array, stride: int) -> jax.Array:
 
 def layer_norm(dtype: Any, name: str) -> nn.Module:
   # Two-pass variance (torch's), statistics in float32 under bfloat16 too.
-  return nn.LayerNorm(epsilon=EPSILON, dtype=dtype, use_fast_variance=False, name=name)
+  return norms.LayerNorm(epsilon=EPSILON, dtype=dtype, name=name)
 
 
 def scaled_init(init, scale: float):

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from overfocus_jax.models import norms
 from overfocus_jax.models.patches import extract_patches, pixel_to_normalized
 
 # FocusNet's initial keypoint grid is shrunk by this factor, so that its patches start over the image's middle.
@@ -183,7 +184,7 @@ class KeypointNet(nn.Module):
   grad_scale: float = 1.0
   dtype: Any = jnp.float32
   conv: ModuleDef = nn.Conv
-  norm: ModuleDef = nn.BatchNorm
+  norm: ModuleDef = norms.BatchNorm
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -228,7 +229,7 @@ class PatchEncoder(nn.Module):
   feature_width: int = 64
   dtype: Any = jnp.float32
   conv: ModuleDef = nn.Conv
-  norm: ModuleDef = nn.BatchNorm
+  norm: ModuleDef = norms.BatchNorm
 
   @nn.compact
   def __call__(self, images, keypoints, train: bool, scales=None):
@@ -278,7 +279,7 @@ class FocusEncoder(nn.Module):
   zoom_range: Sequence[float] = ()
   dtype: Any = jnp.float32
   conv: ModuleDef = nn.Conv
-  norm: ModuleDef = nn.BatchNorm
+  norm: ModuleDef = norms.BatchNorm
 
   def setup(self):
     self.locate = KeypointNet(self.num_keypoints, tuple(self.keypoint_widths), patch_scale=self.patch_scale,
@@ -312,7 +313,7 @@ class CornerEncoder(nn.Module):
   border: int = 2
   dtype: Any = jnp.float32
   conv: ModuleDef = nn.Conv
-  norm: ModuleDef = nn.BatchNorm
+  norm: ModuleDef = norms.BatchNorm
 
   def setup(self):
     self.patches = PatchEncoder(self.patch_size, self.patch_scale, tuple(self.patch_widths), self.feature_width,
@@ -346,7 +347,7 @@ class _PatchModel(nn.Module):
   hidden: int = 128
   dtype: Any = jnp.float32
   conv: ModuleDef = nn.Conv
-  norm: ModuleDef = nn.BatchNorm
+  norm: ModuleDef = norms.BatchNorm
 
   def make_encoder(self) -> nn.Module:
     raise NotImplementedError

@@ -34,6 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from overfocus_jax.models import norms
 from overfocus_jax.models.split import EncoderHead
 
 ModuleDef = Any  # a flax module class or a functools.partial of one (flax's examples' convention)
@@ -72,9 +73,8 @@ class MNISTCNNEncoder(nn.Module):
       x = self.conv(features, (3, 3), strides=stride, padding=((1, 1), (1, 1)), dtype=self.dtype,
                     kernel_init=TORCH_KERNEL_INIT, bias_init=torch_bias_init(fan_in), name=f"conv{i + 1}")(x)
       x = nn.relu(x)
-      # Flax reduces in float32 under bfloat16 too; the two-pass variance is PyTorch's.
-      x = nn.GroupNorm(num_groups=GROUPS, epsilon=1e-5, dtype=self.dtype, use_fast_variance=False,
-                       name=f"bn{i}")(x)
+      # Statistics in float32 under bfloat16 too, two-pass and summed in blocks (models/norms.py), as PyTorch's.
+      x = norms.GroupNorm(num_groups=GROUPS, epsilon=1e-5, dtype=self.dtype, name=f"bn{i}")(x)
     return x
 
 

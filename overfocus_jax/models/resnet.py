@@ -26,6 +26,8 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from overfocus_jax.models import norms
+
 ModuleDef = Any  # a flax module class or a functools.partial of one (flax's examples' convention)
 STEM_POOLS = ("none", "max", "avg")
 ACTIVATIONS = {"relu": nn.relu, "gelu": functools.partial(nn.gelu, approximate=False)}
@@ -50,7 +52,7 @@ class GroupNorm(nn.Module):
   @nn.compact
   def __call__(self, x, use_running_average: bool | None = None):
     del use_running_average  # no running statistics: the same in training and inference
-    return nn.GroupNorm(num_groups=group_count(x.shape[-1]), epsilon=self.epsilon, dtype=self.dtype, name="gn")(x)
+    return norms.GroupNorm(num_groups=group_count(x.shape[-1]), epsilon=self.epsilon, dtype=self.dtype, name="gn")(x)
 
 
 class Identity(nn.Module):
@@ -68,7 +70,7 @@ def norm_def(kind: str, dtype: Any, train: bool | None = None) -> ModuleDef:
   if kind == "none":
     return Identity
   mode = {} if train is None else {"use_running_average": not train}
-  return functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5, dtype=dtype, **mode)
+  return functools.partial(norms.BatchNorm, momentum=0.9, epsilon=1e-5, dtype=dtype, **mode)
 
 
 class PreActBlock(nn.Module):

@@ -38,7 +38,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from overfocus_jax.models import weights
+from overfocus_jax.models import norms, weights
 from overfocus_jax.models.mnist_cnn import TORCH_KERNEL_INIT, torch_bias_init
 from overfocus_jax.models.split import EncoderHead
 
@@ -103,8 +103,8 @@ class ResNetTVEncoder(nn.Module):
   def __call__(self, x, train: bool):
     conv = functools.partial(self.conv, dtype=self.dtype)
     # Flax's momentum weighs the old statistics: PyTorch's 0.1 is 0.9 here.
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                             use_fast_variance=False, dtype=self.dtype)
+    norm = functools.partial(norms.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                             dtype=self.dtype)
     if self.stem == "imagenet":
       x = torch_padded(conv, 7)(64, strides=2, name="conv1")(x)
     else:

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from overfocus_jax.errors import UserError
-from overfocus_jax.models import weights
+from overfocus_jax.models import norms, weights
 from overfocus_jax.models.split import EncoderHead
 
 ModuleDef = Any  # a flax module class or a functools.partial of one (flax's examples' convention)
@@ -98,8 +98,8 @@ class VGGEncoder(nn.Module):
         x = self.conv(features, (3, 3), padding="SAME", dtype=self.dtype, kernel_init=CONV_INIT,
                       name=f"conv{i}_{j}")(x)
         if self.batch_norm:
-          x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
-                           name=f"bn{i}_{j}")(x)
+          x = norms.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
+                              name=f"bn{i}_{j}")(x)
         x = nn.relu(x)
       if i <= self.max_pools:
         x = max_pool(x)

@@ -21,12 +21,12 @@ def _rsc(group: ml_collections.ConfigDict, steps_per_epoch: int) -> Regularizer:
   return rsc.rsc(spatial_fraction=group.spatial_fraction, channel_fraction=group.channel_fraction,
                  spatial_probability=group.spatial_probability,
                  batch_percent=None if group.batch_percent < 0 else group.batch_percent,
-                 curriculum_steps=RSC_CURRICULUM_EPOCHS * steps_per_epoch)
+                 curriculum_steps=RSC_CURRICULUM_EPOCHS * steps_per_epoch, rule=group.rule)
 
 
 def _rsc_domainbed(group: ml_collections.ConfigDict, steps_per_epoch: int) -> Regularizer:
   del steps_per_epoch  # no schedule
-  return rsc.rsc_domainbed(feature_drop=group.feature_drop, batch_drop=group.batch_drop)
+  return rsc.rsc_domainbed(feature_drop=group.feature_drop, batch_drop=group.batch_drop, rule=group.rule)
 
 
 # name -> builder from the name's own config group (config.regularizer.<name>); "none" has no group.

@@ -50,21 +50,23 @@ def saved_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
 
 
 def keep_trained_rule(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> ml_collections.ConfigDict:
-  """``config`` for a run resumed in ``workdir``: when its config.json named SGDrop's rule "quantile" in the earlier
-  meaning (:func:`config_lib.legacy_sgdrop_rule`) and ``config`` still names it, the run keeps the rule it was
-  trained with, "topk" (one line on stderr)."""
+  """``config`` for a run resumed in ``workdir``: when its config.json was written with a rule whose meaning has
+  since changed (:func:`config_lib.trained_rule`) and ``config`` still names that rule, the run keeps the rule it
+  was trained with, "topk" (one line on stderr)."""
   path = workdir / "config.json"
-  if config.regularizer.sgdrop.rule != "quantile" or not path.is_file():
+  if not path.is_file():
     return config
   try:
     saved = json.loads(path.read_text())
   except (ValueError, OSError):
     return config
-  if not config_lib.legacy_sgdrop_rule(saved):
+  name = config_lib.trained_rule(saved)
+  if name is None or config.regularizer.name != name or \
+     config.regularizer[name].rule != (config_lib.EARLIER_RULES[name] or "reference"):
     return config
-  print(config_lib.LEGACY_RULE_NOTE, file=sys.stderr)
+  print(config_lib.trained_rule_note(name), file=sys.stderr)
   config = config.copy_and_resolve_references()
-  config.regularizer.sgdrop.rule = "topk"
+  config.regularizer[name].rule = "topk"
   return config
 
 
