@@ -167,6 +167,23 @@ def cmd_bench(args, overrides) -> None:
   print(json.dumps(result))
 
 
+def quiet_background_writers() -> None:
+  """A failed checkpoint write makes orbax's background threads log it at ERROR with its traceback, and TensorStore's
+  callbacks then print one "Event loop is closed" traceback per pending write (as unraisable exceptions), all before
+  the run reports the failure in one line of its own (:class:`errors.WriteError`). The CLI shows orbax's fatal
+  messages only and drops those callbacks' tracebacks; every other unraisable exception prints as before."""
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.FATAL)
+  default_hook = sys.unraisablehook
+
+  def hook(unraisable):
+    if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+      return
+    default_hook(unraisable)
+
+  sys.unraisablehook = hook
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "explain": cmd_explain, "bench": cmd_bench}
 
 
@@ -177,12 +194,18 @@ def main(argv: list[str] | None = None) -> int:
   from overfocus_jax.host_memory import retain_host_memory
   retain_host_memory()
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  quiet_background_writers()
   try:
     args, extra = _parser().parse_known_args(sys.argv[1:] if argv is None else argv)
     overrides = split_overrides(extra)
     from overfocus_jax import compilation_cache
     compilation_cache.enable()  # before anything compiles; $OVERFOCUS_COMPILATION_CACHE=off turns it off
     COMMANDS[args.command](args, overrides)
+  except errors.WriteError as e:  # a full or read-only disk: the line, then out before orbax's threads print theirs
+    code = errors.report(e, flag_prefix=CONFIG_PREFIX)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
   except UserError as e:  # a SettingError is worded as the flag that sets it
     return errors.report(e, flag_prefix=CONFIG_PREFIX)
   except KeyboardInterrupt:

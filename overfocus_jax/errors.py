@@ -24,6 +24,12 @@ class UserError(Exception):
     super().__init__(" ".join(message.split()))  # always one line
 
 
+class WriteError(UserError):
+  """A write to disk failed (a full disk, a read-only or vanished workdir): what, where, and how to go on. The CLI
+  ends the process right after its line, before interpreter shutdown, when background writers (orbax's) would
+  print their own tracebacks; everything already complete on disk stays as it is."""
+
+
 class SettingError(UserError):
   """A setting's value cannot work: ``setting`` (its config name, e.g. ``batch_size``), the ``problem`` and a
   ``remedy`` that completes "set it to …" (e.g. ``a multiple of 8, e.g. 96``)."""

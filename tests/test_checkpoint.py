@@ -336,17 +336,27 @@ def corrupt_metadata(state_dir):
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax's closed event loop
 @pytest.mark.parametrize("corrupt", [corrupt_chunks, corrupt_metadata], ids=["truncated-chunks", "bad-metadata"])
-def test_corrupt_checkpoint_is_refused_and_left_alone(trained_workdir, tmp_path, capsys, corrupt):
+def test_a_run_whose_only_checkpoint_is_damaged_stops_in_one_line_and_keeps_it(trained_workdir, tmp_path, capsys,
+                                                                                corrupt):
+  """Eval (a reader) leaves everything as it is; train moves the damaged checkpoint aside (never deletes it) and,
+  with none left that restores, stops in one line naming it. Test_faults.py covers the fallback to an earlier one."""
   workdir = tmp_path / "run"
   shutil.copytree(trained_workdir, workdir)
-  corrupt(workdir / "checkpoints" / str(STEPS_PER_EPOCH) / "state")
+  damaged = workdir / "checkpoints" / str(STEPS_PER_EPOCH)
+  corrupt(damaged / "state")
   before = snapshot(workdir)
-  code, _, err = run_cli(capsys, "train", "--workdir", workdir, *BASE_RUN_ARGS, "--config.num_epochs=2")
-  assert_one_line_error(code, err, "corrupt", f"checkpoints/{STEPS_PER_EPOCH}")
-  assert snapshot(workdir) == before  # nothing deleted, overwritten or added (not even a new events file)
   code, _, err = run_cli(capsys, "eval", "--workdir", workdir)
-  assert_one_line_error(code, err, "corrupt")
+  assert_one_line_error(code, err, "no checkpoint", "can be read", f"checkpoints/{STEPS_PER_EPOCH}")
   assert snapshot(workdir) == before
+  code, _, err = run_cli(capsys, "train", "--workdir", workdir, *BASE_RUN_ARGS, "--config.num_epochs=2")
+  assert_one_line_error(code, err, "no checkpoint", "can be read", "checkpoints.damaged")
+  moved = list((workdir / "checkpoints.damaged").iterdir())
+  assert [m.name.split("-")[0] for m in moved] == [str(STEPS_PER_EPOCH)] and not damaged.exists()
+  after = snapshot(workdir)  # every file kept, byte for byte, the damaged checkpoint's under its new folder
+  old, new = f"checkpoints/{STEPS_PER_EPOCH}/", f"checkpoints.damaged/{moved[0].name}/"
+  assert {k[len(new):]: v for k, v in after.items() if k.startswith(new)} == \
+      {k[len(old):]: v for k, v in before.items() if k.startswith(old)}
+  assert all(after[k] == v for k, v in before.items() if not k.startswith(old) and k != old.rstrip("/"))
 
 
 def test_incompatible_checkpoint_is_refused_and_left_alone(trained_workdir, tmp_path, capsys):

@@ -85,6 +85,7 @@ from overfocus_jax.data.environments import seed_hash
 from overfocus_jax.dg.selection import record_problem
 from overfocus_jax.errors import SettingError, UserError
 from overfocus_jax.overrides import CONFIG_PREFIX, split_overrides
+from overfocus_jax.train import lock
 from overfocus_jax.train.preemption import EXIT_CODES  # numpy only, like the CLI's import
 
 PROG = "python -m overfocus_jax.dg.sweep"
@@ -402,7 +403,7 @@ def run_sweep(jobs: Sequence[Job], out: pathlib.Path, config_path: pathlib.Path,
   user_fields = [field for field, _ in user_overrides]
   done_before = sum((out / job.name / DONE_FILE).exists() for job in jobs)
   print(f"sweep: {len(jobs)} runs in {out} ({done_before} done, {len(jobs) - done_before} to run)", flush=True)
-  counts = {"done": 0, "skipped": 0, "failed": 0}
+  counts = {"done": 0, "skipped": 0, "failed": 0, "busy": 0}
   for i, job in enumerate(jobs, start=1):
     workdir = out / job.name
     prefix = f"[{i}/{len(jobs)}] {job.name}"
@@ -410,12 +411,18 @@ def run_sweep(jobs: Sequence[Job], out: pathlib.Path, config_path: pathlib.Path,
       counts["skipped"] += 1
       print(f"{prefix}: skipped (done)", flush=True)
       continue
+    busy = lock.holder(workdir)
+    if busy:  # another sweep (or a requeued job) is training it: not run twice
+      counts["busy"] += 1
+      print(f"{prefix}: skipped (its workdir is in use by {busy})", flush=True)
+      continue
     print(f"{prefix}: ", end="", flush=True)
     start = time.perf_counter()
     failure = run_job(job, workdir, train_command(job, workdir, config_path, user_overrides), user_fields)
     counts["failed" if failure else "done"] += 1
     print(f"failed, {failure}" if failure else f"done ({time.perf_counter() - start:.0f} s)", flush=True)
-  print(f"sweep: {counts['done']} done, {counts['skipped']} skipped (done before), {counts['failed']} failed; "
+  busy = f", {counts['busy']} in use elsewhere (rerun to pick them up)" if counts["busy"] else ""
+  print(f"sweep: {counts['done']} done, {counts['skipped']} skipped (done before){busy}, {counts['failed']} failed; "
         f"results: {out}/*/{RESULTS_FILE}")
   print(f"tables: python -m overfocus_jax.dg.tables {shlex.quote(str(out))}")
   return 1 if counts["failed"] else 0

@@ -18,6 +18,7 @@ probability). For the focus models ``explain.json`` also holds ``patch_scales``:
 the measured images (mean, std, min, max), which the zoom variant learns.
 """
 
+import contextlib
 import dataclasses
 import json
 import pathlib
@@ -35,6 +36,7 @@ from overfocus_jax.explain import attributions, figures, latent, layers, metrics
 from overfocus_jax.models import patches
 from overfocus_jax.train import evaluation
 from overfocus_jax.train import workdir as workdir_lib
+from overfocus_jax.train.lock import WorkdirLock
 
 METHODS = ("latent", "grad_cam", "input_gradient", "smoothgrad", "integrated_gradients")
 # Methods that read a feature map aligned with the image; the focus models' latent is one vector per patch.
@@ -288,8 +290,14 @@ def explain(workdir, *, dataset: str | None = None, out=None, compare=None, opti
   if other is not None and other.exp.dataset.image_shape != run.exp.dataset.image_shape:
     raise UserError(f"--compare run {str(other.workdir)!r} was trained on {other.exp.dataset.image_shape} images, "
                     f"this one on {run.exp.dataset.image_shape}", "compare two runs on the same data")
-  out = workdir_lib.prepare_workdir(out or run.workdir / "explain")
+  out = pathlib.Path(out or run.workdir / "explain").expanduser().resolve()
+  with contextlib.ExitStack() as held:
+    if out.is_relative_to(run.workdir):  # it writes into the run's workdir: one writer at a time
+      held.enter_context(WorkdirLock(run.workdir, "overfocus explain"))
+    return _explain(run, other, source, name, model, methods, options, workdir_lib.prepare_workdir(out), progress)
 
+
+def _explain(run, other, source, name, model, methods, options: Options, out: pathlib.Path, progress) -> dict:
   results, shown, first, accuracy, count = measure_methods(run, source, methods, options, progress)
   predictions = _predictions(model, run.state.variables, first["image"])
   images = _display(first["image"])

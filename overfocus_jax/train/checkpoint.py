@@ -2,12 +2,20 @@
 statistics, step, PRNG key, regularizer state) and the data stream's position (grain's iterator state, or
 ``{"on_device": true}`` for data on the device, whose position is the step), saved together per step.
 
-A checkpoint that cannot be read, or that belongs to another model, is reported as a :class:`UserError` and left
-untouched on disk: nothing is overwritten until a restore has succeeded.
+A checkpoint that belongs to another model is reported as a :class:`UserError` and left untouched on disk. One
+that cannot be read raises :class:`DamagedCheckpoint`; :func:`overfocus_jax.train.workdir.restore_or_init` then
+moves it aside (:func:`move_aside`, into ``WORKDIR/checkpoints.damaged/``, never deleted) and resumes from the newest
+checkpoint that restores. A save that fails (a full disk, a read-only workdir) raises
+:class:`~overfocus_jax.errors.WriteError` naming the last complete checkpoint; orbax writes each checkpoint into a
+temporary folder and renames it when complete, so the complete ones are never touched.
 """
 
 import dataclasses
+import datetime
+import errno
+import os
 import pathlib
+import re
 from typing import Any
 
 import jax
@@ -15,7 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 
-from overfocus_jax.errors import UserError
+from overfocus_jax.errors import UserError, WriteError
 
 STATE, DATA = "state", "data"
 # The regularizers' step counters (state["count"]): a checkpoint written before they kept one restores with the
@@ -24,6 +32,36 @@ COUNT = "count"
 # Before regularizers owned their state (the renovation), TrainState kept SGDrop's EMA teacher in a field "extra";
 # checkpoints without a teacher stored nothing there and restore unchanged.
 LEGACY_REGULARIZER_FIELD = "extra"
+DAMAGED_DIRECTORY = "checkpoints.damaged"  # beside checkpoints/: where a checkpoint that cannot be read is moved
+
+
+class DamagedCheckpoint(UserError):
+  """A checkpoint whose files cannot be read: ``step`` and its ``path``."""
+
+  def __init__(self, step: int, path: pathlib.Path):
+    self.step, self.path = step, path
+    super().__init__(f"checkpoint {step} in {path.parent} cannot be read (its files are damaged or incomplete)",
+                     "move it away to resume from an earlier one, or start afresh in a new --workdir")
+
+
+# The errors of a failed write, as the OS names them; orbax and TensorStore report them inside their own messages
+# ("... No space left on device [os_error_code='28']").
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.ENOENT)
+
+
+def write_failure(error: BaseException) -> str | None:
+  """What the OS said about a failed write inside ``error`` (e.g. "No space left on device"), or None if it is not
+  one."""
+  if isinstance(error, OSError) and error.errno in WRITE_ERRNOS:
+    return error.strerror or os.strerror(error.errno)
+  text = str(error)
+  code = re.search(r"os_error_code='?(\d+)", text)
+  if code and int(code.group(1)) in WRITE_ERRNOS:
+    return os.strerror(int(code.group(1)))
+  for errnum in WRITE_ERRNOS:
+    if os.strerror(errnum) in text:
+      return os.strerror(errnum)
+  return None
 
 
 class Checkpointer:
@@ -49,17 +87,42 @@ class Checkpointer:
     self.manager.wait_until_finished()
     return self.manager.latest_step()
 
+  def complete_steps(self) -> list[int]:
+    """The steps of the complete checkpoints on disk, newest first (orbax renames a checkpoint's folder to its step
+    when it is complete)."""
+    if not self.directory.is_dir():
+      return []
+    return sorted((int(p.name) for p in self.directory.iterdir() if p.is_dir() and p.name.isdigit()), reverse=True)
+
+  def _write_error(self, error: BaseException, what: str) -> WriteError:
+    reason = write_failure(error) or f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
+    try:  # a save still in flight may complete: the message names the last complete checkpoint
+      self.manager.wait_until_finished()
+    except Exception:  # noqa: BLE001 — it failed too: the one before it stays the last complete
+      pass
+    steps = self.complete_steps()
+    last = f"the last complete checkpoint is step {steps[0]}" if steps else "no checkpoint is complete yet"
+    return WriteError(f"{what} in {self.directory} failed ({reason}); {last}",
+                      "free space there (or lower --config.keep_checkpoints, or pass a --workdir that is writable), "
+                      "then rerun the same command: it resumes from the last complete checkpoint")
+
   def save(self, step: int, state: Any, data_state: dict) -> None:
     """Starts saving ``step``: returns once the arrays are copied off the devices (so the next step may overwrite
     them; orbax copies every array before returning unless ``save_device_host_concurrent_bytes`` is set, which this
     class must therefore not set — tests/test_dispatch.py checks it) and writes the files in the background. A save waits for the one before it; :meth:`wait` and
     :meth:`close` wait for the last. Until then the previous checkpoint is the latest complete one."""
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    data=ocp.args.JsonSave(data_state)))
+    try:
+      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                      data=ocp.args.JsonSave(data_state)))
+    except Exception as e:  # noqa: BLE001 — orbax raises many types; a failed earlier save surfaces here too
+      raise self._write_error(e, "saving a checkpoint") from None
 
   def wait(self) -> None:
     """Blocks until every save started so far is on disk."""
-    self.manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      raise self._write_error(e, "saving a checkpoint") from None
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
     """Restores ``(state, data_state)`` shaped and sharded like ``abstract_state`` (latest step by default)."""
@@ -74,11 +137,10 @@ class Checkpointer:
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                                     data=ocp.args.JsonRestore()))
-    except Exception as e:  # orbax/tensorstore raise many types for unreadable files: all mean "corrupt"
-      raise UserError(f"checkpoint {self.directory / str(step)} is corrupt or unreadable "
-                      f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})",
-                      "restore it from a backup, or move it away to resume from an earlier step or start afresh") \
-          from None
+    except Exception:  # orbax/tensorstore raise many types for unreadable files: all mean "damaged"
+      raise DamagedCheckpoint(step, self.directory / str(step)) from None
+    if not all(_finite(leaf) for leaf in jax.tree.leaves(restored[STATE])):
+      raise DamagedCheckpoint(step, self.directory / str(step))  # it read back, but not as numbers a run saves
     state = restored[STATE]
     if legacy:  # an empty "extra" held nothing: the regularizer starts from its (equally empty) initial state
       fields = {k: v for k, v in state.items() if k != LEGACY_REGULARIZER_FIELD}
@@ -125,10 +187,23 @@ class Checkpointer:
                       "use the config the run was started with, or a new --workdir")
     return True
 
+  def move_aside(self, step: int) -> pathlib.Path:
+    """Moves checkpoint ``step`` into ``WORKDIR/checkpoints.damaged/`` (never deletes it) and returns where."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    target = self.directory.parent / DAMAGED_DIRECTORY / f"{step}-{stamp}"
+    target.parent.mkdir(exist_ok=True)
+    os.replace(self.directory / str(step), target)
+    self.manager.reload()  # its list of steps
+    return target
+
   def close(self) -> None:
     """Finishes any save in flight, then releases the manager."""
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      raise self._write_error(e, "saving a checkpoint") from None
+    finally:
+      self.manager.close()
 
 
 def has_checkpoint(workdir: str | pathlib.Path) -> bool:
@@ -147,6 +222,12 @@ def _shapes(tree: Any) -> dict[str, tuple]:
   # simple keys: a saved dataclass comes back as a dict, so ".params" and "['params']" must compare equal
   return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(getattr(leaf, "shape", np.shape(leaf)))
           for path, leaf in leaves}
+
+
+def _finite(leaf) -> bool:
+  """Whether a restored leaf holds finite numbers (this process's copy of it: the state is replicated)."""
+  values = np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf)
+  return not np.issubdtype(values.dtype, np.floating) or bool(np.all(np.isfinite(values)))
 
 
 def _without_counts(node: Any) -> Any:

@@ -31,7 +31,9 @@ from overfocus_jax.train import dispatch, preemption, streams
 from overfocus_jax.train.evaluation import attribution_batch, jit_attribution_probe, make_evaluator
 from overfocus_jax.train.experiment import build_experiment, jit_train_chunk
 from overfocus_jax.train.regularizers import STRENGTH_FIELDS
-from overfocus_jax.train.workdir import MetricWriter, keep_trained_rule, prepare_workdir, restore_or_init
+from overfocus_jax.train.lock import WorkdirLock
+from overfocus_jax.train.workdir import (MetricWriter, keep_trained_rule, prepare_workdir, restore_or_init,
+                                        write_file)
 
 
 def _check_finite(metrics: dict, step: int) -> None:
@@ -97,9 +99,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   ``regularizer`` replaces the one the config names (your own, or a ``challenge.chain`` of several). With
   ``handle_signals`` (and in the main thread), SIGTERM, SIGUSR1 and SIGINT stop the run cleanly after a checkpoint
   (:mod:`.preemption`): :class:`~.preemption.Stopped` is raised once it is on disk.
+
+  The run holds ``workdir``'s lock (:mod:`.lock`, process 0 of several) from before it writes anything until it
+  ends: a second run on the same workdir stops with a :class:`UserError` naming the first.
   """
   config_lib.validate(config)
   workdir = prepare_workdir(workdir)
+  with contextlib.ExitStack() as held:
+    if parallel.is_primary():
+      held.enter_context(WorkdirLock(workdir, "overfocus train"))
+    return _train(config, workdir, regularizer, progress, handle_signals)
+
+
+def _train(config, workdir: pathlib.Path, regularizer, progress, handle_signals) -> dict:
   config = keep_trained_rule(config, workdir)
   # Pretrained weights start a new run only: a resumed one restores its checkpoint (and never reads the file).
   pretrained = bool(config.init_from) and not checkpoint_lib.has_checkpoint(workdir)
@@ -115,7 +127,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     stream = streams.make_stream(exp, data_state)
     closing.callback(stream.close)
     if parallel.is_primary():  # process 0 writes the run's files; every process writes its part of a checkpoint
-      (workdir / "config.json").write_text(config_lib.config_to_json(config))
+      write_file(workdir / "config.json", config_lib.config_to_json(config), "the run's config")
     schedule = preemption.CheckpointSchedule(config.checkpoint_every_steps, config.checkpoint_every_minutes)
     with preemption.watching_signals(handle_signals) as watch:
       saver = preemption.Saver(checkpointer, schedule, watch, exp.steps_per_epoch)
@@ -245,7 +257,7 @@ def _run_epochs(exp, state, stream, saver, workdir, progress, resume) -> dict:
     summary["test_envs"] = list(config.environments.test_envs)
     summary.update({k: v for k, v in record.items() if k.startswith("env") and k.endswith("_acc")})
   if parallel.is_primary():
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_file(workdir / "summary.json", json.dumps(summary, indent=2), "the run's summary")
   return summary
 
 

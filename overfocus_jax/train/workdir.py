@@ -9,6 +9,7 @@
 
 import dataclasses
 import json
+import os
 import pathlib
 import sys
 
@@ -16,7 +17,7 @@ import ml_collections
 
 from overfocus_jax import config as config_lib
 from overfocus_jax import parallel
-from overfocus_jax.errors import UserError
+from overfocus_jax.errors import UserError, WriteError
 from overfocus_jax.files import make_writable_directory
 from overfocus_jax.train import checkpoint as checkpoint_lib
 from overfocus_jax.train.experiment import Experiment, build_experiment
@@ -78,6 +79,25 @@ def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def write_failed(error: OSError, path: pathlib.Path, what: str) -> WriteError:
+  """The one-line error of a failed write of ``what`` to ``path``."""
+  return WriteError(f"writing {what} to {path} failed ({error.strerror or type(error).__name__})",
+                    "free space there, or pass a --workdir that is writable, then rerun the same command: it resumes "
+                    "from the last complete checkpoint")
+
+
+def write_file(path: pathlib.Path, text: str, what: str) -> None:
+  """Writes ``text`` to ``path`` whole or not at all (a temporary file renamed over it); a failure is a
+  :class:`WriteError`, and the old file stays as it was."""
+  partial = path.with_name(f".{path.name}.partial")
+  try:
+    partial.write_text(text)
+    os.replace(partial, path)
+  except OSError as e:
+    partial.unlink(missing_ok=True) if partial.exists() else None
+    raise write_failed(e, path, what) from None
+
+
 class MetricWriter:
   """One JSON object per epoch in ``metrics.jsonl`` and the same scalars as TensorBoard events."""
 
@@ -97,8 +117,21 @@ class MetricWriter:
       self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in records if r.get("step", 0) <= step))
 
   def write(self, step: int, record: dict) -> None:
-    with self.jsonl.open("a") as f:
-      f.write(json.dumps(record) + "\n")
+    """Appends the epoch's line whole or not at all: a write that fails (a full disk) is cut back to the file's
+    previous end and raised as a :class:`WriteError`, so no half-written line stays."""
+    line = (json.dumps(record) + "\n").encode()
+    end = self.jsonl.stat().st_size if self.jsonl.exists() else 0
+    try:
+      with self.jsonl.open("ab") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+    except OSError as e:
+      try:
+        os.truncate(self.jsonl, end)
+      except OSError:
+        pass
+      raise write_failed(e, self.jsonl, "the epoch's metrics") from None
     for name, value in record.items():
       if isinstance(value, (int, float)) and name not in ("epoch", "step"):
         self.tensorboard.add_scalar(name, value, step)
@@ -108,13 +141,33 @@ class MetricWriter:
     self.tensorboard.close()
 
 
-def restore_or_init(exp: Experiment, checkpointer: checkpoint_lib.Checkpointer) -> tuple[TrainState, dict | None]:
-  """``(state, data_state)`` of the latest checkpoint if there is one (the data state is the train stream's
-  position, :mod:`.streams`), else the experiment's fresh state and None."""
+def restore_or_init(exp: Experiment, checkpointer: checkpoint_lib.Checkpointer, *,
+                    move_damaged: bool = True) -> tuple[TrainState, dict | None]:
+  """``(state, data_state)`` of the newest checkpoint that restores (the data state is the train stream's position,
+  :mod:`.streams`), else the experiment's fresh state and None when there is none.
+
+  A damaged checkpoint (:class:`~.checkpoint.DamagedCheckpoint`) is moved aside into ``checkpoints.damaged/`` (or,
+  with ``move_damaged=False``, for readers, left where it is) and the next newest is tried; one line on stderr says
+  which were skipped, or, when none restores, the error names them all.
+  """
   if checkpointer.latest_step() is None:
     return exp.state, None
   abstract = checkpoint_lib.abstract_like(exp.state, parallel.replicated(exp.mesh))
-  return checkpointer.restore(abstract)
+  damaged = []
+  for step in checkpointer.complete_steps():
+    try:
+      restored = checkpointer.restore(abstract, step)
+    except checkpoint_lib.DamagedCheckpoint as e:
+      damaged.append((step, checkpointer.move_aside(step) if move_damaged and parallel.is_primary() else e.path))
+      continue
+    if damaged:
+      where = "; ".join(f"{s}{f' (moved to {path})' if move_damaged else ''}" for s, path in damaged)
+      print(f"overfocus: note: checkpoint {where} cannot be read (its files are damaged); resuming from checkpoint "
+            f"{step}", file=sys.stderr)
+    return restored
+  raise UserError(f"no checkpoint of {checkpointer.directory} can be read (damaged: "
+                  f"{', '.join(str(path) for _, path in damaged)})",
+                  "restore them from a backup, or start afresh in a new --workdir")
 
 
 @dataclasses.dataclass
@@ -138,7 +191,7 @@ def load_trained(workdir: str | pathlib.Path) -> TrainedRun:
     step = checkpointer.latest_step()
     if step is None:
       raise UserError(f"no checkpoint in {workdir / 'checkpoints'}", "train first: overfocus train --workdir DIR")
-    state, _ = restore_or_init(exp, checkpointer)
+    state, _ = restore_or_init(exp, checkpointer, move_damaged=False)
   finally:
     checkpointer.close()
   return TrainedRun(workdir, config, exp, state, int(step))
