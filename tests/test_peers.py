@@ -162,22 +162,14 @@ def largest_difference(grads: dict, other: dict) -> float:
   return max(float(np.max(np.abs(np.asarray(grads[name], np.float64) - other[name]))) for name in other)
 
 
-@pytest.mark.parametrize("f, b", [(1 / 3, 1 / 3), (0.047, 0.25), (0.25, 0.047), (0.5, 0.5), (0.0, 0.0),
-                                  (0.4183, 0.1237)])
-def test_domainbed_rsc_update_is_domainbeds(f, b):
+def compare_domainbed_update(f: float, b: float) -> dict:
+  """One DomainBed RSC update on both sides (same weights, same ColoredMNIST batch): the masks and the numbers."""
   x, labels = colored_batch(64)
   model = mnist_cnn.MNISTCNN(num_classes=2)
   variables = jax.device_get(model.init(jax.random.PRNGKey(1), jnp.asarray(x[:1])))
   peer = TorchMNISTCNN(variables)
   reference = domainbed_rsc_update(peer, nchw(x), torch.from_numpy(labels), 2, f, b)
   loss, mask, aux, grads = jax_domainbed_update(variables, jnp.asarray(x), jnp.asarray(labels, jnp.int32), f, b)
-  np.testing.assert_array_equal(np.asarray(aux["mask_f"]), reference["mask_f"].numpy())
-  np.testing.assert_array_equal(~np.asarray(aux["chosen"]), reference["mask_b"].numpy().astype(bool))
-  np.testing.assert_array_equal(np.asarray(mask), reference["mask"].numpy())
-  # the counts of the reference: on distinct gradients 1 + ⌊f·(D − 1)⌋ features per sample, at f = 0 still one
-  dropped = np.sum(reference["mask_f"].numpy() == 0, axis=1)
-  assert np.all(dropped >= 1 + math.floor(f * 127))
-  assert abs(float(loss) - float(reference["loss"].detach())) <= TOLERANCE
   encoder = grads["encoder"]
   ours = {**{f"conv{i}.weight": np.transpose(encoder[f"conv{i + 1}"]["kernel"], (3, 2, 0, 1)) for i in range(4)},
           **{f"conv{i}.bias": encoder[f"conv{i + 1}"]["bias"] for i in range(4)},
@@ -186,13 +178,33 @@ def test_domainbed_rsc_update_is_domainbeds(f, b):
           "classifier.weight": np.transpose(grads["head"]["classifier"]["kernel"]),
           "classifier.bias": grads["head"]["classifier"]["bias"]}
   theirs = torch_gradients(peer)
+  exact = float64_gradients(variables, x, labels, reference["mask"])
+  return {"variant": "rsc_domainbed", "case": f"f={f:.4g}, b={b:.4g}",
+          "masks": {"mask_f": (np.asarray(aux["mask_f"]), reference["mask_f"].numpy()),
+                    "mask_b": (~np.asarray(aux["chosen"]), reference["mask_b"].numpy().astype(bool)),
+                    "mask": (np.asarray(mask), reference["mask"].numpy())},
+          "dropped_features": np.sum(reference["mask_f"].numpy() == 0, axis=1),
+          "loss_difference": abs(float(loss) - float(reference["loss"].detach())),
+          "gradients": (theirs, {k: np.asarray(v, np.float64) for k, v in ours.items()}),
+          "gradient_difference": largest_difference(ours, theirs),
+          "largest_gradient": max(float(np.max(np.abs(v))) for v in theirs.values()),
+          "torch_float32_error": largest_difference(theirs, exact), "our_float32_error": largest_difference(ours, exact)}
+
+
+@pytest.mark.parametrize("f, b", [(1 / 3, 1 / 3), (0.047, 0.25), (0.25, 0.047), (0.5, 0.5), (0.0, 0.0),
+                                  (0.4183, 0.1237)])
+def test_domainbed_rsc_update_is_domainbeds(f, b):
+  result = compare_domainbed_update(f, b)
+  for name, (ours, theirs) in result["masks"].items():
+    np.testing.assert_array_equal(ours, theirs, err_msg=name)
+  # the counts of the reference: on distinct gradients 1 + ⌊f·(D − 1)⌋ features per sample, at f = 0 still one
+  assert np.all(result["dropped_features"] >= 1 + math.floor(f * 127))
+  assert result["loss_difference"] <= TOLERANCE
   # Every gradient within 1e-5 of PyTorch's, or, where PyTorch's own float32 error on this update is larger, within
   # twice that error; and ours never further from the float64 gradients than PyTorch's float32 ones, beyond 1e-5.
-  exact = float64_gradients(variables, x, labels, reference["mask"])
-  torch_error = largest_difference(theirs, exact)
-  assert_gradients_match(theirs, {k: np.asarray(v, np.float64) for k, v in ours.items()},
-                         max(TOLERANCE, 2 * torch_error))
-  assert largest_difference(ours, exact) <= max(TOLERANCE, torch_error)
+  torch_error = result["torch_float32_error"]
+  assert_gradients_match(*result["gradients"], max(TOLERANCE, 2 * torch_error))
+  assert result["our_float32_error"] <= max(TOLERANCE, torch_error)
 
 
 def test_domainbed_rsc_masks_every_sample_tied_at_the_batch_percentile():
@@ -280,9 +292,9 @@ def feature_map(batch: int = 32, channels: int = 16, seed: int = 0) -> np.ndarra
   return z
 
 
-@pytest.mark.parametrize("epoch", [0, 10, 20])
-@pytest.mark.parametrize("choose_one", [2, 7])  # the coin forced to spatial (≤ 4) and to channel
-def test_official_rsc_masks_are_the_reference_code_s(epoch, choose_one):
+def compare_official_update(epoch: int, choose_one: int) -> dict:
+  """The official masking on both sides (same 7×7 map with a constant background, same head), then one update of the
+  head and the map on the masked map: the masks and the numbers."""
   z = feature_map()
   rng = np.random.default_rng(epoch + choose_one)
   weights = rng.normal(size=(16, 10)).astype(np.float32)
@@ -292,21 +304,11 @@ def test_official_rsc_masks_are_the_reference_code_s(epoch, choose_one):
   head = torch.nn.Linear(16, 10)
   head.weight.data, head.bias.data = to_torch(weights.T), to_torch(bias)
   reference = official_rsc_mask(nchw(z), head, torch.from_numpy(labels), epoch, choose_one)
-  spatial = choose_one <= 4
-  stage = epoch // 10
-  position = rsc_lib.selection_position(len(z), rsc_lib.official_percent(stage))
+  position = rsc_lib.selection_position(len(z), rsc_lib.official_percent(epoch // 10))
   mask, aux = rsc_lib.rsc_mask(lambda latent: jnp.mean(latent, axis=(1, 2)) @ weights + bias, jnp.asarray(z),
                                jnp.asarray(labels, jnp.int32), jax.random.PRNGKey(0),
-                               spatial_probability=1.0 if spatial else 0.0, position=position)
+                               spatial_probability=1.0 if choose_one <= 4 else 0.0, position=position)
   ours = np.transpose(np.asarray(mask), (0, 3, 1, 2))
-  theirs = np.broadcast_to(reference.numpy(), ours.shape)
-  np.testing.assert_array_equal(ours, theirs)
-  assert bool(aux["spatial"]) == spatial and aux["chosen"].any()
-  if spatial:  # the reference's ties: some masked samples lose fewer than ⌈49/3⌉ = 17 positions
-    per_sample = np.sum(np.asarray(mask)[..., 0] == 0, axis=(1, 2))
-    chosen = np.asarray(aux["chosen"])
-    assert np.all(per_sample[chosen] <= 17) and np.any(per_sample[chosen] < 17)
-  # One update on the masked map: the loss and the head's and the map's gradients.
   x_torch = nchw(z).requires_grad_(True)
   loss_t = F.cross_entropy(head(F.avg_pool2d(x_torch * reference, 7).view(len(z), -1)), torch.from_numpy(labels))
   loss_t.backward()
@@ -316,10 +318,31 @@ def test_official_rsc_masks_are_the_reference_code_s(epoch, choose_one):
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.asarray(labels)[:, None], axis=-1))
 
   loss, (g_w, g_b, g_z) = jax.value_and_grad(loss_fn, argnums=(0, 1, 2))(weights, bias, jnp.asarray(z))
-  assert abs(float(loss) - float(loss_t.detach())) <= TOLERANCE
-  assert_gradients_match({"w": head.weight.grad.numpy().T, "b": head.bias.grad.numpy(),
-                          "z": np.transpose(x_torch.grad.numpy(), (0, 2, 3, 1))},
-                         {"w": np.asarray(g_w), "b": np.asarray(g_b), "z": np.asarray(g_z)})
+  theirs = {"w": head.weight.grad.numpy().T, "b": head.bias.grad.numpy(),
+            "z": np.transpose(x_torch.grad.numpy(), (0, 2, 3, 1))}
+  mine = {"w": np.asarray(g_w), "b": np.asarray(g_b), "z": np.asarray(g_z)}
+  return {"variant": "rsc", "case": f"epoch {epoch}, {'spatial' if choose_one <= 4 else 'channel'}",
+          "masks": {"mask": (ours, np.broadcast_to(reference.numpy(), ours.shape))}, "aux": aux,
+          "dropped_positions": np.sum(np.asarray(mask)[..., 0] == 0, axis=(1, 2)),
+          "loss_difference": abs(float(loss) - float(loss_t.detach())), "gradients": (theirs, mine),
+          "gradient_difference": largest_difference(mine, theirs),
+          "largest_gradient": max(float(np.max(np.abs(v))) for v in theirs.values())}
+
+
+@pytest.mark.parametrize("epoch", [0, 10, 20])
+@pytest.mark.parametrize("choose_one", [2, 7])  # the coin forced to spatial (≤ 4) and to channel
+def test_official_rsc_masks_are_the_reference_code_s(epoch, choose_one):
+  result = compare_official_update(epoch, choose_one)
+  ours, theirs = result["masks"]["mask"]
+  np.testing.assert_array_equal(ours, theirs)
+  aux, spatial = result["aux"], choose_one <= 4
+  assert bool(aux["spatial"]) == spatial and aux["chosen"].any()
+  if spatial:  # the reference's ties: some masked samples lose fewer than ⌈49/3⌉ = 17 positions
+    chosen = np.asarray(aux["chosen"])
+    per_sample = result["dropped_positions"][chosen]
+    assert np.all(per_sample <= 17) and np.any(per_sample < 17)
+  assert result["loss_difference"] <= TOLERANCE
+  assert_gradients_match(*result["gradients"])
 
 
 # ----------------------------------------------------------------------------- SGDrop

@@ -80,7 +80,24 @@ def _normalize(module: nn.Module, x, mean, variance, epsilon: float, dtype, para
   return jnp.asarray(y, dtype if dtype is not None else jnp.result_type(*dtypes))
 
 
-class BatchNorm(nn.Module):
+class _Normalization(nn.Module):
+  """The fields flax's normalisations share, with their defaults."""
+
+  epsilon: float = 1e-6
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  use_bias: bool = True
+  use_scale: bool = True
+  bias_init: Callable = nn.initializers.zeros
+  scale_init: Callable = nn.initializers.ones
+  use_fast_variance: bool = False  # accepted for flax's signature; the variance is always two-pass
+
+  def normalize(self, x, mean, variance):
+    return _normalize(self, x, mean, variance, self.epsilon, self.dtype, self.param_dtype, x.shape[-1],
+                      self.use_scale, self.use_bias, self.scale_init, self.bias_init)
+
+
+class BatchNorm(_Normalization):
   """``flax.linen.BatchNorm`` over the last axis, its statistics summed accurately (module docstring); the running
   averages as flax keeps them: ``momentum · running + (1 − momentum) · batch`` (the biased variance), not updated
   while the module is initialised."""
@@ -89,13 +106,6 @@ class BatchNorm(nn.Module):
   axis: int = -1
   momentum: float = 0.99
   epsilon: float = 1e-5
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
-  use_bias: bool = True
-  use_scale: bool = True
-  bias_init: Callable = nn.initializers.zeros
-  scale_init: Callable = nn.initializers.ones
-  use_fast_variance: bool = False  # accepted for flax's signature; the variance is always two-pass
 
   @nn.compact
   def __call__(self, x, use_running_average: bool | None = None):
@@ -113,23 +123,14 @@ class BatchNorm(nn.Module):
       if not self.is_initializing():
         running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
         running_var.value = self.momentum * running_var.value + (1 - self.momentum) * variance
-    return _normalize(self, x, mean, variance, self.epsilon, self.dtype, self.param_dtype, features, self.use_scale,
-                      self.use_bias, self.scale_init, self.bias_init)
+    return self.normalize(x, mean, variance)
 
 
-class GroupNorm(nn.Module):
+class GroupNorm(_Normalization):
   """``flax.linen.GroupNorm`` on (B, ..., C) inputs in ``num_groups`` groups of channels, its statistics summed
   accurately (module docstring)."""
 
   num_groups: int = 32
-  epsilon: float = 1e-6
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
-  use_bias: bool = True
-  use_scale: bool = True
-  bias_init: Callable = nn.initializers.zeros
-  scale_init: Callable = nn.initializers.ones
-  use_fast_variance: bool = False  # accepted for flax's signature; the variance is always two-pass
 
   @nn.compact
   def __call__(self, x):
@@ -146,24 +147,13 @@ class GroupNorm(nn.Module):
     shape = (batch,) + (1,) * (x.ndim - 2) + (features,)
     mean = jnp.repeat(mean, features // groups, axis=-1).reshape(shape)
     variance = jnp.repeat(variance, features // groups, axis=-1).reshape(shape)
-    return _normalize(self, x, mean, variance, self.epsilon, self.dtype, self.param_dtype, features, self.use_scale,
-                      self.use_bias, self.scale_init, self.bias_init)
+    return self.normalize(x, mean, variance)
 
 
-class LayerNorm(nn.Module):
+class LayerNorm(_Normalization):
   """``flax.linen.LayerNorm`` over the last axis, its statistics summed accurately (module docstring)."""
-
-  epsilon: float = 1e-6
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
-  use_bias: bool = True
-  use_scale: bool = True
-  bias_init: Callable = nn.initializers.zeros
-  scale_init: Callable = nn.initializers.ones
-  use_fast_variance: bool = False  # accepted for flax's signature; the variance is always two-pass
 
   @nn.compact
   def __call__(self, x):
     mean, variance = moments(x, -1)
-    return _normalize(self, x, mean, variance, self.epsilon, self.dtype, self.param_dtype, x.shape[-1],
-                      self.use_scale, self.use_bias, self.scale_init, self.bias_init)
+    return self.normalize(x, mean, variance)
