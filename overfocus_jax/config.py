@@ -14,7 +14,7 @@ import sys
 
 import ml_collections
 
-from overfocus_jax import challenge, models, platform_tuning
+from overfocus_jax import challenge, models, platform_tuning, plugins
 from overfocus_jax.challenge import invariance
 from overfocus_jax.challenge.attribution import TARGETS
 from overfocus_jax.challenge.rsc import RULES as RSC_RULES
@@ -90,9 +90,28 @@ def _parse_value(text: str, current):
   return text
 
 
+# Groups whose fields the user names: the keyword arguments of a model or regularizer given by import path.
+OPEN_GROUPS = ("model_args", "regularizer.args")
+
+
+def _literal(text: str):
+  """A Python literal (number, bool, tuple, ...) when ``text`` reads as one, else the text itself."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
 def apply_override(config: ml_collections.ConfigDict, dotted: str, text: str) -> None:
   """Sets ``config.<dotted>`` from the command-line string ``text``."""
   *parents, leaf = dotted.split(".")
+  if ".".join(parents) in OPEN_GROUPS:  # a new argument of the user's factory
+    group = config
+    for name in parents:
+      group = group[name]
+    with group.unlocked():
+      group[leaf] = _literal(text) if leaf not in group else _parse_value(text, group[leaf])
+    return
   node = config
   for i, name in enumerate(parents):
     if not isinstance(node, ml_collections.ConfigDict) or name not in node:
@@ -141,7 +160,12 @@ def _require_positive_ints(values, field: str) -> None:
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks every field a run depends on; raises :class:`UserError` naming the field and a valid value."""
-  _require_choice(config.model, models.MODELS, "model")
+  _require(config.model in models.MODELS or plugins.is_import_path(config.model), f"unknown model {config.model!r}",
+           f"use one of {', '.join(models.MODELS)}, or your own by import path, e.g. --config.model=my_pkg.nets:TinyNet")
+  _require(not len(config.model_args) or plugins.is_import_path(config.model),
+           f"config.model_args={config.model_args.to_dict()!r} is for a model given by import path, and "
+           f"config.model={config.model!r} is one of the library's", "set the model's own group instead "
+           f"(--config.{config.model}.FIELD=...), or drop --config.model_args")
   _require_choice(config.dtype, tuple(models.DTYPES), "dtype")
   _require_choice(config.platform_tuning, platform_tuning.MODES, "platform_tuning")
   _require_choice(config.data_on_device, on_device.MODES, "data_on_device")
@@ -158,7 +182,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(math.isfinite(config.checkpoint_every_minutes) and config.checkpoint_every_minutes >= 0,
            f"config.checkpoint_every_minutes={config.checkpoint_every_minutes!r} must be a number of at least 0",
            "set --config.checkpoint_every_minutes, e.g. 30, or 0 for off")
-  _require_choice(config.regularizer.name, challenge.NAMES, "regularizer.name")
+  _require(config.regularizer.name in challenge.NAMES or plugins.is_import_path(config.regularizer.name),
+           f"unknown regularizer.name {config.regularizer.name!r}", f"use one of {', '.join(challenge.NAMES)}, or "
+           "your own by import path, e.g. --config.regularizer.name=my_pkg.reg:make")
+  _require(not len(config.regularizer.args) or plugins.is_import_path(config.regularizer.name),
+           f"config.regularizer.args={config.regularizer.args.to_dict()!r} is for a regularizer given by import path, "
+           f"and regularizer.name={config.regularizer.name!r} is one of the library's",
+           f"set --config.regularizer.{config.regularizer.name}.FIELD instead, or drop --config.regularizer.args")
   _require_choice(config.optimizer, OPTIMIZERS, "optimizer")
   _require_choice(config.schedule, SCHEDULES, "schedule")
   _require(isinstance(config.dataset, str) and config.dataset, "config.dataset is empty",

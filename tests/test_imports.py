@@ -29,7 +29,7 @@ PACKAGE_DIR = pathlib.Path(__file__).resolve().parent.parent / "overfocus_jax"
 # A module may import its own unit, the other units of its rank, and any lower rank.
 LAYERS = {
     0: ("overfocus_jax", "overfocus_jax.errors", "overfocus_jax.files", "overfocus_jax.overrides",
-        "overfocus_jax.onednn", "overfocus_jax.host_memory"),
+        "overfocus_jax.onednn", "overfocus_jax.host_memory", "overfocus_jax.plugins"),
     1: ("overfocus_jax.data", "overfocus_jax.models", "overfocus_jax.parallel", "overfocus_jax.platform_tuning",
         "overfocus_jax.compilation_cache"),
     2: ("overfocus_jax.challenge",),  # the regularizers: masks, attribution, sgdrop, rsc and their base API
@@ -311,7 +311,7 @@ def _failure(problems: list[str], what: str, *notes: str) -> str:
 # outside them (no config, data pipelines, train loop, checkpoints, platform tuning or CLI), directly or through a
 # package's __init__.
 PURE = ("overfocus_jax.challenge", "overfocus_jax.models", "overfocus_jax.parallel", "overfocus_jax.errors",
-        "overfocus_jax.host_memory", "overfocus_jax.explain.attributions", "overfocus_jax.explain.layers",
+        "overfocus_jax.plugins", "overfocus_jax.host_memory", "overfocus_jax.explain.attributions", "overfocus_jax.explain.layers",
         "overfocus_jax.explain.metrics", "overfocus_jax.explain.latent", "overfocus_jax.explain")
 
 

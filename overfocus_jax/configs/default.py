@@ -11,7 +11,9 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
-  # Data: mnist5k | digits | tfds:NAME | idx:DIR | npz:FILE | imagefolder:DIR[:SIZE][:domains] (data/imagefolder.py).
+  # Data: mnist5k | digits | tfds:NAME | idx:DIR | npz:FILE | imagefolder:DIR[:SIZE][:domains] (data/imagefolder.py) |
+  # your own loader by import path (my_pkg.data:load, called with no arguments, returning an ImageDataset:
+  # overfocus_jax.data.sources.dataset_from_arrays builds one).
   config.dataset = "mnist5k"
   config.data_dir = ""  # a prepared TFDS directory, for tfds:NAME ("" = TFDS's default)
   config.skip_bad_images = False  # imagefolder: leave out unreadable/non-image files and count them (else an error)
@@ -30,6 +32,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Model: resnet (the seeds' pre-activation residual CNN) | resnet18 | attention | focus | corner | vgg16 |
   # mnist_cnn (DomainBed's MNIST_CNN, models/mnist_cnn.py: no options) | convnext.
   config.model = "resnet"
+  # A model of your own by import path (--config.model=my_pkg.nets:TinyNet): called as
+  # factory(num_classes=N, **model_args); --config.model_args.NAME=VALUE adds an argument.
+  config.model_args = ml_collections.ConfigDict()
   config.resnet = ml_collections.ConfigDict(dict(
       stem_features=16,
       stage_widths=(32, 64, 128),
@@ -111,9 +116,11 @@ def get_config() -> ml_collections.ConfigDict:
       border=2,          # ignore corners this close to the edge
   ))
 
-  # Regularizer applied to the latent map z = encode(x) inside the train step: none | sgdrop | rsc | rsc_domainbed.
+  # Regularizer applied to the latent map z = encode(x) inside the train step: none | sgdrop | rsc | rsc_domainbed |
+  # your own by import path (my_pkg.reg:make, called as make(**args) and returning an overfocus_jax.Regularizer).
   config.regularizer = ml_collections.ConfigDict(dict(
       name="none",
+      args=dict(),  # --config.regularizer.args.NAME=VALUE: the keyword arguments of a regularizer given by import path
       sgdrop=dict(
           # The default departs from the paper (quantile, ρ = 0.1 of the elements, whole batch), which collapses
           # training on this model: see challenge/sgdrop.py and experiments/README.md for the evidence.

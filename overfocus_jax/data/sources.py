@@ -22,6 +22,7 @@ import zlib
 
 import numpy as np
 
+from overfocus_jax import plugins
 from overfocus_jax.data import shifts
 from overfocus_jax.data.imagenet import imagenet_statistics
 from overfocus_jax.errors import SettingError, UserError
@@ -234,7 +235,10 @@ def load_dataset(spec: str, *, data_dir: str | None = None, skip_bad_images: boo
   if kind.strip() in ('colored_mnist', 'rotated_mnist'):
     return _load_environments(spec, kind.strip(), arg if separator else None, data_dir, trial_seed)
   if not separator or kind not in ('tfds', 'idx', 'npz', 'imagefolder'):
-    raise UserError(f'unknown dataset {spec!r}', f'use one of {VALID_SPECS}')
+    if plugins.is_import_path(spec):
+      return _load_plugin(spec)
+    raise UserError(f'unknown dataset {spec!r}', f'use one of {VALID_SPECS}, or your own loader by import path '
+                    '(my_pkg.data:load)')
   arg = arg.strip()
   if not arg:
     raise UserError(f'dataset {spec!r} is missing its argument', f'write it as {kind}:<value>')
@@ -244,6 +248,27 @@ def load_dataset(spec: str, *, data_dir: str | None = None, skip_bad_images: boo
     return _load_imagefolder(spec, arg, skip_bad_images, trial_seed, image_size)
   path = os.path.expanduser(arg)
   return _load_idx(spec, path) if kind == 'idx' else _load_npz(spec, path)
+
+
+def dataset_from_arrays(name: str, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], *,
+                        num_classes: int | None = None, natural_images: bool = False) -> ImageDataset:
+  """An :class:`ImageDataset` from ``(images, labels)`` pairs: uint8 (N, H, W, C) images, integer labels in
+  ``[0, num_classes)`` (default: one more than the largest label), checked as every loader's are and normalised
+  by the training images' statistics. What a dataset loader given by import path returns."""
+  train = (np.asarray(train[0]), np.asarray(train[1]))
+  test = (np.asarray(test[0]), np.asarray(test[1]))
+  if num_classes is None:
+    num_classes = int(max(train[1].max(initial=-1), test[1].max(initial=-1))) + 1
+  return _array_dataset(name, train, test, num_classes=num_classes, natural_images=natural_images)
+
+
+def _load_plugin(spec: str) -> ImageDataset:
+  """The dataset a loader given by import path returns (called with no arguments)."""
+  loaded = plugins.call_factory(plugins.load_object(spec, 'dataset'), spec, 'dataset')
+  if not isinstance(loaded, ImageDataset):
+    raise UserError(f'dataset={spec!r} returned {type(loaded).__name__}, not an ImageDataset',
+                    'return overfocus_jax.data.sources.dataset_from_arrays(name, (x_train, y_train), (x_test, y_test))')
+  return dataclasses.replace(loaded, name=spec)
 
 
 def _replace_images(clean: ImageDataset, train_images, test_images, *, name: str) -> ImageDataset:

@@ -33,7 +33,7 @@ from overfocus_jax.challenge.attribution import TARGETS, target_classes
 from overfocus_jax.data import pipeline
 from overfocus_jax.errors import UserError
 from overfocus_jax.explain import attributions, figures, latent, layers, metrics
-from overfocus_jax.models import patches
+from overfocus_jax.models import NNXModel, patches
 from overfocus_jax.train import evaluation
 from overfocus_jax.train import workdir as workdir_lib
 from overfocus_jax.train.lock import WorkdirLock
@@ -53,7 +53,7 @@ class Options:
   n: int = 8                      # images drawn
   images: int = 128               # images measured (at least n)
   methods: Sequence[str] | None = None  # None: every method the model supports
-  layer: str = DEFAULT_LAYER      # Grad-CAM layer (a Flax module path)
+  layer: str = DEFAULT_LAYER      # Grad-CAM layer: a module path, or "encoder": the latent map z of any model
   target: str = "true"            # attribute the true or the predicted class
   smoothgrad_samples: int = 16
   ig_steps: int = 32
@@ -93,8 +93,22 @@ def check_options(options: Options) -> None:
     raise UserError(f"unknown --ig-baseline {options.ig_baseline!r}", f"use one of {', '.join(IG_BASELINES)}")
 
 
+def feature_layers(model, variables, input_shape) -> dict:
+  """The layers Grad-CAM can take: a Linen model's (the library's or yours) or an NNX model's module paths."""
+  if isinstance(model, NNXModel):
+    return layers.nnx_feature_layers(model.bind(variables), input_shape)
+  return layers.linen_feature_layers(model, variables, input_shape)
+
+
+def probe(model, variables, layer: str):
+  return layers.nnx_probe(model.bind(variables), layer) if isinstance(model, NNXModel) else \
+      layers.linen_probe(model, variables, layer)
+
+
 def check_layer(layer: str, model, variables, input_shape) -> None:
-  available = layers.linen_feature_layers(model, variables, input_shape)
+  if layer == DEFAULT_LAYER:  # the latent map: every model with an encode/classify split has it
+    return
+  available = feature_layers(model, variables, input_shape)
   if layer not in available:
     names = ", ".join(available) or "none"
     raise UserError(f"layer {layer!r} is not a feature map of the {model.name} model",
@@ -118,7 +132,10 @@ def _method_fn(method: str, model, options: Options, baseline: np.ndarray | None
       _, native = latent.latent_attribution(*model.inference_fns(variables), x, labels, options.target)
       return native, attributions.upsample_to(native.sum(-1), height, width)
     if method == "grad_cam":
-      native = layers.layer_grad_cam(layers.linen_probe(model, variables, options.layer), x, labels, options.target)
+      if options.layer == DEFAULT_LAYER:  # Grad-CAM on z through the model's own split
+        native = attributions.grad_cam(*model.inference_fns(variables), x, labels, options.target)
+      else:
+        native = layers.layer_grad_cam(probe(model, variables, options.layer), x, labels, options.target)
       return native, attributions.upsample_to(native, height, width)
     if method == "input_gradient":
       grad = attributions.input_gradient(logits_fn, x, labels, options.target)

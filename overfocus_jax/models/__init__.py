@@ -40,6 +40,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from overfocus_jax import plugins
+from overfocus_jax.errors import UserError
 from overfocus_jax.models import attention, convnext, focus, mnist_cnn, resnet, resnet_tv, vgg
 from overfocus_jax.models.adapters import NNXModel, takes_train  # noqa: F401  (NNXModel: part of this package's API)
 
@@ -231,12 +233,29 @@ def build_model(config, num_classes: int, *, conv: Any = nn.Conv) -> Model:
   :func:`overfocus_jax.platform_tuning.conv_module`'s choice). It changes how fast gradients are computed, not
   the model: parameters and results are the same (to float rounding).
   """
+  if plugins.is_import_path(config.model):
+    return plugin_model(config.model, num_classes, dict(config.model_args.to_dict()))
   if config.model not in BUILDERS:  # validate() rejects this earlier; kept for callers that skip it
     raise ValueError(f"unknown model {config.model=}; use one of {MODELS}")
   if config.dtype not in DTYPES:
     raise ValueError(f"unknown dtype {config.dtype=}; use one of {tuple(DTYPES)}")
   module = BUILDERS[config.model](config, num_classes=num_classes, dtype=DTYPES[config.dtype], conv=conv)
   return Model(module=module, name=config.model)
+
+
+def plugin_model(spec: str, num_classes: int, arguments: dict):
+  """The model a factory given by import path builds, ``factory(num_classes=N, **arguments)``: a Linen module with
+  ``encode`` and ``classify`` methods (:class:`Model`) or an NNX module with them (:class:`NNXModel`)."""
+  module = plugins.call_factory(plugins.load_object(spec, "model"), spec, "model", num_classes=num_classes,
+                                **arguments)
+  methods = all(callable(getattr(module, name, None)) for name in ("encode", "classify"))
+  if isinstance(module, nn.Module) and methods:
+    return Model(module=module, name=spec)
+  from flax import nnx
+  if isinstance(module, nnx.Module) and methods:
+    return NNXModel(module, spec)
+  raise UserError(f"model={spec!r} returned {type(module).__name__}, not a model",
+                          "return a flax Linen or NNX module with encode(x) and classify(z) methods")
 
 
 def parameter_count(params: Any) -> int:

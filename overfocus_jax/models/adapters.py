@@ -132,6 +132,10 @@ class NNXModel:
     params, rest = self._templates
     return {"params": self._nnx.to_pure_dict(params), "batch_stats": self._nnx.to_pure_dict(rest)}
 
+  def bind(self, variables: Variables):
+    """A copy of the module holding ``variables`` (the model's own module is left as it was)."""
+    return self._merged(variables)
+
   def _merged(self, variables: Variables):
     params, rest = (jax.tree.map(lambda leaf: leaf, template) for template in self._templates)
     self._nnx.replace_by_pure_dict(params, variables["params"])

@@ -5,7 +5,9 @@ from typing import Callable
 
 import ml_collections
 
+from overfocus_jax import plugins
 from overfocus_jax.challenge import NAMES, NONE, Regularizer, rsc, sgdrop
+from overfocus_jax.errors import UserError
 
 # The official RSC's curriculum moves to its next stage every this many epochs.
 RSC_CURRICULUM_EPOCHS = 10
@@ -44,10 +46,21 @@ STRENGTH_FIELDS = {
 }
 
 
+def plugin_regularizer(spec: str, arguments: dict) -> Regularizer:
+  """The regularizer a factory given by import path makes, ``factory(**arguments)``."""
+  made = plugins.call_factory(plugins.load_object(spec, "regularizer.name"), spec, "regularizer.name", **arguments)
+  if not isinstance(made, Regularizer):
+    raise UserError(f"regularizer.name={spec!r} returned {type(made).__name__}, not an overfocus_jax.Regularizer",
+                    "return one: ofx.stateless(fn), ofx.sgdrop(...), or Regularizer(init, apply)")
+  return made
+
+
 def build_regularizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Regularizer:
   """The regularizer ``config.regularizer.name`` names, with the parameters of its group; ``steps_per_epoch`` turns
   its schedules' epochs into steps."""
   name = config.regularizer.name
+  if plugins.is_import_path(name):
+    return plugin_regularizer(name, dict(config.regularizer.args.to_dict()))
   if name not in BUILDERS:
     raise ValueError(f"unknown regularizer {name=}; use one of {NAMES}")
   return BUILDERS[name](config.regularizer.get(name), steps_per_epoch)
