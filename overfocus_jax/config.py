@@ -87,6 +87,8 @@ def _parse_value(text: str, current):
       return ast.literal_eval(text)
     except (ValueError, SyntaxError):
       return text
+  if current == "auto" and text.strip().lstrip("-").isdigit():  # a field that is "auto" or a number
+    return int(text)
   return text
 
 
@@ -130,7 +132,7 @@ def apply_override(config: ml_collections.ConfigDict, dotted: str, text: str) ->
   except (ValueError, SyntaxError) as e:
     raise UserError(f"cannot read --config.{dotted}={text!r} as {type(current).__name__} ({e})",
                     f"give a {type(current).__name__} value") from None
-  with node.unlocked():
+  with node.unlocked(), node.ignore_type():  # ignore_type: an "auto" field takes a number
     node[leaf] = value
 
 
@@ -288,9 +290,9 @@ def _validate_vgg(arch: ml_collections.ConfigDict) -> None:
   _require(isinstance(arch.width, (int, float)) and math.isfinite(arch.width) and arch.width > 0,
            f"config.vgg.width={arch.width!r} must be a positive number (it multiplies every conv's width)",
            "set --config.vgg.width, e.g. 0.25 or 1")
-  _require(isinstance(arch.max_pools, int) and 0 <= arch.max_pools <= 5,
-           f"config.vgg.max_pools={arch.max_pools!r} must be an integer in 0..5 (VGG-16 has five blocks)",
-           "set --config.vgg.max_pools, e.g. 5 (the paper) or 3 for 28x28 images")
+  _require(arch.max_pools == "auto" or (isinstance(arch.max_pools, int) and 0 <= arch.max_pools <= 5),
+           f"config.vgg.max_pools={arch.max_pools!r} must be auto or an integer in 0..5 (VGG-16 has five blocks)",
+           "set --config.vgg.max_pools, e.g. auto (z at least 3x3), 5 (the paper) or 3 for 28x28 images")
   _require_choice(arch.head, VGG_HEADS, "vgg.head")
   _require_positive_int(arch.hidden, "vgg.hidden", 4096)
   _require_positive_int(arch.head_pool, "vgg.head_pool", 7)
@@ -532,7 +534,7 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
       else:
         if isinstance(value, bool) and isinstance(base.get(key), str):
           value = str(value).lower()
-        with base.unlocked():
+        with base.unlocked(), base.ignore_type():  # a field that is "auto" today may hold a saved number
           base[key] = value
 
   saved = json.loads(text)

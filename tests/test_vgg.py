@@ -71,6 +71,11 @@ def numpy_variables(model, input_shape, seed=0, *, like_init=False):
     ((1, 1, 1), 5, "classic", (1, 1)),    # no pool at all
     ((5, 13, 2), 5, "gap", (1, 1)),       # each side pools on its own: 5 → 2 → 1; 13 → 6 → 3 → 1
     ((8, 8, 1), 0, "classic", (8, 8)),
+    # auto (the default): as many pools as keep the map at least 3×3
+    ((8, 8, 1), "auto", "gap", (4, 4)),          # one pool: 8 → 4
+    ((28, 28, 1), "auto", "gap", (3, 3)),        # three: 28 → 14 → 7 → 3
+    ((224, 224, 3), "auto", "classic", (7, 7)),  # all five, the paper's
+    ((5, 13, 2), "auto", "gap", (5, 13)),        # the smaller side, 5, has no room for one
 ])
 def test_output_shapes(input_shape, max_pools, head, z_hw):
   model = make_model(num_classes=7, vgg__max_pools=max_pools, vgg__head=head, vgg__hidden=16, vgg__head_pool=2)

@@ -50,7 +50,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.vgg = ml_collections.ConfigDict(dict(
       batch_norm=True,  # BN after every conv (torchvision's vgg16_bn) | False: the paper's (lower learning_rate)
       width=1.0,        # multiplies every conv's width: 0.25 gives 16-…-128, for small images and CPUs
-      max_pools=5,      # the first N blocks end in a 2×2 max-pool (5: the paper; fewer: a larger z on small images)
+      max_pools="auto",  # the first N blocks end in a 2×2 max-pool (5: the paper) | auto: as many as keep z at
+                         # least 3×3 on the data's images (224×224: 5, 28×28: 3, 8×8: 1)
       head="gap",       # gap: global average pool → dense | classic: adaptive pool → 4096-4096 MLP → dense (paper)
       hidden=4096,      # the classic head's two hidden layers
       head_pool=7,      # the classic head's adaptive average pool: head_pool × head_pool bins (torchvision: 7)

@@ -13,7 +13,9 @@ dropout: the models run without an RNG (the paper's classic head drops half of e
 
 Any image of at least 1×1 goes through: a max-pool (stride 2, no padding, as in the paper) halves only the sides of
 at least 2 pixels, so 28×28 maps go 28 → 14 → 7 → 3 → 1 → 1; ``max_pools`` < 5 keeps the pools of the first blocks
-only, for a larger last map on small images. The classic head's pool is torchvision's ``AdaptiveAvgPool2d`` (bin i
+only, for a larger last map on small images, and ``max_pools="auto"`` (:func:`auto_pools`) as many as keep the last
+map at least 3×3 (:data:`AUTO_MIN_SIDE`): 5 on 224×224 images, 3 on 28×28, 1 on 8×8 — a map a spatial
+regularizer has positions to drop from. The classic head's pool is torchvision's ``AdaptiveAvgPool2d`` (bin i
 of n spans rows ⌊iH/n⌋ … ⌈(i+1)H/n⌉ − 1), which takes any map size too; it flattens in NHWC order (torchvision's
 in NCHW: importing its ``classifier.0`` weights means permuting their inputs).
 
@@ -82,17 +84,29 @@ def adaptive_avg_pool(x, size: int):
   return jnp.einsum("ih,bhwc,jw->bijc", rows, x, cols)
 
 
+AUTO_MIN_SIDE = 3  # max_pools="auto": the last map's smaller side stays at least this
+
+
+def auto_pools(height: int, width: int, blocks: int = 5) -> int:
+  """The most leading pools (at most ``blocks``) that leave the map's smaller side at least :data:`AUTO_MIN_SIDE`."""
+  side, pools = min(height, width), 0
+  while pools < blocks and side // 2 >= AUTO_MIN_SIDE:
+    side, pools = side // 2, pools + 1
+  return pools
+
+
 class VGGEncoder(nn.Module):
   """The conv blocks: x (B, H, W, C_in) → z (B, H', W', blocks[-1][-1]); conv ``i_j`` is the j-th of block i."""
 
   blocks: Sequence[Sequence[int]]
   batch_norm: bool
-  max_pools: int = 5
+  max_pools: int | str = 5  # or "auto" (auto_pools of the input's size)
   dtype: Any = jnp.float32
   conv: ModuleDef = nn.Conv
 
   @nn.compact
   def __call__(self, x, train: bool):
+    pools = auto_pools(x.shape[1], x.shape[2], len(self.blocks)) if self.max_pools == "auto" else self.max_pools
     for i, block in enumerate(self.blocks, start=1):
       for j, features in enumerate(block, start=1):
         x = self.conv(features, (3, 3), padding="SAME", dtype=self.dtype, kernel_init=CONV_INIT,
@@ -101,7 +115,7 @@ class VGGEncoder(nn.Module):
           x = norms.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
                               name=f"bn{i}_{j}")(x)
         x = nn.relu(x)
-      if i <= self.max_pools:
+      if i <= pools:
         x = max_pool(x)
     return x
 
@@ -143,7 +157,7 @@ class VGG(EncoderHead):
   blocks: Sequence[Sequence[int]] = VGG16_BLOCKS
   batch_norm: bool = False
   width: float = 1.0
-  max_pools: int = 5
+  max_pools: int | str = 5
   head_kind: str = "gap"
   hidden: int = 4096
   head_pool: int = 7
