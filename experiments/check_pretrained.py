@@ -3,7 +3,9 @@ vgg16_bn and timm's convnext_atto … convnext_tiny: the same weights through a 
 
     pip install torch==2.13.0 torchvision==0.28.0 timm  # CPU wheels; not dependencies of the package
     python experiments/check_pretrained.py               # 224×224×3, batch 2, 1,000 classes, float32, CPU; timm too if
-                                                         # it is installed (--libraries torchvision timm)
+                                                         # it is installed (--libraries torchvision timm transcription)
+    python experiments/check_pretrained.py --libraries transcription   # torch alone: torchvision's networks written
+                                                         # out in experiments/torch_references.py
 
 For each model and library it builds the library's network with random weights (no pretrained ones offline), puts its
 batch norms away from the identity (random weight and bias; running mean and variance measured on random images, so
@@ -30,8 +32,8 @@ Result (torch 2.13.0+cpu, torchvision 0.28.0, timm 1.0.31, jax 0.10.2, a shared 
     convnext_tiny   timm            28,589,128     28,589,128  2×224×224×3        2.068       1.97e-06
     conversion line (.pth → .safetensors → resnet18_tv): max |Δ logit| 2.86e-06
 
-(session 12; sessions 10 and before, with the same versions, gave 3.10e-06 and 3.70e-05 for the ResNets, 7.67e-07 and
-2.05e-05 for the VGGs: float32 rounding in a different order; what changed it was not traced.)
+(float32 rounding: the ResNets' and VGGs' differences move within the 1e-6–1e-5 range between versions of the
+libraries.)
 (timm's plain resnet18/resnet50 have torchvision's tensor names and, from the same seed, its weights. The torchvision
 wheel at hand offline was a CUDA build whose C ops do not load with CPU torch: its pure-Python models were imported
 without them.)
@@ -54,16 +56,31 @@ TOLERANCE = 1e-4
 # Checked name → (our model and its config fields, the peer's name in each library that has it). timm's plain
 # resnet18/resnet50 share torchvision's names; its VGGs do not (a conv "pre_logits" head), so those are torchvision's.
 PEERS = {
-    "resnet18_tv": (("resnet18_tv", {"resnet_tv.stem": "imagenet"}), {"torchvision": "resnet18", "timm": "resnet18"}),
-    "resnet50_tv": (("resnet50_tv", {"resnet_tv.stem": "imagenet"}), {"torchvision": "resnet50", "timm": "resnet50"}),
-    "vgg16": (("vgg16", {"vgg.head": "classic", "vgg.batch_norm": "False"}), {"torchvision": "vgg16"}),
-    "vgg16_bn": (("vgg16", {"vgg.head": "classic", "vgg.batch_norm": "True"}), {"torchvision": "vgg16_bn"}),
+    "resnet18_tv": (("resnet18_tv", {"resnet_tv.stem": "imagenet"}),
+                    {"torchvision": "resnet18", "timm": "resnet18", "transcription": "resnet18"}),
+    "resnet50_tv": (("resnet50_tv", {"resnet_tv.stem": "imagenet"}),
+                    {"torchvision": "resnet50", "timm": "resnet50", "transcription": "resnet50"}),
+    "vgg16": (("vgg16", {"vgg.head": "classic", "vgg.batch_norm": "False", "vgg.max_pools": "5"}),
+              {"torchvision": "vgg16", "transcription": "vgg16"}),
+    "vgg16_bn": (("vgg16", {"vgg.head": "classic", "vgg.batch_norm": "True", "vgg.max_pools": "5"}),
+                 {"torchvision": "vgg16_bn", "transcription": "vgg16_bn"}),
     # timm's ConvNeXts (torchvision has only convnext_tiny and up, in another layout that we do not read).
     **{f"convnext_{size}": (("convnext", {"convnext.size": size, "convnext.stem": "imagenet"}),
                             {"timm": f"convnext_{size}"})
        for size in ("atto", "femto", "pico", "nano", "tiny")},
 }
-LIBRARIES = ("torchvision", "timm")
+# "transcription": torchvision's networks written out in plain PyTorch (experiments/torch_references.py), in its
+# layout, for where torchvision is not installed.
+LIBRARIES = ("torchvision", "timm", "transcription")
+LAYOUTS = {"torchvision": "torchvision", "timm": "timm", "transcription": "torchvision"}
+
+
+def transcription(name: str, num_classes: int):
+  spec = importlib.util.spec_from_file_location("torch_references", pathlib.Path(__file__).with_name(
+      "torch_references.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.NETWORKS[name](num_classes)
 
 
 def peer_net(name: str, library: str, num_classes: int, seed: int, size: int = 224):
@@ -76,6 +93,8 @@ def peer_net(name: str, library: str, num_classes: int, seed: int, size: int = 2
   if library == "timm":
     import timm
     net = timm.create_model(peer, pretrained=False, num_classes=num_classes)
+  elif library == "transcription":
+    net = transcription(peer, num_classes)
   else:
     from torchvision import models
     net = getattr(models, peer)(weights=None, num_classes=num_classes)
@@ -125,7 +144,7 @@ def compare(name: str, directory: pathlib.Path, *, library: str = "torchvision",
   net = peer_net(name, library, num_classes, seed, size)
   path = directory / f"{library}_{PEERS[name][1][library]}.safetensors"
   save_file(net.state_dict(), str(path))
-  model, variables = load_ours(name, path, library, num_classes, (size, size, 3))
+  model, variables = load_ours(name, path, LAYOUTS[library], num_classes, (size, size, 3))
   x = np.random.default_rng(seed).normal(size=(batch, size, size, 3)).astype(np.float32)
   largest, difference = max_difference(net, model, variables, x)
   return {"model": name, "library": library, "peer_params": sum(p.numel() for p in net.parameters()),
@@ -133,11 +152,11 @@ def compare(name: str, directory: pathlib.Path, *, library: str = "torchvision",
           "max_abs_logit": largest, "max_abs_diff": difference}
 
 
-def check_conversion(directory: pathlib.Path, *, size: int = 64, seed: int = 1) -> float:
-  """``torch.save`` torchvision's resnet18 state dict as ``.pth``, convert it with :data:`weights.CONVERSION`, load
-  the ``.safetensors`` file: the logits' largest difference."""
+def check_conversion(directory: pathlib.Path, *, size: int = 64, seed: int = 1, library: str = "torchvision") -> float:
+  """``torch.save`` torchvision's resnet18 state dict (``library``'s) as ``.pth``, convert it with
+  :data:`weights.CONVERSION`, load the ``.safetensors`` file: the logits' largest difference."""
   import torch
-  net = peer_net("resnet18_tv", "torchvision", 10, seed, size)
+  net = peer_net("resnet18_tv", library, 10, seed, size)
   torch.save(net.state_dict(), directory / "converted.pth")
   command = weights.CONVERSION.replace("W.", "converted.").removeprefix('python -c "').removesuffix('"')
   subprocess.run([sys.executable, "-c", command], cwd=directory, check=True)
@@ -149,6 +168,8 @@ def check_conversion(directory: pathlib.Path, *, size: int = 64, seed: int = 1) 
 
 def available(library: str) -> bool:
   try:
+    if library == "transcription":
+      return importlib.util.find_spec("torch") is not None
     if library == "timm":
       return importlib.util.find_spec("timm") is not None and available("torchvision")
     from torchvision import models  # noqa: F401
@@ -164,10 +185,10 @@ def main(argv=None) -> int:
   parser.add_argument("--size", type=int, default=224)
   parser.add_argument("--batch", type=int, default=2)
   args = parser.parse_args(argv)
-  if not available("torchvision"):
-    print("check_pretrained: needs torch and torchvision (see the docstring); nothing checked", file=sys.stderr)
-    return 2
   libraries = [library for library in args.libraries if available(library)]
+  if not libraries:
+    print("check_pretrained: needs torch (see the docstring); nothing checked", file=sys.stderr)
+    return 2
   failures = 0
   print(f"{'model':15} {'library':11} {'params (peer)':>14} {'params (ours)':>14}  {'input':12} {'max |logit|':>11}  "
         f"{'max |Δ logit|':>13}")
@@ -178,7 +199,8 @@ def main(argv=None) -> int:
         print(f"{row['model']:15} {library:11} {row['peer_params']:>14,} {row['params']:>14,}  {row['input']:12} "
               f"{row['max_abs_logit']:>11.3f}  {row['max_abs_diff']:>13.2e}", flush=True)
         failures += row["max_abs_diff"] > TOLERANCE or row["params"] != row["peer_params"]
-    converted = check_conversion(pathlib.Path(tmp))
+    converted = check_conversion(pathlib.Path(tmp), library=libraries[0] if "torchvision" not in libraries
+                                 else "torchvision")
     print(f"conversion line (.pth → .safetensors → resnet18_tv): max |Δ logit| {converted:.2e}")
     failures += converted > TOLERANCE
   skipped = sorted(set(args.libraries) - set(libraries))

@@ -280,6 +280,22 @@ def test_logits_equal_the_peers(tmp_path, name, library):
   assert row["max_abs_diff"] <= 1e-4, row
 
 
+@pytest.mark.parametrize("name", ["resnet18_tv", "resnet50_tv", "vgg16_bn"])
+def test_logits_equal_torchvisions_networks_written_out_in_torch(tmp_path, name):
+  """The same check with torch alone (CI's): torchvision's ResNets and VGG-16 written out layer for layer with its
+  state-dict names (experiments/torch_references.py; their parameter counts are torchvision's)."""
+  pytest.importorskip("torch")
+  row = load_check_script().compare(name, pathlib.Path(tmp_path), library="transcription", size=64, batch=2,
+                                    num_classes=10)
+  assert row["params"] == row["peer_params"]
+  assert row["max_abs_diff"] <= 1e-4, row
+
+
+def test_the_conversion_command_converts_a_pth_with_torch_alone(tmp_path):
+  pytest.importorskip("torch")
+  assert load_check_script().check_conversion(pathlib.Path(tmp_path), size=32, library="transcription") <= 1e-4
+
+
 def test_the_conversion_command_converts_a_pth(tmp_path):
   pytest.importorskip("torch")
   pytest.importorskip("torchvision")
