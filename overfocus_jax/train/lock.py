@@ -1,8 +1,9 @@
 """One writer per workdir: an advisory lock (``flock``) on ``WORKDIR/.overfocus.lock``, held for the life of a run.
 
-The lock file records who holds it (host, pid, since when, the command), for the one line a second writer gets. The
-kernel releases a ``flock`` when its process ends, however it ends (kill -9 included), and a network filesystem's
-lock server when the node is lost: a lock left behind is free, and the next run takes it over, saying whose it was.
+The lock file records who holds it (host, pid, since when, the command), for the one line a second writer gets, and
+goes when its holder ends. The kernel releases a ``flock`` when its process ends, however it ends (kill -9 included),
+and a network filesystem's lock server when the node is lost: a lock file left behind is free, and the next run
+takes it over, saying whose it was.
 Readers (``overfocus eval``) take no lock. Where the filesystem has no locks at all, the run goes on unlocked and
 says so in one line.
 """
@@ -45,6 +46,22 @@ class WorkdirLock:
     self.fd: int | None = None
 
   def acquire(self) -> None:
+    while True:
+      fd = self._lock_file()
+      if fd is None or self._still_the_file(fd):
+        break
+      os.close(fd)  # its holder removed it as we took it: take the one now at the path
+    if fd is not None:
+      self._record(fd)
+
+  def _still_the_file(self, fd: int) -> bool:
+    try:
+      return os.stat(self.path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+      return False
+
+  def _lock_file(self) -> int | None:
+    """The locked file's descriptor; None where the filesystem has no locks."""
     try:
       fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
@@ -63,8 +80,11 @@ class WorkdirLock:
       if e.errno in UNSUPPORTED:
         print(f"overfocus: note: the filesystem of {self.path.parent} has no file locks ({e.strerror}); running "
               "without the one-writer check", file=sys.stderr)
-        return
+        return None
       raise
+    return fd
+
+  def _record(self, fd: int) -> None:
     previous = _read_owner(fd)
     if previous:  # its holder ended without releasing the file: the kernel freed its lock
       print(f"overfocus: note: took over the workdir lock of {previous.get('what', 'a run')}, {_describe(previous)}, "
@@ -72,17 +92,23 @@ class WorkdirLock:
     me = {"what": self.what, "host": socket.gethostname(), "pid": os.getpid(),
           "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
           "command": " ".join([pathlib.Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else ""}
-    os.ftruncate(fd, 0)
-    os.lseek(fd, 0, os.SEEK_SET)
-    os.write(fd, json.dumps(me).encode())
     self.fd = fd
+    try:
+      os.ftruncate(fd, 0)
+      os.lseek(fd, 0, os.SEEK_SET)
+      os.write(fd, json.dumps(me).encode())
+    except OSError as e:
+      self.release()
+      raise UserError(f"cannot write the workdir lock {self.path} ({e.strerror})",
+                      "free space there, or pass a --workdir you can write to") from None
 
   def release(self) -> None:
-    """Clears the holder's record and lets go (the file stays: another process may be waiting on it)."""
+    """Removes the lock file, then lets go: a process that opened it meanwhile finds it gone and opens the new one
+    (:meth:`acquire` checks that the file it locked is still the one at the path)."""
     if self.fd is None:
       return
     try:
-      os.ftruncate(self.fd, 0)
+      self.path.unlink()
     except OSError:
       pass  # a full or read-only disk: the record stays, and the next run takes the freed lock over
     finally:
