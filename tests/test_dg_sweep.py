@@ -267,9 +267,6 @@ def test_bad_input_is_one_line(tmp_path, capsys, args, fragments):
 
 
 @pytest.mark.parametrize("args, fragments", [
-    # rotated_mnist's 5 training environments do not share the config's batch of 128
-    (("--datasets", "rotated_mnist"), ("run rotated_mnist-erm-te0-h0-t0: batch_size=128 does not divide over the 5 "
-                                       "training environments", "--config.batch_size to a multiple of 5")),
     # each of colored_mnist's environments holds 1,334 in-split examples of mnist5k's 5,000 digits
     (("--config.batch_size=4000",), ("has 1334 examples, fewer than the 2000", "--config.batch_size to at most 2668")),
 ])

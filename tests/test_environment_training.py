@@ -109,6 +109,34 @@ def test_bad_balanced_batches_name_the_problem(batch_size, fragment):
     balanced.make_layout(dataset.train.domains, batch_size, (0, 1, 2), dataset.domain_names)
 
 
+@pytest.mark.parametrize("batch_size, environments, devices, fitted", [
+    (128, 2, 1, 128),  # fits as it is
+    (127, 2, 1, 128),
+    (128, 5, 1, 130),  # 130 is 2 away, 125 is 3
+    (7, 3, 1, 6),
+    (5, 2, 1, 6),  # a tie: the larger
+    (64, 3, 2, 66),  # over environments and devices: a multiple of 6
+    (1, 3, 1, 3),  # never below one example of each
+])
+def test_fitting_batch_size_is_the_nearest_balanced_batch(batch_size, environments, devices, fitted):
+  assert balanced.fitting_batch_size(batch_size, environments, devices) == fitted
+
+
+def test_a_batch_that_does_not_divide_over_the_environments_is_fitted_with_a_note(capsys):
+  from overfocus_jax.train.experiment import environment_training
+  config = tiny_config()
+  config.environments.test_envs = (1,)
+  config.batch_size = 7
+  _, layout = environment_training(config, toy_environments())
+  assert layout.batch_size == 8 and layout.per_env == 4  # 6 and 8 are as near: the larger
+  err = capsys.readouterr().err.strip()
+  assert err == ("overfocus: note: batch_size=7 does not divide over the 2 training environments; using 8 "
+                 "(4 of each)")
+  config.batch_size = 6
+  assert environment_training(config, toy_environments())[1].batch_size == 6
+  assert capsys.readouterr().err == ""
+
+
 # ------------------------------------------------------------------------------------------------ the objectives
 
 
@@ -222,7 +250,6 @@ def test_a_two_environment_irm_run_logs_every_environment(tmp_path, capsys, data
     (("--config.environments.test_envs=3",), ("has no environment 3", "0 (+90%)")),
     (("--config.environments.test_envs=2", "--config.environments.train_envs=(1,2)"),
      ("both a test environment", "list each environment in one of the two")),
-    (("--config.environments.test_envs=2", "--config.batch_size=127"), ("does not divide over the 2",)),
     (("--config.environments.test_envs=(0,1)", "--config.batch_size=2000"), ("fewer than the 2000",)),
     (("--config.dataset=digits", "--config.environments.test_envs=0"), ("has no environments",)),
     (("--config.dataset=digits", "--config.objective.name=vrex"), ("needs a dataset of environments",)),

@@ -20,6 +20,7 @@ stream, the order of epoch ``t`` depends only on the seed and ``t``: the host st
 """
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +56,16 @@ class Layout:
   def epoch_length(self) -> int:
     """Examples an epoch yields: ``S · B``."""
     return self.steps_per_epoch * self.batch_size
+
+
+def fitting_batch_size(batch_size: int, environments: int, devices: int = 1) -> int:
+  """The batch nearest ``batch_size`` that divides over ``environments`` (a balanced batch) and over ``devices``: a
+  multiple of their least common multiple, the larger of the two nearest on a tie; ``batch_size`` itself when it
+  fits."""
+  unit = math.lcm(max(environments, 1), max(devices, 1))
+  below = max(unit, batch_size // unit * unit)
+  above = below if batch_size <= below else below + unit
+  return below if batch_size - below < above - batch_size else above
 
 
 def make_layout(domains: np.ndarray, batch_size: int, environment_ids, names=()) -> Layout:

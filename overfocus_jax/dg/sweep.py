@@ -494,12 +494,13 @@ def run_steps_per_epoch(config, dataset) -> int:
   Raises:
     SettingError: a batch that does not divide over the training environments, or needs more of one than it has.
   """
+  import jax
   from overfocus_jax.data import balanced, pipeline  # JAX: loaded only when a sweep is checked
   envs = config.environments
-  if envs.balanced:
+  if envs.balanced:  # the batch overfocus train takes: the nearest that divides over the environments and devices
     train_envs = balanced.training_environments(dataset, envs.test_envs, envs.train_envs)
-    return balanced.make_layout(dataset.train.domains, config.batch_size, train_envs,
-                                dataset.domain_names).steps_per_epoch
+    batch = balanced.fitting_batch_size(config.batch_size, len(train_envs), jax.device_count())
+    return balanced.make_layout(dataset.train.domains, batch, train_envs, dataset.domain_names).steps_per_epoch
   # Unbalanced batches: pipeline's count over the run's own training view, as overfocus train takes it.
   return pipeline.steps_per_epoch(balanced.training_view(dataset, envs.test_envs, envs.train_envs), config.batch_size)
 

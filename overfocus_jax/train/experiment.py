@@ -6,6 +6,7 @@ convolution and the compiler options here, and nowhere else.
 """
 
 import dataclasses
+import sys
 from typing import Any, Callable
 
 import jax
@@ -55,8 +56,11 @@ def build_experiment(config: ml_collections.ConfigDict, *, dataset: ImageDataset
                                     image_size=config.image_size)
   # A resumed run keeps config.init_from, so its statistics are the new run's (the file itself is not read again).
   dataset = normalized_as(dataset, config.normalization, pretrained=bool(config.init_from))
-  dataset, layout = environment_training(config, dataset)
   mesh = mesh or parallel.make_mesh()
+  dataset, layout = environment_training(config, dataset, mesh.devices.size)
+  if layout is not None and layout.batch_size != config.batch_size:  # a balanced batch near the configured one
+    config = config.copy_and_resolve_references()
+    config.batch_size = layout.batch_size
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   config_lib.check_fits_images(config, dataset.image_shape)  # the focus/attention models' own limits
@@ -94,14 +98,17 @@ def pretrained_variables(config: ml_collections.ConfigDict, model: Model, image_
   return weights.map_state(model, state, jax.device_get(fresh), config.init_from_layout, config.init_from)
 
 
-def environment_training(config: ml_collections.ConfigDict, dataset: ImageDataset):
+def environment_training(config: ml_collections.ConfigDict, dataset: ImageDataset, devices: int = 1):
   """``(dataset, layout)``: for a dataset of environments, the view a run trains on (held-out ``test_envs``,
   per-environment evaluation splits: :func:`balanced.training_view`) and, with ``environments.balanced``, the
   balanced batch layout over the training environments; any other dataset as it is, and no layout.
 
+  A ``config.batch_size`` that does not divide over the training environments (and the ``devices``) becomes the
+  nearest that does (:func:`balanced.fitting_batch_size`), one line on stderr saying so; the layout holds it.
+
   Raises:
     UserError: test environments or an environment objective for a dataset without environments, bad test
-      environments, or a batch that does not divide over the training environments.
+      environments, or a batch that needs more examples of an environment than it has.
   """
   envs = config.environments
   if not balanced.has_environments(dataset):
@@ -120,7 +127,12 @@ def environment_training(config: ml_collections.ConfigDict, dataset: ImageDatase
   if not envs.balanced:
     return dataset, None
   train_envs = balanced.training_environments(dataset, envs.test_envs, envs.train_envs)
-  return dataset, balanced.make_layout(dataset.train.domains, config.batch_size, train_envs, dataset.domain_names)
+  batch = balanced.fitting_batch_size(config.batch_size, len(train_envs), devices)
+  if batch != config.batch_size:
+    print(f"overfocus: note: batch_size={config.batch_size} does not divide over the {len(train_envs)} training "
+          f"environments{f' and {devices} devices' if devices > 1 else ''}; using {batch} ({batch // len(train_envs)} "
+          "of each)", file=sys.stderr)
+  return dataset, balanced.make_layout(dataset.train.domains, batch, train_envs, dataset.domain_names)
 
 
 def check_input_shape(model: Model, input_shape: tuple[int, ...]) -> None:

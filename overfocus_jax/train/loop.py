@@ -116,6 +116,7 @@ def _train(config, workdir: pathlib.Path, regularizer, progress, handle_signals)
   # Pretrained weights start a new run only: a resumed one restores its checkpoint (and never reads the file).
   pretrained = bool(config.init_from) and not checkpoint_lib.has_checkpoint(workdir)
   exp = build_experiment(config, regularizer=regularizer, pretrained=pretrained)
+  config = exp.config  # the run's config as trained (a balanced batch may be adjusted to the environments)
   checkpointer = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
   with contextlib.ExitStack() as closing:
     # On the way out, in this order: the data stream's workers stop, then any asynchronous save in flight is
