@@ -4,11 +4,11 @@ r"""oneDNN convolutions (``overfocus_jax/onednn.py``) against XLA's, for every s
     python -m benchmarks.onednn_models --configs default resnet18 --rounds 5
 
 For each config it builds the train step twice in one process — at ``platform_tuning=auto`` with the oneDNN
-kernels (for every model, whether ``platform_tuning.ONEDNN_MODELS`` lists it or not), and at ``platform_tuning=xla``
+kernels (for every model, whether its ``Platform.onednn`` asks for them or not), and at ``platform_tuning=xla``
 (XLA's convolutions, Eigen with the sliced weight gradient or the shifted depthwise sums: the package before them)
 — checks that one step from the same state and batch gives the same loss and parameters to float rounding, then
 times them in interleaved rounds (``--rounds`` × ``--steps``, medians).
-``platform_tuning.ONEDNN_MODELS`` lists the models where the kernels won.
+``Platform(onednn=True)`` in a model's file marks the models where the kernels won.
 """
 
 import argparse
@@ -27,16 +27,18 @@ CONFIGS = {"default": None, **{name: str(ROOT / "experiments" / "configs" / f"{n
 
 
 def build(config_file, overrides, with_onednn: bool):
-  from overfocus_jax import config as config_lib, models as models_lib, parallel, platform_tuning
+  import dataclasses
+  from overfocus_jax import config as config_lib, models as models_lib, parallel
   from overfocus_jax.data import pipeline
   from overfocus_jax.train import experiment
-  models = platform_tuning.ONEDNN_MODELS
-  platform_tuning.ONEDNN_MODELS = models_lib.MODELS  # measure every model, listed or not
+  shipped = dict(models_lib.REGISTRY)
+  for name, spec in shipped.items():  # measure every model with the kernels, whether it prefers them or not
+    models_lib.REGISTRY[name] = dataclasses.replace(spec, platform=dataclasses.replace(spec.platform, onednn=True))
   try:
     config = config_lib.build_config(config_file, [*overrides, ("platform_tuning", "auto" if with_onednn else "xla")])
     exp = experiment.build_experiment(config)
   finally:
-    platform_tuning.ONEDNN_MODELS = models
+    models_lib.REGISTRY.update(shipped)
   batch = parallel.shard_batch(next(pipeline.make_train_iterator(
       exp.dataset, batch_size=config.batch_size, seed=0, augment=False)), exp.mesh)
   return experiment.jit_train_step(exp), exp.state, batch, config

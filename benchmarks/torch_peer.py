@@ -349,12 +349,13 @@ def check_same_step(model_name: str, image_shape, batch_size: int = 16, seed: in
   import jax
   import optax
   from overfocus_jax.models import build_model
+  from overfocus_jax import optimization
   from overfocus_jax.train import state as state_lib
   from overfocus_jax.train.step import make_train_step
   with full_float32():
     config = default_config(model_name)
     model = build_model(config, NUM_CLASSES)  # plain nn.Conv: the maths, without any platform tuning
-    tx = state_lib.make_optimizer(config, optax.constant_schedule(LEARNING_RATE))
+    tx = optimization.make_optimizer(config, optax.constant_schedule(LEARNING_RATE))
     state = state_lib.create_train_state(model, tx, seed=seed, input_shape=tuple(image_shape))
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     rng = np.random.default_rng(seed)

@@ -37,8 +37,10 @@ def _parser() -> argparse.ArgumentParser:
   parser = _Parser(prog="overfocus", description=__doc__.split("\n\n")[0], allow_abbrev=False)
   sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
   train = sub.add_parser("train", help="train a model; resumes from DIR/checkpoints", allow_abbrev=False)
-  train.add_argument("--workdir", required=True, help="where checkpoints, logs and metrics go")
+  train.add_argument("--workdir", help="where checkpoints, logs and metrics go (required)")
   train.add_argument("--config", help="ml_collections config file (default: the residual CNN on mnist5k)")
+  train.add_argument("--help-config", action="store_true",
+                     help="list every config field with its value in this config and one line of help, then exit")
   train.add_argument("--no-progress", action="store_true", help="no progress bar")
   cluster = train.add_argument_group("several processes (hosts)", "without these, a SLURM, Open MPI or TPU-pod "
                                      "environment with more than one process starts jax.distributed by itself")
@@ -114,6 +116,12 @@ def start_distributed(args, spec) -> None:
 def cmd_train(args, overrides) -> None:
   from overfocus_jax import config as config_lib
   from overfocus_jax.train import loop, workdir
+  if args.help_config:  # the config with its overrides, each field's value and help; nothing is trained
+    print(config_lib.describe(config_lib.build_config(args.config, overrides)))
+    return
+  if not args.workdir:
+    raise UserError("overfocus train: the following arguments are required: --workdir",
+                    "see 'overfocus train --help'")
   spec = check_distributed_flags(args)  # what can fail in one process alone is checked before it joins the others
   config = config_lib.build_config(args.config, overrides)
   workdir.prepare_workdir(args.workdir)

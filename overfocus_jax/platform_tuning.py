@@ -46,12 +46,12 @@ compiles plain XLA. All keep the results equal to float rounding.
    same loss to 4 decimals; compilation 20 s instead of 12 s (2 cores shared with other jobs, load ≈ 4: the ratios
    hold, not the times). A custom VJP too: reverse mode only.
 
-4. **oneDNN convolutions** (:mod:`overfocus_jax.onednn`): for the models in :data:`ONEDNN_MODELS`, every float32
+4. **oneDNN convolutions** (:mod:`overfocus_jax.onednn`): for the models that prefer them (``Platform.onednn``), every float32
    or bfloat16 NHWC convolution — forward, input gradient and weight gradient — is one call of oneDNN's kernel (the
    library PyTorch's CPU step uses) through XLA's FFI, with points 2 and 3 as the fallback for everything else
    (mixed or other dtypes, dilation, groups). The default model's float32 step is 1.19× faster than with points 1
    and 2 alone, ResNet-18's 1.29×; in bf16 1.67× and 2.10× (``python -m benchmarks.onednn_models [--dtype
-   bfloat16]``); the attention and corner models' 1.07–1.26× (session 16). Where the kernels cannot be built (no C++ compiler or oneDNN wheel, another OS or CPU,
+   bfloat16]``); the attention and corner models' 1.07–1.26×. Where the kernels cannot be built (no C++ compiler or oneDNN wheel, another OS or CPU,
    ``OVERFOCUS_ONEDNN=off``), and at ``platform_tuning=xla``, the models keep points 1–3; ``overfocus bench``
    reports which ran (``cpu_convolutions``). A custom VJP: reverse mode only.
 """
@@ -99,31 +99,18 @@ def jit(fun, mesh, mode: str, **jit_kwargs):
   return jax.jit(fun, compiler_options=compiler_options(mesh, mode), **jit_kwargs)
 
 
-# The models whose layers the slicing rule was measured on. The focus model's keypoint CNN meets the rule too (8
-# channels on a 14×14 map) but its step ran 14% slower sliced (``overfocus bench --config
-# experiments/configs/focus.py --config.platform_tuning=auto|off``); attention gained nothing.
-SLICED_MODELS = ("resnet", "resnet18")
-DEPTHWISE_MODELS = ("convnext",)  # the models with depthwise convolutions (point 3)
-
-
-# The models whose convolutions go to oneDNN (point 4): those whose float32 step it made faster in ``python -m
-# benchmarks.onednn_models`` (1.19-1.29×; 1.16-1.35× in a first run). attention and corner since session 16, once
-# XLA:CPU's temporaries stopped being faulted in every step (overfocus_jax/host_memory.py): 1.11× and 1.26×, 1.07×
-# and 1.20× in a second run (1.03× and 1.01× before). Not focus (1.02×, 1.10×: within the noise) nor convnext
-# (0.96×; its depthwise convolutions keep point 3 and its dense ones gain nothing).
-ONEDNN_MODELS = ("resnet", "resnet18", "vgg16", "mnist_cnn", "attention", "corner")
-
-
-def conv_module(mesh, mode: str, model: str = "resnet"):
-  """The ``nn.Conv`` that model ``model`` builds its convolutions from on this mesh (a flax ``ModuleDef``)."""
+def conv_module(mesh, mode: str, cpu_convolution: str = "xla", onednn_convolutions: bool = False):
+  """The ``nn.Conv`` a model builds its convolutions from on this mesh (a flax ``ModuleDef``), from the model's
+  platform preferences (:class:`overfocus_jax.models.spec.Platform`): ``cpu_convolution`` ``xla``, ``sliced``
+  (point 2) or ``depthwise`` (point 3), and ``onednn_convolutions`` (point 4, under ``mode="auto"``)."""
   if not applies(mesh, mode):
     return nn.Conv
   hook = lax.conv_general_dilated
-  if model in SLICED_MODELS:
+  if cpu_convolution == "sliced":
     hook = sliced_conv_general_dilated
-  elif model in DEPTHWISE_MODELS:
+  elif cpu_convolution == "depthwise":
     hook = shifted_depthwise_conv_general_dilated
-  if mode == "auto" and model in ONEDNN_MODELS:
+  if mode == "auto" and onednn_convolutions:
     if onednn.available():  # builds the kernels on first use
       hook = onednn.make_conv_general_dilated(fallback=hook)
   return nn.Conv if hook is lax.conv_general_dilated else functools.partial(nn.Conv, conv_general_dilated=hook)

@@ -6,6 +6,7 @@ a factory that refuses its arguments — is a one-line :class:`UserError` naming
 """
 
 import importlib
+import importlib.util
 import inspect
 import os
 import re
@@ -28,12 +29,23 @@ def _first_line(error: BaseException) -> str:
   return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
+def _search_working_directory() -> None:
+  if os.getcwd() not in sys.path:
+    sys.path.append(os.getcwd())
+
+
+def module_exists(spec: str) -> bool:
+  """Whether the top-level package of ``spec``'s module can be found (the working directory searched too)."""
+  _search_working_directory()
+  top = spec.strip().partition(":")[0].split(".")[0]
+  return importlib.util.find_spec(top) is not None
+
+
 def load_object(spec: str, field: str) -> Any:
   """The object ``spec`` (``package.module:name``) names; ``field`` is the config field that gave it (for the
   message). The working directory is searched too, as ``python -m`` would."""
   module_name, _, attribute = spec.strip().partition(":")
-  if os.getcwd() not in sys.path:
-    sys.path.append(os.getcwd())
+  _search_working_directory()
   try:
     module = importlib.import_module(module_name)
   except ModuleNotFoundError as e:

@@ -16,8 +16,9 @@ import jax
 import numpy as np
 import pytest
 
-from overfocus_jax import cli
+from overfocus_jax import cli, optimization
 from overfocus_jax import config as config_lib
+from overfocus_jax import models as models_lib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -127,11 +128,11 @@ def assert_the_experiment_accepts(model, make_config, input_shape=None):
   """What ``overfocus train`` checks before it builds the state: the image size (when given) and every regularizer's
   split of ``model`` (``make_config(regularizer__name=NAME)`` builds each regularizer's config)."""
   from overfocus_jax.challenge import NAMES
-  from overfocus_jax.train.regularizers import build_regularizer
+  from overfocus_jax.regularizers import build_regularizer
   from overfocus_jax.train import experiment
   if input_shape is not None:
     experiment.check_input_shape(model, input_shape)
-    config_lib.check_fits_images(make_config(), input_shape)
+    models_lib.check_fits_images(make_config(), input_shape)
   for name in NAMES:
     experiment.check_regularizer_fits(model, build_regularizer(make_config(regularizer__name=name), 10), name)
 
@@ -266,7 +267,7 @@ def fit_one_batch(config, steps: int, dataset_name: str = "digits", batch_size: 
   from overfocus_jax.train.step import make_train_step
   dataset = load_dataset(dataset_name)
   model = build_model(config, dataset.num_classes)
-  tx = state_lib.make_optimizer(config, state_lib.make_schedule(config, 10))
+  tx = optimization.make_optimizer(config, optimization.make_schedule(config, 10))
   state = state_lib.create_train_state(model, tx, seed=0, input_shape=dataset.image_shape)
   batch = next(pipeline.make_train_iterator(dataset, batch_size=batch_size, seed=0, augment=False))
   batch = jax.tree.map(jnp.asarray, batch)
@@ -287,8 +288,8 @@ def tiny_model_setup():
   config = config_lib.load_config_file(config_lib.default_config_path())
   config.resnet.update(dict(stem_features=8, stage_widths=(8, 16), stage_sizes=(1, 1), stage_strides=(1, 2)))
   model = build_model(config, 10)
-  schedule = state_lib.make_schedule(config, 10)
-  tx = state_lib.make_optimizer(config, schedule)
+  schedule = optimization.make_schedule(config, 10)
+  tx = optimization.make_optimizer(config, schedule)
   state = state_lib.create_train_state(model, tx, seed=0, input_shape=(8, 8, 1))
   rng = np.random.default_rng(0)
   batch = {"image": jnp.asarray(rng.normal(size=(16, 8, 8, 1)), jnp.float32),

@@ -11,7 +11,7 @@ import pytest
 from overfocus_jax import config as config_lib
 from overfocus_jax.errors import UserError
 from overfocus_jax.models import attention, build_model, merge_batch_stats
-from overfocus_jax.config import check_fits_images as check_model_fits
+from overfocus_jax.models import check_fits_images as check_model_fits
 
 from conftest import assert_one_line_error, assert_split_is_exact, digits_config, fit_one_batch, run_cli
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from overfocus_jax import optimization
 from overfocus_jax import parallel
 from overfocus_jax.data import pipeline
 from overfocus_jax.data.sources import load_dataset
@@ -35,7 +36,7 @@ def make_state(seed=0, **fields):
   """A train state whose every float leaf is random, so a restore of initial values would not pass."""
   config = tiny_config(**fields)
   model = build_model(config, 10)
-  tx = state_lib.make_optimizer(config, state_lib.make_schedule(config, 10))
+  tx = optimization.make_optimizer(config, optimization.make_schedule(config, 10))
   state = state_lib.create_train_state(model, tx, seed=0, input_shape=(8, 8, 1))
   rng = np.random.default_rng(seed)
   noisy = jax.tree.map(lambda a: a + rng.normal(size=a.shape).astype(a.dtype)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from overfocus_jax import optimization
 from overfocus_jax import config as config_lib
 from overfocus_jax.models import Model, build_model, convnext, parameter_count
 
@@ -438,14 +439,15 @@ def test_cpu_tuning_gives_convnext_the_shifted_depthwise_convolution(micro):
   """On one CPU device ``auto`` builds ConvNeXt's convolutions with the shifted depthwise path, ``off`` with
   nn.Conv; the logits and parameter gradients agree, in float32 and (to bfloat16's precision) in bfloat16."""
   import flax.linen as nn
-  from overfocus_jax import parallel, platform_tuning
+  from overfocus_jax import models, parallel, platform_tuning
   mesh = parallel.make_mesh(jax.devices("cpu")[:1])
-  tuned = platform_tuning.conv_module(mesh, "auto", "convnext")
+  platform = models.platform_of("convnext")
+  tuned = platform_tuning.conv_module(mesh, "auto", platform.cpu_convolution, platform.onednn)
   assert tuned.func is nn.Conv
   hook = tuned.keywords["conv_general_dilated"]
   hook = getattr(hook, "fallback", hook)  # under the oneDNN kernels' hook where they are in use (dense layers)
   assert hook is platform_tuning.shifted_depthwise_conv_general_dilated
-  assert platform_tuning.conv_module(mesh, "off", "convnext") is nn.Conv
+  assert platform_tuning.conv_module(mesh, "off", platform.cpu_convolution, platform.onednn) is nn.Conv
   _, variables, x = micro
   loss = lambda model: lambda params: jnp.sum(model.apply({"params": params}, x, train=True)[0] ** 2)
   for a, b in zip(jax.tree.leaves(jax.jit(jax.value_and_grad(loss(micro_model(conv=tuned))))(variables["params"])),
@@ -485,13 +487,12 @@ def test_every_regularizer_fits_the_model():
 @pytest.mark.parametrize("regularizer", ["sgdrop", "rsc_domainbed"])
 def test_the_regularizers_mask_at_the_split(micro, regularizer):
   """SGDrop on the 2×2 latent map, DomainBed's RSC on the pooled vector: a jitted step changes samples."""
-  from overfocus_jax.train.regularizers import build_regularizer
-  from overfocus_jax.train import state as state_lib
+  from overfocus_jax.regularizers import build_regularizer
   from overfocus_jax.train.step import make_train_step
   model, variables, x = micro
   config = make_config(regularizer__name=regularizer)
   reg = build_regularizer(config, 10)
-  tx = state_lib.make_optimizer(config, state_lib.make_schedule(config, 10))
+  tx = optimization.make_optimizer(config, optimization.make_schedule(config, 10))
   state = start_state(variables, tx, reg)
   _, metrics = jax.jit(make_train_step(model, tx, regularizer=reg))(
       state, {"image": x, "label": jnp.arange(4, dtype=jnp.int32)})

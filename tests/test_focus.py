@@ -12,7 +12,7 @@ from jax.scipy.ndimage import map_coordinates
 
 from overfocus_jax.errors import UserError
 from overfocus_jax.models import build_model, focus
-from overfocus_jax.config import check_fits_images as check_model_fits
+from overfocus_jax.models import check_fits_images as check_model_fits
 from overfocus_jax.models.patches import extract_patches, normalized_to_pixel, pixel_to_normalized, sample_offsets
 from overfocus_jax.train.step import cross_entropy
 

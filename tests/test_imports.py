@@ -29,13 +29,14 @@ PACKAGE_DIR = pathlib.Path(__file__).resolve().parent.parent / "overfocus_jax"
 # A module may import its own unit, the other units of its rank, and any lower rank.
 LAYERS = {
     0: ("overfocus_jax", "overfocus_jax.errors", "overfocus_jax.files", "overfocus_jax.overrides",
-        "overfocus_jax.onednn", "overfocus_jax.host_memory", "overfocus_jax.plugins"),
+        "overfocus_jax.onednn", "overfocus_jax.host_memory", "overfocus_jax.plugins", "overfocus_jax.fields"),
     1: ("overfocus_jax.data", "overfocus_jax.models", "overfocus_jax.parallel", "overfocus_jax.platform_tuning",
-        "overfocus_jax.compilation_cache"),
+        "overfocus_jax.compilation_cache", "overfocus_jax.optimization"),
     2: ("overfocus_jax.challenge",),  # the regularizers: masks, attribution, sgdrop, rsc and their base API
-    3: ("overfocus_jax.train", "overfocus_jax.config", "overfocus_jax.configs"),
-    4: ("overfocus_jax.explain", "overfocus_jax.dg"),
-    5: ("overfocus_jax.cli", "overfocus_jax.__main__"),
+    3: ("overfocus_jax.config", "overfocus_jax.configs", "overfocus_jax.regularizers"),  # the config and its parts
+    4: ("overfocus_jax.train",),
+    5: ("overfocus_jax.explain", "overfocus_jax.dg"),
+    6: ("overfocus_jax.cli", "overfocus_jax.__main__"),
 }
 INDEPENDENT_RANKS = (1,)  # the units of these ranks do not import one another (data does not import models, ...)
 
@@ -310,7 +311,7 @@ def _failure(problems: list[str], what: str, *notes: str) -> str:
 # The library a researcher imports: the public namespace resolves to these modules only, and they import nothing
 # outside them (no config, data pipelines, train loop, checkpoints, platform tuning or CLI), directly or through a
 # package's __init__.
-PURE = ("overfocus_jax.challenge", "overfocus_jax.models", "overfocus_jax.parallel", "overfocus_jax.errors",
+PURE = ("overfocus_jax.challenge", "overfocus_jax.models", "overfocus_jax.fields", "overfocus_jax.parallel", "overfocus_jax.errors",
         "overfocus_jax.plugins", "overfocus_jax.host_memory", "overfocus_jax.explain.attributions", "overfocus_jax.explain.layers",
         "overfocus_jax.explain.metrics", "overfocus_jax.explain.latent", "overfocus_jax.explain")
 

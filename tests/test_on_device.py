@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from overfocus_jax import parallel
+from overfocus_jax import models, parallel
 from overfocus_jax.data import augmentation, on_device, pipeline
 from overfocus_jax.data.sources import ArraySource, ImageDataset, load_dataset
 from overfocus_jax.errors import UserError
@@ -155,11 +155,10 @@ class AcceleratorMesh:
 def test_auto_keeps_data_on_an_accelerator_when_it_fits_and_on_a_cpu_for_the_listed_models(digits):
   mesh = parallel.make_mesh()
   assert not on_device.resolve("auto", digits, mesh)  # no model named: grain's threads beside the step on this CPU
-  assert not on_device.resolve("auto", digits, mesh, "focus")
-  assert on_device.CPU_MODELS == ("resnet", "vgg16")
-  assert all(on_device.resolve("auto", digits, mesh, model) for model in on_device.CPU_MODELS)
+  assert [name for name, spec in models.REGISTRY.items() if spec.platform.data_on_device] == ["resnet", "vgg16"]
+  assert on_device.resolve("auto", digits, mesh, prefer_on_cpu=True)
   assert on_device.resolve("auto", digits, AcceleratorMesh()) and on_device.resolve("auto", digits, AcceleratorMesh(),
-                                                                                    "focus")
+                                                                                    prefer_on_cpu=False)
   assert on_device.resolve("on", digits, mesh) and not on_device.resolve("off", digits, mesh)
 
   class Huge(ArraySource):

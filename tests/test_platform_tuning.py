@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from overfocus_jax import onednn, parallel
+from overfocus_jax import models, onednn, parallel
 from overfocus_jax import platform_tuning
 from overfocus_jax import platform_tuning as conv  # the sliced convolution's functions
 from overfocus_jax.models import build_model
@@ -98,26 +98,35 @@ def xla_hook(module):
   return getattr(hook, "fallback", hook)
 
 
+def conv_for(mesh, mode, model):
+  """The convolution ``overfocus train`` builds ``model`` from: its platform preferences (models/spec.py)."""
+  platform = models.platform_of(model)
+  return platform_tuning.conv_module(mesh, mode, platform.cpu_convolution, platform.onednn)
+
+
 def test_auto_tunes_one_cpu_device_only_and_off_never():
   one_cpu = parallel.make_mesh(CPU[:1])
   two_entries = jax.sharding.Mesh(np.array(CPU[:1] * 2), ("data",))  # takes the multi-device branch
-  tuned = platform_tuning.conv_module(one_cpu, "auto")
+  tuned = conv_for(one_cpu, "auto", "resnet")
   assert tuned.func is nn.Conv and list(tuned.keywords) == ["conv_general_dilated"]
   assert xla_hook(tuned) is conv.sliced_conv_general_dilated
-  assert xla_hook(platform_tuning.conv_module(one_cpu, "auto", "resnet18")) is conv.sliced_conv_general_dilated
+  assert xla_hook(conv_for(one_cpu, "auto", "resnet18")) is conv.sliced_conv_general_dilated
   # measured slower sliced there: XLA's own convolution, under the oneDNN kernels where they are in use
-  assert xla_hook(platform_tuning.conv_module(one_cpu, "auto", "focus")) is lax.conv_general_dilated
-  for model in platform_tuning.ONEDNN_MODELS:
-    module = platform_tuning.conv_module(one_cpu, "auto", model)
+  assert xla_hook(conv_for(one_cpu, "auto", "focus")) is lax.conv_general_dilated
+  assert conv_for(one_cpu, "auto", "my_pkg.nets:TinyNet") is nn.Conv  # a plugin: no preferences
+  onednn_models = [name for name, spec in models.REGISTRY.items() if spec.platform.onednn]
+  assert onednn_models == ["resnet", "resnet18", "vgg16", "mnist_cnn", "attention", "corner"]
+  for model in onednn_models:
+    module = conv_for(one_cpu, "auto", model)
     assert (module is not nn.Conv and hasattr(module.keywords["conv_general_dilated"], "fallback")) == (
         onednn.available())
     # xla: the same tuning with XLA's own convolutions, never the kernels
-    without = platform_tuning.conv_module(one_cpu, "xla", model)
+    without = conv_for(one_cpu, "xla", model)
     assert without is nn.Conv or not hasattr(without.keywords["conv_general_dilated"], "fallback")
     assert xla_hook(without) is xla_hook(module)
   assert platform_tuning.compiler_options(one_cpu, "xla") == platform_tuning.compiler_options(one_cpu, "auto")
   for mesh, mode in ((one_cpu, "off"), (two_entries, "auto"), (two_entries, "off")):
-    assert platform_tuning.conv_module(mesh, mode) is nn.Conv
+    assert platform_tuning.conv_module(mesh, mode, "sliced", True) is nn.Conv
     assert platform_tuning.compiler_options(mesh, mode) is None
   with pytest.raises(ValueError, match="unknown platform tuning"):
     platform_tuning.applies(one_cpu, "fast")
@@ -141,7 +150,7 @@ def test_train_step_with_the_sliced_gradient_equals_xlas(tiny_model_setup):
   """Same parameters (so checkpoints move between the two), same step up to float rounding."""
   config, _, tx, schedule, _, _ = tiny_model_setup
   model = build_model(config, 10)
-  sliced = build_model(config, 10, conv=platform_tuning.conv_module(parallel.make_mesh(CPU[:1]), "auto"))
+  sliced = build_model(config, 10, conv=platform_tuning.conv_module(parallel.make_mesh(CPU[:1]), "auto", "sliced"))
   state = state_lib.create_train_state(model, tx, seed=0, input_shape=(16, 16, 1))
   rng = np.random.default_rng(0)
   batch = {"image": jnp.asarray(rng.normal(size=(16, 16, 16, 1)), jnp.float32),

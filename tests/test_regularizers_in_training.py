@@ -13,7 +13,7 @@ from overfocus_jax.challenge import NONE, chain, rsc, sgdrop, stateless
 from overfocus_jax.cli import main as cli_main
 from overfocus_jax.models import build_model
 from overfocus_jax.train import step as step_lib
-from overfocus_jax.train.regularizers import build_regularizer
+from overfocus_jax.regularizers import build_regularizer
 
 from test_challenge import paper_sgdrop
 

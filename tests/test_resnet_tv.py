@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from overfocus_jax import config as config_lib
+from overfocus_jax import models as models_lib
 from overfocus_jax.models import Model, build_model, parameter_count, resnet_tv
 
 from conftest import (abstract_variables, assert_one_line_error, assert_split_is_exact, digits_config, fit_one_batch,
@@ -264,13 +264,13 @@ def test_fits_one_batch_of_digits(name, optimizer, learning_rate):
 def test_the_experiment_accepts_the_model_with_every_regularizer_and_image_size(name):
   """What ``overfocus train`` checks before it builds the state: the image size and each regularizer's split."""
   from overfocus_jax.challenge import NAMES
-  from overfocus_jax.train.regularizers import build_regularizer
+  from overfocus_jax.regularizers import build_regularizer
   from overfocus_jax.train import experiment
   for stem in resnet_tv.STEMS:
     model = make_model(name, resnet_tv__stem=stem)
     for input_shape in ((1, 1, 1), (8, 8, 1), (28, 28, 3)):
       experiment.check_input_shape(model, input_shape)
-      config_lib.check_fits_images(make_config(name), input_shape)
+      models_lib.check_fits_images(make_config(name), input_shape)
     for regularizer in NAMES:
       config = make_config(name, regularizer__name=regularizer)
       experiment.check_regularizer_fits(model, build_regularizer(config, 10), regularizer)

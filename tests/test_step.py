@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+from overfocus_jax import optimization
 from overfocus_jax.data import pipeline
 from overfocus_jax.data.sources import load_dataset
 from overfocus_jax.models import build_model
@@ -28,8 +29,8 @@ def setup():
   config = tiny_config(schedule="constant", warmup_epochs=0, learning_rate=0.1)
   dataset = load_dataset("digits")
   model = build_model(config, dataset.num_classes)
-  schedule = state_lib.make_schedule(config, steps_per_epoch=10)
-  tx = state_lib.make_optimizer(config, schedule)
+  schedule = optimization.make_schedule(config, steps_per_epoch=10)
+  tx = optimization.make_optimizer(config, schedule)
   state = state_lib.create_train_state(model, tx, seed=0, input_shape=dataset.image_shape)
   batch = next(pipeline.make_train_iterator(dataset, batch_size=BATCH, seed=0, augment=False))
   batch = jax.tree.map(jnp.asarray, batch)
@@ -116,7 +117,7 @@ def test_user_regularizer_changes_what_the_head_sees(setup):
   """Zeroing z leaves the head with BN bias → ReLU → pool → dense: every row gets relu(β)·W + b."""
   config, model, _, _, state, batch = setup
   config = tiny_config(schedule="constant", warmup_epochs=0, learning_rate=0.1, weight_decay=0.0)
-  tx = state_lib.make_optimizer(config, optax.constant_schedule(0.1))
+  tx = optimization.make_optimizer(config, optax.constant_schedule(0.1))
   state = state_lib.create_train_state(model, tx, seed=0, input_shape=(8, 8, 1))
   rng = np.random.default_rng(0)
   head = state.params["head"]
@@ -274,7 +275,7 @@ def lrs(schedule, steps):
 
 def test_cosine_schedule_with_warmup():
   config = tiny_config(schedule="cosine", num_epochs=10, warmup_epochs=2, learning_rate=0.1)
-  schedule = state_lib.make_schedule(config, steps_per_epoch=10)  # 100 steps, 20 of warm-up
+  schedule = optimization.make_schedule(config, steps_per_epoch=10)  # 100 steps, 20 of warm-up
   values = lrs(schedule, range(101))
   np.testing.assert_allclose(values[0], 0.1 / 20, rtol=1e-6)          # small at step 0
   np.testing.assert_allclose(values[10], 0.005 + 0.095 * 10 / 20, rtol=1e-6)
@@ -287,7 +288,7 @@ def test_cosine_schedule_with_warmup():
 
 def test_cosine_schedule_without_warmup_starts_at_the_peak():
   config = tiny_config(schedule="cosine", num_epochs=2, warmup_epochs=0, learning_rate=0.2)
-  values = lrs(state_lib.make_schedule(config, steps_per_epoch=5), range(11))
+  values = lrs(optimization.make_schedule(config, steps_per_epoch=5), range(11))
   np.testing.assert_allclose(values[0], 0.2, rtol=1e-6)
   np.testing.assert_allclose(values[5], 0.1, rtol=1e-5)
   assert abs(values[10]) < 1e-7
@@ -297,14 +298,14 @@ def test_cosine_schedule_without_warmup_starts_at_the_peak():
 def test_step_schedule_decays_at_the_given_epochs(warmup_epochs):
   config = tiny_config(schedule="step", num_epochs=10, warmup_epochs=warmup_epochs, learning_rate=0.1,
                        step_decay_epochs=(3, 6), step_decay_factor=0.1)
-  values = lrs(state_lib.make_schedule(config, steps_per_epoch=10), [0, 10, 29, 30, 59, 60, 99])
+  values = lrs(optimization.make_schedule(config, steps_per_epoch=10), [0, 10, 29, 30, 59, 60, 99])
   first = 0.1 if warmup_epochs == 0 else 0.01  # linear warm-up starts at base / warmup_steps
   np.testing.assert_allclose(values, [first, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-5)
 
 
 def test_constant_schedule_after_warmup():
   config = tiny_config(schedule="constant", num_epochs=3, warmup_epochs=1, learning_rate=0.05)
-  values = lrs(state_lib.make_schedule(config, steps_per_epoch=4), range(12))
+  values = lrs(optimization.make_schedule(config, steps_per_epoch=4), range(12))
   # linear from base / warmup_steps = 0.0125 up to 0.05 over 4 steps
   np.testing.assert_allclose(values[:4], [0.0125, 0.021875, 0.03125, 0.040625], rtol=1e-6)
   np.testing.assert_allclose(values[4:], 0.05, rtol=1e-6)
@@ -333,7 +334,7 @@ def test_a_bfloat16_train_step_runs_and_keeps_float32_state(setup):
   config = tiny_config(schedule="constant", warmup_epochs=0, learning_rate=0.1, dtype="bfloat16")
   _, _, _, _, _, batch = setup
   model = build_model(config, 10)
-  tx = state_lib.make_optimizer(config, optax.constant_schedule(0.1))
+  tx = optimization.make_optimizer(config, optax.constant_schedule(0.1))
   state = state_lib.create_train_state(model, tx, seed=0, input_shape=(8, 8, 1))
   new_state, metrics = jax.jit(make_train_step(model, tx))(state, batch)
   assert np.isfinite(float(metrics["loss"]))
@@ -347,7 +348,7 @@ def test_bfloat16_regularizers_rank_in_float32_and_keep_the_latent_dtype(name):
   """With a bf16 model, the head's gradient and SGDrop's attribution are float32 (ties and rounding of bf16 scores
   would change which units are dropped); the masked map keeps the model's dtype."""
   from overfocus_jax.challenge.attribution import gradient_times_activation
-  from overfocus_jax.train.regularizers import build_regularizer
+  from overfocus_jax.regularizers import build_regularizer
   from overfocus_jax.train import experiment
   config = tiny_config(dtype="bfloat16", regularizer__name=name)
   exp = experiment.build_experiment(config)

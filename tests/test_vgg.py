@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from overfocus_jax import optimization
 from overfocus_jax import config as config_lib
 from overfocus_jax.models import Model, build_model, merge_batch_stats, parameter_count, vgg
 
@@ -249,13 +250,13 @@ def test_initialisation_is_torchvisions():
 def train(config, dataset, variables, steps, *, same_batch=False):
   """``(losses, metrics, state)`` after ``steps`` jitted train steps of ``config``'s model and regularizer on digits
   batches of 64 (one fixed batch with ``same_batch``), from ``variables``."""
-  from overfocus_jax.train.regularizers import build_regularizer
+  from overfocus_jax.regularizers import build_regularizer
   from overfocus_jax.data import pipeline
   from overfocus_jax.train import state as state_lib
   from overfocus_jax.train.step import make_train_step
   model, regularizer = build_model(config, dataset.num_classes), build_regularizer(config, 22)
-  schedule = state_lib.make_schedule(config, 22)
-  tx = state_lib.make_optimizer(config, schedule)
+  schedule = optimization.make_schedule(config, 22)
+  tx = optimization.make_optimizer(config, schedule)
   state = state_lib.create_train_state(Preinitialised(model.module, model.name, variables), tx, seed=0,
                                        input_shape=dataset.image_shape, regularizer=regularizer)
   step = jax.jit(make_train_step(model, tx, schedule=schedule, regularizer=regularizer))

@@ -15,6 +15,7 @@ import optax
 import pytest
 from safetensors.numpy import save_file
 
+from overfocus_jax import optimization
 from overfocus_jax.errors import UserError
 from overfocus_jax.models import resnet_tv, weights
 from overfocus_jax.train import checkpoint as checkpoint_lib
@@ -181,8 +182,7 @@ def test_a_new_run_starts_from_the_file(tmp_path, digits_model):
 
 def test_freeze_backbone_updates_the_head_only():
   config = make_config("resnet18_tv", freeze_backbone=True, weight_decay=0.1)
-  from overfocus_jax.train import state as state_lib
-  tx = state_lib.make_optimizer(config, optax.constant_schedule(0.1))
+  tx = optimization.make_optimizer(config, optax.constant_schedule(0.1))
   params = {"encoder": {"conv": jnp.ones((3, 3))}, "head": {"fc": {"kernel": jnp.ones((2, 2))}}}
   updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
   np.testing.assert_array_equal(updates["encoder"]["conv"], 0)  # no gradient step and no weight decay
@@ -193,13 +193,12 @@ def test_freeze_backbone_updates_the_head_only():
 def test_backbone_lr_scale_is_a_param_group_at_a_fraction_of_the_learning_rate(optimizer):
   """Encoder at learning_rate × 0.25, head at the full rate: the encoder's parameters follow the same optimizer run
   at a quarter of the rate (momentum, moments and weight decay included), the head's the full one's."""
-  from overfocus_jax.train import state as state_lib
   grads = [{"encoder": {"conv": jax.random.normal(jax.random.PRNGKey(i), (3, 3))},
             "head": {"fc": jax.random.normal(jax.random.PRNGKey(100 + i), (2, 2))}} for i in range(4)]
 
   def train(learning_rate, **fields):
     config = make_config("resnet18_tv", optimizer=optimizer, weight_decay=0.01, **fields)
-    tx = state_lib.make_optimizer(config, optax.constant_schedule(learning_rate))
+    tx = optimization.make_optimizer(config, optax.constant_schedule(learning_rate))
     params = {"encoder": {"conv": jnp.ones((3, 3))}, "head": {"fc": jnp.ones((2, 2))}}
     opt_state = tx.init(params)
     for grad in grads:

@@ -16,7 +16,7 @@ batch, and today's datasets (MNIST, Fashion-MNIST, CIFAR-10: at most 180 MB) fit
 ``config.data_on_device=auto`` (:func:`resolve`) keeps the data on an accelerator when it :func:`fits` and is not
 an image folder (decoded file by file). On CPUs, where the device's memory is the host's and one step goes per
 dispatch (XLA:CPU loops are slow, :mod:`overfocus_jax.train.dispatch`), it keeps it on the device only for the
-models listed in :data:`CPU_MODELS`, where the in-step crop costs less than grain's threads beside the step, and
+models that prefer it (``Platform.data_on_device`` in :mod:`overfocus_jax.models.spec`), where the in-step crop costs less than grain's threads beside the step, and
 takes the host stream for the others. Measured on every shipped config with the host memory kept mapped
 (:mod:`overfocus_jax.host_memory`; ``python experiments/data_paths.py --config NAME --epochs 2 --seeds 0``, images/s
 device / host, experiments/README.md "The two data streams"): resnet 778 / 753 (and ``overfocus bench``'s end to
@@ -44,8 +44,6 @@ MODES = ("auto", "on", "off")
 # auto keeps the data on the device when it takes at most this share of one device's memory (or, where the
 # backend reports none, such as the CPU, at most HOST_BUDGET_BYTES).
 DEVICE_MEMORY_SHARE = 0.25
-# The models whose data ``auto`` keeps on a CPU device (see the module docstring): the device stream was faster.
-CPU_MODELS = ("resnet", "vgg16")
 HOST_BUDGET_BYTES = 4 << 30
 
 
@@ -98,16 +96,17 @@ def decoded_on_read(dataset: ImageDataset) -> bool:
   return any(getattr(split, "decoded_on_read", False) for split in (dataset.train, dataset.test))
 
 
-def resolve(mode: str, dataset: ImageDataset, mesh: jax.sharding.Mesh, model: str | None = None) -> bool:
+def resolve(mode: str, dataset: ImageDataset, mesh: jax.sharding.Mesh, prefer_on_cpu: bool = False) -> bool:
   """``config.data_on_device`` → whether this run keeps its data on the device (this process's first device
-  decides; every device holds the whole dataset). ``model``: ``config.model``, which ``auto`` reads on a CPU."""
+  decides; every device holds the whole dataset). ``prefer_on_cpu``: the model's preference, which ``auto`` follows
+  on a CPU."""
   if mode not in MODES:
     raise SettingError("data_on_device", f"data_on_device={mode!r} is not one of {', '.join(MODES)}",
                        "auto, on or off")
   device = mesh.local_devices[0]
   if mode == "auto":  # see the module docstring for why CPUs take the host stream for most models
     on_cpu = device.platform == "cpu"
-    return (not on_cpu or model in CPU_MODELS) and fits(dataset, device) and not decoded_on_read(dataset)
+    return (not on_cpu or prefer_on_cpu) and fits(dataset, device) and not decoded_on_read(dataset)
   if mode == "on" and not fits(dataset, device, share=1.0):
     raise SettingError("data_on_device", f"data_on_device=on: the dataset takes {dataset_bytes(dataset) / 2**30:.1f} "
                        f"GiB, more than the {device_budget_bytes(device, 1.0) / 2**30:.1f} GiB of one device",

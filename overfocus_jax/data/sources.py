@@ -16,7 +16,7 @@ import functools
 import gzip
 import math
 import os
-from typing import Protocol
+from typing import Callable, Protocol
 import zipfile
 import zlib
 
@@ -187,16 +187,72 @@ def normalized_as(dataset: 'ImageDataset', normalization: str, *, pretrained: bo
   return dataclasses.replace(dataset, mean=mean, std=std)
 
 
+@dataclasses.dataclass(frozen=True)
+class LoadOptions:
+  """What a dataset kind may read besides its spec (each kind ignores the rest): the TFDS directory, whether an
+  image folder skips bad files, the environments' trial seed and an image folder's default size."""
+
+  data_dir: str | None = None
+  skip_bad_images: bool = False
+  trial_seed: int = 0
+  image_size: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetKind:
+  """One form of ``config.dataset``: ``NAME`` or ``NAME:ARGUMENT``. ``argument``: ``none`` (the name alone),
+  ``optional`` or ``required``; ``load(spec, argument, options)`` returns the dataset (``argument``: what follows
+  the first colon, stripped; None without a colon)."""
+
+  load: Callable[[str, str | None, LoadOptions], 'ImageDataset']
+  argument: str = 'none'
+
+
+def _shortcut_kind(stamp, base: str) -> DatasetKind:
+  """A shortcut dataset (shifts.py): ``base``'s digits with a label cue stamped in with correlation P."""
+  def load(spec: str, argument: str, options: LoadOptions) -> 'ImageDataset':
+    del options
+    correlation = shifts.parse_correlation(spec, argument or '')
+    clean = _load_mnist5k(base) if base == 'mnist5k' else _load_mnist5k_rgb(base)
+    return _replace_images(clean, *stamp(clean.train.images, clean.train.labels, clean.test.images, correlation),
+                           name=spec)
+  return DatasetKind(load, 'optional')
+
+
+def _environment_kind(name: str) -> DatasetKind:
+  def load(spec: str, argument: str, options: LoadOptions) -> 'ImageDataset':
+    return _load_environments(spec, name, argument, options.data_dir, options.trial_seed)
+  return DatasetKind(load, 'optional')
+
+
+# Every form of config.dataset but a loader by import path: one entry per kind.
+DATASET_KINDS: dict[str, DatasetKind] = {
+    'mnist5k': DatasetKind(lambda spec, argument, options: _load_mnist5k(spec)),
+    'digits': DatasetKind(lambda spec, argument, options: _load_digits(spec)),
+    'mnist5k_rgb': DatasetKind(lambda spec, argument, options: _load_mnist5k_rgb(spec)),
+    'mnist5k_shortcut': _shortcut_kind(shifts.stamp_shortcut, 'mnist5k'),
+    'mnist5k_glyph': _shortcut_kind(shifts.glyph_shortcut, 'mnist5k'),
+    # normalised like its clean counterpart, whatever P
+    'mnist5k_color': _shortcut_kind(shifts.tint_shortcut, 'mnist5k_rgb'),
+    'colored_mnist': _environment_kind('colored_mnist'),
+    'rotated_mnist': _environment_kind('rotated_mnist'),
+    'tfds': DatasetKind(lambda spec, argument, options: _load_tfds(spec, argument, options.data_dir), 'required'),
+    'idx': DatasetKind(lambda spec, argument, options: _load_idx(spec, os.path.expanduser(argument)), 'required'),
+    'npz': DatasetKind(lambda spec, argument, options: _load_npz(spec, os.path.expanduser(argument)), 'required'),
+    'imagefolder': DatasetKind(lambda spec, argument, options: _load_imagefolder(
+        spec, argument, options.skip_bad_images, options.trial_seed, options.image_size), 'required'),
+}
+
+
 def load_dataset(spec: str, *, data_dir: str | None = None, skip_bad_images: bool = False,
                  trial_seed: int = 0, image_size: int = 0) -> ImageDataset:
   """Loads and validates the dataset named by `spec`.
 
   Args:
-    spec: 'mnist5k', 'mnist5k_shortcut[:P]', 'mnist5k_color[:P]', 'mnist5k_glyph[:P]', 'mnist5k_rgb' (see
-      shifts.py), 'digits',
-      'tfds:NAME',
-      'idx:DIR', 'npz:FILE', 'imagefolder:DIR[:SIZE][:domains]' (see imagefolder.py), or 'colored_mnist[:BASE]',
-      'rotated_mnist[:BASE]' (see environments.py).
+    spec: a kind of :data:`DATASET_KINDS` — 'mnist5k', 'mnist5k_shortcut[:P]', 'mnist5k_color[:P]',
+      'mnist5k_glyph[:P]', 'mnist5k_rgb' (see shifts.py), 'digits', 'tfds:NAME', 'idx:DIR', 'npz:FILE',
+      'imagefolder:DIR[:SIZE][:domains]' (see imagefolder.py), 'colored_mnist[:BASE]', 'rotated_mnist[:BASE]' (see
+      environments.py) — or a loader by import path, 'my_pkg.data:load' (called with no arguments).
     data_dir: TFDS data directory for 'tfds:' specs (default: TFDS_DATA_DIR or
       ~/tensorflow_datasets); ignored by the other forms.
     skip_bad_images: 'imagefolder:' leaves out (and counts on stderr) the files it cannot read instead of
@@ -210,44 +266,23 @@ def load_dataset(spec: str, *, data_dir: str | None = None, skip_bad_images: boo
     UserError: the spec is unknown, or its data is missing, corrupt or inconsistent.
   """
   spec = spec.strip()
-  if spec == 'mnist5k':
-    return _load_mnist5k(spec)
-  if spec == 'digits':
-    return _load_digits(spec)
-  if spec == 'mnist5k_rgb':
-    return _load_mnist5k_rgb(spec)
-  kind, separator, arg = spec.partition(':')
-  if kind == 'mnist5k_shortcut':
-    correlation = shifts.parse_correlation(spec, arg.strip())
-    base = _load_mnist5k('mnist5k')
-    return _replace_images(base, *shifts.stamp_shortcut(base.train.images, base.train.labels, base.test.images,
-                                                        correlation), name=spec)
-  if kind == 'mnist5k_glyph':
-    correlation = shifts.parse_correlation(spec, arg.strip())
-    base = _load_mnist5k('mnist5k')
-    return _replace_images(base, *shifts.glyph_shortcut(base.train.images, base.train.labels, base.test.images,
-                                                        correlation), name=spec)
-  if kind == 'mnist5k_color':
-    correlation = shifts.parse_correlation(spec, arg.strip())
-    rgb = _load_mnist5k_rgb('mnist5k_rgb')  # normalised like its clean counterpart, whatever P
-    return _replace_images(rgb, *shifts.tint_shortcut(rgb.train.images, rgb.train.labels, rgb.test.images,
-                                                      correlation), name=spec)
-  if kind.strip() in ('colored_mnist', 'rotated_mnist'):
-    return _load_environments(spec, kind.strip(), arg if separator else None, data_dir, trial_seed)
-  if not separator or kind not in ('tfds', 'idx', 'npz', 'imagefolder'):
-    if plugins.is_import_path(spec):
+  name, separator, argument = spec.partition(':')
+  kind = DATASET_KINDS.get(name.strip())
+  if kind is None:
+    if plugins.is_import_path(spec) and plugins.module_exists(spec):
       return _load_plugin(spec)
-    raise UserError(f'unknown dataset {spec!r}', f'use one of {VALID_SPECS}, or your own loader by import path '
-                    '(my_pkg.data:load)')
-  arg = arg.strip()
-  if not arg:
-    raise UserError(f'dataset {spec!r} is missing its argument', f'write it as {kind}:<value>')
-  if kind == 'tfds':
-    return _load_tfds(spec, arg, data_dir)
-  if kind == 'imagefolder':
-    return _load_imagefolder(spec, arg, skip_bad_images, trial_seed, image_size)
-  path = os.path.expanduser(arg)
-  return _load_idx(spec, path) if kind == 'idx' else _load_npz(spec, path)
+    missing = (f": no dataset kind {name!r} and no module {name.split('.')[0]!r} to load it from"
+               if plugins.is_import_path(spec) else '')
+    raise UserError(f'unknown dataset {spec!r}{missing}', f'use one of {VALID_SPECS}, or your own loader by import '
+                    'path (my_pkg.data:load, run from the folder that holds my_pkg)')
+  argument = argument.strip()
+  if kind.argument == 'none' and separator:
+    raise UserError(f'dataset {spec!r}: {name.strip()} takes no argument', f'write it as {name.strip()}')
+  if kind.argument == 'required' and not argument:
+    raise UserError(f'dataset {spec!r} is missing its argument', f'write it as {name.strip()}:<value>')
+  options = LoadOptions(data_dir=data_dir, skip_bad_images=skip_bad_images, trial_seed=trial_seed,
+                        image_size=image_size)
+  return kind.load(spec, argument if separator else None, options)
 
 
 def dataset_from_arrays(name: str, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], *,

@@ -26,24 +26,24 @@ Models that look at parts of the image say where, in inference mode, or return N
 Pretrained weights (``config.init_from``): :mod:`overfocus_jax.models.weights` maps a ``.safetensors`` state dict
 onto a model through its module's ``from_<layout>`` function (e.g. ``resnet_tv.from_torchvision``).
 
-:func:`build_model` builds the model ``config.model`` names (:data:`MODELS`: the names, declared once here) with
-the convolution module and dtype it is given: ``conv`` is a flax ``ModuleDef`` (``nn.Conv`` or a partial of it,
-see :mod:`overfocus_jax.platform_tuning`), ``config.dtype`` (:data:`DTYPES`) the dtype of activations and
-convolutions; parameters are float32 either way.
+:func:`build_model` builds the model ``config.model`` names (:data:`REGISTRY`: each model's :class:`ModelSpec`,
+declared in its own file) with the convolution module and dtype it is given: ``conv`` is a flax ``ModuleDef``
+(``nn.Conv`` or a partial of it, see :mod:`overfocus_jax.platform_tuning`), ``config.dtype`` (:data:`DTYPES`) the
+dtype of activations and convolutions; parameters are float32 either way.
 """
 
 import dataclasses
-import functools
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from overfocus_jax import plugins
+from overfocus_jax import fields, plugins
 from overfocus_jax.errors import UserError
-from overfocus_jax.models import attention, convnext, focus, mnist_cnn, resnet, resnet_tv, vgg
+from overfocus_jax.models import attention, convnext, focus, mnist_cnn, resnet, resnet_tv, vgg, weights
 from overfocus_jax.models.adapters import NNXModel, takes_train  # noqa: F401  (NNXModel: part of this package's API)
+from overfocus_jax.models.spec import ModelSpec, Platform
 
 Variables = dict[str, Any]
 # The halves of the library's own modules: their batch statistics are returned half by half.
@@ -148,81 +148,71 @@ def merge_batch_stats(old: Any, *updates: Variables) -> Any:
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def _resnet(config, **common) -> nn.Module:
-  arch = config.resnet
-  return resnet.PreActResNet(
-      stem_features=arch.stem_features, stage_widths=tuple(arch.stage_widths), stage_sizes=tuple(arch.stage_sizes),
-      stage_strides=tuple(arch.stage_strides), stem_kernel=arch.stem_kernel, stem_strides=arch.stem_strides,
-      stem_pool=arch.stem_pool, norm=arch.norm, activation=arch.activation, **common)
+# Every shipped model, declared in its own file (models/spec.py): one line per file.
+REGISTRY: dict[str, ModelSpec] = {spec.name: spec for spec in (
+    *resnet.SPECS,
+    *resnet_tv.SPECS,
+    *vgg.SPECS,
+    *convnext.SPECS,
+    *mnist_cnn.SPECS,
+    *attention.SPECS,
+    *focus.SPECS,
+)}
+MODELS = tuple(REGISTRY)
+# A model given by import path: no limits the library knows, no platform preferences.
+PLUGIN_PLATFORM = Platform()
 
 
-def _resnet18(config, **common) -> nn.Module:
-  # The CIFAR-style stem (3×3, stride 1, no pool) unless the resnet group asks for an ImageNet one; the group's
-  # normalisation and activation too.
-  arch = config.resnet
-  return resnet.ResNet18(stem_kernel=arch.stem_kernel, stem_strides=arch.stem_strides, stem_pool=arch.stem_pool,
-                         norm=arch.norm, activation=arch.activation, **common)
+def model_groups() -> tuple:
+  """The config groups of the shipped models (:mod:`overfocus_jax.fields`), each once, in registry order."""
+  seen = {}
+  for spec in REGISTRY.values():
+    for group in spec.groups:
+      seen.setdefault(group.name, group)
+  return tuple(seen.values())
 
 
-def _vgg16(config, **common) -> nn.Module:
-  arch = config.vgg
-  return vgg.VGG(blocks=vgg.VGG16_BLOCKS, batch_norm=arch.batch_norm, width=arch.width, max_pools=arch.max_pools,
-                 head_kind=arch.head, hidden=arch.hidden, head_pool=arch.head_pool, **common)
+def platform_of(name: str) -> Platform:
+  """The platform preferences of model ``name`` (a plugin's: none)."""
+  spec = REGISTRY.get(name)
+  return spec.platform if spec else PLUGIN_PLATFORM
 
 
-def _convnext(config, **common) -> nn.Module:
-  arch = config.convnext
-  depths, dims, _ = convnext.SIZES[arch.size]
-  return convnext.ConvNeXt(depths=depths, dims=convnext.scaled_dims(dims, arch.width),
-                           patch_size=convnext.STEMS[arch.stem], drop_path_rate=arch.drop_path_rate,
-                           layer_scale_init=arch.layer_scale_init, head_init_scale=arch.head_init_scale, **common)
+def check_fits_images(config, image_shape: tuple[int, ...]) -> None:
+  """Raises :class:`UserError` when ``config.model`` cannot take (H, W, C) images, naming the field to change.
+  Call it once the dataset is known, before the model is initialised."""
+  spec = REGISTRY.get(config.model)
+  if spec is not None and spec.fits is not None:
+    spec.fits(config, int(image_shape[0]), int(image_shape[1]))
 
 
-def _resnet_tv(factory, config, **common) -> nn.Module:
-  arch = config.resnet_tv
-  zero_init = resnet_tv.zero_init_residual(arch.zero_init_residual, factory.keywords["kind"])
-  return factory(stem=arch.stem, zero_init_residual=zero_init, **common)
+def check_config(config) -> None:
+  """The model fields every run has: a known model or an import path, its arguments, dtype and weights."""
+  fields.require(config.model in REGISTRY or plugins.is_import_path(config.model), f"unknown model {config.model!r}",
+                 f"use one of {', '.join(MODELS)}, or your own by import path, e.g. "
+                 "--config.model=my_pkg.nets:TinyNet")
+  fields.require(not len(config.model_args) or plugins.is_import_path(config.model),
+                 f"config.model_args={config.model_args.to_dict()!r} is for a model given by import path, and "
+                 f"config.model={config.model!r} is one of the library's", "set the model's own group instead "
+                 f"(--config.{config.model}.FIELD=...), or drop --config.model_args")
+  fields.require_choice(config.dtype, tuple(DTYPES), "dtype")
+  # The weights' fields only: the file itself is read (and refused when it is a pickle, missing or does not fit)
+  # when a new run starts (models/weights.py).
+  fields.require(isinstance(config.init_from, str), f"config.init_from={config.init_from!r} must be a path",
+                 "set --config.init_from=PATH to a .safetensors file, or '' for none")
+  fields.require_choice(config.init_from_layout, weights.LAYOUTS, "init_from_layout")
 
 
-def _mnist_cnn(config, **common) -> nn.Module:
-  del config  # DomainBed's fixed architecture: no options
-  return mnist_cnn.MNISTCNN(**common)
-
-
-def _attention(config, **common) -> nn.Module:
-  arch = config.attention
-  return attention.AttentionNet(
-      widths=tuple(arch.widths), pool_after=tuple(arch.pool_after), attention_layers=tuple(arch.attention_layers),
-      global_features=arch.global_features, compatibility=arch.compatibility, normalisation=arch.normalisation,
-      **common)
-
-
-def _patch_settings(config) -> dict:
-  group = config.focus
-  return dict(num_keypoints=group.num_keypoints, patch_size=group.patch_size, patch_scale=group.patch_scale,
-              patch_widths=tuple(group.patch_widths), feature_width=group.feature_width, hidden=group.hidden)
-
-
-def _focus(config, **common) -> nn.Module:
-  group = config.focus
-  return focus.FocusNet(keypoint_widths=tuple(group.keypoint_widths), keypoint_grad_scale=group.keypoint_grad_scale,
-                        zoom_range=tuple(group.zoom_range) if group.zoom else (), **_patch_settings(config), **common)
-
-
-def _corner(config, **common) -> nn.Module:
-  harris = config.corner
-  return focus.CornerNet(harris_k=harris.harris_k, sigma=harris.sigma, nms_radius=harris.nms_radius,
-                         border=harris.border, **_patch_settings(config), **common)
-
-
-# name -> builder(config, num_classes=, dtype=, conv=) reading the model's own config group(s)
-BUILDERS: dict[str, Callable[..., nn.Module]] = {
-    "resnet": _resnet, "resnet18": _resnet18, "attention": _attention, "focus": _focus, "corner": _corner,
-    "vgg16": _vgg16, "mnist_cnn": _mnist_cnn, "convnext": _convnext,
-    "resnet18_tv": functools.partial(_resnet_tv, resnet_tv.ResNet18TV),
-    "resnet50_tv": functools.partial(_resnet_tv, resnet_tv.ResNet50TV),
-}
-MODELS = tuple(BUILDERS)
+FIELDS = fields.Group("", "the model", {
+    "model": fields.Field("resnet", "a shipped model (overfocus train --help-config lists them) | your own by import "
+                          "path, PKG.MOD:factory, called as factory(num_classes=N, **model_args)"),
+    "model_args": fields.Field({}, "a model given by import path: its keyword arguments "
+                               "(--config.model_args.NAME=VALUE)"),
+    "dtype": fields.Field("float32", "float32 | bfloat16: activations and convolutions (parameters stay float32)"),
+    "init_from": fields.Field("", "a .safetensors state dict mapped onto the model when a run starts ('': none; "
+                              "pickles are never read; the head is re-initialised when the class count differs)"),
+    "init_from_layout": fields.Field("torchvision", "torchvision | timm: whose tensor names the file has"),
+}, validate=check_config)
 
 
 def build_model(config, num_classes: int, *, conv: Any = nn.Conv) -> Model:
@@ -235,11 +225,11 @@ def build_model(config, num_classes: int, *, conv: Any = nn.Conv) -> Model:
   """
   if plugins.is_import_path(config.model):
     return plugin_model(config.model, num_classes, dict(config.model_args.to_dict()))
-  if config.model not in BUILDERS:  # validate() rejects this earlier; kept for callers that skip it
+  if config.model not in REGISTRY:  # validate() rejects this earlier; kept for callers that skip it
     raise ValueError(f"unknown model {config.model=}; use one of {MODELS}")
   if config.dtype not in DTYPES:
     raise ValueError(f"unknown dtype {config.dtype=}; use one of {tuple(DTYPES)}")
-  module = BUILDERS[config.model](config, num_classes=num_classes, dtype=DTYPES[config.dtype], conv=conv)
+  module = REGISTRY[config.model].build(config, num_classes=num_classes, dtype=DTYPES[config.dtype], conv=conv)
   return Model(module=module, name=config.model)
 
 

@@ -33,7 +33,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from overfocus_jax import fields
 from overfocus_jax.models import norms
+from overfocus_jax.models.spec import ModelSpec, Platform
 
 COMPATIBILITIES = ("pc", "dp")
 NORMALISATIONS = ("softmax", "sigmoid")
@@ -208,3 +210,59 @@ class AttentionNet(nn.Module):
   def attention_maps(self, x, train: bool = False):
     """a^s (B, h_s, w_s) for each attention layer, in order."""
     return self.forward_with_maps(x, train)[1]
+
+
+# ------------------------------------------------------------------------------------- the config and the registry
+
+
+def check_config(config) -> None:
+  arch = config.attention
+  fields.require_positive_ints(arch.widths, "attention.widths")
+  layers = len(arch.widths)
+  valid = f"valid layer indices are 1..{layers}, one per entry of config.attention.widths"
+  pools, attended = tuple(arch.pool_after), tuple(arch.attention_layers)
+  fields.require(all(isinstance(i, int) and 1 <= i <= layers for i in pools),
+                 f"config.attention.pool_after={pools!r} names a layer the {layers}-layer backbone does not have",
+                 valid)
+  fields.require(len(attended) > 0, "config.attention.attention_layers is empty", "give 2 or 3 layers, e.g. (2,3,4)")
+  fields.require(all(isinstance(i, int) and 1 <= i <= layers for i in attended),
+                 f"config.attention.attention_layers={attended!r} names a layer the {layers}-layer backbone does not "
+                 "have", valid)
+  fields.require(all(a < b for a, b in zip(attended, attended[1:])),
+                 f"config.attention.attention_layers={attended!r} is not strictly increasing",
+                 "list each layer once, shallowest first, e.g. (2,3,4)")
+  fields.require_positive_int(arch.global_features, "attention.global_features", 128)
+  fields.require_choice(arch.compatibility, COMPATIBILITIES, "attention.compatibility")
+  fields.require_choice(arch.normalisation, NORMALISATIONS, "attention.normalisation")
+
+
+def check_images(config, height: int, width: int) -> None:
+  """The backbone's unpadded 2x2 pools must leave every layer a map."""
+  arch = config.attention
+  empty = first_empty_layer(height, width, len(arch.widths), tuple(arch.pool_after))
+  fields.require(empty is None, f"{height}x{width} images are too small for the attention backbone: its 2x2 pools "
+                 f"(config.attention.pool_after={tuple(arch.pool_after)}) shrink them to nothing by layer {empty}",
+                 "remove pools from --config.attention.pool_after or use larger images")
+
+
+GROUP = fields.Group("attention", "Learn to Pay Attention (model=attention): conv3x3-BN-ReLU layers numbered from 1, "
+                     "attention on some layers' maps against a global feature; z = the first attention layer's map", {
+    "widths": fields.Field((16, 32, 32, 64, 64, 128), "each conv layer's width"),
+    "pool_after": fields.Field((1, 3, 5), "a 2x2 max-pool after these layers (28x28 -> 14 -> 7 -> 3)"),
+    "attention_layers": fields.Field((3, 5), "the layers whose maps are attended (MNIST's 14x14 and 7x7)"),
+    "global_features": fields.Field(128, "the global feature's width"),
+    "compatibility": fields.Field("pc", "pc: <u, l + g> | dp: <l, g>"),
+    "normalisation": fields.Field("softmax", "softmax over positions | sigmoid per position"),
+}, validate=check_config)
+
+
+def build_attention(config, **common) -> nn.Module:
+  arch = config.attention
+  return AttentionNet(widths=tuple(arch.widths), pool_after=tuple(arch.pool_after),
+                      attention_layers=tuple(arch.attention_layers), global_features=arch.global_features,
+                      compatibility=arch.compatibility, normalisation=arch.normalisation, **common)
+
+
+# oneDNN's convolutions made its float32 step faster (python -m benchmarks.onednn_models).
+SPECS = (ModelSpec("attention", "Learn to Pay Attention (Jetley et al.), sized by config.attention", build_attention,
+                   (GROUP,), fits=check_images, platform=Platform(onednn=True)),)

@@ -56,6 +56,7 @@ steps, :mod:`overfocus_jax.platform_tuning`).
 """
 
 import functools
+import math
 import sys
 from typing import Any, Iterator, Sequence
 
@@ -64,7 +65,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from overfocus_jax import fields
 from overfocus_jax.models import norms, weights
+from overfocus_jax.models.spec import ModelSpec, Platform
 from overfocus_jax.models.split import EncoderHead
 
 ModuleDef = Any  # a flax module class or a functools.partial of one (flax's examples' convention)
@@ -350,3 +353,45 @@ def _plain_dicts(tree):
   if hasattr(tree, "items"):
     return {k: _plain_dicts(v) for k, v in tree.items()}
   return tree
+
+
+# ------------------------------------------------------------------------------------- the config and the registry
+
+
+def check_config(config) -> None:
+  arch = config.convnext
+  fields.require_choice(arch.size, tuple(SIZES), "convnext.size")
+  fields.require_choice(arch.stem, tuple(STEMS), "convnext.stem")
+  fields.require(fields.is_number(arch.width) and math.isfinite(arch.width) and arch.width > 0,
+                 f"config.convnext.width={arch.width!r} must be a positive number (it multiplies every stage's width)",
+                 "set --config.convnext.width, e.g. 1 (timm's widths) or 0.5")
+  fields.require(fields.is_number(arch.drop_path_rate) and 0 <= arch.drop_path_rate < 1,
+                 f"config.convnext.drop_path_rate={arch.drop_path_rate!r} must be in [0, 1)",
+                 "set --config.convnext.drop_path_rate, e.g. 0 or 0.1")
+  fields.require_positive_number(arch.layer_scale_init, "convnext.layer_scale_init", 1e-6)
+  fields.require_positive_number(arch.head_init_scale, "convnext.head_init_scale", 1.0)
+
+
+GROUP = fields.Group("convnext", "ConvNeXt (model=convnext): timm's convnext_<size>, z = the last stage's map", {
+    "size": fields.Field("atto", "atto | femto | pico | nano | tiny"),
+    "stem": fields.Field("imagenet", "imagenet: 4x4 stride 4, timm's (28 -> 7 -> 4 -> 2 -> 1) | small: 2x2 stride 2 "
+                         "(28 -> ... -> 2) | pixel: 1x1 (28 -> ... -> 4)"),
+    "width": fields.Field(1.0, "multiplies every stage's width (timm's model only at 1)"),
+    "drop_path_rate": fields.Field(0.0, "stochastic depth at the last block, linear from 0 (training only)"),
+    "layer_scale_init": fields.Field(1e-6, "the layer scale's initial value"),
+    "head_init_scale": fields.Field(1.0, "the classifier's initial kernel times this (timm's head_init_scale)"),
+}, validate=check_config)
+
+
+def build_convnext(config, **common) -> nn.Module:
+  arch = config.convnext
+  depths, dims, _ = SIZES[arch.size]
+  return ConvNeXt(depths=depths, dims=scaled_dims(dims, arch.width), patch_size=STEMS[arch.stem],
+                  drop_path_rate=arch.drop_path_rate, layer_scale_init=arch.layer_scale_init,
+                  head_init_scale=arch.head_init_scale, **common)
+
+
+# Its depthwise convolutions' gradients as shifted sums on a CPU (platform_tuning.py); oneDNN gained nothing on its
+# dense ones (python -m benchmarks.onednn_models).
+SPECS = (ModelSpec("convnext", "ConvNeXt (Liu et al.) in timm's small sizes, sized by config.convnext", build_convnext,
+                   (GROUP,), platform=Platform(cpu_convolution="depthwise")),)

@@ -35,7 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from overfocus_jax import fields
 from overfocus_jax.models import norms
+from overfocus_jax.models.spec import ModelSpec, Platform
 from overfocus_jax.models.patches import extract_patches, pixel_to_normalized
 
 # FocusNet's initial keypoint grid is shrunk by this factor, so that its patches start over the image's middle.
@@ -399,3 +401,130 @@ class CornerNet(_PatchModel):
     return CornerEncoder(self.num_keypoints, self.patch_size, self.patch_scale, tuple(self.patch_widths),
                          self.feature_width, self.harris_k, self.sigma, self.nms_radius, self.border,
                          dtype=self.dtype, conv=self.conv, norm=self.norm)
+
+
+# ------------------------------------------------------------------------------------- the config and the registry
+
+
+def _check_zoom(config) -> None:
+  patch = config.focus
+  fields.require_bool(patch.zoom, "focus.zoom")
+  if not patch.zoom:
+    return
+  zoom_range = patch.zoom_range
+  fields.require(isinstance(zoom_range, (tuple, list)) and len(zoom_range) == 2
+                 and all(fields.is_number(v) for v in zoom_range)
+                 and 0 < zoom_range[0] < patch.patch_scale < zoom_range[1] <= 1,
+                 f"config.focus.zoom_range={zoom_range!r} must be (s_min, s_max) with 0 < s_min < "
+                 f"patch_scale={patch.patch_scale!r} < s_max <= 1 (the scale starts at patch_scale)",
+                 "set --config.focus.zoom_range, e.g. (0.2,0.8)")
+  fields.require(config.model == "focus", f"config.focus.zoom=True needs learned keypoints, but "
+                 f"config.model={config.model!r}", "set --config.model=focus, or --config.focus.zoom=False")
+
+
+def check_focus_config(config) -> None:
+  patch = config.focus
+  fields.require(isinstance(patch.num_keypoints, int) and patch.num_keypoints >= 1,
+                 f"config.focus.num_keypoints={patch.num_keypoints!r} must be at least 1 (one patch per keypoint)",
+                 "set --config.focus.num_keypoints, e.g. 4")
+  fields.require(isinstance(patch.patch_size, int) and patch.patch_size >= 1,
+                 f"config.focus.patch_size={patch.patch_size!r} must be at least 1 pixel",
+                 "set --config.focus.patch_size, e.g. 12 for 28x28 images")
+  fields.require(fields.is_number(patch.patch_scale) and 0 < patch.patch_scale <= 1,
+                 f"config.focus.patch_scale={patch.patch_scale!r} must be in (0, 1] (the patch's side over the "
+                 "image's)", "set --config.focus.patch_scale, e.g. 0.43 for 12-pixel patches of 28x28 images")
+  fields.require_positive_ints(patch.keypoint_widths, "focus.keypoint_widths")
+  fields.require(fields.is_number(patch.keypoint_grad_scale) and 0 <= patch.keypoint_grad_scale < math.inf,
+                 f"config.focus.keypoint_grad_scale={patch.keypoint_grad_scale!r} must be a number >= 0",
+                 "set --config.focus.keypoint_grad_scale, e.g. 0.01 (0: the keypoints stay on their initial grid)")
+  fields.require_positive_ints(patch.patch_widths, "focus.patch_widths")
+  fields.require_positive_int(patch.feature_width, "focus.feature_width", 64)
+  fields.require(isinstance(patch.hidden, int) and patch.hidden >= 0, f"config.focus.hidden={patch.hidden!r} must "
+                 "be an integer >= 0", "set --config.focus.hidden, e.g. 128 (0: no hidden layer)")
+  _check_zoom(config)
+
+
+def check_corner_config(config) -> None:
+  harris = config.corner
+  fields.require(fields.is_number(harris.harris_k) and 0 < harris.harris_k < 0.25,
+                 f"config.corner.harris_k={harris.harris_k!r} must be in (0, 0.25)",
+                 "set --config.corner.harris_k, e.g. 0.05")
+  # Upper bounds keep the compiled filters small: the smoothing window has radius ⌈3σ⌉ and NMS compares
+  # (2r+1)² − 1 shifted copies of the response.
+  fields.require(fields.is_number(harris.sigma) and 0 < harris.sigma <= MAX_HARRIS_WINDOW,
+                 f"config.corner.sigma={harris.sigma!r} must be in (0, {MAX_HARRIS_WINDOW}]",
+                 "set --config.corner.sigma, e.g. 1.0")
+  for field in ("nms_radius", "border"):
+    value = harris[field]
+    fields.require(isinstance(value, int) and value >= 0, f"config.corner.{field}={value!r} must be an integer >= 0",
+                   f"set --config.corner.{field}, e.g. 2")
+  fields.require(harris.nms_radius <= MAX_HARRIS_WINDOW, f"config.corner.nms_radius={harris.nms_radius!r} must be "
+                 f"at most {MAX_HARRIS_WINDOW}", "set --config.corner.nms_radius, e.g. 2")
+
+
+def check_patch_images(config, height: int, width: int) -> None:
+  """A patch fits in the image."""
+  size = config.focus.patch_size
+  fields.require(size <= min(height, width), f"config.focus.patch_size={size} is larger than the {height}x{width} "
+                 "images", f"set --config.focus.patch_size to at most {min(height, width)}")
+
+
+def check_corner_images(config, height: int, width: int) -> None:
+  """A patch fits, there are K pixels to take the top-K corners of, and the border leaves some."""
+  check_patch_images(config, height, width)
+  k = config.focus.num_keypoints
+  fields.require(k <= height * width, f"config.focus.num_keypoints={k} asks for more corners than the "
+                 f"{height}x{width} images have pixels", f"set --config.focus.num_keypoints to at most {height * width}")
+  border = config.corner.border
+  fields.require(2 * border < min(height, width), f"config.corner.border={border} leaves no pixel of the "
+                 f"{height}x{width} images to find corners in", f"set --config.corner.border below "
+                 f"{(min(height, width) + 1) // 2}")
+
+
+FOCUS_GROUP = fields.Group("focus", "the focus models (model=focus, corner): K patches of PxP samples, each spanning "
+                           "patch_scale of the image's side, at learned keypoints (focus) or Harris corners (corner)", {
+    "num_keypoints": fields.Field(4, "K, the patches (and keypoints)"),
+    "patch_size": fields.Field(12, "P, each patch's samples per side"),
+    "patch_scale": fields.Field(0.43, "each patch's side over the image's (12/28: MNIST at its own resolution)"),
+    "keypoint_widths": fields.Field((8, 16), "focus: the keypoint CNN's stride-2 conv layers"),
+    "keypoint_grad_scale": fields.Field(0.01, "focus: the keypoint CNN learns this much slower"),
+    "zoom": fields.Field(False, "focus: also learn each patch's scale, within zoom_range, from patch_scale"),
+    "zoom_range": fields.Field((0.2, 0.8), "focus: the range a learned scale stays in"),
+    "patch_widths": fields.Field((16, 32), "the shared patch encoder's conv layers"),
+    "feature_width": fields.Field(64, "D, one feature vector per patch"),
+    "hidden": fields.Field(128, "the head's hidden layer (0: none)"),
+}, validate=check_focus_config)
+CORNER_GROUP = fields.Group("corner", "the Harris corner detector of model=corner", {
+    "harris_k": fields.Field(0.05, "k in R = det(M) - k trace(M)^2"),
+    "sigma": fields.Field(1.0, "the Gaussian window of the structure tensor M"),
+    "nms_radius": fields.Field(2, "keep only maxima of their (2r+1)^2 window"),
+    "border": fields.Field(2, "ignore corners this close to the edge"),
+}, validate=check_corner_config)
+
+
+def _patch_settings(config) -> dict:
+  group = config.focus
+  return dict(num_keypoints=group.num_keypoints, patch_size=group.patch_size, patch_scale=group.patch_scale,
+              patch_widths=tuple(group.patch_widths), feature_width=group.feature_width, hidden=group.hidden)
+
+
+def build_focus(config, **common) -> nn.Module:
+  group = config.focus
+  return FocusNet(keypoint_widths=tuple(group.keypoint_widths), keypoint_grad_scale=group.keypoint_grad_scale,
+                  zoom_range=tuple(group.zoom_range) if group.zoom else (), **_patch_settings(config), **common)
+
+
+def build_corner(config, **common) -> nn.Module:
+  harris = config.corner
+  return CornerNet(harris_k=harris.harris_k, sigma=harris.sigma, nms_radius=harris.nms_radius, border=harris.border,
+                   **_patch_settings(config), **common)
+
+
+# corner: oneDNN's convolutions made its float32 step faster; focus: no gain within the noise
+# (python -m benchmarks.onednn_models).
+SPECS = (
+    ModelSpec("focus", "glimpses at learned keypoints, sized by config.focus", build_focus, (FOCUS_GROUP,),
+              fits=check_patch_images),
+    ModelSpec("corner", "glimpses at Harris corners, sized by config.focus and config.corner", build_corner,
+              (FOCUS_GROUP, CORNER_GROUP), fits=check_corner_images, platform=Platform(onednn=True)),
+)

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from overfocus_jax.models import norms
+from overfocus_jax.models.spec import ModelSpec, Platform
 from overfocus_jax.models.split import EncoderHead
 
 ModuleDef = Any  # a flax module class or a functools.partial of one (flax's examples' convention)
@@ -108,3 +109,16 @@ class MNISTCNN(EncoderHead):
   def setup(self):
     self.encoder = MNISTCNNEncoder(dtype=self.dtype, conv=self.conv)
     self.head = MNISTCNNHead(self.num_classes, dtype=self.dtype)
+
+
+# ------------------------------------------------------------------------------------- the registry
+
+
+def build_mnist_cnn(config, **common) -> nn.Module:
+  del config  # DomainBed's fixed architecture: no options
+  return MNISTCNN(**common)
+
+
+# oneDNN's convolutions made its float32 step faster (python -m benchmarks.onednn_models).
+SPECS = (ModelSpec("mnist_cnn", "DomainBed's MNIST_CNN (ColoredMNIST, RotatedMNIST); no options", build_mnist_cnn,
+                   platform=Platform(onednn=True)),)

@@ -26,7 +26,9 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from overfocus_jax import fields
 from overfocus_jax.models import norms
+from overfocus_jax.models.spec import ModelSpec, Platform
 
 ModuleDef = Any  # a flax module class or a functools.partial of one (flax's examples' convention)
 STEM_POOLS = ("none", "max", "avg")
@@ -193,3 +195,61 @@ class PreActResNet(nn.Module):
 
 ResNet18 = functools.partial(PreActResNet, stem_features=64, stage_widths=(64, 128, 256, 512),
                              stage_sizes=(2, 2, 2, 2), stage_strides=(1, 2, 2, 2))
+
+
+# ------------------------------------------------------------------------------------- the config and the registry
+
+
+def check_config(config) -> None:
+  arch = config.resnet
+  for field in ("stage_widths", "stage_sizes", "stage_strides"):
+    fields.require_positive_ints(arch[field], f"resnet.{field}")
+  fields.require(len(arch.stage_widths) == len(arch.stage_sizes) == len(arch.stage_strides),
+                 "config.resnet.stage_widths, stage_sizes and stage_strides have different lengths",
+                 "give one entry per stage in each")
+  for field in ("stem_features", "stem_kernel", "stem_strides"):
+    fields.require(isinstance(arch[field], int) and arch[field] > 0, f"config.resnet.{field}={arch[field]!r} must be "
+                   "a positive integer", f"set --config.resnet.{field}")
+  fields.require_choice(arch.stem_pool, STEM_POOLS, "resnet.stem_pool")
+  fields.require_choice(arch.activation, tuple(ACTIVATIONS), "resnet.activation")
+  fields.require_choice(arch.norm, NORMS, "resnet.norm")
+
+
+GROUP = fields.Group("resnet", "the pre-activation residual CNN (model=resnet; resnet18 reads the stem, norm and "
+                     "activation)", {
+    "stem_features": fields.Field(16, "the stem convolution's output channels"),
+    "stage_widths": fields.Field((32, 64, 128), "each stage's width"),
+    "stage_sizes": fields.Field((1, 1, 1), "each stage's number of residual blocks"),
+    "stage_strides": fields.Field((1, 2, 2), "each stage's first stride"),
+    "stem_kernel": fields.Field(3, "the stem convolution's kernel side"),
+    "stem_strides": fields.Field(1, "the stem convolution's stride"),
+    "stem_pool": fields.Field("none", "after the stem: none | max | avg (3x3, stride 2)"),
+    "activation": fields.Field("relu", "relu | gelu (exact)"),
+    "norm": fields.Field("batch", "batch | group (GroupNorm: at most 32 groups of at least 4 channels) | none"),
+}, validate=check_config)
+
+
+def build_resnet(config, **common) -> nn.Module:
+  arch = config.resnet
+  return PreActResNet(stem_features=arch.stem_features, stage_widths=tuple(arch.stage_widths),
+                      stage_sizes=tuple(arch.stage_sizes), stage_strides=tuple(arch.stage_strides),
+                      stem_kernel=arch.stem_kernel, stem_strides=arch.stem_strides, stem_pool=arch.stem_pool,
+                      norm=arch.norm, activation=arch.activation, **common)
+
+
+def build_resnet18(config, **common) -> nn.Module:
+  # The CIFAR-style stem (3×3, stride 1, no pool) unless the resnet group asks for an ImageNet one; the group's
+  # normalisation and activation too.
+  arch = config.resnet
+  return ResNet18(stem_kernel=arch.stem_kernel, stem_strides=arch.stem_strides, stem_pool=arch.stem_pool,
+                  norm=arch.norm, activation=arch.activation, **common)
+
+
+# Both take the sliced weight gradients (their mid-sized layers meet the rule of platform_tuning.py) and oneDNN's
+# convolutions (python -m benchmarks.onednn_models); the small one keeps its data on a CPU device.
+SPECS = (
+    ModelSpec("resnet", "a small pre-activation residual CNN (the default), sized by config.resnet", build_resnet, (GROUP,),
+              platform=Platform(cpu_convolution="sliced", onednn=True, data_on_device=True)),
+    ModelSpec("resnet18", "pre-activation ResNet-18 (64-128-256-512), CIFAR stem unless config.resnet says",
+              build_resnet18, (GROUP,), platform=Platform(cpu_convolution="sliced", onednn=True)),
+)

@@ -38,8 +38,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from overfocus_jax import fields
 from overfocus_jax.models import norms, weights
 from overfocus_jax.models.mnist_cnn import TORCH_KERNEL_INIT, torch_bias_init
+from overfocus_jax.models.spec import ModelSpec
 from overfocus_jax.models.split import EncoderHead
 
 ModuleDef = Any  # a flax module class or a functools.partial of one (flax's examples' convention)
@@ -195,3 +197,38 @@ def to_torchvision(variables: dict) -> dict[str, np.ndarray]:
 
 from_timm = from_torchvision  # timm's resnet18/resnet50 (not the -d/-c variants) name every tensor as torchvision
 to_timm = to_torchvision
+
+
+# ------------------------------------------------------------------------------------- the config and the registry
+
+
+def check_config(config) -> None:
+  arch = config.resnet_tv
+  fields.require_choice(arch.stem, STEMS, "resnet_tv.stem")
+  fields.require(str(arch.zero_init_residual).lower() in ZERO_INIT_RESIDUAL,
+                 f"config.resnet_tv.zero_init_residual={arch.zero_init_residual!r} must be auto, true or false",
+                 "set --config.resnet_tv.zero_init_residual=auto, true or false")
+
+
+GROUP = fields.Group("resnet_tv", "torchvision's resnet18/resnet50 (model=resnet18_tv, resnet50_tv), z = layer4's "
+                     "map, with torchvision's layer names so its weights load (init_from)", {
+    "stem": fields.Field("cifar", "cifar: conv3x3/1, no pool (28x28 -> z 4x4) | imagenet: conv7x7/2 + max-pool "
+                         "3x3/2, torchvision's, for 224x224 images and its weights (28x28 -> z 1x1)"),
+    "zero_init_residual": fields.Field("auto", "true: each block's last BN scale starts at 0 (torchvision's option) "
+                                       "| false: torchvision's default | auto: on for resnet50_tv, off for "
+                                       "resnet18_tv (from scratch only: loaded weights replace the scales)"),
+}, validate=check_config)
+
+
+def build(factory, config, **common) -> nn.Module:
+  arch = config.resnet_tv
+  zero_init = zero_init_residual(arch.zero_init_residual, factory.keywords["kind"])
+  return factory(stem=arch.stem, zero_init_residual=zero_init, **common)
+
+
+SPECS = (
+    ModelSpec("resnet18_tv", "torchvision's ResNet-18 (post-activation), its weights loadable",
+              functools.partial(build, ResNet18TV), (GROUP,)),
+    ModelSpec("resnet50_tv", "torchvision's ResNet-50 (v1.5 bottlenecks), its weights loadable",
+              functools.partial(build, ResNet50TV), (GROUP,)),
+)

@@ -35,6 +35,7 @@ layer's inputs are permuted from NCHW's flatten order (c, i, j) to ours (i, j, c
 counterpart: loading keeps it fresh (one line), exporting refuses.
 """
 
+import math
 import re
 import sys
 from typing import Any, Sequence
@@ -43,8 +44,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from overfocus_jax import fields
 from overfocus_jax.errors import UserError
 from overfocus_jax.models import norms, weights
+from overfocus_jax.models.spec import ModelSpec, Platform
 from overfocus_jax.models.split import EncoderHead
 
 ModuleDef = Any  # a flax module class or a functools.partial of one (flax's examples' convention)
@@ -253,3 +256,48 @@ def to_torchvision(variables: dict) -> dict[str, np.ndarray]:
   state["classifier.0.weight"] = np.ascontiguousarray(
       _permute_first_layer(state["classifier.0.weight"], *_flatten_permutation(variables), to_ours=False))
   return state
+
+
+# ------------------------------------------------------------------------------------- the config and the registry
+
+
+def check_config(config) -> None:
+  arch = config.vgg
+  fields.require_bool(arch.batch_norm, "vgg.batch_norm")
+  fields.require(fields.is_number(arch.width) and math.isfinite(arch.width) and arch.width > 0,
+                 f"config.vgg.width={arch.width!r} must be a positive number (it multiplies every conv's width)",
+                 "set --config.vgg.width, e.g. 0.25 or 1")
+  fields.require(arch.max_pools == "auto" or (isinstance(arch.max_pools, int) and 0 <= arch.max_pools <= 5),
+                 f"config.vgg.max_pools={arch.max_pools!r} must be auto or an integer in 0..5 (VGG-16 has five "
+                 "blocks)", "set --config.vgg.max_pools, e.g. auto (z at least 3x3), 5 (the paper) or 3 for 28x28 "
+                 "images")
+  fields.require_choice(arch.head, HEADS, "vgg.head")
+  fields.require_positive_int(arch.hidden, "vgg.hidden", 4096)
+  fields.require_positive_int(arch.head_pool, "vgg.head_pool", 7)
+
+
+GROUP = fields.Group("vgg", "VGG-16 (model=vgg16): conv3x3 64-64-M-128-128-M-256x3-M-512x3-M-512x3-M, z = the last "
+                     "block's map", {
+    "batch_norm": fields.Field(True, "BN after every conv (torchvision's vgg16_bn) | false: the paper's (lower "
+                               "learning_rate)"),
+    "width": fields.Field(1.0, "multiplies every conv's width: 0.25 gives 16-...-128, for small images and CPUs"),
+    "max_pools": fields.Field("auto", f"the first N blocks end in a 2x2 max-pool (5: the paper) | auto: as many as "
+                              f"keep z at least {AUTO_MIN_SIDE}x{AUTO_MIN_SIDE} (224x224: 5, 28x28: 3, 8x8: 1)"),
+    "head": fields.Field("gap", "gap: global average pool -> dense | classic: adaptive pool -> 4096-4096 MLP -> "
+                         "dense (the paper's)"),
+    "hidden": fields.Field(4096, "the classic head's two hidden layers"),
+    "head_pool": fields.Field(7, "the classic head's adaptive average pool: head_pool x head_pool bins "
+                              "(torchvision: 7)"),
+}, validate=check_config)
+
+
+def build_vgg16(config, **common) -> nn.Module:
+  arch = config.vgg
+  return VGG(blocks=VGG16_BLOCKS, batch_norm=arch.batch_norm, width=arch.width, max_pools=arch.max_pools,
+             head_kind=arch.head, hidden=arch.hidden, head_pool=arch.head_pool, **common)
+
+
+# oneDNN's convolutions made its float32 step faster, and the crop inside the step beat grain's threads on a CPU
+# (python -m benchmarks.onednn_models; data/on_device.py).
+SPECS = (ModelSpec("vgg16", "VGG-16 (Simonyan & Zisserman), torchvision's layer names, sized by config.vgg",
+                   build_vgg16, (GROUP,), platform=Platform(onednn=True, data_on_device=True)),)

@@ -15,7 +15,7 @@ import numpy as np
 
 from overfocus_jax import host_memory, parallel
 from overfocus_jax.data import pipeline
-from overfocus_jax.models import build_model, parameter_count
+from overfocus_jax.models import build_model, parameter_count, platform_of
 from overfocus_jax.train import loop, streams
 from overfocus_jax.train.experiment import Experiment, jit_train_step
 
@@ -46,7 +46,7 @@ def cpu_convolutions(exp: Experiment) -> str | None:
     return "xla (platform_tuning=off)"
   if exp.config.platform_tuning == "xla":
     return "xla (platform_tuning=xla)"
-  if exp.config.model not in platform_tuning.ONEDNN_MODELS:
+  if not platform_of(exp.config.model).onednn:
     return f"xla (oneDNN not used for {exp.config.model})"
   return "onednn" if onednn.available() else f"xla ({onednn.status()})"
 

@@ -12,17 +12,16 @@ from typing import Any, Callable
 import jax
 import ml_collections
 
-from overfocus_jax import config as config_lib
-from overfocus_jax import parallel, platform_tuning
+from overfocus_jax import optimization, parallel, platform_tuning
 from overfocus_jax.challenge import Regularizer
 from overfocus_jax.challenge import invariance
 from overfocus_jax.data import balanced, pipeline
 from overfocus_jax.data.sources import ImageDataset, load_dataset, normalized_as
 from overfocus_jax.errors import SettingError, UserError
-from overfocus_jax.models import Model, build_model, weights
+from overfocus_jax.models import Model, build_model, check_fits_images, platform_of, weights
 from overfocus_jax.train import state as state_lib
 from overfocus_jax.train.dispatch import Feed, make_train_chunk
-from overfocus_jax.train.regularizers import build_regularizer
+from overfocus_jax.regularizers import build_regularizer
 from overfocus_jax.train.step import local_batch_norm_step, make_eval_step, make_train_step
 
 
@@ -63,17 +62,18 @@ def build_experiment(config: ml_collections.ConfigDict, *, dataset: ImageDataset
     config.batch_size = layout.batch_size
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
-  config_lib.check_fits_images(config, dataset.image_shape)  # the focus/attention models' own limits
-  model = build_model(config, dataset.num_classes, conv=platform_tuning.conv_module(mesh, config.platform_tuning,
-                                                                                      config.model))
+  check_fits_images(config, dataset.image_shape)  # the models' own limits (attention's pools, the patches)
+  platform = platform_of(config.model)
+  conv = platform_tuning.conv_module(mesh, config.platform_tuning, platform.cpu_convolution, platform.onednn)
+  model = build_model(config, dataset.num_classes, conv=conv)
   check_input_shape(model, dataset.image_shape)
   steps = layout.steps_per_epoch if layout else pipeline.steps_per_epoch(dataset, config.batch_size)
   regularizer = regularizer or build_regularizer(config, steps)
   check_regularizer_fits(model, regularizer, config.regularizer.name)
   objective = invariance.build_objective(config.objective.name, config.objective.get(config.objective.name),
                                          len(layout.ids) if layout else 0, layout.ids if layout else None)
-  schedule = state_lib.make_schedule(config, steps)
-  tx = state_lib.make_optimizer(config, schedule)
+  schedule = optimization.make_schedule(config, steps)
+  tx = optimization.make_optimizer(config, schedule)
   variables = pretrained_variables(config, model, dataset.image_shape) if pretrained else None
   # Compiled: eager initialisation dispatches every op of every layer on its own (slow on accelerators).
   create = lambda variables: state_lib.create_train_state(model, tx, seed=config.seed, input_shape=dataset.image_shape,

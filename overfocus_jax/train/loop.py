@@ -30,7 +30,7 @@ from overfocus_jax.train import checkpoint as checkpoint_lib
 from overfocus_jax.train import dispatch, preemption, streams
 from overfocus_jax.train.evaluation import attribution_batch, jit_attribution_probe, make_evaluator
 from overfocus_jax.train.experiment import build_experiment, jit_train_chunk
-from overfocus_jax.train.regularizers import STRENGTH_FIELDS
+from overfocus_jax.regularizers import STRENGTH_FIELDS
 from overfocus_jax.train.lock import WorkdirLock
 from overfocus_jax.train.workdir import (MetricWriter, keep_trained_rule, prepare_workdir, restore_or_init,
                                         write_file)

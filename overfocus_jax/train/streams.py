@@ -22,6 +22,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from overfocus_jax import parallel
+from overfocus_jax.models import platform_of
 from overfocus_jax.data import augmentation, balanced, on_device, pipeline
 from overfocus_jax.errors import UserError
 from overfocus_jax.train.dispatch import Feed, device_feed, host_feed
@@ -43,7 +44,7 @@ def choose_on_device(exp: Experiment, data_state: dict | None) -> bool:
   saved = saved_on_device(data_state)
   if saved is not None and mode == "auto":
     return saved
-  chosen = on_device.resolve(mode, exp.dataset, exp.mesh, exp.config.model)
+  chosen = on_device.resolve(mode, exp.dataset, exp.mesh, platform_of(exp.config.model).data_on_device)
   if saved is not None and saved != chosen:
     written = "on" if saved else "off"
     raise UserError(f"the checkpoint was written with data_on_device={written} and this run asks for {mode}",
