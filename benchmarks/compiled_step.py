@@ -1,9 +1,9 @@
 """A fingerprint of the compiled train step: op count, convolutions, fusions and a hash of the op sequence.
 
 Two source trees whose steps give the same fingerprint compile to the same program (same speed, same numbers).
-The renovation (issue 10) was checked this way against commit a7a5f3f, for every regularizer:
+To compare this tree with the one at commit C, for every regularizer:
 
-    git worktree add /tmp/before a7a5f3f
+    git worktree add /tmp/before C
     for reg in none sgdrop rsc rsc_domainbed; do
       (cd /tmp/before && PYTHONPATH=/tmp/before python /ABS/PATH/benchmarks/compiled_step.py $reg)
       python benchmarks/compiled_step.py $reg
@@ -24,7 +24,7 @@ def fingerprint(regularizer: str) -> dict:
   from overfocus_jax.data import pipeline
   try:
     from overfocus_jax.train import experiment as assembly
-  except ImportError:  # a tree from before the renovation
+  except ImportError:  # an older tree, whose train step the loop built
     from overfocus_jax.train import loop as assembly
   config = config_lib.build_config(None, [("regularizer.name", regularizer)])
   exp = assembly.build_experiment(config)
