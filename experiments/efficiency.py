@@ -3,6 +3,7 @@ r"""The efficiency table: parameters, FLOPs per image, training images/s and tes
     python experiments/efficiency.py                       # all models on mnist5k and digits (resumable)
     python experiments/efficiency.py --models focus corner --datasets mnist5k
     python experiments/efficiency.py --table-only
+    python experiments/efficiency.py --alone               # every model with its defaults only: --config.model=NAME
 
 For each model (its config file in ``experiments/configs/``) and dataset it runs
 
@@ -15,7 +16,12 @@ and records the test accuracy of the finished run and the bench line: ``params``
 analysis of the compiled inference forward pass for one image; a multiply-add is 2 FLOPs) and ``images_per_s`` of
 the compiled train step (median of 3 repeats after warm-up). One JSON line per (model, dataset) goes to
 ``experiments/results/efficiency.jsonl``; finished pairs are skipped; a markdown table is printed. Throughput on a
-shared machine is noisy: compare models measured in the same session.
+shared machine is noisy: compare models measured in the same run.
+
+``--alone`` trains every shipped model as a new user names it, ``overfocus train --config.model=NAME
+--config.dataset=DATASET`` and nothing else (the defaults that fit the data: VGG's pools, ConvNeXt's stem and the
+focus models' patch size chosen from the image size), and records its test accuracy and training time in
+``experiments/results/models_alone.jsonl`` (no bench).
 """
 
 import argparse
@@ -84,6 +90,27 @@ def measure(model: str, dataset: str, runs_dir: pathlib.Path) -> dict:
           "bench_args": list(BENCH_ARGS.get(model, ()))}
 
 
+def measure_alone(model: str, dataset: str, runs_dir: pathlib.Path) -> dict:
+  """``model`` with nothing but its name and the dataset: what ``--config.model=NAME`` trains to."""
+  workdir = runs_dir / f"{model}_{dataset}"
+  summary = _overfocus("train", "--workdir", str(workdir), f"--config.model={model}", f"--config.dataset={dataset}",
+                       "--no-progress")
+  return {"model": model, "dataset": dataset, "test_accuracy": summary["test_accuracy"], "epochs": summary["epochs"],
+          "train_wall_time_s": summary["wall_time_s"], "workdir": str(workdir)}
+
+
+def alone_table(results: list[dict], models, datasets) -> str:
+  lines = ["| model | " + " | ".join(f"{d}: test acc. % (epochs), train time" for d in datasets) + " |",
+           "|" + "---|" * (1 + len(datasets))]
+  for model in models:
+    rows = {r["dataset"]: r for r in results if r["model"] == model}
+    if rows:
+      cells = [f"{100 * rows[d]['test_accuracy']:.1f} ({rows[d]['epochs']}), {rows[d]['train_wall_time_s']:.0f} s"
+               if d in rows else "–" for d in datasets]
+      lines.append(f"| `{model}` | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 def table(results: list[dict], models, datasets) -> str:
   header = "| model | params | MFLOPs / image (28×28) | train img/s (28×28) | " + \
       " | ".join(f"{d} test acc. (epochs)" for d in datasets) + " |"
@@ -101,12 +128,20 @@ def table(results: list[dict], models, datasets) -> str:
 
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+  from overfocus_jax.models import MODELS
+  parser.add_argument("--models", nargs="+", choices=sorted({*CONFIGS, *MODELS}),
+                      help="default: every config's model (with --alone: every shipped model)")
   parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
-  parser.add_argument("--out", default=str(HERE / "results" / "efficiency.jsonl"))
-  parser.add_argument("--runs-dir", default="runs/efficiency")
+  parser.add_argument("--alone", action="store_true", help="each model with its defaults only (no config file)")
+  parser.add_argument("--out", help="default: experiments/results/efficiency.jsonl (models_alone.jsonl with --alone)")
+  parser.add_argument("--runs-dir", help="default: runs/efficiency (runs/alone with --alone)")
   parser.add_argument("--table-only", action="store_true")
   args = parser.parse_args()
+  args.models = args.models or list(MODELS if args.alone else CONFIGS)
+  if not args.alone and set(args.models) - set(CONFIGS):
+    parser.error(f"no config for {sorted(set(args.models) - set(CONFIGS))}; use --alone")
+  args.out = args.out or str(HERE / "results" / ("models_alone.jsonl" if args.alone else "efficiency.jsonl"))
+  args.runs_dir = args.runs_dir or ("runs/alone" if args.alone else "runs/efficiency")
   out = pathlib.Path(args.out)
   results = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
   if not args.table_only:
@@ -114,12 +149,12 @@ def main() -> int:
       for dataset in args.datasets:
         if any(r["model"] == model and r["dataset"] == dataset for r in results):
           continue
-        result = measure(model, dataset, pathlib.Path(args.runs_dir))
+        result = (measure_alone if args.alone else measure)(model, dataset, pathlib.Path(args.runs_dir))
         results.append(result)
         with out.open("a") as f:
           f.write(json.dumps(result) + "\n")
         print(json.dumps(result), flush=True)
-  print(table(results, args.models, args.datasets))
+  print((alone_table if args.alone else table)(results, args.models, args.datasets))
   return 0
 
 

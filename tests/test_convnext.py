@@ -543,3 +543,15 @@ def test_bad_convnext_config_is_one_line(tmp_path, capsys, overrides, fragments)
                            "--config.num_epochs=1", "--no-progress", *overrides)
   assert_one_line_error(code, err, *fragments)
   assert out == "" and not workdir.exists()
+
+
+@pytest.mark.parametrize("side, stride, z_side", [(224, 4, 7), (64, 2, 4), (32, 1, 4), (28, 1, 4), (8, 1, 1)])
+def test_the_auto_stem_keeps_z_at_least_3x3_where_a_stem_can(side, stride, z_side):
+  """stem=auto (the default): the largest stem whose last map keeps 3x3; the model's z has that side."""
+  assert convnext.auto_stem(side, side) == stride
+  model = make_model()
+  shape = (side, side, 1)
+  variables = abstract_variables(model, shape)
+  z = jax.eval_shape(lambda v, x: model.encode(v, x)[0], variables, jax.ShapeDtypeStruct((1, *shape), jnp.float32))
+  assert z.shape[1:3] == (z_side, z_side)
+  assert variables["params"]["encoder"]["stem_conv"]["kernel"].shape[:2] == (stride, stride)

@@ -3,6 +3,7 @@ gradients in the keypoints, Harris corners and NMS, the two focus models' split,
 one-line errors of their config groups."""
 
 import json
+import unittest.mock
 import chex
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,8 @@ from overfocus_jax.models import check_fits_images as check_model_fits
 from overfocus_jax.models.patches import extract_patches, normalized_to_pixel, pixel_to_normalized, sample_offsets
 from overfocus_jax.train.step import cross_entropy
 
-from conftest import assert_one_line_error, assert_split_is_exact, digits_config, fit_one_batch, run_cli
+from conftest import (abstract_variables, assert_one_line_error, assert_split_is_exact, digits_config, fit_one_batch,
+                      run_cli)
 
 # A tiny patch classifier for 8×8 inputs: 2 keypoints, 4×4 patches, one conv layer of 4 channels, D = 8.
 TINY_FOCUS = dict(focus__num_keypoints=2, focus__patch_size=4, focus__patch_scale=0.5, focus__keypoint_widths=(4,),
@@ -376,6 +378,26 @@ def test_train_steps_lower_the_loss(name):
   losses, state = fit_one_batch(make_config(name, schedule="constant", warmup_epochs=0, learning_rate=0.1), steps=25)
   assert losses[-1] < 0.7 * losses[0], losses
   chex.assert_tree_all_finite(state)
+
+
+@pytest.mark.parametrize("side, scale, samples", [(28, 0.43, 12), (8, 0.43, 3), (8, 0.05, 1), (224, 0.1, 22)])
+def test_the_auto_patch_size_samples_the_image_at_its_own_resolution(side, scale, samples):
+  """patch_size=auto (the default): as many samples per side as the patch spans pixels; the encoder's first layer
+  sees patches of that size."""
+  assert focus.auto_patch_size(scale, side, side) == samples
+  if side > 28:
+    return
+  model = make_model("focus", focus__patch_size="auto", focus__patch_scale=scale)
+  found = []
+  original = focus.extract_patches
+
+  def spy(images, centers, patch_size, scale):
+    found.append(patch_size)
+    return original(images, centers, patch_size, scale)
+
+  with unittest.mock.patch.object(focus, "extract_patches", spy):
+    abstract_variables(model, (side, side, 1))
+  assert found and set(found) == {samples}
 
 
 # ----------------------------------------------------------------------------- bad input

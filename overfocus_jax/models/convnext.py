@@ -152,12 +152,28 @@ class Block(nn.Module):
     return x + y
 
 
+AUTO_MIN_SIDE = 3  # stem="auto": the last map's smaller side stays at least this where a stem allows it
+
+
+def auto_stem(height: int, width: int, stages: int = 4) -> int:
+  """The stem's stride for ``stem="auto"``: the largest of 4, 2, 1 whose last map (the stem, then ``stages - 1``
+  stride-2 downsamplings, each rounding up) keeps a side of at least :data:`AUTO_MIN_SIDE` (224×224: 4, timm's;
+  28×28: 1, z 4×4); 1 where none does."""
+  for stride in sorted(set(STEMS.values()), reverse=True):
+    side = math.ceil(min(height, width) / stride)
+    for _ in range(stages - 1):
+      side = math.ceil(side / 2)
+    if side >= AUTO_MIN_SIDE:
+      return stride
+  return min(STEMS.values())
+
+
 class ConvNeXtEncoder(nn.Module):
   """Stem and four stages: x (B, H, W, C_in) → z (B, H', W', dims[-1])."""
 
   depths: Sequence[int]
   dims: Sequence[int]
-  patch_size: int = 4
+  patch_size: int | str = 4  # or "auto" (auto_stem of the input's size)
   drop_path_rate: float = 0.0
   layer_scale_init: float = 1e-6
   dtype: Any = jnp.float32
@@ -166,7 +182,7 @@ class ConvNeXtEncoder(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     conv = functools.partial(self.conv, padding="VALID", dtype=self.dtype, kernel_init=KERNEL_INIT)
-    p = self.patch_size
+    p = auto_stem(x.shape[1], x.shape[2], len(self.depths)) if self.patch_size == "auto" else self.patch_size
     x = conv(self.dims[0], (p, p), strides=(p, p), name="stem_conv")(pad_to_multiple(x, p))
     x = layer_norm(self.dtype, "stem_norm")(x)
     rates = drop_path_rates(self.drop_path_rate, self.depths)
@@ -207,7 +223,7 @@ class ConvNeXt(EncoderHead):
   num_classes: int
   depths: Sequence[int] = SIZES["atto"][0]
   dims: Sequence[int] = SIZES["atto"][1]
-  patch_size: int = STEMS["imagenet"]
+  patch_size: int | str = STEMS["imagenet"]  # or "auto"
   drop_path_rate: float = 0.0
   layer_scale_init: float = 1e-6
   head_init_scale: float = 1.0
@@ -361,7 +377,7 @@ def _plain_dicts(tree):
 def check_config(config) -> None:
   arch = config.convnext
   fields.require_choice(arch.size, tuple(SIZES), "convnext.size")
-  fields.require_choice(arch.stem, tuple(STEMS), "convnext.stem")
+  fields.require_choice(arch.stem, ("auto", *STEMS), "convnext.stem")
   fields.require(fields.is_number(arch.width) and math.isfinite(arch.width) and arch.width > 0,
                  f"config.convnext.width={arch.width!r} must be a positive number (it multiplies every stage's width)",
                  "set --config.convnext.width, e.g. 1 (timm's widths) or 0.5")
@@ -374,8 +390,9 @@ def check_config(config) -> None:
 
 GROUP = fields.Group("convnext", "ConvNeXt (model=convnext): timm's convnext_<size>, z = the last stage's map", {
     "size": fields.Field("atto", "atto | femto | pico | nano | tiny"),
-    "stem": fields.Field("imagenet", "imagenet: 4x4 stride 4, timm's (28 -> 7 -> 4 -> 2 -> 1) | small: 2x2 stride 2 "
-                         "(28 -> ... -> 2) | pixel: 1x1 (28 -> ... -> 4)"),
+    "stem": fields.Field("auto", f"auto: the largest stem that keeps z at least {AUTO_MIN_SIDE}x{AUTO_MIN_SIDE} "
+                         "(224x224: imagenet; 28x28: pixel) | imagenet: 4x4 stride 4, timm's (28 -> 7 -> 4 -> 2 -> 1) "
+                         "| small: 2x2 stride 2 (28 -> ... -> 2) | pixel: 1x1 (28 -> ... -> 4)"),
     "width": fields.Field(1.0, "multiplies every stage's width (timm's model only at 1)"),
     "drop_path_rate": fields.Field(0.0, "stochastic depth at the last block, linear from 0 (training only)"),
     "layer_scale_init": fields.Field(1e-6, "the layer scale's initial value"),
@@ -386,7 +403,8 @@ GROUP = fields.Group("convnext", "ConvNeXt (model=convnext): timm's convnext_<si
 def build_convnext(config, **common) -> nn.Module:
   arch = config.convnext
   depths, dims, _ = SIZES[arch.size]
-  return ConvNeXt(depths=depths, dims=scaled_dims(dims, arch.width), patch_size=STEMS[arch.stem],
+  patch_size = "auto" if arch.stem == "auto" else STEMS[arch.stem]
+  return ConvNeXt(depths=depths, dims=scaled_dims(dims, arch.width), patch_size=patch_size,
                   drop_path_rate=arch.drop_path_rate, layer_scale_init=arch.layer_scale_init,
                   head_init_scale=arch.head_init_scale, **common)
 

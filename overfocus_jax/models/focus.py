@@ -222,10 +222,16 @@ class KeypointNet(nn.Module):
 # ----------------------------------------------------------------------------- the shared patch classifier
 
 
+def auto_patch_size(patch_scale: float, height: int, width: int) -> int:
+  """``patch_size="auto"``: as many samples per side as the patch spans pixels, ``round(patch_scale · min(H, W))``
+  and at least 1 (28×28 at 0.43: 12; 8×8: 3), so a patch samples the image at its own resolution."""
+  return max(1, round(patch_scale * min(height, width)))
+
+
 class PatchEncoder(nn.Module):
   """(images, keypoints) → z (B, 1, K, D): sample P×P patches, then a shared CNN and dense layer per patch."""
 
-  patch_size: int
+  patch_size: int | str  # or "auto" (auto_patch_size of the input's size)
   patch_scale: float
   widths: Sequence[int] = (16, 32)
   feature_width: int = 64
@@ -238,7 +244,10 @@ class PatchEncoder(nn.Module):
     """``scales`` (B, K): each patch's own scale; None: ``patch_scale`` for all."""
     batch, k = keypoints.shape[:2]
     scales = self.patch_scale if scales is None else scales.astype(images.dtype)
-    patches = extract_patches(images, keypoints.astype(images.dtype), self.patch_size, scales)
+    size = self.patch_size
+    if size == "auto":
+      size = auto_patch_size(self.patch_scale, images.shape[1], images.shape[2])
+    patches = extract_patches(images, keypoints.astype(images.dtype), size, scales)
     x = patches.reshape(batch * k, *patches.shape[2:])
     for i, features in enumerate(self.widths):
       x = self.conv(features, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype, name=f"conv{i + 1}")(x)
@@ -272,7 +281,7 @@ class FocusEncoder(nn.Module):
   """Learned keypoints (and, zooming, their patch sizes), then the patch encoder."""
 
   num_keypoints: int
-  patch_size: int
+  patch_size: int | str
   patch_scale: float
   keypoint_widths: Sequence[int]
   patch_widths: Sequence[int]
@@ -305,7 +314,7 @@ class CornerEncoder(nn.Module):
   """Harris keypoints (fixed, no parameters), then the patch encoder."""
 
   num_keypoints: int
-  patch_size: int
+  patch_size: int | str
   patch_scale: float
   patch_widths: Sequence[int]
   feature_width: int
@@ -342,7 +351,7 @@ class _PatchModel(nn.Module):
 
   num_classes: int
   num_keypoints: int = 4
-  patch_size: int = 12
+  patch_size: int | str = 12
   patch_scale: float = 0.43
   patch_widths: Sequence[int] = (16, 32)
   feature_width: int = 64
@@ -427,9 +436,9 @@ def check_focus_config(config) -> None:
   fields.require(isinstance(patch.num_keypoints, int) and patch.num_keypoints >= 1,
                  f"config.focus.num_keypoints={patch.num_keypoints!r} must be at least 1 (one patch per keypoint)",
                  "set --config.focus.num_keypoints, e.g. 4")
-  fields.require(isinstance(patch.patch_size, int) and patch.patch_size >= 1,
-                 f"config.focus.patch_size={patch.patch_size!r} must be at least 1 pixel",
-                 "set --config.focus.patch_size, e.g. 12 for 28x28 images")
+  fields.require(patch.patch_size == "auto" or (isinstance(patch.patch_size, int) and patch.patch_size >= 1),
+                 f"config.focus.patch_size={patch.patch_size!r} must be auto or at least 1 pixel",
+                 "set --config.focus.patch_size, e.g. auto, or 12 for 28x28 images")
   fields.require(fields.is_number(patch.patch_scale) and 0 < patch.patch_scale <= 1,
                  f"config.focus.patch_scale={patch.patch_scale!r} must be in (0, 1] (the patch's side over the "
                  "image's)", "set --config.focus.patch_scale, e.g. 0.43 for 12-pixel patches of 28x28 images")
@@ -465,6 +474,8 @@ def check_corner_config(config) -> None:
 def check_patch_images(config, height: int, width: int) -> None:
   """A patch fits in the image."""
   size = config.focus.patch_size
+  if size == "auto":
+    return
   fields.require(size <= min(height, width), f"config.focus.patch_size={size} is larger than the {height}x{width} "
                  "images", f"set --config.focus.patch_size to at most {min(height, width)}")
 
@@ -484,7 +495,8 @@ def check_corner_images(config, height: int, width: int) -> None:
 FOCUS_GROUP = fields.Group("focus", "the focus models (model=focus, corner): K patches of PxP samples, each spanning "
                            "patch_scale of the image's side, at learned keypoints (focus) or Harris corners (corner)", {
     "num_keypoints": fields.Field(4, "K, the patches (and keypoints)"),
-    "patch_size": fields.Field(12, "P, each patch's samples per side"),
+    "patch_size": fields.Field("auto", "P, each patch's samples per side | auto: the pixels the patch spans, "
+                               "round(patch_scale x side) (28x28: 12, 8x8: 3)"),
     "patch_scale": fields.Field(0.43, "each patch's side over the image's (12/28: MNIST at its own resolution)"),
     "keypoint_widths": fields.Field((8, 16), "focus: the keypoint CNN's stride-2 conv layers"),
     "keypoint_grad_scale": fields.Field(0.01, "focus: the keypoint CNN learns this much slower"),
