@@ -49,6 +49,16 @@ def _parser() -> argparse.ArgumentParser:
   cluster.add_argument("--process-id", type=int, help="this process's id, 0 .. num-processes - 1")
   cluster.add_argument("--distributed-timeout", type=float, default=300.0,
                        help="seconds to wait for every process to join (default 300)")
+  sweep = sub.add_parser("sweep", help="run a sweep of training runs, or show one's status", allow_abbrev=False)
+  sweep_sub = sweep.add_subparsers(dest="sweep_command", required=True, parser_class=_Parser)
+  sweep_run = sweep_sub.add_parser("run", help="train every run of a config file's get_sweep()", allow_abbrev=False)
+  sweep_run.add_argument("--config", required=True, help="a config file with get_config() and get_sweep()")
+  sweep_run.add_argument("--out", required=True, help="the sweep's folder: one subfolder (workdir) per run")
+  from overfocus_jax.sweeps.command import add_launcher_arguments  # numpy only
+  add_launcher_arguments(sweep_run)
+  sweep_status = sweep_sub.add_parser("status", help="each run's state: done, running, failed (why) or pending",
+                                      allow_abbrev=False)
+  sweep_status.add_argument("out", help="the sweep's folder")
   evaluate = sub.add_parser("eval", help="evaluate the latest checkpoint on a test split", allow_abbrev=False)
   evaluate.add_argument("--workdir", required=True)
   evaluate.add_argument("--dataset", help="test on this source instead of the training dataset")
@@ -192,7 +202,27 @@ def quiet_background_writers() -> None:
   sys.unraisablehook = hook
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "explain": cmd_explain, "bench": cmd_bench}
+def cmd_sweep(args, overrides) -> int:
+  import pathlib
+  from overfocus_jax.sweeps import command
+  if args.sweep_command == "status":
+    if overrides:
+      raise UserError("sweep status takes no --config.FIELD overrides", "pass the sweep's folder alone")
+    print(command.status(pathlib.Path(args.out).expanduser().resolve()))
+    return 0
+  from overfocus_jax import config as config_lib
+  from overfocus_jax.sweeps import grid
+  config_path = str(pathlib.Path(args.config).expanduser().resolve())
+  all_jobs = grid.jobs_from_sweep(config_lib.load_sweep_file(config_path), config_path, overrides)
+  for job in all_jobs:  # every run's config is checked before the first one starts
+    try:
+      config_lib.build_config(config_path, list(job.overrides))
+    except UserError as e:
+      raise UserError(f"run {job.name}: {e}") from None
+  return command.launch(all_jobs, pathlib.Path(args.out).expanduser().resolve(), args)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "explain": cmd_explain, "bench": cmd_bench, "sweep": cmd_sweep}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     overrides = split_overrides(extra)
     from overfocus_jax import compilation_cache
     compilation_cache.enable()  # before anything compiles; $OVERFOCUS_COMPILATION_CACHE=off turns it off
-    COMMANDS[args.command](args, overrides)
+    code = COMMANDS[args.command](args, overrides)
+    if code:
+      return code
   except errors.WriteError as e:  # a full or read-only disk: the line, then out before orbax's threads print theirs
     code = errors.report(e, flag_prefix=CONFIG_PREFIX)
     sys.stdout.flush()

@@ -48,6 +48,20 @@ def load_config_file(path: str | pathlib.Path) -> ml_collections.ConfigDict:
   return config
 
 
+def load_sweep_file(path: str | pathlib.Path) -> list:
+  """Imports ``path`` and returns its ``get_sweep()``: one dict of config fields per run
+  (:mod:`overfocus_jax.sweeps.grid`)."""
+  path = pathlib.Path(path)
+  load_config_file(path)  # the same checks: the file exists, imports, and has get_config()
+  spec = importlib.util.spec_from_file_location(f"overfocus_sweep_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_sweep"):
+    raise UserError(f"config file {str(path)!r} defines no get_sweep()",
+                    "add def get_sweep() -> list of dicts of config fields, one per run")
+  return module.get_sweep()
+
+
 def _parse_value(text: str, current):
   """Parses ``text`` to the type of ``current`` (the value it overrides)."""
   if isinstance(current, bool):

@@ -14,6 +14,7 @@ import pytest
 
 from overfocus_jax import config as config_lib
 from overfocus_jax.dg import sweep, tables
+from overfocus_jax.sweeps import jobs as sweep_jobs
 
 from conftest import REPO_ROOT, assert_one_line_error, subprocess_env
 
@@ -218,28 +219,32 @@ def test_steps_become_the_fewest_whole_epochs_of_each_runs_layout(tmp_path, caps
 
 def test_a_failed_run_does_not_stop_the_sweep(tmp_path, capsys, monkeypatch):
   fail = [sys.executable, "-c", "import sys; print('first', file=sys.stderr); sys.exit('boom: the last line')"]
-  monkeypatch.setattr(sweep, "train_command", lambda *args: fail)
+  monkeypatch.setattr(sweep_jobs.Job, "command", lambda self, out: fail)
   out_dir = tmp_path / "sweep"
   code, out, _ = run_main(capsys, "--out", out_dir, "--algorithms", "erm", "vrex", "--test-envs", "0")
   assert code == 1
   assert out.count("failed, exit 1: boom: the last line") == 2, out
   assert "0 done, 0 skipped (done before), 2 failed" in out
   assert not list(out_dir.glob("*/done")) and not list(out_dir.glob("*/results.jsonl"))
+  assert sorted(p.parent.name for p in out_dir.glob("*/failed")) == ["colored_mnist-erm-te0-h0-t0",
+                                                                      "colored_mnist-vrex-te0-h0-t0"]
   code, out, _ = run_main(capsys, "--out", out_dir, "--algorithms", "erm", "--test-envs", "0")
-  assert code == 1 and "[1/1] colored_mnist-erm-te0-h0-t0: failed" in out  # launched again, not skipped
+  assert code == 1 and "skipped (failed before: exit 1: boom: the last line" in out  # not launched again
+  code, out, _ = run_main(capsys, "--out", out_dir, "--algorithms", "erm", "--test-envs", "0", "--retry-failed")
+  assert code == 1 and "[1/1] colored_mnist-erm-te0-h0-t0: failed, exit 1" in out  # launched again when asked
 
 
 def test_a_stopped_run_is_not_done_and_an_interrupted_one_stops_the_sweep(tmp_path, capsys, monkeypatch):
   """Exit 0 without summary.json (SIGTERM/SIGUSR1 before the last epoch): not done, the sweep goes on; exit 130
   (SIGINT, however it reached the run): the sweep stops, to be resumed."""
   stopped = [sys.executable, "-c", "import sys; print('overfocus: stopped by SIGTERM at step 7', file=sys.stderr)"]
-  monkeypatch.setattr(sweep, "train_command", lambda *args: stopped)
+  monkeypatch.setattr(sweep_jobs.Job, "command", lambda self, out: stopped)
   out_dir = tmp_path / "sweep"
   code, out, _ = run_main(capsys, "--out", out_dir, "--algorithms", "erm", "vrex", "--test-envs", "0")
   assert code == 1 and out.count("stopped before its last epoch") == 2, out
   assert "stopped by SIGTERM at step 7" in out and not list(out_dir.glob("*/done"))
   interrupted = [sys.executable, "-c", "import sys; sys.exit(130)"]
-  monkeypatch.setattr(sweep, "train_command", lambda *args: interrupted)
+  monkeypatch.setattr(sweep_jobs.Job, "command", lambda self, out: interrupted)
   code, out, err = run_main(capsys, "--out", out_dir, "--algorithms", "erm", "vrex", "--test-envs", "0")
   assert code == 130 and "[2/2]" not in out and "interrupted" in err
 

@@ -35,7 +35,7 @@ LAYERS = {
     2: ("overfocus_jax.challenge",),  # the regularizers: masks, attribution, sgdrop, rsc and their base API
     3: ("overfocus_jax.config", "overfocus_jax.configs", "overfocus_jax.regularizers"),  # the config and its parts
     4: ("overfocus_jax.train",),
-    5: ("overfocus_jax.explain", "overfocus_jax.dg"),
+    5: ("overfocus_jax.explain", "overfocus_jax.dg", "overfocus_jax.sweeps"),
     6: ("overfocus_jax.cli", "overfocus_jax.__main__"),
 }
 INDEPENDENT_RANKS = (1,)  # the units of these ranks do not import one another (data does not import models, ...)

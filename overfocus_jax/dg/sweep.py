@@ -1,9 +1,12 @@
 r"""DomainBed's sweep: every (trial seed, dataset, algorithm, test environments, hparams seed) trained by
-``overfocus train``, one after another, each run leaving DomainBed's ``results.jsonl`` and ``done`` in its folder.
+``overfocus train``, each run leaving DomainBed's ``results.jsonl`` and ``done`` in its folder; the runs are jobs of
+:mod:`overfocus_jax.sweeps`, run one after another, in parallel on this machine's devices, or as a SLURM array.
 
     python -m overfocus_jax.dg.sweep --out DIR [--datasets colored_mnist ...] [--algorithms erm irm ...]
                                      [--n-hparams N] [--n-trials T] [--test-envs I ...] [--leave-one-out]
                                      [--config FILE] [--epochs N | --steps N] [--dry-run] [--config.FIELD=VALUE ...]
+                                     [--launcher local|parallel|slurm] [--workers N] [--retry-failed] [--slurm-...]
+    overfocus sweep status DIR
     python -m overfocus_jax.dg.tables DIR
 
 Source: facebookresearch/DomainBed, ``domainbed/scripts/sweep.py`` (``make_args_list``, ``Job``),
@@ -47,10 +50,11 @@ succeeded, ``RUN/results.jsonl`` — one DomainBed record per line of its ``metr
     {"args": {"algorithm", "dataset", "test_envs", "hparams_seed", "trial_seed", "seed", "output_dir"},
      "hparams": {config field: value as trained, from RUN/config.json}, "step", "epoch", "env0_in_acc", ...}
 
-and an empty ``RUN/done``. Resumable: a run with ``done`` is skipped, one without is launched again (``overfocus
-train`` resumes its checkpoint). One status line per run (done, skipped, or failed with the last stderr line); a
-failed run does not stop the sweep, and the exit code is then 1. ``--dry-run`` prints the commands of the runs not
-done, and runs nothing.
+and an empty ``RUN/done``. Resumable: a run with ``done`` is skipped, one whose workdir another process is training
+too; one that failed (``RUN/failed`` holds why) is skipped unless ``--retry-failed``; any other is launched again
+(``overfocus train`` resumes its checkpoint). One status line per run (done, skipped, or failed with the last stderr
+line); a failed run does not stop the sweep, and the exit code is then 1. ``--dry-run`` prints the commands of the
+runs to do (with ``--launcher slurm``, the sbatch file first), and runs nothing.
 
 Length: ``--epochs N`` sets every run's ``config.num_epochs``; ``--steps N`` trains each run for at least ``N`` steps,
 DomainBed's budget (``--steps 5000``): ``num_epochs = ⌈N / S⌉`` with ``S`` the run's steps per epoch (its balanced
@@ -59,22 +63,20 @@ ends on the first epoch boundary at or past step ``N`` and is evaluated after ea
 steps on the MNISTs).
 
 Bad input (an unknown algorithm, a dataset without environments, a test environment out of
-range, a bad ``--config.FIELD``, a batch that does not divide over a run's training environments or needs more
-examples of one than it has, ...) is found before the first run: one line on stderr naming the problem and the
+range, a bad ``--config.FIELD``, a batch that needs more examples of a training environment than it has, ...) is found before the first run: one line on stderr naming the problem and the
 fix, exit code 2, no traceback. Importing this module loads numpy and PIL only; checking a sweep loads the config
 (JAX) and the datasets.
 """
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import pathlib
 import re
 import shlex
-import subprocess
 import sys
-import time
 from typing import Callable, Sequence
 
 import numpy as np
@@ -85,15 +87,14 @@ from overfocus_jax.data.environments import seed_hash
 from overfocus_jax.dg.selection import record_problem
 from overfocus_jax.errors import SettingError, UserError
 from overfocus_jax.overrides import CONFIG_PREFIX, split_overrides
-from overfocus_jax.train import lock
-from overfocus_jax.train.preemption import EXIT_CODES  # numpy only, like the CLI's import
+from overfocus_jax.sweeps import command as sweep_command
+from overfocus_jax.sweeps import jobs as sweep_jobs
+from overfocus_jax.sweeps.grid import override_text
 
 PROG = "python -m overfocus_jax.dg.sweep"
 DEFAULT_CONFIG = "mnist_cnn.py"
 PACKAGE_ROOT = pathlib.Path(__file__).resolve().parent.parent
-DONE_FILE, RESULTS_FILE = "done", "results.jsonl"
-SUMMARY_FILE = "summary.json"  # a run writes it after its last epoch (train/loop.py)
-INTERRUPTED_EXIT_CODE = EXIT_CODES["SIGINT"]  # overfocus train's exit code after a SIGINT
+RESULTS_FILE = "results.jsonl"
 
 # Algorithm → the config overrides that make it.
 ALGORITHMS = {
@@ -276,24 +277,17 @@ def make_jobs(env_counts: dict[str, int], algorithms: Sequence[str], n_hparams: 
           for hparams_seed in range(n_hparams)]
 
 
-def format_value(value) -> str:
-  """A value as ``--config.FIELD=`` text that the config parser reads back to it."""
-  if isinstance(value, bool):
-    return "true" if value else "false"
-  if isinstance(value, tuple):
-    return "(" + ",".join(map(str, value)) + ("," if len(value) == 1 else "") + ")"
-  return repr(value) if isinstance(value, float) else str(value)
-
-
 def config_pairs(job: Job, user_overrides: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
   """(field, text) of every override of a run: the sweep's, then the user's (which win)."""
-  return [(field, format_value(value)) for field, value in job.overrides] + list(user_overrides)
+  return [(field, override_text(value)) for field, value in job.overrides] + list(user_overrides)
 
 
-def train_command(job: Job, workdir: pathlib.Path, config_path: pathlib.Path,
-                  user_overrides: Sequence[tuple[str, str]]) -> list[str]:
-  return [sys.executable, "-m", "overfocus_jax", "train", "--workdir", str(workdir), "--config", str(config_path),
-          "--no-progress", *(f"{CONFIG_PREFIX}{field}={text}" for field, text in config_pairs(job, user_overrides))]
+def sweep_job(job: Job, config_path: pathlib.Path, user_overrides: Sequence[tuple[str, str]]) -> sweep_jobs.Job:
+  """The run as a job of :mod:`overfocus_jax.sweeps`: its overrides, and DomainBed's results written when it
+  finishes."""
+  user_fields = tuple(field for field, _ in user_overrides)
+  return sweep_jobs.Job(name=job.name, overrides=tuple(config_pairs(job, user_overrides)), config=str(config_path),
+                        finish=functools.partial(write_results, job, user_fields=user_fields))
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -354,78 +348,6 @@ def write_results(job: Job, workdir: pathlib.Path, user_fields: Sequence[str]) -
   partial = workdir / (RESULTS_FILE + ".tmp")  # renamed when whole: a crash never leaves half a file
   partial.write_text("".join(json.dumps(record) + "\n" for record in records))
   partial.replace(workdir / RESULTS_FILE)
-
-
-# ------------------------------------------------------------------------------------------------ running
-
-
-def last_line(path: pathlib.Path) -> str:
-  try:
-    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
-  except OSError:
-    return ""
-  return lines[-1].strip() if lines else ""
-
-
-def run_job(job: Job, workdir: pathlib.Path, command: Sequence[str], user_fields: Sequence[str]) -> str | None:
-  """Trains one run and writes its results and ``done``; None on success, else why it failed (one line).
-
-  A run that a SIGINT stopped (exit 130: it saved its checkpoint) stops the sweep too (``KeyboardInterrupt``), however
-  the signal reached it. A run that exits 0 without its ``summary.json`` was stopped by SIGTERM or SIGUSR1 (which exit
-  0, so that a scheduler requeues the job) before its last epoch: it is not done, and resumes on the next sweep.
-  """
-  workdir.mkdir(parents=True, exist_ok=True)
-  with open(workdir / "out.txt", "a") as out, open(workdir / "err.txt", "a") as err:
-    process = subprocess.Popen(command, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
-    try:
-      code = process.wait()
-    except KeyboardInterrupt:  # the run got the same SIGINT: let it save its checkpoint first
-      process.wait()
-      raise
-  if code == INTERRUPTED_EXIT_CODE:
-    raise KeyboardInterrupt
-  if code == 0 and not (workdir / SUMMARY_FILE).is_file():
-    return f"stopped before its last epoch (its checkpoint is kept; the next sweep resumes it): " \
-           f"{last_line(workdir / 'err.txt') or 'no stderr'}"
-  if code != 0:
-    return f"exit {code}: {last_line(workdir / 'err.txt') or 'no stderr'} (log: {workdir / 'err.txt'})"
-  try:
-    write_results(job, workdir, user_fields)
-  except ValueError as e:
-    return f"no results: {e}"
-  (workdir / DONE_FILE).touch()
-  return None
-
-
-def run_sweep(jobs: Sequence[Job], out: pathlib.Path, config_path: pathlib.Path,
-              user_overrides: Sequence[tuple[str, str]]) -> int:
-  """Runs every job not done, one status line each; 1 if any failed, else 0."""
-  user_fields = [field for field, _ in user_overrides]
-  done_before = sum((out / job.name / DONE_FILE).exists() for job in jobs)
-  print(f"sweep: {len(jobs)} runs in {out} ({done_before} done, {len(jobs) - done_before} to run)", flush=True)
-  counts = {"done": 0, "skipped": 0, "failed": 0, "busy": 0}
-  for i, job in enumerate(jobs, start=1):
-    workdir = out / job.name
-    prefix = f"[{i}/{len(jobs)}] {job.name}"
-    if (workdir / DONE_FILE).exists():
-      counts["skipped"] += 1
-      print(f"{prefix}: skipped (done)", flush=True)
-      continue
-    busy = lock.holder(workdir)
-    if busy:  # another sweep (or a requeued job) is training it: not run twice
-      counts["busy"] += 1
-      print(f"{prefix}: skipped (its workdir is in use by {busy})", flush=True)
-      continue
-    print(f"{prefix}: ", end="", flush=True)
-    start = time.perf_counter()
-    failure = run_job(job, workdir, train_command(job, workdir, config_path, user_overrides), user_fields)
-    counts["failed" if failure else "done"] += 1
-    print(f"failed, {failure}" if failure else f"done ({time.perf_counter() - start:.0f} s)", flush=True)
-  busy = f", {counts['busy']} in use elsewhere (rerun to pick them up)" if counts["busy"] else ""
-  print(f"sweep: {counts['done']} done, {counts['skipped']} skipped (done before){busy}, {counts['failed']} failed; "
-        f"results: {out}/*/{RESULTS_FILE}")
-  print(f"tables: python -m overfocus_jax.dg.tables {shlex.quote(str(out))}")
-  return 1 if counts["failed"] else 0
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -549,7 +471,7 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--epochs", type=int, help="config.num_epochs of every run (default: the config's)")
   parser.add_argument("--steps", type=int,
                       help="train each run for the fewest whole epochs that reach N steps (DomainBed: 5000)")
-  parser.add_argument("--dry-run", action="store_true", help="print the commands of the runs not done; run nothing")
+  sweep_command.add_launcher_arguments(parser)
   return parser
 
 
@@ -572,17 +494,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps is not None:
       jobs = [with_steps(job, args.steps, per_epoch) for job, per_epoch in zip(jobs, steps_per_epoch)]
     out = pathlib.Path(args.out).expanduser().resolve()
-    if args.dry_run:
-      for job in jobs:
-        if not (out / job.name / DONE_FILE).exists():
-          print(shlex.join(train_command(job, out / job.name, config_path, user_overrides)))
-      return 0
-    try:
-      out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-      raise UserError(f"cannot create --out {str(out)!r} ({e.strerror or type(e).__name__})",
-                      "pass a folder you can write to") from None
-    return run_sweep(jobs, out, config_path, user_overrides)
+    code = sweep_command.launch([sweep_job(job, config_path, user_overrides) for job in jobs], out, args,
+                                name="domainbed-sweep")
+    if not args.dry_run:
+      print(f"tables: python -m overfocus_jax.dg.tables {shlex.quote(str(out))}")
+    return code
   except UserError as e:  # a SettingError is worded as the flag that sets it
     return errors.report(e, flag_prefix=CONFIG_PREFIX)
   except KeyboardInterrupt:
