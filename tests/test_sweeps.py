@@ -191,3 +191,33 @@ def test_a_failed_job_is_marked_and_shown(tmp_path, capsys, monkeypatch):
   assert code == 1 and out.count("failed, exit 1: boom") == 2
   code, out, _ = run_cli(capsys, "sweep", "status", tmp_path / "sweep")
   assert code == 0 and "seed=0  failed  exit 1: boom" in out and "2 failed, 0 pending" in out
+
+
+REQUEUE = '''
+import pathlib, sys, threading, time
+from overfocus_jax.sweeps import jobs, launchers
+config, out = sys.argv[1], pathlib.Path(sys.argv[2])
+job = jobs.Job(name="run", overrides=(("num_epochs", "6"),), config=config)
+task = launchers.SlurmTask(job, out)
+outcome = []
+thread = threading.Thread(target=lambda: outcome.append(task()))
+thread.start()
+metrics = out / "run" / "metrics.jsonl"
+while not (metrics.exists() and metrics.read_text().count("\\n") >= 1):
+  time.sleep(0.2)
+requeued = task.checkpoint()  # what submitit calls on SLURM's signal
+thread.join()
+print("first:", outcome[0])
+print("second:", requeued.function())
+'''
+
+
+@pytest.mark.slow
+def test_a_slurm_task_saves_its_run_on_the_signal_and_its_requeued_copy_resumes_it(tmp_path):
+  script = tmp_path / "requeue.py"
+  script.write_text(REQUEUE)
+  done = subprocess.run([sys.executable, str(script), str(tiny_sweep(tmp_path)), str(tmp_path / "out")],
+                        capture_output=True, text=True, cwd=REPO_ROOT, env=subprocess_env(), timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "first: stopped before its last epoch" in done.stdout and "second: done" in done.stdout, done.stdout
+  assert [line["epoch"] for line in epochs(tmp_path / "out" / "run")] == [1, 2, 3, 4, 5, 6]
