@@ -14,8 +14,16 @@ def python_blocks() -> list[str]:
 
 def test_the_readme_has_the_examples_this_file_runs():
   blocks = python_blocks()
-  assert len(blocks) == 2
-  assert "ofx.sgdrop_mask" in blocks[0] and "train_and_evaluate" in blocks[1]
+  assert len(blocks) == 3
+  assert "ofx.sgdrop_mask" in blocks[0] and "train_and_evaluate" in blocks[1] and "def get_sweep" in blocks[2]
+
+
+def test_the_readmes_sweep_is_the_shipped_one():
+  from overfocus_jax import config as config_lib
+  namespace = {}
+  exec(compile(python_blocks()[2], "README.md python block 2", "exec"), namespace)  # noqa: S102  (our own README)
+  shipped = config_lib.load_sweep_file(README.parent / "experiments" / "configs" / "regularizers_sweep.py")
+  assert namespace["get_sweep"]() == shipped and len(shipped) == 12
 
 
 @pytest.mark.slow
