@@ -455,9 +455,9 @@ def test_zoom_needs_learned_keypoints(tmp_path, capsys):
 
 @pytest.mark.parametrize("name", ["focus", "corner"])
 def test_patch_larger_than_the_images_is_one_line(tmp_path, capsys, name):
-  """Needs the data: the default 12-pixel patches do not fit scikit-learn's 8×8 digits."""
+  """Needs the data: 12-pixel patches do not fit scikit-learn's 8×8 digits (the default, auto, takes 3)."""
   code, _, err = run_cli(capsys, "train", "--workdir", tmp_path / "wd", f"--config.model={name}",
-                         "--config.dataset=digits", "--no-progress")
+                         "--config.dataset=digits", "--config.focus.patch_size=12", "--no-progress")
   assert_one_line_error(code, err, "config.focus.patch_size=12", "8x8", "at most 8")
 
 
@@ -475,6 +475,8 @@ def test_corner_trains_one_epoch_through_the_cli(tmp_path, capsys):
   assert set(summary["methods"]) == {"input_gradient", "smoothgrad", "integrated_gradients"}
   assert (tmp_path / "wd" / "explain" / "keypoints.png").stat().st_size > 5000
   assert summary["patch_scales"]["mean"] == summary["patch_scales"]["max"] == [0.5, 0.5]  # fixed: patch_scale
+  corners = summary["keypoints"]  # Harris corners follow the image and never learn
+  assert len(corners["mean_px"]) == 2 and corners["moved_px"] == [0.0, 0.0] and max(corners["spread_px"]) > 0.5
   code, _, err = run_cli(capsys, "explain", "--workdir", tmp_path / "wd", "--methods", "grad_cam")
   assert_one_line_error(code, err, "needs a feature map aligned with the image")
 
@@ -488,3 +490,23 @@ def test_regularizers_train_the_focus_model(tmp_path, capsys, regularizer, granu
   assert code == 0, err
   record = json.loads((tmp_path / "wd" / "metrics.jsonl").read_text().splitlines()[-1])
   assert record[f"train_{regularizer}_dropped_fraction"] > 0
+
+
+@pytest.mark.parametrize("grad_scale", [1.0, 0.0])
+def test_explain_reports_how_far_the_learned_keypoints_moved(tmp_path, capsys, grad_scale):
+  """moved_px: the mean distance from the same model's keypoints at initialisation (near 0 when the keypoint CNN
+  gets no gradient: only weight decay moves its bias); spread_px: how much each keypoint varies over the images (0
+  for a keypoint CNN whose zero-initialised kernel never learned)."""
+  code, _, err = run_cli(capsys, "train", "--workdir", tmp_path / "wd", "--config.model=focus",
+                         "--config.dataset=digits", *TINY_FOCUS_ARGS, "--config.num_epochs=1",
+                         "--config.batch_size=64", f"--config.focus.keypoint_grad_scale={grad_scale}", "--no-progress")
+  assert code == 0, err
+  code, out, err = run_cli(capsys, "explain", "--workdir", tmp_path / "wd", "--n", "2", "--images", "16",
+                           "--methods", "input_gradient", "--no-progress")
+  assert code == 0, err
+  points = json.loads(out.strip().splitlines()[-1])["keypoints"]
+  assert len(points["mean_px"]) == len(points["spread_px"]) == len(points["moved_px"]) == 2
+  if grad_scale == 0:
+    assert max(points["moved_px"]) < 0.05 and max(points["spread_px"]) < 1e-3
+  else:
+    assert min(points["moved_px"]) > 0 and min(points["spread_px"]) > 0

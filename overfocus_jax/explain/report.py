@@ -15,7 +15,11 @@ from ``metrics.jsonl`` (``training_curves.png``) and the per-channel feature usa
 two also show a second run when ``compare`` is given (the maps and ``explain.json``'s metrics are the main run's).
 Everything explains the ``target`` class: the true one, or the predicted one (deletion/insertion then follow its
 probability). For the focus models ``explain.json`` also holds ``patch_scales``: each keypoint's patch scale over
-the measured images (mean, std, min, max), which the zoom variant learns.
+the measured images (mean, std, min, max), which the zoom variant learns; and ``keypoints``: per keypoint, its mean
+position (``mean_px``, (column, row) pixels), ``spread_px`` — how far it moves with the image,
+``sqrt(mean_i |p_ik − mean_i p_ik|²)`` over the measured images — and ``moved_px`` — how far training took it, the
+mean over images of ``|p_ik − p⁰_ik|``, with ``p⁰`` the same model's keypoint at initialisation (its seed) on the
+same image (0 for the Harris corners, which do not learn).
 """
 
 import contextlib
@@ -35,6 +39,7 @@ from overfocus_jax.errors import UserError
 from overfocus_jax.explain import attributions, figures, latent, layers, metrics
 from overfocus_jax.models import NNXModel, patches
 from overfocus_jax.train import evaluation
+from overfocus_jax.train import state as state_lib
 from overfocus_jax.train import workdir as workdir_lib
 from overfocus_jax.train.lock import WorkdirLock
 
@@ -255,6 +260,34 @@ def patch_scale_summary(run, source, count: int) -> dict | None:
           for stat, fn in (("mean", np.mean), ("std", np.std), ("min", np.min), ("max", np.max))}
 
 
+def keypoint_summary(run, source, count: int) -> dict | None:
+  """Where the keypoints sit, how much they follow the image and how far training moved them (module docstring),
+  over the first ``count`` images; None for a model without keypoints."""
+  model, dataset = run.exp.model, run.exp.dataset
+  if not model.has("keypoints"):
+    return None
+  height, width = dataset.image_shape[:2]
+  initial = state_lib.initial_variables(model, run.config.seed, dataset.image_shape)
+  points_fn = jax.jit(lambda v, x: model.keypoints(v, x))
+
+  def to_pixels(points):
+    points = np.asarray(points, np.float64)
+    return np.stack([patches.normalized_to_pixel(points[..., 0], width),
+                     patches.normalized_to_pixel(points[..., 1], height)], -1)
+
+  trained, start = [], []
+  for batch in _batches(source, count, dataset):
+    kept = np.asarray(batch["mask"]) > 0
+    trained.append(to_pixels(points_fn(run.state.variables, batch["image"]))[kept])
+    start.append(to_pixels(points_fn(initial, batch["image"]))[kept])
+  trained, start = np.concatenate(trained), np.concatenate(start)  # (N, K, 2)
+  mean = trained.mean(axis=0)
+  spread = np.sqrt(np.mean(np.sum((trained - mean) ** 2, axis=-1), axis=0))
+  moved = np.mean(np.linalg.norm(trained - start, axis=-1), axis=0)
+  return {"mean_px": [[round(float(c), 2) for c in point] for point in mean],
+          "spread_px": [round(float(v), 3) for v in spread], "moved_px": [round(float(v), 3) for v in moved]}
+
+
 def _label(run) -> str:
   reg = run.config.regularizer.name
   return f"{run.workdir.name} ({run.config.model}, {reg})"
@@ -332,6 +365,7 @@ def _explain(run, other, source, name, model, methods, options: Options, out: pa
   if any(runs.values()):
     written["training_curves"] = figures.training_curves(out / "training_curves.png", runs)
   scales = patch_scale_summary(run, source, count)
+  keypoints = keypoint_summary(run, source, count)
   if usage:
     written["feature_usage"] = figures.feature_usage(out / "feature_usage.png", usage)
     (out / "feature_usage.json").write_text(json.dumps(usage, indent=1))
@@ -347,5 +381,7 @@ def _explain(run, other, source, name, model, methods, options: Options, out: pa
   }
   if scales is not None:
     summary["patch_scales"] = scales
+  if keypoints is not None:
+    summary["keypoints"] = keypoints
   (out / "explain.json").write_text(json.dumps(summary, indent=2))
   return summary
