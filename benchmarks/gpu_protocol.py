@@ -1,4 +1,4 @@
-r"""The GPU protocol of issue 12: the package's train step against PyTorch eager and torch.compile, the
+r"""The GPU protocol: the package's train step against PyTorch eager and torch.compile, the
 regularizers' overhead, MFU and the end-to-end number, in one command that writes one JSON file.
 
     pip install torch==2.13.0      # next to jax[cuda12]; not a dependency of overfocus-jax

@@ -13,7 +13,7 @@ layer) and its forward + both gradients, reads off the compiled HLO what runs ea
 (median of ``--repeats`` calls after one warm-up). It also times the weight gradient alone, as XLA writes it and as
 one matrix product of the image patches (im2col, ``lax.conv_general_dilated_patches``) with the output gradient —
 the form a oneDNN matrix product could take over (the last flag set sends matrix products to oneDNN). The last row
-is the package's own way to oneDNN's convolutions (``overfocus_jax/onednn.py``, session 15): the same three
+is the package's own way to oneDNN's convolutions (``overfocus_jax/onednn.py``): the same three
 products through its FFI kernels, timed the same way.
 """
 

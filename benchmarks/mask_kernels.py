@@ -1,4 +1,4 @@
-r"""The drop mask's two kernels on the current backend: ``lax.top_k`` against the threshold kernel (issue 12).
+r"""The drop mask's two kernels on the current backend: ``lax.top_k`` against the threshold kernel.
 
     python -m benchmarks.mask_kernels                    # → one JSON line + a table; ~15 s on 2 CPU cores
     python -m benchmarks.mask_kernels --rounds 7 --step  # + the paper's SGDrop step with each kernel; ~1 min

@@ -7,7 +7,7 @@ r"""Do the two data paths train the same model? The default run with its data on
 
 ``--config.data_on_device=on`` shuffles and augments inside the compiled step with the JAX PRNG;
 ``--config.data_on_device=off`` runs the grain pipeline on the host with NumPy's. Same distribution of batches,
-different draws, so the runs of one seed differ as two seeds do; issue 12 asks that the mean test accuracies agree
+different draws, so the runs of one seed differ as two seeds do; the check is that the mean test accuracies agree
 to ±0.5 point, and the same of ``--config.dtype=bfloat16`` against float32. One JSON line per run in ``experiments/results/data_paths.jsonl`` (finished runs are skipped), with
 the throughput each path reached on this machine (``images_per_s``: the run's train images over its train time).
 """

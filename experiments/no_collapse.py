@@ -10,8 +10,8 @@ seed it trains a run and records
 the first epoch's train accuracy on the samples the regularizer masked (``train_regularized_accuracy``: at or below
 chance, 1/classes, the masks remove all of the class evidence; the whole batch's accuracy would mix in the samples
 RSC or a partial-batch SGDrop leave alone) and the final test accuracy. The table gives, per config and method,
-mean ± std over seeds and the gap to ERM's test accuracy at the same config, epochs and seeds. The rule issue 11
-sets for a default: epoch-1 masked train accuracy above chance, and final test accuracy within 1 point of ERM's
+mean ± std over seeds and the gap to ERM's test accuracy at the same config, epochs and seeds. The rule a default
+must meet: epoch-1 masked train accuracy above chance, and final test accuracy within 1 point of ERM's
 (mean of 3 seeds). One JSON line per run (resumable: finished runs are skipped).
 """
 

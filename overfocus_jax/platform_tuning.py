@@ -2,8 +2,8 @@ r"""Platform tuning: what makes the train step faster on one platform without ch
 one switch (``config.platform_tuning``: ``auto`` | ``xla`` | ``off``).
 
 ``auto`` applies, on a one-device CPU mesh only, four measured changes (BENCHMARKS.md; the third, for ConvNeXt, is
-measured below); ``xla`` the first three (XLA's own convolutions: the package before session 15, which produced
-the results recorded before it to the last digit); ``off`` (and every other mesh: GPUs, TPUs, several devices)
+measured below); ``xla`` the first three (XLA's own convolutions, which reproduce to the last digit the results
+recorded with them); ``off`` (and every other mesh: GPUs, TPUs, several devices)
 compiles plain XLA. All keep the results equal to float rounding.
 
 1. **Compiler option.** jaxlib 0.10's CPU backend sends convolutions to YNNPACK, which runs them on one core;

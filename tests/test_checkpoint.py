@@ -132,7 +132,7 @@ def test_restore_into_another_model_is_refused_and_leaves_files(tmp_path):
 
 
 def legacy_layout(state, extra):
-  """The train state as checkpoints before the renovation stored it: the regularizer's state in a field "extra"."""
+  """The train state as 0.2.x checkpoints stored it: the regularizer's state in a field "extra"."""
   fields = {k: getattr(state, k) for k in ("step", "params", "batch_stats", "opt_state", "rng")}
   return {**fields, "extra": extra}
 

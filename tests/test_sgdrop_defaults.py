@@ -1,4 +1,4 @@
-"""SGDrop at its default settings trains every shipped model (issue 11): on real data — scikit-learn's 8×8 digits —
+"""SGDrop at its default settings trains every shipped model: on real data — scikit-learn's 8×8 digits —
 four short epochs of each model config at small size, with nothing but ``--config.regularizer.name=sgdrop``, lower
 the loss and lift the accuracy on the samples the regularizer masks well above chance.
 

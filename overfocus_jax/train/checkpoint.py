@@ -29,8 +29,8 @@ STATE, DATA = "state", "data"
 # The regularizers' step counters (state["count"]): a checkpoint written before they kept one restores with the
 # counter set to the train step, which is what it counts in a run of the CLI.
 COUNT = "count"
-# Before regularizers owned their state (the renovation), TrainState kept SGDrop's EMA teacher in a field "extra";
-# checkpoints without a teacher stored nothing there and restore unchanged.
+# Checkpoints written before regularizers owned their state (0.2.x) kept SGDrop's EMA teacher in a TrainState field
+# "extra"; those without a teacher stored nothing there and restore unchanged.
 LEGACY_REGULARIZER_FIELD = "extra"
 DAMAGED_DIRECTORY = "checkpoints.damaged"  # beside checkpoints/: where a checkpoint that cannot be read is moved
 
