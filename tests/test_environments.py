@@ -17,7 +17,7 @@ from overfocus_jax.data.sources import load_dataset
 from overfocus_jax.errors import UserError
 from tests.conftest import BASE_RUN_ARGS, assert_one_line_error, run_cli
 
-README = pathlib.Path(__file__).resolve().parents[1] / 'README.md'
+DATA_GUIDE = pathlib.Path(__file__).resolve().parents[1] / 'docs' / 'guide' / 'data.md'
 
 
 @pytest.fixture(scope='module')
@@ -220,9 +220,9 @@ def test_environment_rows_errors(base, colored):
 def test_checksums_match_the_documentation(colored, rotated):
   assert env.fingerprint(colored) == env.COLORED_MNIST5K_SHA256
   assert env.fingerprint(rotated) == env.ROTATED_MNIST5K_SHA256
-  readme = ' '.join(README.read_text().split())
+  guide = ' '.join(DATA_GUIDE.read_text().split())
   for digest in (env.COLORED_MNIST5K_SHA256, env.ROTATED_MNIST5K_SHA256):
-    assert digest in env.__doc__ and digest in readme
+    assert digest in env.__doc__ and digest in guide
 
 
 def test_any_mnist_like_base_gives_the_same_construction(tmp_path, base, colored):
@@ -282,7 +282,7 @@ def test_base_without_ten_classes_is_a_one_line_error(capsys, tmp_path, base):
 
 def colour_attribution_script():
   import importlib.util
-  path = README.parent / 'experiments' / 'colour_attribution.py'
+  path = DATA_GUIDE.parents[2] / 'experiments' / 'colour_attribution.py'
   spec = importlib.util.spec_from_file_location('colour_attribution', path)
   script = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(script)
@@ -343,7 +343,7 @@ def test_the_tools_relevance_of_a_real_model_with_both_splits():
   import jax.numpy as jnp
   from overfocus_jax import config as config_lib, models
   script = colour_attribution_script()
-  config = config_lib.load_config_file(README.parent / 'experiments' / 'configs' / 'mnist_cnn.py')
+  config = config_lib.load_config_file(DATA_GUIDE.parents[2] / 'experiments' / 'configs' / 'mnist_cnn.py')
   model = models.build_model(config, 2)
   variables = model.init(jax.random.PRNGKey(0), (28, 28, 2))
   images = jnp.concatenate([jax.random.uniform(jax.random.PRNGKey(2), (3, 28, 28, 1)), jnp.zeros((3, 28, 28, 1))], -1)

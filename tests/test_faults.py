@@ -76,7 +76,8 @@ def test_a_sweep_skips_a_job_whose_workdir_is_in_use(tmp_path, capsys):
   workdir = tmp_path / jobs[0].name
   workdir.mkdir(parents=True)
   with lock_lib.WorkdirLock(workdir, "overfocus train"):
-    code = sweep.run_sweep(jobs, tmp_path, REPO_ROOT / "experiments" / "configs" / "mnist_cnn.py", [])
+    code = sweep.main(["--out", str(tmp_path), "--datasets", "colored_mnist", "--algorithms", "erm",
+                       "--test-envs", "0", "--config", str(REPO_ROOT / "experiments" / "configs" / "mnist_cnn.py")])
   out = capsys.readouterr().out
   assert code == 0 and "skipped (its workdir is in use by overfocus train" in out and "1 in use elsewhere" in out
   assert not (workdir / "out.txt").exists()  # never launched

@@ -149,7 +149,7 @@ def test_every_bad_file_is_one_user_error(tmp_path, digits_model):
 
 
 def test_the_conversion_command_is_the_documented_one():
-  assert weights.CONVERSION in (REPO_ROOT / "README.md").read_text()
+  assert weights.CONVERSION in (REPO_ROOT / "docs" / "guide" / "models.md").read_text()
   assert "weights_only=True" in weights.CONVERSION and "safetensors.torch" in weights.CONVERSION
 
 
