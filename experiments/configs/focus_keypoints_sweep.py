@@ -13,8 +13,8 @@ Each run's folder names its fields, e.g. setting=seed-variant=learned-dataset=mn
 from overfocus_jax.configs import default
 
 SETTINGS = {  # name: (K, P, patch_scale)
-    "shipped": (4, 12, 0.43),
     "seed": (3, 5, 5 / 28),
+    "shipped": (4, 12, 0.43),
 }
 VARIANTS = {  # name: (model, keypoint_grad_scale)
     "learned": ("focus", 0.01),
@@ -35,10 +35,10 @@ def get_config():
 
 def get_sweep():
   runs = []
-  for setting, (k, size, scale) in SETTINGS.items():
-    for variant, (model, grad_scale) in VARIANTS.items():
-      for dataset in DATASETS:
-        for seed in SEEDS:
+  for seed in SEEDS:  # seed by seed, so that a sweep cut short holds every cell of the first seeds
+    for setting, (k, size, scale) in SETTINGS.items():
+      for variant, (model, grad_scale) in VARIANTS.items():
+        for dataset in DATASETS:
           runs.append({"name": f"setting={setting}-variant={variant}-dataset={dataset}-seed={seed}",
                        "model": model, "focus.num_keypoints": k, "focus.patch_size": size, "focus.patch_scale": scale,
                        "focus.keypoint_grad_scale": grad_scale, "dataset": dataset, "seed": seed})
