@@ -245,14 +245,14 @@ def config_to_json(config: ml_collections.ConfigDict) -> str:
   return json.dumps({**config.to_dict(), FORMAT_KEY: CONFIG_FORMAT}, indent=2, sort_keys=True, default=list)
 
 
-# What a regularizer's rule field read before CONFIG_FORMAT 2, for a run that keeps it: SGDrop's "quantile", or none
-# (the RSCs had no rule field), is now "topk".
+# The exact-count rule (⌈f·N⌉ units) as a format-1 config.json names it: SGDrop's rule "quantile", or no rule field
+# (the RSCs); format 2 calls it "topk".
 EARLIER_RULES = {"sgdrop": "quantile", "rsc": None, "rsc_domainbed": None}
 
 
 def trained_rule(saved: dict) -> str | None:
-  """The regularizer of a saved config.json whose masks counted exactly ⌈f·N⌉ under a rule that now means something
-  else (SGDrop's earlier "quantile"; the RSCs before they followed their reference code), or None."""
+  """The regularizer of a format-1 config.json whose masks counted exactly ⌈f·N⌉ under the name format 1 gives that
+  rule (:data:`EARLIER_RULES`; format 2 calls it "topk" and gives "quantile" and "reference" other rules), or None."""
   if saved.get(FORMAT_KEY, 1) >= CONFIG_FORMAT:
     return None
   regularizer = saved.get("regularizer", {})
@@ -271,8 +271,8 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
   """Rebuilds a saved config on top of today's defaults, so a run saved before a field existed still loads
   (the new field takes its default); lists become tuples again so overrides keep their types. A saved true/false
   where a field has since become a word (``resnet_tv.zero_init_residual``: auto | true | false) is read as that
-  word; and a run's regularizer that counted exactly ⌈f·N⌉ under a rule whose meaning has since changed
-  (:func:`trained_rule`) keeps that rule, "topk" (one line on stderr says so)."""
+  word; and a format-1 run's regularizer that counted exactly ⌈f·N⌉ (:func:`trained_rule`) keeps that rule,
+  "topk" (one line on stderr says so)."""
 
   def tuples(node):
     if isinstance(node, dict):

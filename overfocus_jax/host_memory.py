@@ -1,17 +1,19 @@
 r"""Host memory for XLA:CPU: keep the memory a step frees, so that the next step does not fault every page in again.
 
-XLA:CPU gives each execution of a compiled program one block for all its temporaries and frees it at the end:
-158 MB for the default model's train step at batch 128. glibc serves a block that large from ``mmap`` (a worker
-thread's arena cannot hold it) and unmaps it on ``free``, so every step the kernel maps fresh zeroed pages again —
-38,700 minor page faults per step on that step, 151 MB written with zeros before the step can use it. With
+XLA:CPU gives each execution of a compiled program one block for all its temporaries and frees it at the end; for
+a train step that block is far above glibc's mmap threshold (at most 32 MiB on 64-bit glibc). glibc serves a block
+that large from ``mmap`` (a worker thread's arena cannot hold it) and unmaps it on ``free``, so every step the
+kernel maps fresh zeroed pages again — one minor page fault per page of the block, each page written with zeros
+before the step can use it. With
 
     M_ARENA_MAX = 1              every thread allocates from the main heap, which can grow to any size
     M_MMAP_MAX = 0               no allocation is served by mmap
     M_TRIM_THRESHOLD = 2³¹ − 1   freed memory stays in the heap instead of going back to the kernel
 
 the block comes from the heap and stays mapped between steps, as PyTorch's tensors do (each is below glibc's mmap
-threshold). The process keeps its peak host memory instead of shrinking after each step (measurements in
-BENCHMARKS.md, "The fast path on this CPU"; ``python -m benchmarks.host_memory``).
+threshold). The process keeps its peak host memory instead of shrinking after each step. ``python -m
+benchmarks.host_memory`` measures the page faults and the step time with and without these settings (figures in
+``docs/guide/performance.md``, "Host memory").
 
 glibc assigns a thread its arena at the thread's first allocation, so this must run before JAX's first computation.
 Importing the package changes nothing: the ``overfocus`` CLI calls :func:`retain_host_memory` first thing, and so do

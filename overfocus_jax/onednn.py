@@ -9,13 +9,14 @@ the three products of a training step are each one oneDNN primitive (``kernels/o
 
 :func:`conv` is a ``jax.custom_vjp`` over them, the same maths as ``lax.conv_general_dilated`` to float rounding.
 Why: jaxlib 0.10's CPU backend runs convolutions with YNNPACK (one core) or Eigen, and none of its flags routes them
-to oneDNN (``python -m benchmarks.library_flags``); the package's Eigen step was 0.83× PyTorch's (BENCHMARKS.md,
-"The fast path on this CPU"). ``platform_tuning`` hands the models these convolutions on a one-device CPU mesh.
+to oneDNN (``python -m benchmarks.library_flags``). ``platform_tuning`` hands the models these convolutions on a
+one-device CPU mesh; ``python -m benchmarks.onednn_models`` measures each model's step with and without them
+(figures in ``docs/guide/performance.md``).
 
 How it is built: on first use, ``g++`` compiles the kernel file against the oneDNN headers and library of the
 ``onednn-devel-cpu-gomp`` / ``onednn-cpu-gomp`` wheels (dependencies on Linux x86-64) and jaxlib's FFI headers, into
 ``$OVERFOCUS_ONEDNN_CACHE`` (default ``$XDG_CACHE_HOME/overfocus_jax/onednn``, i.e. ``~/.cache/...``), keyed by the
-source and the versions; later processes load it (a few seconds once, then nothing). Where that cannot happen — no
+source and the versions; later processes load it (compiled once, then loaded). Where that cannot happen — no
 compiler, no oneDNN wheel, another OS or CPU, ``OVERFOCUS_ONEDNN=off`` — :func:`available` is False,
 :func:`status` says why, and the models keep the XLA convolutions (``overfocus bench`` reports which ran).
 Like every custom VJP it differentiates in reverse mode only (``grad``, ``vjp``), not forward mode (``jvp``).

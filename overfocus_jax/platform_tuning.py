@@ -1,17 +1,17 @@
 r"""Platform tuning: what makes the train step faster on one platform without changing its maths — one module,
 one switch (``config.platform_tuning``: ``auto`` | ``xla`` | ``off``).
 
-``auto`` applies, on a one-device CPU mesh only, four measured changes (BENCHMARKS.md; the third, for ConvNeXt, is
-measured below); ``xla`` the first three (XLA's own convolutions, which reproduce to the last digit the results
-recorded with them); ``off`` (and every other mesh: GPUs, TPUs, several devices)
-compiles plain XLA. All keep the results equal to float rounding.
+``auto`` applies, on a one-device CPU mesh only, the four changes below; ``xla`` the first three (XLA's own
+convolutions, which reproduce to the last digit the results recorded with them); ``off`` (and every other mesh:
+GPUs, TPUs, several devices) compiles plain XLA. All keep the results equal to float rounding. Each change was found
+by profiling (``python -m benchmarks.profile_cpu``); what each gains is measured by the commands named with it, and
+the figures are in ``docs/guide/performance.md`` and BENCHMARKS.md.
 
 1. **Compiler option.** jaxlib 0.10's CPU backend sends convolutions to YNNPACK, which runs them on one core;
-   Eigen's convolutions use every core and made the whole train step 1.8× faster on 2 cores
-   (``python -m benchmarks.profile_cpu``). :data:`CPU_COMPILER_OPTIONS` keeps YNNPACK for reductions only, where it is the
-   faster one; jaxlibs that do not know the option compile without it. Not on several CPU devices: there Eigen's
-   convolutions share the intra-op thread pool with device threads that block in the all-reduce rendezvous, and
-   under load a device can miss XLA's collective deadline (seen in CI with 8 simulated devices on 2 cores).
+   Eigen's convolutions use every core. :data:`CPU_COMPILER_OPTIONS` keeps YNNPACK for reductions only; jaxlibs that
+   do not know the option compile without it. Not on several CPU devices: there Eigen's convolutions share the
+   intra-op thread pool with device threads that block in the all-reduce rendezvous, and under load a device can
+   miss XLA's collective deadline.
 
 2. **Sliced weight gradients.** For y = conv(x, W) with an NHWC input, an HWIO kernel, stride s and padding, the
    kernel gradient is a sum over the batch:
@@ -21,39 +21,36 @@ compiles plain XLA. All keep the results equal to float rounding.
 
    XLA's transpose rule computes it as one convolution whose window is the whole feature map and whose
    contraction runs over the batch. With jaxlib 0.10's CPU (Eigen) convolutions that one call is slow when the
-   layer is narrow and its maps are large; summed over slices of 8 examples it is 1.2–1.8× faster there, and no
-   faster, or slower, for the stem, for wide layers and on maps smaller than 14×14 (measured per layer at commit
-   173b1d8, table in BENCHMARKS.md). :func:`sliced_conv_general_dilated` keeps XLA's forward pass and input
-   gradient and only reorders that sum, in the layers where :func:`slice_count` says it pays; :func:`conv_module`
-   hands the models an ``nn.Conv`` that uses it. It is a custom VJP: reverse-mode autodiff only (``grad``,
-   ``vjp``), no forward mode (``jvp``, ``jacfwd``) through a model built with it. On a GPU the weight gradient is
-   one cuDNN call, and slices would only add launches.
+   layer is narrow and its maps are large, and summing over slices of :data:`EXAMPLES_PER_SLICE` examples is
+   faster there; for the stem, for wide layers and on small maps it is not (the per-layer table is in
+   BENCHMARKS.md). :func:`sliced_conv_general_dilated` keeps XLA's forward pass and input gradient and only
+   reorders that sum, in the layers where :func:`slice_count` says it pays; :func:`conv_module` hands the models an
+   ``nn.Conv`` that uses it. It is a custom VJP: reverse-mode autodiff only (``grad``, ``vjp``), no forward mode
+   (``jvp``, ``jacfwd``) through a model built with it. On a GPU the weight gradient is one cuDNN call, and slices
+   would only add launches.
 
 3. **Depthwise convolutions as shifted sums** (ConvNeXt's 7×7, one group per channel). XLA:CPU runs a
-   convolution with ``feature_group_count = C`` slowly: on a (128, 14, 14, 40) map with a 7×7 kernel, 104 ms
-   forward and 300–880 ms forward and backward. Written out, the same sums are elementwise work that XLA fuses:
+   convolution with ``feature_group_count = C`` slowly. Written out, the same sums are elementwise work that XLA
+   fuses:
 
-       y[b, h, w, c]  = Σ_{i,j} x_pad[b, h + i, w + j, c] · K[i, j, c]                       (5 ms)
-       ∂L/∂x          = the same sum over g padded by (k − 1 − low, k − 1 − high), K flipped   (4 ms)
-       ∂L/∂K[i, j, c] = Σ_{b,h,w} x_pad[b, h + i, w + j, c] · g[b, h, w, c]                  (30 ms: one reduction
-                                                                                              per offset, channels
-                                                                                              major)
+       y[b, h, w, c]  = Σ_{i,j} x_pad[b, h + i, w + j, c] · K[i, j, c]
+       ∂L/∂x          = the same sum over g padded by (k − 1 − low, k − 1 − high), K flipped
+       ∂L/∂K[i, j, c] = Σ_{b,h,w} x_pad[b, h + i, w + j, c] · g[b, h, w, c]      (one reduction per offset,
+                                                                                  channels major)
 
    each accumulated in float32. :func:`shifted_depthwise_conv_general_dilated` takes that path for stride-1 NHWC
-   depthwise convolutions and is ``lax.conv_general_dilated`` otherwise. ConvNeXt-atto's train step (small stem,
-   batch 128 of 28×28, ``overfocus bench --config experiments/configs/convnext.py``): 1.26 s with ``auto``, 3.23 s
-   with ``off`` and 3.7 s with point 1 alone (Eigen's grouped convolutions are slower still than YNNPACK's), the
-   same loss to 4 decimals; compilation 20 s instead of 12 s (2 cores shared with other jobs, load ≈ 4: the ratios
-   hold, not the times). A custom VJP too: reverse mode only.
+   depthwise convolutions and is ``lax.conv_general_dilated`` otherwise. ``overfocus bench --config
+   experiments/configs/convnext.py`` at ``--config.platform_tuning=auto`` and ``off`` measures what it gains on
+   ConvNeXt-atto's train step. A custom VJP too: reverse mode only.
 
-4. **oneDNN convolutions** (:mod:`overfocus_jax.onednn`): for the models that prefer them (``Platform.onednn``), every float32
-   or bfloat16 NHWC convolution — forward, input gradient and weight gradient — is one call of oneDNN's kernel (the
-   library PyTorch's CPU step uses) through XLA's FFI, with points 2 and 3 as the fallback for everything else
-   (mixed or other dtypes, dilation, groups). The default model's float32 step is 1.19× faster than with points 1
-   and 2 alone, ResNet-18's 1.29×; in bf16 1.67× and 2.10× (``python -m benchmarks.onednn_models [--dtype
-   bfloat16]``); the attention and corner models' 1.07–1.26×. Where the kernels cannot be built (no C++ compiler or oneDNN wheel, another OS or CPU,
-   ``OVERFOCUS_ONEDNN=off``), and at ``platform_tuning=xla``, the models keep points 1–3; ``overfocus bench``
-   reports which ran (``cpu_convolutions``). A custom VJP: reverse mode only.
+4. **oneDNN convolutions** (:mod:`overfocus_jax.onednn`): for the models that prefer them (``Platform.onednn``),
+   every float32 or bfloat16 NHWC convolution — forward, input gradient and weight gradient — is one call of
+   oneDNN's kernel (the library PyTorch's CPU step uses) through XLA's FFI, with points 2 and 3 as the fallback for
+   everything else (mixed or other dtypes, dilation, groups). ``python -m benchmarks.onednn_models [--dtype
+   bfloat16]`` measures each shipped model's step with and without them. Where the kernels cannot be built (no C++
+   compiler or oneDNN wheel, another OS or CPU, ``OVERFOCUS_ONEDNN=off``), and at ``platform_tuning=xla``, the
+   models keep points 1–3; ``overfocus bench`` reports which ran (``cpu_convolutions``). A custom VJP: reverse mode
+   only.
 """
 
 import functools
@@ -115,8 +112,8 @@ def conv_module(mesh, mode: str, cpu_convolution: str = "xla", onednn_convolutio
       hook = onednn.make_conv_general_dilated(fallback=hook)
   return nn.Conv if hook is lax.conv_general_dilated else functools.partial(nn.Conv, conv_general_dilated=hook)
 
-# The rule below was read off benchmarks/weight_grad_slices.py (commit 173b1d8) on a 2-core CPU with 1-2 MiB of L2
-# cache per core.
+# The rule below was read off benchmarks/weight_grad_slices.py (at commit 173b1d8; its table is in BENCHMARKS.md) on a
+# 2-core CPU with 1-2 MiB of L2 cache per core.
 EXAMPLES_PER_SLICE = 8        # the best slice size there (16 is close)
 MAX_SLICES = 32               # larger batches get larger slices, not more calls
 MIN_IN_FEATURES = 8           # a stem's weight gradient (1 or 3 input channels) is too small to gain
@@ -158,7 +155,7 @@ def sliced_kernel_grad(x, g, kernel_shape, strides, pads, slices: int):
   if slices == 1:
     return xla_kernel_grad(x, g, kernel_shape, strides, pads)
   size = x.shape[0] // slices
-  # Independent calls, unrolled: XLA's runtime can run two of them at once on the two cores.
+  # Independent calls, unrolled: XLA's runtime can run several of them at once on several cores.
   parts = [xla_kernel_grad(x[k * size:(k + 1) * size], g[k * size:(k + 1) * size], kernel_shape, strides, pads)
            for k in range(slices)]
   # Partial sums in float32 at least: adding 16-32 bfloat16 parts would lose precision a single call keeps.
@@ -237,8 +234,8 @@ def _depthwise_bwd(pads, residuals, g):
   kh, kw = kernel.shape[:2]
   back = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip((kh, kw), pads))
   dx = _shifted_sum(_pad_hw(g, back), kernel[::-1, ::-1], x.shape[1:3]).astype(x.dtype)
-  # Channels major, so that each offset's sum over (batch, rows, columns) reduces minor axes (6× faster on XLA:CPU
-  # than over the major ones); one loop step per offset keeps the compiled program small.
+  # Channels major, so that each offset's sum over (batch, rows, columns) reduces minor axes (XLA:CPU reduces those
+  # faster than major ones); one loop step per offset keeps the compiled program small.
   x_t, g_t = jnp.transpose(_pad_hw(x, pads), (3, 0, 1, 2)), jnp.transpose(g, (3, 0, 1, 2))
   acc = jnp.promote_types(x.dtype, jnp.float32)
 

@@ -215,7 +215,8 @@ def device_flip(images: jax.Array, key: jax.Array) -> jax.Array:
 
 def device_augment(images: jax.Array, key: jax.Array, policy: Policy) -> jax.Array:
   """A uint8 (B, H, W, C) batch augmented by ``policy``, each image with its own draws."""
-  crop_key, flip_key = jax.random.split(key)  # as before the jitter existed: the same crops and flips
+  # The jitter's key is folded out on its own: the same crops and flips with or without it.
+  crop_key, flip_key = jax.random.split(key)
   jitter_key = jax.random.fold_in(key, 2)
   if policy.crop == 'pad':
     images = device_pad_crop(images, crop_key, policy.padding)

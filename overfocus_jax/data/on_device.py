@@ -16,13 +16,10 @@ batch, and today's datasets (MNIST, Fashion-MNIST, CIFAR-10: at most 180 MB) fit
 ``config.data_on_device=auto`` (:func:`resolve`) keeps the data on an accelerator when it :func:`fits` and is not
 an image folder (decoded file by file). On CPUs, where the device's memory is the host's and one step goes per
 dispatch (XLA:CPU loops are slow, :mod:`overfocus_jax.train.dispatch`), it keeps it on the device only for the
-models that prefer it (``Platform.data_on_device`` in :mod:`overfocus_jax.models.spec`), where the in-step crop costs less than grain's threads beside the step, and
-takes the host stream for the others. Measured on every shipped config with the host memory kept mapped
-(:mod:`overfocus_jax.host_memory`; ``python experiments/data_paths.py --config NAME --epochs 2 --seeds 0``, images/s
-device / host, experiments/README.md "The two data streams"): resnet 778 / 753 (and ``overfocus bench``'s end to
-end 154–160 vs 166–172 ms a step), the shortcut config's resnet 2,375 / 1,962, vgg16 1,267 / 1,198; attention
-1,418 / 1,389, corner 3,335 / 3,390, focus 2,900 / 3,068, mnist_cnn 386 / 400, convnext 197 / 221. Both streams
-train as well.
+models that prefer it (``Platform.data_on_device`` in :mod:`overfocus_jax.models.spec`), where the in-step crop
+costs less than grain's threads beside the step, and takes the host stream for the others. ``python
+experiments/data_paths.py --config NAME --epochs 2 --seeds 0`` measures both streams on a config (figures in
+``docs/guide/performance.md``, "Data on the device").
 """
 
 import dataclasses

@@ -134,8 +134,8 @@ def class_glyphs() -> np.ndarray:
 def glyph_corners(height: int, width: int, count: int, rng: np.random.Generator) -> np.ndarray:
   """(count, 2) top-left (row, col) corners of a glyph in one of the image's four corners, drawn uniformly.
 
-  (A place anywhere along the border ring was tried first: ERM then ignored the glyph — 97.6% on decorrelated test
-  images, 97.2% on clean ones, seed 0 — so there was no shortcut to measure.)"""
+  Corners, not anywhere along the border ring: there ERM ignores the glyph, and there is no shortcut to measure
+  (``docs/guide/data.md``, "The shortcut datasets")."""
   corner = rng.integers(0, 4, size=count)
   rows = np.where(corner < 2, 0, height - GLYPH_SIZE)
   cols = np.where(corner % 2 == 0, 0, width - GLYPH_SIZE)

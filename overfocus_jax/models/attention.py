@@ -10,8 +10,8 @@ sees only attention-weighted sums of intermediate feature maps, each weighted by
 
 Under softmax, pc's ⟨u, g⟩ is the same at every position and cancels (so it does in the paper's formula and its
 reference code): the attention is then softmax⟨u, l_i⟩, and g with the layers after the last attention layer get no
-gradient. With "dp" or "sigmoid", g steers the attention. On mnist5k pc/softmax still does best (98.1%; pc/sigmoid
-97.6%, dp/softmax 95.9%; experiments/configs/attention.py).
+gradient. With "dp" or "sigmoid", g steers the attention. ``experiments/configs/attention.py`` holds the commands
+that compare them (results in ``docs/guide/models.md``).
 
 The backbone is a stack of conv3×3 → BN → ReLU layers, numbered from 1, with a 2×2 max-pool (stride 2, no padding,
 as in the paper) after the layers listed in ``pool_after``; an attention map is taken from a layer's output before
@@ -263,6 +263,6 @@ def build_attention(config, **common) -> nn.Module:
                       compatibility=arch.compatibility, normalisation=arch.normalisation, **common)
 
 
-# oneDNN's convolutions made its float32 step faster (python -m benchmarks.onednn_models).
+# oneDNN's convolutions: python -m benchmarks.onednn_models finds its float32 step faster with them.
 SPECS = (ModelSpec("attention", "Learn to Pay Attention (Jetley et al.), sized by config.attention", build_attention,
                    (GROUP,), fits=check_images, platform=Platform(onednn=True)),)

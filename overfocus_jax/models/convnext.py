@@ -47,12 +47,13 @@ path alone.
 Weights: parameter names follow timm's state dict (``stages.i.blocks.j`` → ``stage{i}_block{j}``, 0-based as there);
 :func:`from_timm` maps a timm state dict (numpy arrays) onto this model's variables (OIHW → HWIO kernels, depthwise
 (C, 1, 7, 7) → (7, 7, 1, C), dense (out, in) → (in, out)) — ``config.init_from`` with ``init_from_layout=timm``
-finds it (:mod:`overfocus_jax.models.weights`) — and :func:`to_timm` back. With random weights, timm 1.0.31's own
-``convnext_atto`` (224×224, 1,000 classes) and ``convnext_tiny`` (64×64) give logits within 7.6e-6 and 5.2e-6 of
-this model's (float32, CPU).
+finds it (:mod:`overfocus_jax.models.weights`) — and :func:`to_timm` back. With random weights and timm's state dict
+loaded, this model's logits equal timm's own ``convnext_atto`` to 1e-4 of their largest magnitude (float32;
+``tests/test_convnext.py``, where torch and timm are installed; ``python experiments/check_pretrained.py`` compares
+every size).
 
-On one CPU device, ``platform_tuning=auto`` computes the depthwise convolutions as shifted sums (2.6× faster train
-steps, :mod:`overfocus_jax.platform_tuning`).
+On one CPU device, ``platform_tuning=auto`` computes the depthwise convolutions as shifted sums
+(:mod:`overfocus_jax.platform_tuning`, point 3).
 """
 
 import functools
@@ -409,7 +410,7 @@ def build_convnext(config, **common) -> nn.Module:
                   head_init_scale=arch.head_init_scale, **common)
 
 
-# Its depthwise convolutions' gradients as shifted sums on a CPU (platform_tuning.py); oneDNN gained nothing on its
-# dense ones (python -m benchmarks.onednn_models).
+# Its depthwise convolutions as shifted sums on a CPU (platform_tuning.py); no oneDNN for its dense ones: python -m
+# benchmarks.onednn_models finds its step no faster with them.
 SPECS = (ModelSpec("convnext", "ConvNeXt (Liu et al.) in timm's small sizes, sized by config.convnext", build_convnext,
                    (GROUP,), platform=Platform(cpu_convolution="depthwise")),)

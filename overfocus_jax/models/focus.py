@@ -9,7 +9,7 @@ FocusNet's keypoints come from a small CNN, ``p = (1 − s)·tanh(dense(flatten(
 inside the image; its dense layer starts with a zero kernel and a bias on a grid, so training starts from K patches
 spread over the image, not all at its centre, and it learns ``keypoint_grad_scale`` times slower than the rest
 (:func:`scale_gradient`): bilinear sampling makes the loss differentiable in ``p``, but steeply so.
-Its zoom variant (``zoom_range = (s_min, s_max)``; seed 001's "focus sizing" model) also learns each patch's size,
+Its zoom variant (``zoom_range = (s_min, s_max)``) also learns each patch's size,
 
     s_k = s_min + (s_max − s_min)·σ(dense_s(flatten(cnn(x))))_k,   p_k = (1 − s_k)·tanh(dense_p(...))_k
 
@@ -532,8 +532,8 @@ def build_corner(config, **common) -> nn.Module:
                    **_patch_settings(config), **common)
 
 
-# corner: oneDNN's convolutions made its float32 step faster; focus: no gain within the noise
-# (python -m benchmarks.onednn_models).
+# oneDNN's convolutions for corner, not for focus: python -m benchmarks.onednn_models finds corner's float32 step
+# faster with them and focus's not.
 SPECS = (
     ModelSpec("focus", "glimpses at learned keypoints, sized by config.focus", build_focus, (FOCUS_GROUP,),
               fits=check_patch_images),

@@ -13,9 +13,9 @@ channels (:class:`LayerNorm`), two passes and float32 at least whatever the acti
 the sums are taken. A reduction that adds :math:`n` float32 values one after another has an error that grows like
 :math:`n \varepsilon`; :func:`blocked_sum` adds them in blocks of at most :data:`BLOCK`, then the block sums in
 blocks, and so on, an error that grows like :math:`\lceil \log_{B} n \rceil B \varepsilon` — PyTorch's CPU
-reductions are cascaded in the same spirit. On activations of large magnitude (DomainBed's MNIST_CNN on ColoredMNIST
-at its stored 0–255 scale) that takes the float32 gradients from 6e-5 to 4e-8 of a float64 run, PyTorch's own
-accuracy there (``python -m benchmarks.float32_accuracy``; the results page holds the numbers and the cost).
+reductions are cascaded in the same spirit. It matters on activations of large magnitude (DomainBed's MNIST_CNN on
+ColoredMNIST at its stored 0–255 scale): ``python -m benchmarks.float32_accuracy`` measures the float32 gradients'
+distance from a float64 run, and PyTorch's, with both summations (figures and cost in BENCHMARKS.md).
 """
 
 from typing import Any, Callable

@@ -168,9 +168,9 @@ ZERO_INIT_RESIDUAL = ("auto", "true", "false")
 
 def zero_init_residual(setting, kind: str) -> bool:
   """``config.resnet_tv.zero_init_residual`` for a network of ``kind`` blocks: ``auto`` is on for bottleneck blocks
-  (resnet50_tv: from scratch at the default run's settings its loss diverged without it) and off for basic ones
-  (resnet18_tv trains with torchvision's own initialisation, and gained nothing from it where compared); README.md,
-  "Models", has the measurements and their commands."""
+  (resnet50_tv: from scratch at the default run's settings its loss diverges without it) and off for basic ones
+  (resnet18_tv trains with torchvision's own initialisation); ``docs/guide/models.md`` has the runs and their
+  commands."""
   setting = str(setting).lower()
   return kind == "bottleneck" if setting == "auto" else setting == "true"
 

@@ -297,7 +297,7 @@ def build_vgg16(config, **common) -> nn.Module:
              head_kind=arch.head, hidden=arch.hidden, head_pool=arch.head_pool, **common)
 
 
-# oneDNN's convolutions made its float32 step faster, and the crop inside the step beat grain's threads on a CPU
-# (python -m benchmarks.onednn_models; data/on_device.py).
+# oneDNN's convolutions and the data on a CPU device: python -m benchmarks.onednn_models and
+# experiments/data_paths.py find its step faster with each (data/on_device.py).
 SPECS = (ModelSpec("vgg16", "VGG-16 (Simonyan & Zisserman), torchvision's layer names, sized by config.vgg",
                    build_vgg16, (GROUP,), platform=Platform(onednn=True, data_on_device=True)),)

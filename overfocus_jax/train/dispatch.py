@@ -11,8 +11,9 @@ in place. K is static: an epoch of S steps compiles at most two programs, K and 
 epoch (the loop cuts chunks at epoch ends), so the device stream's data carries that epoch's order.
 
 On XLA:CPU a loop costs far more than it saves: inside a while loop the convolutions' gradients are not rewritten
-into the library kernels and run as naive loops (a 3×3 weight gradient at batch 128 took 2.9 s instead of 73 ms,
-jax 0.10.2), so :func:`default_steps_per_dispatch` is 1 there and the loop is only used where the compiler handles it.
+into the library kernels and run as naive loops (``python -m benchmarks.cpu_loops`` times a weight gradient and the
+train step alone and inside a loop), so :func:`default_steps_per_dispatch` is 1 there and the loop is only used
+where the compiler handles it.
 
 Two feeds: :func:`device_feed` builds each batch from a dataset in device memory (:mod:`overfocus_jax.data.
 on_device`); :func:`host_feed` reads batch ``i`` of K uint8 batches stacked on a leading axis by the host pipeline

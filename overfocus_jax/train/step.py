@@ -85,7 +85,7 @@ def make_train_step(model: Model, tx: optax.GradientTransformation, *, schedule:
     images, labels = batch["image"], batch["label"]
     rng, step_key = jax.random.split(state.rng)
     # The model's own randomness in training (ConvNeXt's drop path) gets a stream folded out of the step's key: the
-    # regularizer's key, and so every run of a model without random layers, stay as they were.
+    # regularizer's key is the same with or without it, and so is every run of a model without random layers.
     dropout_key = jax.random.fold_in(step_key, DROPOUT_STREAM)
     if axis_name is not None:  # each device's rows draw their own masks
       dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(axis_name))
