@@ -5,7 +5,7 @@ one switch (``config.platform_tuning``: ``auto`` | ``xla`` | ``off``).
 convolutions, which reproduce to the last digit the results recorded with them); ``off`` (and every other mesh:
 GPUs, TPUs, several devices) compiles plain XLA. All keep the results equal to float rounding. Each change was found
 by profiling (``python -m benchmarks.profile_cpu``); what each gains is measured by the commands named with it, and
-the figures are in ``docs/guide/performance.md`` and BENCHMARKS.md.
+the figures are in ``docs/guide/performance.md`` and ``docs/results/performance.md``.
 
 1. **Compiler option.** jaxlib 0.10's CPU backend sends convolutions to YNNPACK, which runs them on one core;
    Eigen's convolutions use every core. :data:`CPU_COMPILER_OPTIONS` keeps YNNPACK for reductions only; jaxlibs that
@@ -22,8 +22,8 @@ the figures are in ``docs/guide/performance.md`` and BENCHMARKS.md.
    XLA's transpose rule computes it as one convolution whose window is the whole feature map and whose
    contraction runs over the batch. With jaxlib 0.10's CPU (Eigen) convolutions that one call is slow when the
    layer is narrow and its maps are large, and summing over slices of :data:`EXAMPLES_PER_SLICE` examples is
-   faster there; for the stem, for wide layers and on small maps it is not (the per-layer table is in
-   BENCHMARKS.md). :func:`sliced_conv_general_dilated` keeps XLA's forward pass and input gradient and only
+   faster there; for the stem, for wide layers and on small maps it is not (``docs/results/performance.md``,
+   "Weight gradients summed over batch slices"). :func:`sliced_conv_general_dilated` keeps XLA's forward pass and input gradient and only
    reorders that sum, in the layers where :func:`slice_count` says it pays; :func:`conv_module` hands the models an
    ``nn.Conv`` that uses it. It is a custom VJP: reverse-mode autodiff only (``grad``, ``vjp``), no forward mode
    (``jvp``, ``jacfwd``) through a model built with it. On a GPU the weight gradient is one cuDNN call, and slices
@@ -112,8 +112,8 @@ def conv_module(mesh, mode: str, cpu_convolution: str = "xla", onednn_convolutio
       hook = onednn.make_conv_general_dilated(fallback=hook)
   return nn.Conv if hook is lax.conv_general_dilated else functools.partial(nn.Conv, conv_general_dilated=hook)
 
-# The rule below was read off benchmarks/weight_grad_slices.py (at commit 173b1d8; its table is in BENCHMARKS.md) on a
-# 2-core CPU with 1-2 MiB of L2 cache per core.
+# The rule below was read off benchmarks/weight_grad_slices.py (at commit 173b1d8; its table is in
+# docs/results/performance.md) on a 2-core CPU with 1-2 MiB of L2 cache per core.
 EXAMPLES_PER_SLICE = 8        # the best slice size there (16 is close)
 MAX_SLICES = 32               # larger batches get larger slices, not more calls
 MIN_IN_FEATURES = 8           # a stem's weight gradient (1 or 3 input channels) is too small to gain

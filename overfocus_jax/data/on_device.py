@@ -19,7 +19,7 @@ dispatch (XLA:CPU loops are slow, :mod:`overfocus_jax.train.dispatch`), it keeps
 models that prefer it (``Platform.data_on_device`` in :mod:`overfocus_jax.models.spec`), where the in-step crop
 costs less than grain's threads beside the step, and takes the host stream for the others. ``python
 experiments/data_paths.py --config NAME --epochs 2 --seeds 0`` measures both streams on a config (figures in
-``docs/guide/performance.md``, "Data on the device").
+``docs/results/data_streams.md``).
 """
 
 import dataclasses

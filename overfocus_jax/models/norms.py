@@ -15,7 +15,7 @@ the sums are taken. A reduction that adds :math:`n` float32 values one after ano
 blocks, and so on, an error that grows like :math:`\lceil \log_{B} n \rceil B \varepsilon` — PyTorch's CPU
 reductions are cascaded in the same spirit. It matters on activations of large magnitude (DomainBed's MNIST_CNN on
 ColoredMNIST at its stored 0–255 scale): ``python -m benchmarks.float32_accuracy`` measures the float32 gradients'
-distance from a float64 run, and PyTorch's, with both summations (figures and cost in BENCHMARKS.md).
+distance from a float64 run, and PyTorch's, with both summations (figures and cost in ``docs/results/performance.md``).
 """
 
 from typing import Any, Callable
