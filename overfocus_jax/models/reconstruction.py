@@ -1,0 +1,188 @@
+r"""Saliency learned by reconstruction: where must a model look to rebuild the whole image from K small patches?
+
+The focus-and-attention seed's ``Saliency_Reconstruction_Training`` experiment, trained end to end:
+
+    h      = saliency(x)                       (B, h, w): conv 32 → max-pool → conv 64 → max-pool → 1×1 conv
+    p_1..K = select(h)                         (B, K, 2) = (x, y) ∈ [-1, 1]², from the centres c_n of h's cells
+    x̂      = decoder([extract_patches(x, p, P, s)_k]_k)   an MLP: dropout, dense 1024, ReLU, dropout, dense H·W·C, σ
+    loss   = mean (x̂ − x)²                     no labels
+
+``select`` is one of
+
+- ``"soft"``: K soft-argmaxes in turn, each over the cells' standardised scores ``ĥ = (h − mean h)/std h`` at
+  temperature τ, with the cells near the points already chosen suppressed,
+
+      π_k = softmax((ĥ − β·Σ_{j<k} exp(−‖c − p_j‖² / 2r²)) / τ),   p_k = Σ_n π_k[n]·c_n,
+
+  so every keypoint is a convex combination of cell centres (it stays inside the image) and the loss reaches the
+  saliency network through the bilinear patch sampler (:mod:`overfocus_jax.models.patches`);
+- ``"hard"``: the K highest cells, as the seed's code reads them (``.item()`` and integer slices): no gradient
+  reaches the saliency network, so its heatmap never learns and only the decoder trains.
+
+Keypoints may also be given (``keypoints=``): K random cells or K Harris corners, the baselines at the same K, patch
+size and decoder. With ``decoder_positions`` the decoder also receives each patch's (x, y); the seed's does not.
+"""
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from overfocus_jax.models.patches import extract_patches
+
+SELECT_RULES = ("soft", "hard")
+SUPPRESSION = 30.0  # β: a chosen cell's standardised score drops by this many standard deviations
+
+
+def cell_centres(height: int, width: int) -> jax.Array:
+  """(h·w, 2) = (x, y) in [-1, 1] of the centres of an h×w grid of cells over the image, row by row."""
+  xs = (2.0 * jnp.arange(width) + 1.0) / width - 1.0
+  ys = (2.0 * jnp.arange(height) + 1.0) / height - 1.0
+  grid_y, grid_x = jnp.meshgrid(ys, xs, indexing="ij")
+  return jnp.stack([grid_x.reshape(-1), grid_y.reshape(-1)], axis=-1)
+
+
+def standardise(scores: jax.Array) -> jax.Array:
+  """(B, N) scores with zero mean and unit standard deviation per row, so a temperature means the same on any scale."""
+  centred = scores - jnp.mean(scores, axis=-1, keepdims=True)
+  return centred / (jnp.std(scores, axis=-1, keepdims=True) + 1e-6)
+
+
+def soft_top_k_points(heatmap: jax.Array, k: int, temperature, radius) -> jax.Array:
+  """K soft-argmaxes (B, K, 2) of (B, h, w) heatmaps in turn, each suppressing the cells near the points before it
+  (the module docstring's ``"soft"``). ``temperature`` and ``radius`` (normalised units) may be traced."""
+  batch, height, width = heatmap.shape
+  centres = cell_centres(height, width).astype(heatmap.dtype)                   # (N, 2)
+  scores = standardise(heatmap.reshape(batch, -1))                            # (B, N)
+  points = []
+  for _ in range(k):
+    weights = jax.nn.softmax(scores / temperature, axis=-1)
+    point = weights @ centres                                                  # (B, 2)
+    points.append(point)
+    distance2 = jnp.sum((centres[None] - point[:, None]) ** 2, axis=-1)        # (B, N)
+    scores = scores - SUPPRESSION * jnp.exp(-distance2 / (2.0 * radius ** 2))
+  return jnp.stack(points, axis=1)
+
+
+def hard_top_k_points(heatmap: jax.Array, k: int) -> jax.Array:
+  """The centres (B, K, 2) of the K highest cells of (B, h, w) heatmaps, highest first; no gradient flows back."""
+  batch, height, width = heatmap.shape
+  _, index = jax.lax.top_k(jax.lax.stop_gradient(heatmap).reshape(batch, -1), k)
+  return cell_centres(height, width).astype(heatmap.dtype)[index]
+
+
+def random_cell_points(key: jax.Array, batch: int, k: int, height: int, width: int) -> jax.Array:
+  """K distinct cells per image drawn uniformly (B, K, 2): the positions a saliency chooses from, chosen blindly."""
+  keys = jax.random.split(key, batch)
+  index = jax.vmap(lambda key: jax.random.choice(key, height * width, (k,), replace=False))(keys)
+  return cell_centres(height, width)[index]
+
+
+def check_reconstruction(num_keypoints: int, patch_size: int, patch_scale: float, select: str, image_height: int,
+                         image_width: int, heatmap_cells: int) -> None:
+  """ValueErrors naming the argument: K above the heatmap's cells, a patch larger than the image, an unknown rule."""
+  if select not in SELECT_RULES:
+    raise ValueError(f"unknown select={select!r}; use one of {SELECT_RULES}")
+  if not 1 <= num_keypoints <= heatmap_cells:
+    raise ValueError(f"num_keypoints={num_keypoints} must be between 1 and the heatmap's {heatmap_cells} cells "
+                     f"for {image_height}x{image_width} images")
+  if patch_size < 1 or patch_size > min(image_height, image_width):
+    raise ValueError(f"patch_size={patch_size} must be between 1 and the image's side "
+                     f"{min(image_height, image_width)}")
+  if not 0 < patch_scale <= 1:
+    raise ValueError(f"patch_scale={patch_scale} must be in (0, 1] (a patch's side over the image's)")
+
+
+def heatmap_side(side: int) -> int:
+  """The saliency network's output side for an input side: two SAME max-pools of 2."""
+  return math.ceil(math.ceil(side / 2) / 2)
+
+
+class SaliencyNet(nn.Module):
+  """x (B, H, W, C) → heatmap (B, ⌈H/4⌉, ⌈W/4⌉): the seed's conv 32 → max-pool → conv 64 → max-pool → 1×1 conv."""
+
+  widths: tuple[int, ...] = (32, 64)
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    for i, features in enumerate(self.widths):
+      x = nn.relu(nn.Conv(features, (3, 3), padding="SAME", dtype=self.dtype, name=f"conv{i + 1}")(x))
+      x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+    return nn.Conv(1, (1, 1), dtype=self.dtype, name="score")(x)[..., 0].astype(jnp.float32)
+
+
+class PatchDecoder(nn.Module):
+  """K patches (B, K, P, P, C) [and their positions (B, K, 2)] → the image (B, H, W, C) in [0, 1]: the seed's MLP."""
+
+  image_shape: tuple[int, int, int]
+  hidden: int = 1024
+  dropout: float = 0.5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, patches, positions, train: bool):
+    x = patches.reshape(patches.shape[0], -1)
+    if positions is not None:
+      x = jnp.concatenate([x, positions.reshape(positions.shape[0], -1).astype(x.dtype)], axis=-1)
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, name="hidden")(x))
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = nn.Dense(math.prod(self.image_shape), dtype=self.dtype, name="out")(x)
+    return jax.nn.sigmoid(x.astype(jnp.float32)).reshape(x.shape[0], *self.image_shape)
+
+
+class SaliencyReconstructor(nn.Module):
+  """Saliency → K keypoints → K patches → decoder → image (the module docstring). ``__call__`` returns
+  ``(reconstruction, keypoints, heatmap)``; dropout needs a ``"dropout"`` rng in training."""
+
+  image_shape: tuple[int, int, int]
+  num_keypoints: int = 5
+  patch_size: int = 9
+  patch_scale: float = 9 / 28
+  select: str = "soft"
+  temperature: float = 0.2
+  suppression_radius: float = 2 / 7  # one cell of a 7×7 heatmap, in normalised units
+  decoder_positions: bool = False
+  saliency_widths: tuple[int, ...] = (32, 64)
+  hidden: int = 1024
+  dropout: float = 0.5
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    height, width, _ = self.image_shape
+    check_reconstruction(self.num_keypoints, self.patch_size, self.patch_scale, self.select, height, width,
+                         heatmap_side(height) * heatmap_side(width))
+    self.saliency = SaliencyNet(tuple(self.saliency_widths), dtype=self.dtype)
+    self.decoder = PatchDecoder(tuple(self.image_shape), self.hidden, self.dropout, dtype=self.dtype)
+
+  def heatmap(self, x):
+    return self.saliency(x)
+
+  def select_points(self, heatmap):
+    """(B, K, 2) = (x, y) in [-1, 1] from (B, h, w) heatmaps by this model's ``select`` rule."""
+    if self.select == "hard":
+      return hard_top_k_points(heatmap, self.num_keypoints)
+    return soft_top_k_points(heatmap, self.num_keypoints, self.temperature, self.suppression_radius)
+
+  def keypoints(self, x):
+    """The saliency network's K keypoints of images x."""
+    return self.select_points(self.saliency(x))
+
+  def reconstruct(self, x, keypoints, train: bool = False):
+    patches = extract_patches(x, keypoints.astype(x.dtype), self.patch_size, self.patch_scale)
+    return self.decoder(patches, keypoints if self.decoder_positions else None, train)
+
+  def __call__(self, x, train: bool = False, keypoints=None):
+    """``keypoints`` (B, K, 2): given positions (random cells, Harris corners) instead of the saliency's."""
+    heatmap = self.saliency(x)
+    if keypoints is None:
+      keypoints = self.select_points(heatmap)
+    return self.reconstruct(x, keypoints, train), keypoints, heatmap
+
+
+def reconstruction_mse(reconstruction: jax.Array, images: jax.Array) -> jax.Array:
+  """Mean squared error per image (B,) between a reconstruction and images, both in [0, 1]."""
+  return jnp.mean((reconstruction - images) ** 2, axis=tuple(range(1, images.ndim)))
