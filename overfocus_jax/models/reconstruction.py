@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from overfocus_jax.models.patches import extract_patches
 
 SELECT_RULES = ("soft", "hard")
-SUPPRESSION = 30.0  # β: a chosen cell's standardised score drops by this many standard deviations
+SUPPRESSION = 6.0  # β: a chosen cell's standardised score drops by this many standard deviations
 
 
 def cell_centres(height: int, width: int) -> jax.Array:
