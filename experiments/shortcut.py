@@ -5,6 +5,8 @@ markdown table of mean ± std over seeds.
     python experiments/shortcut.py --seeds 0 1 2
     python experiments/shortcut.py --seeds 0 1 2 --methods sgdrop_spatial_0.1 --table-only
     python experiments/shortcut.py --kind color --config overfocus_jax/configs/default.py --epochs 4 ...
+    overfocus sweep run --config experiments/configs/shortcut_sweep.py --out sweeps/shortcut --launcher parallel
+    python experiments/shortcut.py --from-sweep sweeps/shortcut --kind patch --methods erm sgdrop sgdrop_paper rsc
 
 ``--kind patch`` trains on ``mnist5k_shortcut`` (clean test: ``mnist5k``), ``--kind color`` on ``mnist5k_color`` (clean
 test: ``mnist5k_rgb``), ``--kind glyph`` on ``mnist5k_glyph`` (clean test: ``mnist5k``); ``--config`` is the base config
@@ -44,18 +46,31 @@ def run_key(record: dict) -> tuple:
           record.get("epochs_override"))
 
 
+def run_overrides(method: str, seed: int, kind: str = "patch", epochs: int | None = None) -> list[tuple[str, str]]:
+  """The config overrides of one run: its training data, its method's fields (experiments/methods.py), its seed."""
+  overrides = [("dataset", KINDS[kind][0])] + METHODS[method] + [("seed", str(seed))]
+  return overrides + ([("num_epochs", str(epochs))] if epochs else [])
+
+
 def run_one(method: str, seed: int, runs_dir: pathlib.Path, *, kind: str = "patch",
             config_path: pathlib.Path = DEFAULT_CONFIG, epochs: int | None = None) -> dict:
+  """Trains one run in this process and returns its record."""
   from overfocus_jax import config as config_lib
-  from overfocus_jax.train import evaluation, loop, workdir as workdir_lib
-  train_data, clean_data = KINDS[kind]
-  overrides = [("dataset", train_data)] + METHODS[method] + [("seed", str(seed))]
-  overrides += [("num_epochs", str(epochs))] if epochs else []
-  config = config_lib.build_config(str(config_path), overrides)
+  from overfocus_jax.train import loop
+  config = config_lib.build_config(str(config_path), run_overrides(method, seed, kind, epochs))
   workdir = runs_dir / f"{run_name(method, seed, kind, config_path, epochs)}"
-  summary = loop.train_and_evaluate(config, workdir, progress=False)
+  loop.train_and_evaluate(config, workdir, progress=False)
+  return record_of(workdir, method, seed, kind=kind, config_path=config_path, epochs=epochs)
+
+
+def record_of(workdir: pathlib.Path, method: str, seed: int, *, kind: str = "patch",
+              config_path: pathlib.Path = DEFAULT_CONFIG, epochs: int | None = None) -> dict:
+  """The record of a finished run in ``workdir``, trained here or by a sweep: its summary, its accuracy on clean
+  digits and its first epoch's train accuracies."""
+  from overfocus_jax.train import evaluation, workdir as workdir_lib
+  summary = json.loads((workdir / "summary.json").read_text())
   run = workdir_lib.load_trained(workdir)  # the finished run, read back as `overfocus eval` does
-  clean_test, _ = evaluation.evaluation_split(run.exp, clean_data)  # the same digits, no cue
+  clean_test, _ = evaluation.evaluation_split(run.exp, KINDS[kind][1])  # the same digits, no cue
   clean = evaluation.evaluate(run.exp, run.state, clean_test)
   first_epoch = workdir_lib.read_metrics(workdir)[0]
   return {"method": method, "seed": seed, "decorrelated_accuracy": summary["test_accuracy"],
@@ -63,8 +78,20 @@ def run_one(method: str, seed: int, runs_dir: pathlib.Path, *, kind: str = "patc
           "first_epoch_train_accuracy": first_epoch["train_accuracy"],
           "first_epoch_masked_accuracy": first_epoch.get("train_regularized_accuracy"),
           "epochs": summary["epochs"], "wall_time_s": summary["wall_time_s"], "kind": kind,
-          "config": config_path.name, "epochs_override": epochs, "model": config.model,
-          "overrides": dict(overrides), "regularizer_fields": regularizer_fields(config)}
+          "config": config_path.name, "epochs_override": epochs, "model": run.config.model,
+          "overrides": dict(run_overrides(method, seed, kind, epochs)),
+          "regularizer_fields": regularizer_fields(run.config)}
+
+
+def from_sweep(out: pathlib.Path) -> list[dict]:
+  """The records of a sweep of experiments/configs/shortcut_sweep.py (overfocus_jax.sweeps.results): one per
+  finished run, named ``kind=K-method=M-seed=S``."""
+  from overfocus_jax.sweeps import results as sweep_results
+  records = []
+  for summary in sweep_results.read(out):
+    parts = dict(part.split("=", 1) for part in summary["job"].split("-"))
+    records.append(record_of(out / summary["job"], parts["method"], int(parts["seed"]), kind=parts["kind"]))
+  return records
 
 
 def mean_std(rows: list[dict], key: str) -> str:
@@ -123,6 +150,9 @@ def main() -> int:
                       help="the shortcut: a patch's place, a colour or a glyph's shape")
   parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="the base config file")
   parser.add_argument("--epochs", type=int, help="override the config's num_epochs")
+  parser.add_argument("--from-sweep", metavar="DIR",
+                      help="record the finished runs of a sweep of experiments/configs/shortcut_sweep.py (overfocus "
+                           "sweep run --config ... --out DIR) instead of training here")
   parser.add_argument("--columns", nargs="+", metavar="RESULTS",
                       help="print one table, a column per results file (decorrelated / clean / epoch-1 masked), "
                            "and run nothing")
@@ -136,7 +166,18 @@ def main() -> int:
     return 0
   out = pathlib.Path(args.out)
   results = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
-  if not args.table_only:
+  if args.from_sweep:
+    if not pathlib.Path(args.from_sweep).is_dir():
+      print(f"error: --from-sweep: no sweep folder {args.from_sweep}; run overfocus sweep run --config "
+            f"experiments/configs/shortcut_sweep.py --out {args.from_sweep} first", file=sys.stderr)
+      return 2
+    done = {run_key(r) for r in results}
+    for result in from_sweep(pathlib.Path(args.from_sweep)):
+      if run_key(result) not in done:
+        with out.open("a") as f:
+          f.write(json.dumps(result) + "\n")
+        results.append(result)
+  elif not args.table_only:
     done = {run_key(r) for r in results}
     config_path = pathlib.Path(args.config)
     for method in args.methods:

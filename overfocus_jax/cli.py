@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
   sweep_run = sweep_sub.add_parser("run", help="train every run of a config file's get_sweep()", allow_abbrev=False)
   sweep_run.add_argument("--config", required=True, help="a config file with get_config() and get_sweep()")
   sweep_run.add_argument("--out", required=True, help="the sweep's folder: one subfolder (workdir) per run")
+  sweep_run.add_argument("--only", nargs="+", metavar="GLOB",
+                         help="only the runs whose names match one of these shell patterns, e.g. '*seed=0'")
   from overfocus_jax.sweeps.command import add_launcher_arguments  # numpy only
   add_launcher_arguments(sweep_run)
   sweep_status = sweep_sub.add_parser("status", help="each run's state: done, running, failed (why) or pending",
@@ -214,6 +216,8 @@ def cmd_sweep(args, overrides) -> int:
   from overfocus_jax.sweeps import grid
   config_path = str(pathlib.Path(args.config).expanduser().resolve())
   all_jobs = grid.jobs_from_sweep(config_lib.load_sweep_file(config_path), config_path, overrides)
+  if args.only:
+    all_jobs = grid.matching(all_jobs, args.only)
   for job in all_jobs:  # every run's config is checked before the first one starts
     try:
       config_lib.build_config(config_path, list(job.overrides))

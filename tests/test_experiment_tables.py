@@ -1,5 +1,6 @@
 """experiments/shortcut.py's summary tables: the cells the README's shortcut tables are printed from."""
 
+import importlib.util
 import json
 import pathlib
 import subprocess
@@ -47,3 +48,29 @@ def test_columns_with_a_missing_file_is_a_one_line_error(tmp_path):
                           capture_output=True, text=True)
   assert result.returncode == 2
   assert result.stderr.strip().count("\n") == 0 and "no results file" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_shortcut_sweep_trains_the_runs_the_script_trains(shortcut):
+  """experiments/configs/shortcut_sweep.py: each of its jobs builds the config that shortcut.py's run_one builds for
+  the same kind, method and seed, so the sweep reproduces the script's records."""
+  from overfocus_jax import config as config_lib
+  from overfocus_jax.sweeps import grid
+  sweep_path = EXPERIMENTS / "configs" / "shortcut_sweep.py"
+  spec = importlib.util.spec_from_file_location("shortcut_sweep", sweep_path)
+  sweep = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(sweep)
+  jobs = grid.jobs_from_sweep(sweep.get_sweep(), str(sweep_path))
+  assert len(jobs) == 36 and len({job.name for job in jobs}) == 36
+  for job in jobs[::5]:
+    parts = dict(part.split("=", 1) for part in job.name.split("-"))
+    by_sweep = config_lib.build_config(str(sweep_path), list(job.overrides))
+    by_script = config_lib.build_config(str(shortcut.DEFAULT_CONFIG),
+                                        shortcut.run_overrides(parts["method"], int(parts["seed"]), parts["kind"]))
+    assert by_sweep.to_dict() == by_script.to_dict(), job.name
+
+
+def test_from_sweep_names_a_missing_folder_in_one_line(tmp_path):
+  result = subprocess.run([sys.executable, str(EXPERIMENTS / "shortcut.py"), "--from-sweep", str(tmp_path / "nope"),
+                           "--out", str(tmp_path / "r.jsonl")], capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+  assert "no sweep folder" in result.stderr and not (tmp_path / "r.jsonl").exists()

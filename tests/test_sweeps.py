@@ -168,11 +168,19 @@ def test_slurm_dry_run_prints_the_submission(tmp_path, capsys):
     (("--launcher", "parallel", "--workers", "0"), ("--workers=0 must be at least 1",)),
     (("--slurm-partition", "gpu"), ("--slurm-partition is for --launcher slurm",)),
     (("--config.seed=abc",), ("run seed=0:", "--config.seed='abc'")),
+    (("--only", "seed=9*"), ("--only seed=9* matches none of the sweep's 2 runs", "e.g. seed=0")),
 ])
 def test_bad_launches_are_one_line(tmp_path, capsys, args, fragments):
   code, _, err = run_cli(capsys, "sweep", "run", "--config", tiny_sweep(tmp_path), "--out", tmp_path / "sweep", *args)
   assert_one_line_error(code, err, *fragments)
   assert not (tmp_path / "sweep").exists()
+
+
+def test_only_runs_the_matching_runs(tmp_path, capsys):
+  config = tiny_sweep(tmp_path, seeds=3)
+  code, out, _ = run_cli(capsys, "sweep", "run", "--config", config, "--out", tmp_path / "sweep", "--only", "seed=1",
+                         "seed=2", "--dry-run")
+  assert code == 0 and out.count("-m overfocus_jax train --workdir") == 2 and "seed=0" not in out
 
 
 def test_status_of_no_sweep_and_a_config_without_get_sweep(tmp_path, capsys):

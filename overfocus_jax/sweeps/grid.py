@@ -8,6 +8,7 @@ A dict may give its run's folder name as ``"name"``; otherwise it is the fields'
 ``regularizer=sgdrop-seed=1`` (characters other than letters, digits, ``.``, ``_``, ``-``, ``=`` replaced by ``_``).
 """
 
+import fnmatch
 import hashlib
 import re
 from typing import Sequence
@@ -73,3 +74,16 @@ def jobs_from_sweep(sweep, config_path: str, user_overrides: Sequence[tuple[str,
   if not jobs:
     raise UserError(f"get_sweep() in {config_path!r} returned no runs", "return at least one dict of fields")
   return jobs
+
+
+def matching(jobs: Sequence[Job], patterns: Sequence[str]) -> list[Job]:
+  """The jobs whose names match one of the shell ``patterns`` (``fnmatch``), in the sweep's order.
+
+  Raises:
+    UserError: no job matches.
+  """
+  chosen = [job for job in jobs if any(fnmatch.fnmatchcase(job.name, pattern) for pattern in patterns)]
+  if not chosen:
+    raise UserError(f"--only {' '.join(patterns)} matches none of the sweep's {len(jobs)} runs (e.g. "
+                    f"{jobs[0].name})", "give a shell pattern of run names, e.g. '*seed=0'")
+  return chosen
