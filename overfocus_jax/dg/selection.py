@@ -49,6 +49,7 @@ from typing import Callable, Iterable, NamedTuple
 import numpy as np
 
 from overfocus_jax.errors import UserError
+from overfocus_jax.sweeps import results as sweep_results
 
 RECORD_FORMAT = ('each line must hold one DomainBed record: {"args": {"algorithm": ..., "dataset": ..., '
                  '"test_envs": [...], "hparams_seed": ..., "trial_seed": ...}, "step": ..., "env0_in_acc": ..., '
@@ -131,7 +132,8 @@ def load_records(path) -> list[dict]:
   (its subfolders in name order; DomainBed takes ``os.listdir``'s order), in file and line order."""
   path = pathlib.Path(path)
   if path.is_dir():
-    files = sorted(path.glob("*/results.jsonl"))
+    # The sweeps' one reader; every run, finished or not, as DomainBed's reporting reads a sweep, in name order.
+    files = sorted(sweep_results.results_files(path, finished_only=False))
     if not files:
       raise UserError(f"{path} is a directory with no */results.jsonl",
                       "pass a results.jsonl file or the output directory of a DomainBed sweep")

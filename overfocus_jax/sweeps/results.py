@@ -34,6 +34,23 @@ def job_fields(out: pathlib.Path) -> dict[str, dict]:
   return {job["name"]: dict(job.get("overrides", [])) for job in json.loads(listing.read_text())["jobs"]}
 
 
+def results_files(out, results_file: str = RESULTS_FILE, finished_only: bool = True) -> list[pathlib.Path]:
+  """The ``results_file`` of each run of the sweep in ``out`` that has one, in the sweep's job order: of its done runs,
+  or (``finished_only=False``, as DomainBed's reporting reads its sweeps) of every run, finished or not.
+
+  Raises:
+    UserError: no such folder.
+  """
+  out = pathlib.Path(out)
+  if not out.is_dir():
+    raise UserError(f"no sweep folder {str(out)!r}", "pass the --out of a sweep")
+  names = job_names(out)
+  if not finished_only:  # runs started outside a sweep command have no out.txt: every subfolder with the file
+    names += sorted(path.name for path in out.iterdir() if path.is_dir() and path.name not in names)
+  return [out / name / results_file for name in names
+          if (out / name / results_file).is_file() and (not finished_only or jobs_lib.state(out / name) == "done")]
+
+
 def read(out, results_file: str = RESULTS_FILE) -> list[dict]:
   """The records of every done run of the sweep in ``out``: its ``results_file`` lines where it has one, else its
   ``summary.json`` with ``job`` (the name) and ``fields`` (the overrides it was launched with).
