@@ -75,6 +75,8 @@ html_theme_options = {
     "show_toc_level": 2,
     "use_download_button": True,
     "home_page_in_toc": True,
+    # One search field, the sidebar's: pydata-sphinx-theme would add a second one in a header bar of its own.
+    "navbar_persistent": [],
 }
 
 

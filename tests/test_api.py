@@ -447,3 +447,14 @@ def test_the_train_step_takes_a_bare_linen_module_and_an_nnx_module():
     assert 0 < float(metrics["sgdrop_dropped_fraction"]) < 1
     if model.name == "tiny_nnx":
       assert not np.allclose(state.batch_stats["norm"]["mean"], start_stats["norm"]["mean"])
+
+
+def test_the_public_docstring_examples_run():
+  """Every ``>>>`` example in the docstrings of ``ofx.__all__`` (the API reference shows them) gives its output."""
+  import doctest
+  finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+  examples = [test for name in ofx.__all__ for test in finder.find(getattr(ofx, name), name) if test.examples]
+  assert examples, "no docstring example found"
+  for test in examples:
+    runner.run(test)
+  assert runner.summarize(verbose=False).failed == 0

@@ -50,7 +50,7 @@ ApplyFn = Callable[..., tuple[jax.Array, Any, dict[str, jax.Array]]]
 
 class Regularizer(NamedTuple):
   """``init(variables) -> state`` and ``apply(state, classify_fn, z, labels, key[, teacher=]) -> (z̃, state, aux)``
-  (see the module docstring)."""
+  (see :mod:`overfocus_jax.challenge.base`)."""
 
   init: InitFn
   apply: ApplyFn

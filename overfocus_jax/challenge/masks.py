@@ -153,8 +153,8 @@ def mass_cap(max_fraction, size: int):
 
 def mass_drop_mask(scores: jax.Array, share, max_fraction) -> jax.Array:
   """``scores`` (B, N) ≥ 0 → float mask (B, N): 0 at the fewest top scores holding ``share`` of each row's total,
-  at most min(⌈max_fraction·N⌉, N − 1) of them (see the module docstring); 1 elsewhere. Negative scores count
-  as 0. ``share`` and ``max_fraction`` may be traced (a traced cap ranks the whole row)."""
+  at most min(⌈max_fraction·N⌉, N − 1) of them (see :mod:`overfocus_jax.challenge.masks`); 1 elsewhere. Negative
+  scores count as 0. ``share`` and ``max_fraction`` may be traced (a traced cap ranks the whole row)."""
   check_fraction("share", share, low_open=True, high_open=False)
   check_fraction("max_fraction", max_fraction, low_open=True)
   batch, size = scores.shape
@@ -175,8 +175,8 @@ def mass_drop_mask(scores: jax.Array, share, max_fraction) -> jax.Array:
 
 
 def quantile_mask(scores: jax.Array, fraction) -> jax.Array:
-  """``scores`` (B, N) → float mask (B, N): 1[s ≤ jnp.quantile(s, 1 − fraction)] per row, ties and all (see the
-  module docstring); ``fraction`` in [0, 1] may be traced."""
+  """``scores`` (B, N) → float mask (B, N): 1[s ≤ jnp.quantile(s, 1 − fraction)] per row, ties and all (see
+  :mod:`overfocus_jax.challenge.masks`); ``fraction`` in [0, 1] may be traced."""
   check_fraction("fraction", fraction, high_open=False)
   scores = jax.lax.stop_gradient(scores)
   level = 1.0 - jnp.asarray(fraction, jnp.promote_types(scores.dtype, jnp.float32))

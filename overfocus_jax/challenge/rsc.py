@@ -145,10 +145,10 @@ def rsc_mask(classify_fn, z: jax.Array, labels: jax.Array, key: jax.Array, *, sp
   r"""The 0/1 mask the official RSC multiplies ``z`` (B, H, W, C) by, and what it was made from.
 
   ``key`` flips the step's coin: spatial with probability ``spatial_probability``, else channels. Only the
-  ``batch_percent`` most challenged samples keep their mask (see the module docstring); ``position`` (a Python or
-  traced int) overrides where the threshold is read in the sorted changes (the curriculum passes the reference
-  code's own). ``rule``: ``"reference"`` (the reference code's ties) or ``"topk"`` (exactly ⌈f·N⌉). Every number may
-  be traced.
+  ``batch_percent`` most challenged samples keep their mask (see :mod:`overfocus_jax.challenge.rsc`); ``position``
+  (a Python or traced int) overrides where the threshold is read in the sorted changes (the curriculum passes the
+  reference code's own). ``rule``: ``"reference"`` (the reference code's ties) or ``"topk"`` (exactly ⌈f·N⌉). Every
+  number may be traced.
 
   Returns:
     ``(mask, aux)``: ``mask`` (B, H, W, C), 0/1; ``aux`` holds ``spatial`` (bool scalar: the coin), ``chosen`` (B,)

@@ -133,7 +133,7 @@ def sgdrop_mask(classify_fn, z: jax.Array, labels: jax.Array, *, rate=0.5, rule:
       the teacher's head and the teacher's map, and multiply the online map by the mask.
     labels: (B,) integer classes.
     rate: :math:`\\rho`, the share of units dropped (``quantile``, ``topk``) or the cap on it (``mass``).
-    rule: ``"quantile"`` | ``"topk"`` | ``"mass"`` (static; see the module docstring).
+    rule: ``"quantile"`` | ``"topk"`` | ``"mass"`` (static; see :mod:`overfocus_jax.challenge.sgdrop`).
     mass: the share of each sample's positive attribution the mass rule drops.
     granularity: ``"element"`` | ``"spatial"`` | ``"channel"`` (static).
     batch_fraction: the share of the batch that is masked, chosen at random with ``key``; the other samples get a
@@ -150,12 +150,19 @@ def sgdrop_mask(classify_fn, z: jax.Array, labels: jax.Array, *, rate=0.5, rule:
     ``attribution`` (:math:`A`, like ``z``) and ``chosen`` (B,) bool, the samples masked.
 
   Examples:
-    >>> import jax, jax.numpy as jnp, overfocus_jax as ofx
-    >>> w = jnp.arange(4.0)                                   # a linear head: logit_1 = Σ z · w, logit_0 = −logit_1
-    >>> classify_fn = lambda z: jnp.stack([-(z.reshape(1, -1) @ w), z.reshape(1, -1) @ w], -1)[..., 0]
-    >>> mask, aux = ofx.sgdrop_mask(classify_fn, jnp.ones((1, 1, 1, 4)), jnp.array([1]), rule="topk", rate=0.25,
-    ...                             granularity="element", batch_fraction=1.0)
-    >>> mask.ravel().tolist()                                 # the most salient unit (w = 3) is dropped
+    A linear head on a (1, 1, 1, 4) map, logit 1 = Σ z · w and logit 0 = −logit 1; the most salient unit
+    of class 1 (w = 3) is dropped:
+
+    >>> import jax.numpy as jnp, overfocus_jax as ofx
+    >>> w = jnp.arange(4.0)
+    >>> def classify_fn(z):
+    ...   logit = z.reshape(z.shape[0], -1) @ w
+    ...   return jnp.stack([-logit, logit], axis=-1)
+    >>> z, labels = jnp.ones((1, 1, 1, 4)), jnp.array([1])
+    >>> mask, aux = ofx.sgdrop_mask(classify_fn, z, labels, rule="topk",
+    ...                             rate=0.25, granularity="element",
+    ...                             batch_fraction=1.0)
+    >>> mask.ravel().tolist()
     [1.0, 1.0, 1.0, 0.0]
   """
   check_mask_arguments(rule, rate, mass, granularity, batch_fraction, target)
@@ -200,7 +207,8 @@ def update_teacher(teacher_variables, online_variables, decay):
 
 def sgdrop(*, ramp_steps: float | None = None, rule: str = "mass", mass=0.5, rate=0.5, granularity: str = "spatial",
            batch_fraction=0.5, target: str = "true", rescale: bool = False, ema_decay=None) -> Regularizer:
-  """The SGDrop regularizer (see the module docstring): :func:`sgdrop_mask` at the ramp's scale, times ``z``.
+  """The SGDrop regularizer (see :mod:`overfocus_jax.challenge.sgdrop`): :func:`sgdrop_mask` at the ramp's scale,
+  times ``z``.
 
   Args:
     ramp_steps: steps over which the drop grows from nothing (0: none). Required: the ``overfocus`` CLI ramps over
