@@ -4,6 +4,8 @@ r"""Does a regularizer's default collapse training? ERM against each method on e
     python experiments/no_collapse.py --configs default attention --methods erm sgdrop_mass_0.5 --epochs 4
     python experiments/no_collapse.py --configs mnist_cnn --dataset mnist5k --epochs 3   # not its ColoredMNIST
     python experiments/no_collapse.py --table-only
+    overfocus sweep run --config experiments/configs/no_collapse_sweep.py --out sweeps/no_collapse --launcher parallel
+    python experiments/no_collapse.py --from-sweep sweeps/no_collapse
 
 For each config (``experiments/configs/NAME.py``, on its own dataset unless ``--dataset`` names another), method and
 seed it trains a run and records
@@ -27,26 +29,55 @@ HERE = pathlib.Path(__file__).resolve().parent
 CONFIGS = ("default", "shortcut", "resnet18", "attention", "focus", "corner", "vgg16", "convnext", "mnist_cnn")
 
 
-def run_one(config_name: str, method: str, seed: int, epochs: int | None, runs_dir: pathlib.Path,
-            dataset: str | None = None) -> dict:
-  from overfocus_jax import config as config_lib
-  from overfocus_jax.train import loop, workdir as workdir_lib
+def run_overrides(method: str, seed: int, epochs: int | None = None,
+                  dataset: str | None = None) -> list[tuple[str, str]]:
+  """The config overrides of one run on top of its config file: its method's fields, its seed, [epochs, dataset]."""
   overrides = METHODS[method] + [("seed", str(seed))] + ([("num_epochs", str(epochs))] if epochs else [])
   if dataset:  # another dataset than the config's own; a config that holds out environments holds out none
     overrides += [("dataset", dataset), ("environments.test_envs", "()")]
-  config = config_lib.build_config(str(HERE / "configs" / f"{config_name}.py"), overrides)
+  return overrides
+
+
+def run_one(config_name: str, method: str, seed: int, epochs: int | None, runs_dir: pathlib.Path,
+            dataset: str | None = None) -> dict:
+  """Trains one run in this process and returns its record."""
+  from overfocus_jax import config as config_lib
+  from overfocus_jax.train import loop
+  config = config_lib.build_config(str(HERE / "configs" / f"{config_name}.py"),
+                                   run_overrides(method, seed, epochs, dataset))
   setting = f"{f'_{dataset}' if dataset else ''}{f'_e{epochs}' if epochs else ''}"
   workdir = runs_dir / f"{config_name}{setting}_{method}_s{seed}"
-  summary = loop.train_and_evaluate(config, workdir, progress=False)
+  loop.train_and_evaluate(config, workdir, progress=False)
+  return record_of(workdir, config_name, method, seed, epochs, dataset)
+
+
+def record_of(workdir: pathlib.Path, config_name: str, method: str, seed: int, epochs: int | None = None,
+              dataset: str | None = None) -> dict:
+  """The record of a finished run in ``workdir``, trained here or by a sweep."""
+  from overfocus_jax.train import workdir as workdir_lib
+  summary = json.loads((workdir / "summary.json").read_text())
   records = workdir_lib.read_metrics(workdir)
-  num_classes = workdir_lib.load_trained(workdir).exp.dataset.num_classes
-  return {"config": config_name, "method": method, "seed": seed, "epochs_override": epochs, "dataset_override": dataset,
-          "epochs": summary["epochs"], "dataset": config.dataset, "model": config.model, "chance": 1 / num_classes,
+  run = workdir_lib.load_trained(workdir)
+  return {"config": config_name, "method": method, "seed": seed, "epochs_override": epochs,
+          "dataset_override": dataset, "epochs": summary["epochs"], "dataset": run.config.dataset,
+          "model": run.config.model, "chance": 1 / run.exp.dataset.num_classes,
           "first_epoch_train_accuracy": records[0]["train_accuracy"],
           "first_epoch_masked_accuracy": records[0].get("train_regularized_accuracy"),
           "test_accuracy": summary["test_accuracy"],
           "train_accuracy": summary["train_accuracy"], "wall_time_s": summary["wall_time_s"],
-          "overrides": dict(overrides), "regularizer_fields": regularizer_fields(config)}
+          "overrides": dict(run_overrides(method, seed, epochs, dataset)),
+          "regularizer_fields": regularizer_fields(run.config)}
+
+
+def from_sweep(out: pathlib.Path) -> list[dict]:
+  """The records of a sweep of experiments/configs/no_collapse_sweep.py: one per finished run, named
+  ``config=C-method=M-seed=S``."""
+  from overfocus_jax.sweeps import results as sweep_results
+  records = []
+  for summary in sweep_results.read(out):
+    parts = dict(part.split("=", 1) for part in summary["job"].split("-"))
+    records.append(record_of(out / summary["job"], parts["config"], parts["method"], int(parts["seed"])))
+  return records
 
 
 def _mean_std(values: list[float]) -> str:
@@ -92,11 +123,26 @@ def main() -> int:
   parser.add_argument("--out", default=str(HERE / "results" / "no_collapse.jsonl"))
   parser.add_argument("--runs-dir", default="runs/no_collapse")
   parser.add_argument("--table-only", action="store_true", help="print the table of finished runs")
+  parser.add_argument("--from-sweep", metavar="DIR",
+                      help="record the finished runs of a sweep of experiments/configs/no_collapse_sweep.py "
+                           "(overfocus sweep run --config ... --out DIR) instead of training here")
   args = parser.parse_args()
   out = pathlib.Path(args.out)
   results = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
-  if not args.table_only:
-    done = {(r["config"], r["method"], r["seed"], r["epochs_override"], r.get("dataset_override")) for r in results}
+  key = lambda r: (r["config"], r["method"], r["seed"], r["epochs_override"], r.get("dataset_override"))
+  if args.from_sweep:
+    if not pathlib.Path(args.from_sweep).is_dir():
+      print(f"error: --from-sweep: no sweep folder {args.from_sweep}; run overfocus sweep run --config "
+            f"experiments/configs/no_collapse_sweep.py --out {args.from_sweep} first", file=sys.stderr)
+      return 2
+    done = {key(r) for r in results}
+    for result in from_sweep(pathlib.Path(args.from_sweep)):
+      if key(result) not in done:
+        with out.open("a") as f:
+          f.write(json.dumps(result) + "\n")
+        results.append(result)
+  elif not args.table_only:
+    done = {key(r) for r in results}
     for config in args.configs:
       for method in args.methods:
         for seed in args.seeds:

@@ -220,7 +220,7 @@ def cmd_sweep(args, overrides) -> int:
     all_jobs = grid.matching(all_jobs, args.only)
   for job in all_jobs:  # every run's config is checked before the first one starts
     try:
-      config_lib.build_config(config_path, list(job.overrides))
+      config_lib.build_config(job.config, list(job.overrides))
     except UserError as e:
       raise UserError(f"run {job.name}: {e}") from None
   return command.launch(all_jobs, pathlib.Path(args.out).expanduser().resolve(), args)

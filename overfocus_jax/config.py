@@ -199,9 +199,20 @@ def parts() -> tuple[fields.Group, ...]:
           regularizers.REGULARIZER, regularizers.OBJECTIVE, optimization.FIELDS)
 
 
+AUTO = "auto"
+
+
+def _auto_fields_take_any_type(values: dict) -> dict:
+  """``values`` with every ``"auto"`` default as a field of any type, so that a config file may set a number
+  (``config.vgg.max_pools = 3``) where ml_collections would lock the field to ``str``."""
+  return {key: _auto_fields_take_any_type(value) if isinstance(value, dict) else
+          ml_collections.FieldReference(AUTO, field_type=object) if value == AUTO else value
+          for key, value in values.items()}
+
+
 def defaults() -> ml_collections.ConfigDict:
   """The default config: every part's fields with their defaults (``overfocus train`` with no --config)."""
-  return ml_collections.ConfigDict(fields.merge(parts()))
+  return ml_collections.ConfigDict(_auto_fields_take_any_type(fields.merge(parts())))
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

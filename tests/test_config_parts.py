@@ -3,6 +3,7 @@ the part that reads it; each shipped model declared in its own file; dataset kin
 ``overfocus train --help-config`` shows them all."""
 
 import dataclasses
+import pathlib
 import re
 
 import ml_collections
@@ -117,3 +118,16 @@ def test_a_new_dataset_kind_is_one_entry(monkeypatch):
   kind = sources.DatasetKind(lambda spec, argument, options: dataclasses.replace(digits, name=spec), "optional")
   monkeypatch.setitem(sources.DATASET_KINDS, "my_digits", kind)
   assert sources.load_dataset("my_digits:anything").name == "my_digits:anything"
+
+
+def test_every_shipped_config_file_builds_and_so_does_every_run_of_its_sweep():
+  """experiments/configs/*.py: get_config() sets its fields (a number where the default is "auto" included) and
+  validates; a get_sweep()'s every run builds from its config file with its fields."""
+  from overfocus_jax.sweeps import grid
+  configs = sorted((pathlib.Path(__file__).resolve().parents[1] / "experiments" / "configs").glob("*.py"))
+  assert len(configs) > 10
+  for path in configs:
+    config_lib.build_config(str(path), [])
+    if "def get_sweep" in path.read_text():
+      for job in grid.jobs_from_sweep(config_lib.load_sweep_file(str(path)), str(path))[::9]:
+        config_lib.build_config(job.config, list(job.overrides))

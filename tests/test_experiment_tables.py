@@ -66,7 +66,7 @@ def test_the_shortcut_sweep_trains_the_runs_the_script_trains(shortcut):
     by_sweep = config_lib.build_config(str(sweep_path), list(job.overrides))
     by_script = config_lib.build_config(str(shortcut.DEFAULT_CONFIG),
                                         shortcut.run_overrides(parts["method"], int(parts["seed"]), parts["kind"]))
-    assert by_sweep.to_dict() == by_script.to_dict(), job.name
+    assert by_sweep.to_json_best_effort(sort_keys=True) == by_script.to_json_best_effort(sort_keys=True), job.name
 
 
 def test_from_sweep_names_a_missing_folder_in_one_line(tmp_path):
@@ -74,3 +74,27 @@ def test_from_sweep_names_a_missing_folder_in_one_line(tmp_path):
                            "--out", str(tmp_path / "r.jsonl")], capture_output=True, text=True, timeout=300)
   assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
   assert "no sweep folder" in result.stderr and not (tmp_path / "r.jsonl").exists()
+
+
+def test_the_no_collapse_sweep_trains_the_runs_the_script_trains():
+  """experiments/configs/no_collapse_sweep.py: each job is its config file with the overrides no_collapse.py's
+  run_one applies, so the sweep reproduces the script's records."""
+  from overfocus_jax import config as config_lib
+  from overfocus_jax.sweeps import grid
+  sys.path.insert(0, str(EXPERIMENTS))
+  try:
+    import no_collapse
+  finally:
+    sys.path.remove(str(EXPERIMENTS))
+  sweep_path = EXPERIMENTS / "configs" / "no_collapse_sweep.py"
+  spec = importlib.util.spec_from_file_location("no_collapse_sweep", sweep_path)
+  sweep = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(sweep)
+  jobs = grid.jobs_from_sweep(sweep.get_sweep(), str(sweep_path))
+  assert len(jobs) == len(no_collapse.CONFIGS) * 3 * 3 and set(sweep.CONFIGS) == set(no_collapse.CONFIGS)
+  for job in jobs[::7]:
+    parts = dict(part.split("=", 1) for part in job.name.split("-"))
+    assert job.config == str(EXPERIMENTS / "configs" / f"{parts['config']}.py")
+    by_sweep = config_lib.build_config(job.config, list(job.overrides))
+    by_script = config_lib.build_config(job.config, no_collapse.run_overrides(parts["method"], int(parts["seed"])))
+    assert by_sweep.to_json_best_effort(sort_keys=True) == by_script.to_json_best_effort(sort_keys=True), job.name

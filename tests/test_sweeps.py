@@ -72,6 +72,18 @@ def test_jobs_from_a_sweep_are_named_by_their_fields():
   assert len(grid.job_name({f"field{i}": i for i in range(40)})) == grid.MAX_NAME
 
 
+def test_a_run_may_name_another_config_file(tmp_path):
+  (tmp_path / "configs").mkdir()
+  for name in ("sweep.py", "configs/other.py"):
+    (tmp_path / name).write_text("")
+  made = grid.jobs_from_sweep([{"seed": 0}, {"config": "configs/other.py", "seed": 0}], str(tmp_path / "sweep.py"))
+  assert [job.name for job in made] == ["seed=0", "config=other-seed=0"]
+  assert made[0].config == str(tmp_path / "sweep.py") and made[1].config == str(tmp_path / "configs" / "other.py")
+  assert ("config", "configs/other.py") not in made[1].overrides
+  with pytest.raises(UserError, match="run 1's config 'nope.py' is not a file beside"):
+    grid.jobs_from_sweep([{"config": "nope.py"}], str(tmp_path / "sweep.py"))
+
+
 @pytest.mark.parametrize("sweep, fragment", [
     ({"seed": 1}, "returned dict, not a list of dicts"),
     ([{"seed": 1}, {"seed": 1}], "runs 1 and 2 are both named 'seed=1'"),

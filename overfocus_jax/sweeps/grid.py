@@ -6,10 +6,13 @@
 
 A dict may give its run's folder name as ``"name"``; otherwise it is the fields' last parts and values,
 ``regularizer=sgdrop-seed=1`` (characters other than letters, digits, ``.``, ``_``, ``-``, ``=`` replaced by ``_``).
+A dict may also give another config file for its run as ``"config"`` (a path, relative to the sweep's file), so one
+sweep spans several configs; its fields then apply to that file's ``get_config()``.
 """
 
 import fnmatch
 import hashlib
+import pathlib
 import re
 from typing import Sequence
 
@@ -17,6 +20,7 @@ from overfocus_jax.errors import UserError
 from overfocus_jax.sweeps.jobs import Job
 
 NAME_KEY = "name"
+CONFIG_KEY = "config"
 MAX_NAME = 120
 
 
@@ -56,12 +60,19 @@ def jobs_from_sweep(sweep, config_path: str, user_overrides: Sequence[tuple[str,
                     "return one dict of config fields per run, e.g. [{'seed': 0}, {'seed': 1}]")
   jobs, seen = [], {}
   for number, run in enumerate(sweep, start=1):
-    fields = {key: value for key, value in run.items() if key != NAME_KEY}
+    fields = {key: value for key, value in run.items() if key not in (NAME_KEY, CONFIG_KEY)}
+    run_config = config_path
+    if CONFIG_KEY in run:
+      run_config = str((pathlib.Path(config_path).parent / str(run[CONFIG_KEY])).resolve())
+      if not pathlib.Path(run_config).is_file():
+        raise UserError(f"get_sweep() run {number}'s config {str(run[CONFIG_KEY])!r} is not a file beside "
+                        f"{config_path!r}", "give a config file's path relative to the sweep's file")
     bad = [key for key in fields if not isinstance(key, str) or not key]
     if bad:
       raise UserError(f"get_sweep() run {number} has a field that is not a name: {bad[0]!r}",
                       "key each value by its config field, e.g. 'regularizer.name'")
-    name = str(run[NAME_KEY]) if NAME_KEY in run else job_name(fields)
+    named = ({CONFIG_KEY: pathlib.Path(str(run[CONFIG_KEY])).stem} if CONFIG_KEY in run else {}) | fields
+    name = str(run[NAME_KEY]) if NAME_KEY in run else job_name(named)
     if not re.fullmatch(r"[A-Za-z0-9._=-]+", name):
       raise UserError(f"get_sweep() run {number}'s name {name!r} is not a folder name",
                       "use letters, digits, '.', '_', '-' and '=' only")
@@ -70,7 +81,7 @@ def jobs_from_sweep(sweep, config_path: str, user_overrides: Sequence[tuple[str,
                       "give each run its own fields, or its own 'name'")
     seen[name] = number
     overrides = tuple((field, override_text(value)) for field, value in fields.items()) + tuple(user_overrides)
-    jobs.append(Job(name=name, overrides=overrides, config=config_path))
+    jobs.append(Job(name=name, overrides=overrides, config=run_config))
   if not jobs:
     raise UserError(f"get_sweep() in {config_path!r} returned no runs", "return at least one dict of fields")
   return jobs
