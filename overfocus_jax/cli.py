@@ -258,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
   except Stopped as e:  # a scheduler's signal: the checkpoint is saved; SIGTERM exits 0 so that the job requeues
     print(f"overfocus: {e}", file=sys.stderr)
     return e.exit_code
+  except BrokenPipeError:  # printed into a reader that stopped early (sweep run --dry-run | head)
+    return errors.closed_pipe()
   return 0
 
 

@@ -241,3 +241,13 @@ def test_a_slurm_task_saves_its_run_on_the_signal_and_its_requeued_copy_resumes_
   assert done.returncode == 0, done.stderr[-3000:]
   assert "first: stopped before its last epoch" in done.stdout and "second: done" in done.stdout, done.stdout
   assert [line["epoch"] for line in epochs(tmp_path / "out" / "run")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_dry_run_piped_into_a_reader_that_stops_early_ends_without_a_traceback(tmp_path):
+  """``overfocus sweep run ... --dry-run | head -1``: the closed pipe is a quiet exit 141, not a traceback."""
+  reader = subprocess.Popen([sys.executable, "-m", "overfocus_jax", "sweep", "run", "--config",
+                             str(tiny_sweep(tmp_path, seeds=3)), "--out", str(tmp_path / "sweep"), "--dry-run"],
+                            cwd=REPO_ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  reader.stdout.close()  # the reader is gone before the first line is written
+  _, err = reader.communicate(timeout=120)
+  assert reader.returncode == 141 and b"Traceback" not in err, err.decode()
