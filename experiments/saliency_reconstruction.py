@@ -284,7 +284,8 @@ def figure(path, model, params, selector, images, args, n=8):
   plt.close(fig)
 
 
-def done_runs(out: pathlib.Path, args) -> set:
+def done_runs(out: pathlib.Path) -> set:
+  """The settings already recorded in ``out``: a rerun of the same command trains only what is missing."""
   if not out.is_file():
     return set()
   keys = set()
@@ -292,7 +293,8 @@ def done_runs(out: pathlib.Path, args) -> set:
     if line.strip():
       record = json.loads(line)
       keys.add((record["selector"], record["seed"], record["dataset"], record["train_dataset"], record["epochs"],
-                record["num_keypoints"], record["patch_size"], record.get("classify_accuracy") is not None))
+                record["num_keypoints"], record["patch_size"], record["decoder_positions"], record["temperature"],
+                record.get("classify_accuracy") is not None))
   return keys
 
 
@@ -310,7 +312,7 @@ def main(argv=None) -> int:
     return 2
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  done = done_runs(out, args)
+  done = done_runs(out)
   figures = pathlib.Path(args.figures) if args.figures else None
   if figures:
     figures.mkdir(parents=True, exist_ok=True)
@@ -318,7 +320,7 @@ def main(argv=None) -> int:
   for seed in args.seeds:
     for selector in args.selectors:
       key = (selector, seed, args.dataset, args.train_dataset, args.epochs, args.num_keypoints, args.patch_size,
-             args.classify)
+             args.decoder_positions, args.temperature, args.classify)
       if key in done:
         print(f"{selector} seed {seed}: done before")
         continue
