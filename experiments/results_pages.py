@@ -667,6 +667,78 @@ class GPUProtocol:
 
 
 @dataclasses.dataclass(frozen=True)
+class Alone:
+  """experiments/efficiency.py --alone: each model named alone (``--config.model=NAME``), test accuracy (epochs) and
+  the training loop's time per dataset."""
+  datasets: tuple = ("mnist5k", "digits")
+  caption: str = ""
+
+  def render(self, files: dict) -> str:
+    results = [r for rs in files.values() for r in rs]
+    lines = []
+    for model in dict.fromkeys(r["model"] for r in results):
+      rows = {r["dataset"]: r for r in results if r["model"] == model}
+      lines.append([f"`{model}`", *(f"{100 * rows[d]['test_accuracy']:.1f} ({rows[d]['epochs']}), "
+                                    f"{rows[d]['train_wall_time_s']:.0f} s" if d in rows else "–"
+                                    for d in self.datasets)])
+    return markdown(["model", *(f"{d}: test acc. % (epochs), train time" for d in self.datasets)], lines)
+
+
+def _mean_of_means(rows: list, key: str) -> float:
+  return statistics.mean(statistics.mean(r[key]) for r in rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class Keypoints:
+  """experiments/focus_keypoints.py: per glimpse setting and keypoint variant, per dataset, the test accuracy (mean ±
+  std over seeds) and the keypoints' spread over the test images and movement from their start (pixels, the mean
+  over keypoints and seeds)."""
+  datasets: tuple = ("mnist5k", "mnist5k_shortcut", "mnist5k_glyph")
+  variants: tuple = (("learned", "learned"), ("learned_x10", "learned, 10× faster"),
+                     ("learned_x100", "learned, 100× faster"), ("frozen", "frozen at the grid"),
+                     ("corner", "Harris corners"))
+  settings: tuple = (("seed", "K = 3 of 5×5"), ("shipped", "K = 4 of 12×12"))
+  caption: str = ""
+
+  def render(self, files: dict) -> str:
+    records = [r for rs in files.values() for r in rs]
+    lines = []
+    for setting, setting_label in self.settings:
+      for variant, label in self.variants:
+        cells = []
+        for dataset in self.datasets:
+          rows = [r for r in records if (r["setting"], r["variant"], r["dataset"]) == (setting, variant, dataset)]
+          cells.append("–" if not rows else
+                       f"{mean_spread([r['test_accuracy'] for r in rows])} / {_mean_of_means(rows, 'spread_px'):.1f}"
+                       f" / {_mean_of_means(rows, 'moved_px'):.1f} ({len(rows)})")
+        lines.append([setting_label, label, *cells])
+    return markdown(["glimpses", "keypoints", *(f"{d}: test acc. % / spread px / moved px (seeds)"
+                                                for d in self.datasets)], lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class Reconstruction:
+  """experiments/saliency_reconstruction.py: per selector, the reconstruction MSE on the test split, the keypoints'
+  spread over the test images (pixels, mean over keypoints) and, where recorded, the patch classifier's accuracy."""
+  selectors: tuple = (("learned", "learned saliency"), ("seed_as_written", "the seed's code as written"),
+                      ("random", "random cells"), ("harris", "Harris corners"))
+  caption: str = ""
+
+  def render(self, files: dict) -> str:
+    records = [r for rs in files.values() for r in rs]
+    lines = []
+    for selector, label in self.selectors:
+      rows = [r for r in records if r["selector"] == selector]
+      if not rows:
+        continue
+      accuracy = [r.get("classify_accuracy") for r in rows]
+      lines.append([label, str(len(rows)), mean_spread([r["test_mse"] for r in rows], 4, 1.0),
+                    f"{_mean_of_means(rows, 'spread_px'):.1f}",
+                    "–" if None in accuracy else mean_spread(accuracy)])
+    return markdown(["keypoints from", "seeds", "test MSE", "spread px", "patch classifier test acc. %"], lines)
+
+
+@dataclasses.dataclass(frozen=True)
 class Section:
   page: str
   title: str
