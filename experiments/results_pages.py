@@ -723,6 +723,7 @@ class Reconstruction:
   selectors: tuple = (("learned", "learned saliency"), ("seed_as_written", "the seed's code as written"),
                       ("random", "random cells"), ("harris", "Harris corners"))
   caption: str = ""
+  only: tuple = ()  # the section's files this table reads (default: all)
 
   def render(self, files: dict) -> str:
     records = [r for rs in files.values() for r in rs]
@@ -1254,6 +1255,100 @@ SECTIONS = (
 """),
         "`focus_zoom` is the focus config with `focus.zoom=True` (each patch's scale learned), measured beside the "
         "focus model; columns as above."),
+    Section(
+        "models", "Every model named alone",
+        (f"{E}models_alone.jsonl",),
+        (Alone(),),
+        sh(r"""
+    python experiments/efficiency.py --alone --models resnet mnist_cnn attention focus corner vgg16 convnext \
+        resnet18 --out experiments/results/models_alone.jsonl
+    python experiments/efficiency.py --alone --models resnet18_tv resnet50_tv   # not run here: hours on 2 CPU cores
+"""),
+        "Each model as a new user names it, `overfocus train --config.model=NAME --config.dataset=DATASET` and "
+        "nothing else: the default run's settings (SGD 0.1 with a cosine schedule, batch 128, 10 epochs) and each "
+        "model's `auto` fields sized from the images. Test accuracy on the 1,000 held-out mnist5k digits and the 359 "
+        "held-out scikit-learn digits, and the training loop's time on a shared 2-core CPU.",
+        missing="Not run yet; this command measures it:"),
+    # ------------------------------------------------------------------------------------------ focus
+    Section(
+        "focus", "Learned keypoints against frozen ones and Harris corners",
+        (f"{E}focus_keypoints.jsonl",),
+        (Keypoints(),),
+        sh(r"""
+    overfocus sweep run --config experiments/configs/focus_keypoints_sweep.py --out sweeps/focus_keypoints \
+        --launcher parallel --workers 2
+    python experiments/focus_keypoints.py sweeps/focus_keypoints --out experiments/results/focus_keypoints.jsonl
+"""),
+        "The focus model at two glimpse settings — the focus seed's (K = 3 glimpses of 5×5 samples over 5/28 of the "
+        "side, `experiments/configs/focus_seed.py`) and the shipped one (K = 4 of 12×12 over 0.43) — with its "
+        "keypoints learned at the shipped rate (`keypoint_grad_scale=0.01`) and 10× and 100× faster, frozen at their "
+        "initial grid, or replaced by Harris corners; 10 epochs on mnist5k and two shortcut datasets (test: their "
+        "decorrelated splits). *spread*: how far each keypoint follows the image (the RMS distance from its mean "
+        "position over 256 test images); *moved*: how far training took it from the same model's keypoint at "
+        "initialisation (0 for corners).",
+        code_commit="ae3e041"),
+    Section(
+        "focus", "Saliency learned by reconstruction",
+        tuple(f"{E}saliency_reconstruction_{d}.jsonl" for d in ("mnist5k", "mnist5k_glyph", "mnist5k_shortcut",
+                                                                "mnist5k_positions")),
+        (Reconstruction(caption="Tested on mnist5k:", only=(f"{E}saliency_reconstruction_mnist5k.jsonl",)),
+         Reconstruction(caption="Tested on mnist5k_glyph (the patch classifier trained on its training split, tested "
+                                "on its decorrelated split):",
+                        only=(f"{E}saliency_reconstruction_mnist5k_glyph.jsonl",)),
+         Reconstruction(caption="Tested on mnist5k_shortcut (likewise):",
+                        only=(f"{E}saliency_reconstruction_mnist5k_shortcut.jsonl",)),
+         Reconstruction(caption="Tested on mnist5k with the decoder also given each patch's position "
+                                "(`--decoder-positions`):",
+                        only=(f"{E}saliency_reconstruction_mnist5k_positions.jsonl",)),
+         Figure(f"{E}saliency_reconstruction_figures/learned.png",
+                "the learned saliency's patches, heatmap and reconstruction of eight test digits",
+                caption="The learned saliency (seed 0): its five patches on eight test digits, its 7×7 heatmap and "
+                        "the reconstruction."),
+         Figure(f"{E}saliency_reconstruction_figures/seed_as_written.png",
+                "the seed's code as written: patches, heatmap and reconstruction",
+                caption="The seed's code as written (seed 0): the heatmap at initialisation picks the patches."),
+         Figure(f"{E}saliency_reconstruction_figures/harris.png",
+                "Harris corners: patches and reconstruction", caption="Harris corners (seed 0).")),
+        sh(r"""
+    python experiments/saliency_reconstruction.py --epochs 5 --seeds 0 1 2 --classify \
+        --out experiments/results/saliency_reconstruction_mnist5k.jsonl --figures FIGURES
+    python experiments/saliency_reconstruction.py --epochs 5 --seeds 0 1 2 --classify --dataset mnist5k_glyph \
+        --out experiments/results/saliency_reconstruction_mnist5k_glyph.jsonl
+    python experiments/saliency_reconstruction.py --epochs 5 --seeds 0 1 2 --classify --dataset mnist5k_shortcut \
+        --out experiments/results/saliency_reconstruction_mnist5k_shortcut.jsonl
+    python experiments/saliency_reconstruction.py --epochs 5 --seeds 0 1 2 --decoder-positions \
+        --out experiments/results/saliency_reconstruction_mnist5k_positions.jsonl
+"""),
+        "The focus seed's setting: K = 5 patches of 9×9 pixels from a 7×7 heatmap, the seed's MLP decoder, MSE, Adam "
+        "1e-3, batch 16, here 5 epochs of mnist5k's 4,000 training digits (1,250 steps). The decoder is fed the "
+        "patches at the learned saliency's soft-argmax keypoints, at the heatmap's top 5 cells with no gradient to "
+        "the heatmap (the seed's code as written), at 5 random cells, or at the 5 strongest Harris corners. *test "
+        "MSE*: on the test split's 1,000 digits, pixels in [0, 1]; *spread*: how far each keypoint moves across "
+        "the test images (RMS distance from its mean position, pixels, mean over keypoints); *patch classifier*: the "
+        "focus models' patch encoder and head trained (Adam 1e-3, batch 128, 10 epochs) on the K patches of the "
+        "frozen saliency (or the baseline's positions) on the dataset's training split.",
+        code_commit="20b4ec3 (the positions run: 5939059)"),
+    Section(
+        "focus", "The focus models at the reconstruction experiment's setting",
+        (f"{E}focus_k5.jsonl",),
+        tuple(Runs(rows=(("focus", "focus (learned keypoints)"), ("corner", "corner (Harris corners)")),
+                   columns=(Col("test acc. %", "test_accuracy"),), row_field="model", where=(("dataset", d),),
+                   row_header="model", caption=f"On {d}:")
+              for d in ("mnist5k", "mnist5k_glyph", "mnist5k_shortcut")),
+        sh(r"""
+    overfocus sweep run --config experiments/configs/focus_k5_sweep.py --out sweeps/focus_k5 \
+        --launcher parallel --workers 2
+    python -c "import json; from overfocus_jax.sweeps import results
+    for r in results.read('sweeps/focus_k5'):
+        p = dict(x.split('=', 1) for x in r['job'].split('-'))
+        print(json.dumps({'model': p['model'], 'dataset': p['dataset'], 'seed': int(p['seed']),
+                          'test_accuracy': r['test_accuracy'], 'epochs': r['epochs'], 'run': r['job']}))" \
+        > experiments/results/focus_k5.jsonl
+"""),
+        "`focus` and `corner` with K = 5 glimpses of 9×9 over 9/28 of the side, trained end to end with the default "
+        "run's settings (SGD 0.1, cosine, 10 epochs), three seeds; on the shortcut datasets, their decorrelated "
+        "test splits.",
+        code_commit="5939059"),
     # ------------------------------------------------------------------------------------------ performance
     Section(
         "performance", "The train loop against PyTorch eager on a CPU",
@@ -1421,6 +1516,12 @@ PAGES = {  # stem: (title, what it holds, introduction)
         "Models", "parameters, FLOPs, speed and accuracy of every shipped model",
         "Parameters, FLOPs per image, training speed and test accuracy of every shipped model "
         "(`experiments/efficiency.py`)."),
+    "focus": (
+        "Focus models", "where the focus models look: learned, frozen and Harris keypoints; saliency by reconstruction",
+        "The focus models classify from K small glimpses of the image (`overfocus_jax/models/focus.py`): at keypoints "
+        "a small CNN learns (`focus`), frozen at their initial grid (`focus.keypoint_grad_scale=0`), or at Harris "
+        "corners (`corner`). The reconstruction experiment (`overfocus_jax/models/reconstruction.py`) learns where to "
+        "look without labels, by rebuilding the image from K patches."),
     "performance": (
         "Performance", "step times against PyTorch, regularizer overhead, kernels and numerical checks",
         "Step times, profiles and numerical checks (`benchmarks/`, run from the checkout's root as `python -m "
