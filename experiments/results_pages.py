@@ -1273,7 +1273,16 @@ SECTIONS = (
     Section(
         "focus", "Learned keypoints against frozen ones and Harris corners",
         (f"{E}focus_keypoints.jsonl",),
-        (Keypoints(),),
+        (Keypoints(),
+         Figure(f"{E}focus_keypoints_figures/seed_learned.png", "learned keypoints on eight test digits",
+                caption="Learned keypoints at the seed's setting (mnist5k, seed 0) on eight test digits "
+                        "(`overfocus explain`'s keypoints.png):"),
+         Figure(f"{E}focus_keypoints_figures/seed_frozen.png", "frozen keypoints on eight test digits",
+                caption="The same model with its keypoints frozen at the grid:"),
+         Figure(f"{E}focus_keypoints_figures/shipped_learned_shortcut.png",
+                "learned keypoints of the shipped setting on the patch-shortcut dataset",
+                caption="Learned keypoints at the shipped setting on mnist5k_shortcut (seed 0), tested on digits "
+                        "whose patch is at a random place:")),
         sh(r"""
     overfocus sweep run --config experiments/configs/focus_keypoints_sweep.py --out sweeps/focus_keypoints \
         --launcher parallel --workers 2
