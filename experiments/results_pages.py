@@ -995,6 +995,24 @@ SECTIONS = (
         "figure draws the attribution ratio and the generalization gap per epoch, mean over seeds."),
     # ------------------------------------------------------------------------------------------ no collapse
     Section(
+        "shortcuts", "The shortcut table through the sweep engine",
+        (f"{E}shortcut_through_sweep.jsonl", f"{E}shortcut_in_process.jsonl"),
+        (PerFile(("erm", "sgdrop", "rsc"),
+                 (("through `overfocus sweep run`", f"{E}shortcut_through_sweep.jsonl"),
+                  ("in one process", f"{E}shortcut_in_process.jsonl"))),),
+        sh(r"""
+    overfocus sweep run --config experiments/configs/shortcut_sweep.py --out sweeps/shortcut_engine --only \
+        'kind=patch-method=erm-seed=0' 'kind=patch-method=sgdrop-seed=0' 'kind=patch-method=rsc-seed=0'
+    python experiments/shortcut.py --from-sweep sweeps/shortcut_engine --kind patch --methods erm sgdrop rsc \
+        --out experiments/results/shortcut_through_sweep.jsonl
+    python experiments/shortcut.py --kind patch --methods erm sgdrop rsc --seeds 0 \
+        --out experiments/results/shortcut_in_process.jsonl
+"""),
+        "The patch shortcut on the shortcut config, seed 0, trained once as jobs of "
+        "`experiments/configs/shortcut_sweep.py` (each an `overfocus train` process, the local launcher) and once "
+        "by `shortcut.py` in its own process; both with every core. " + CELL,
+        code_commit="3b17f08"),
+    Section(
         "no_collapse", "No collapse on any shipped model config",
         (f"{E}no_collapse.jsonl",),
         (NoCollapse(("default", "shortcut", "resnet18", "attention", "focus", "corner"),
