@@ -740,6 +740,17 @@ class Reconstruction:
 
 
 @dataclasses.dataclass(frozen=True)
+class LauncherSpeed:
+  """benchmarks/sweep_launchers.py: one sweep run by the local and the parallel launcher, wall time of each."""
+  caption: str = ""
+
+  def render(self, files: dict) -> str:
+    rows = [[str(r["runs"]), str(r["workers"]), str(r["cores"]), f"{r['local_s']:.0f}", f"{r['parallel_s']:.0f}",
+             f"{r['speedup']:.2f}×"] for rs in files.values() for r in rs]
+    return markdown(["runs", "workers", "cores", "local (s)", "parallel (s)", "local / parallel"], rows)
+
+
+@dataclasses.dataclass(frozen=True)
 class Section:
   page: str
   title: str
@@ -1290,6 +1301,17 @@ SECTIONS = (
         "measures them.",
         code_commit="5939059",
         missing="Not run yet; this command measures it:"),
+    Section(
+        "performance", "Sweep launchers: parallel against local",
+        (f"{B}sweep_launchers.json",),
+        (LauncherSpeed(),),
+        sh(r"""
+    python -m benchmarks.sweep_launchers --out benchmarks/results/sweep_launchers.json
+"""),
+        "The same small sweep (the default model at a quarter of its widths on the 8×8 digits, 2 epochs, four seeds) "
+        "run one after another by `--launcher local` and two at a time by `--launcher parallel --workers 2` (each "
+        "worker pinned to one of the 2 cores), from fresh folders and without the compilation cache, in one run of "
+        "the script on an otherwise idle machine."),
     # ------------------------------------------------------------------------------------------ focus
     Section(
         "focus", "Learned keypoints against frozen ones and Harris corners",
