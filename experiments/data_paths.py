@@ -4,6 +4,8 @@ r"""Do the two data paths train the same model? The default run with its data on
     python experiments/data_paths.py --seeds 0 1 2 --dtype bfloat16 --modes on     # bf16 beside float32
     python experiments/data_paths.py --config resnet18 --epochs 3 --seeds 0
     python experiments/data_paths.py --table-only
+    overfocus sweep run --config experiments/configs/data_paths_sweep.py --out sweeps/data_paths --launcher local
+    python experiments/data_paths.py --from-sweep sweeps/data_paths
 
 ``--config.data_on_device=on`` shuffles and augments inside the compiled step with the JAX PRNG;
 ``--config.data_on_device=off`` runs the grain pipeline on the host with NumPy's. Same distribution of batches,
@@ -22,17 +24,42 @@ HERE = pathlib.Path(__file__).resolve().parent
 MODES = ("on", "off")
 
 
+def run_overrides(mode: str, dtype: str, seed: int, epochs: int | None = None) -> list[tuple[str, str]]:
+  """The config overrides of one run on top of its config file."""
+  return [("data_on_device", mode), ("dtype", dtype), ("seed", str(seed))] + (
+      [("num_epochs", str(epochs))] if epochs else [])
+
+
 def run_one(config_name: str, mode: str, dtype: str, seed: int, epochs: int | None, runs_dir: pathlib.Path) -> dict:
+  """Trains one run in this process and returns its record."""
   from overfocus_jax import config as config_lib
   from overfocus_jax.train import loop
-  overrides = [("data_on_device", mode), ("dtype", dtype), ("seed", str(seed))] + (
-      [("num_epochs", str(epochs))] if epochs else [])
-  config = config_lib.build_config(str(HERE / "configs" / f"{config_name}.py"), overrides)
+  config = config_lib.build_config(str(HERE / "configs" / f"{config_name}.py"),
+                                   run_overrides(mode, dtype, seed, epochs))
   name = f"{config_name}{f'_e{epochs}' if epochs else ''}_data_{mode}{'' if dtype == 'float32' else '_' + dtype}"
-  summary = loop.train_and_evaluate(config, runs_dir / f"{name}_s{seed}", progress=False)
+  workdir = runs_dir / f"{name}_s{seed}"
+  loop.train_and_evaluate(config, workdir, progress=False)
+  return record_of(workdir, config_name, mode, dtype, seed)
+
+
+def record_of(workdir: pathlib.Path, config_name: str, mode: str, dtype: str, seed: int) -> dict:
+  """The record of a finished run in ``workdir``, trained here or by a sweep."""
+  summary = json.loads((workdir / "summary.json").read_text())
   return {"config": config_name, "data_on_device": mode, "dtype": dtype, "seed": seed, "epochs": summary["epochs"],
           "steps_per_dispatch": summary["steps_per_dispatch"], "test_accuracy": summary["test_accuracy"],
           "images_per_s": summary["images_per_s"], "wall_time_s": summary["wall_time_s"]}
+
+
+def from_sweep(out: pathlib.Path) -> list[dict]:
+  """The records of a sweep of experiments/configs/data_paths_sweep.py: one per finished run, named
+  ``config=C-data=M-dtype=D-seed=S``."""
+  from overfocus_jax.sweeps import results as sweep_results
+  records = []
+  for summary in sweep_results.read(out):
+    parts = dict(part.split("=", 1) for part in summary["job"].split("-"))
+    records.append({**record_of(out / summary["job"], parts["config"], parts["data"], parts["dtype"],
+                                int(parts["seed"])), "epochs_override": None})
+  return records
 
 
 def dtype_of(record: dict) -> str:
@@ -65,11 +92,27 @@ def main() -> int:
   parser.add_argument("--runs", default=str(HERE / "runs" / "data_paths"), help="workdirs of the runs")
   parser.add_argument("--out", default=str(HERE / "results" / "data_paths.jsonl"))
   parser.add_argument("--table-only", action="store_true")
+  parser.add_argument("--from-sweep", metavar="DIR",
+                      help="record the finished runs of a sweep of experiments/configs/data_paths_sweep.py "
+                           "(overfocus sweep run --config ... --out DIR) instead of training here")
   args = parser.parse_args()
   out = pathlib.Path(args.out)
   results = [json.loads(line) for line in out.read_text().splitlines() if line.strip()] if out.exists() else []
-  if not args.table_only:
-    done = {(r["config"], r["data_on_device"], dtype_of(r), r["seed"], r.get("epochs_override")) for r in results}
+  key = lambda r: (r["config"], r["data_on_device"], dtype_of(r), r["seed"], r.get("epochs_override"))
+  if args.from_sweep:
+    if not pathlib.Path(args.from_sweep).is_dir():
+      print(f"error: --from-sweep: no sweep folder {args.from_sweep}; run overfocus sweep run --config "
+            f"experiments/configs/data_paths_sweep.py --out {args.from_sweep} first", file=sys.stderr)
+      return 2
+    done = {key(r) for r in results}
+    for record in from_sweep(pathlib.Path(args.from_sweep)):
+      if key(record) not in done:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("a") as f:
+          f.write(json.dumps(record) + "\n")
+        results.append(record)
+  elif not args.table_only:
+    done = {key(r) for r in results}
     for seed in args.seeds:
       for mode in args.modes:  # interleaved, so that load on the machine falls on both paths alike
         if (args.config, mode, args.dtype, seed, args.epochs) in done:

@@ -98,3 +98,23 @@ def test_the_no_collapse_sweep_trains_the_runs_the_script_trains():
     by_sweep = config_lib.build_config(job.config, list(job.overrides))
     by_script = config_lib.build_config(job.config, no_collapse.run_overrides(parts["method"], int(parts["seed"])))
     assert by_sweep.to_json_best_effort(sort_keys=True) == by_script.to_json_best_effort(sort_keys=True), job.name
+
+
+def test_the_data_paths_sweep_trains_the_runs_the_script_trains():
+  """experiments/configs/data_paths_sweep.py: each job builds the config data_paths.py's run_one builds."""
+  from overfocus_jax import config as config_lib
+  from overfocus_jax.sweeps import grid
+  sys.path.insert(0, str(EXPERIMENTS))
+  try:
+    import data_paths
+  finally:
+    sys.path.remove(str(EXPERIMENTS))
+  sweep_path = EXPERIMENTS / "configs" / "data_paths_sweep.py"
+  jobs = grid.jobs_from_sweep(config_lib.load_sweep_file(str(sweep_path)), str(sweep_path))
+  assert len(jobs) == 9
+  for job in jobs:
+    parts = dict(part.split("=", 1) for part in job.name.split("-"))
+    by_sweep = config_lib.build_config(job.config, list(job.overrides))
+    by_script = config_lib.build_config(str(EXPERIMENTS / "configs" / "default.py"),
+                                        data_paths.run_overrides(parts["data"], parts["dtype"], int(parts["seed"])))
+    assert by_sweep.to_json_best_effort(sort_keys=True) == by_script.to_json_best_effort(sort_keys=True), job.name
