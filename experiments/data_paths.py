@@ -20,6 +20,8 @@ import pathlib
 import statistics
 import sys
 
+from sweep_records import append_from_sweep, finished_runs  # experiments/sweep_records.py, beside this script
+
 HERE = pathlib.Path(__file__).resolve().parent
 MODES = ("on", "off")
 
@@ -53,13 +55,8 @@ def record_of(workdir: pathlib.Path, config_name: str, mode: str, dtype: str, se
 def from_sweep(out: pathlib.Path) -> list[dict]:
   """The records of a sweep of experiments/configs/data_paths_sweep.py: one per finished run, named
   ``config=C-data=M-dtype=D-seed=S``."""
-  from overfocus_jax.sweeps import results as sweep_results
-  records = []
-  for summary in sweep_results.read(out):
-    parts = dict(part.split("=", 1) for part in summary["job"].split("-"))
-    records.append({**record_of(out / summary["job"], parts["config"], parts["data"], parts["dtype"],
-                                int(parts["seed"])), "epochs_override": None})
-  return records
+  return [{**record_of(workdir, parts["config"], parts["data"], parts["dtype"], int(parts["seed"])),
+           "epochs_override": None} for workdir, parts in finished_runs(out)]
 
 
 def dtype_of(record: dict) -> str:
@@ -100,17 +97,8 @@ def main() -> int:
   results = [json.loads(line) for line in out.read_text().splitlines() if line.strip()] if out.exists() else []
   key = lambda r: (r["config"], r["data_on_device"], dtype_of(r), r["seed"], r.get("epochs_override"))
   if args.from_sweep:
-    if not pathlib.Path(args.from_sweep).is_dir():
-      print(f"error: --from-sweep: no sweep folder {args.from_sweep}; run overfocus sweep run --config "
-            f"experiments/configs/data_paths_sweep.py --out {args.from_sweep} first", file=sys.stderr)
+    if append_from_sweep(args.from_sweep, "data_paths_sweep.py", out, results, from_sweep, key):
       return 2
-    done = {key(r) for r in results}
-    for record in from_sweep(pathlib.Path(args.from_sweep)):
-      if key(record) not in done:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("a") as f:
-          f.write(json.dumps(record) + "\n")
-        results.append(record)
   elif not args.table_only:
     done = {key(r) for r in results}
     for seed in args.seeds:

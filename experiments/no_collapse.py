@@ -24,6 +24,7 @@ import statistics
 import sys
 
 from methods import METHODS, regularizer_fields  # experiments/methods.py, beside this script
+from sweep_records import append_from_sweep, finished_runs
 
 HERE = pathlib.Path(__file__).resolve().parent
 CONFIGS = ("default", "shortcut", "resnet18", "attention", "focus", "corner", "vgg16", "convnext", "mnist_cnn")
@@ -72,12 +73,8 @@ def record_of(workdir: pathlib.Path, config_name: str, method: str, seed: int, e
 def from_sweep(out: pathlib.Path) -> list[dict]:
   """The records of a sweep of experiments/configs/no_collapse_sweep.py: one per finished run, named
   ``config=C-method=M-seed=S``."""
-  from overfocus_jax.sweeps import results as sweep_results
-  records = []
-  for summary in sweep_results.read(out):
-    parts = dict(part.split("=", 1) for part in summary["job"].split("-"))
-    records.append(record_of(out / summary["job"], parts["config"], parts["method"], int(parts["seed"])))
-  return records
+  return [record_of(workdir, parts["config"], parts["method"], int(parts["seed"]))
+          for workdir, parts in finished_runs(out)]
 
 
 def _mean_std(values: list[float]) -> str:
@@ -131,16 +128,8 @@ def main() -> int:
   results = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
   key = lambda r: (r["config"], r["method"], r["seed"], r["epochs_override"], r.get("dataset_override"))
   if args.from_sweep:
-    if not pathlib.Path(args.from_sweep).is_dir():
-      print(f"error: --from-sweep: no sweep folder {args.from_sweep}; run overfocus sweep run --config "
-            f"experiments/configs/no_collapse_sweep.py --out {args.from_sweep} first", file=sys.stderr)
+    if append_from_sweep(args.from_sweep, "no_collapse_sweep.py", out, results, from_sweep, key):
       return 2
-    done = {key(r) for r in results}
-    for result in from_sweep(pathlib.Path(args.from_sweep)):
-      if key(result) not in done:
-        with out.open("a") as f:
-          f.write(json.dumps(result) + "\n")
-        results.append(result)
   elif not args.table_only:
     done = {key(r) for r in results}
     for config in args.configs:

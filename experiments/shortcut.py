@@ -22,6 +22,7 @@ import statistics
 import sys
 
 from methods import METHODS, regularizer_fields  # experiments/methods.py, beside this script
+from sweep_records import append_from_sweep, finished_runs
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -86,12 +87,8 @@ def record_of(workdir: pathlib.Path, method: str, seed: int, *, kind: str = "pat
 def from_sweep(out: pathlib.Path) -> list[dict]:
   """The records of a sweep of experiments/configs/shortcut_sweep.py (overfocus_jax.sweeps.results): one per
   finished run, named ``kind=K-method=M-seed=S``."""
-  from overfocus_jax.sweeps import results as sweep_results
-  records = []
-  for summary in sweep_results.read(out):
-    parts = dict(part.split("=", 1) for part in summary["job"].split("-"))
-    records.append(record_of(out / summary["job"], parts["method"], int(parts["seed"]), kind=parts["kind"]))
-  return records
+  return [record_of(workdir, parts["method"], int(parts["seed"]), kind=parts["kind"])
+          for workdir, parts in finished_runs(out)]
 
 
 def mean_std(rows: list[dict], key: str) -> str:
@@ -167,16 +164,8 @@ def main() -> int:
   out = pathlib.Path(args.out)
   results = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
   if args.from_sweep:
-    if not pathlib.Path(args.from_sweep).is_dir():
-      print(f"error: --from-sweep: no sweep folder {args.from_sweep}; run overfocus sweep run --config "
-            f"experiments/configs/shortcut_sweep.py --out {args.from_sweep} first", file=sys.stderr)
+    if append_from_sweep(args.from_sweep, "shortcut_sweep.py", out, results, from_sweep, run_key):
       return 2
-    done = {run_key(r) for r in results}
-    for result in from_sweep(pathlib.Path(args.from_sweep)):
-      if run_key(result) not in done:
-        with out.open("a") as f:
-          f.write(json.dumps(result) + "\n")
-        results.append(result)
   elif not args.table_only:
     done = {run_key(r) for r in results}
     config_path = pathlib.Path(args.config)
