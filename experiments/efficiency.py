@@ -96,7 +96,14 @@ def measure_alone(model: str, dataset: str, runs_dir: pathlib.Path) -> dict:
   summary = _overfocus("train", "--workdir", str(workdir), f"--config.model={model}", f"--config.dataset={dataset}",
                        "--no-progress")
   return {"model": model, "dataset": dataset, "test_accuracy": summary["test_accuracy"], "epochs": summary["epochs"],
-          "train_wall_time_s": summary["wall_time_s"], "workdir": str(workdir)}
+          "train_wall_time_s": summary["wall_time_s"], "workdir": str(workdir), "commit": _commit()}
+
+
+def _commit() -> str:
+  """The checkout's commit, with ``+`` when its tracked files differ from it."""
+  def git(*args):
+    return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True).stdout.strip()
+  return git("rev-parse", "--short", "HEAD") + ("+" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def alone_table(results: list[dict], models, datasets) -> str:

@@ -87,8 +87,9 @@ def _parse_value(text: str, current):
       return ast.literal_eval(text)
     except (ValueError, SyntaxError):
       return text
-  if current == "auto" and text.strip().lstrip("-").isdigit():  # a field that is "auto" or a number
-    return int(text)
+  if current == "auto":  # a field that is "auto" or a value: a number where the text reads as one
+    value = _literal(text)
+    return value if fields.is_number(value) else text
   return text
 
 
@@ -141,8 +142,15 @@ def build_config(config_path: str | None, overrides: list[tuple[str, str]]) -> m
   config = load_config_file(config_path or default_config_path())
   for dotted, text in overrides:
     apply_override(config, dotted, text)
+  config = resolved(config)
   validate(config)
   return config
+
+
+def resolved(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """``config`` with its training recipe's ``auto`` fields given the model's values
+  (:func:`overfocus_jax.optimization.resolve_recipe`); ``config`` itself when none is ``auto``."""
+  return optimization.resolve_recipe(config, models.recipe_of(config.model))
 
 
 BATCH_NORM_MODES = ("global", "local")
@@ -235,8 +243,13 @@ def describe(config: ml_collections.ConfigDict) -> str:
     lines += [f"  {name.ljust(width)} = {_shown(value)}  # {text}" for name, value, text in rows]
   lines += ["", "Models (--config.model=NAME):"]
   width = max(map(len, models.MODELS))
-  lines += [f"  {name.ljust(width)}  {spec.help}" for name, spec in models.REGISTRY.items()]
+  lines += [f"  {name.ljust(width)}  {spec.help}" + (f" (recipe: {_recipe_text(spec.recipe)})" if spec.recipe else "")
+            for name, spec in models.REGISTRY.items()]
   return "\n".join(lines)
+
+
+def _recipe_text(recipe) -> str:
+  return ", ".join(f"{name}={value}" for name, value in recipe.items())
 
 
 def _shown(value) -> str:

@@ -285,7 +285,7 @@ def tiny_model_setup():
   import jax.numpy as jnp
   from overfocus_jax.models import build_model
   from overfocus_jax.train import state as state_lib
-  config = config_lib.load_config_file(config_lib.default_config_path())
+  config = config_lib.resolved(config_lib.load_config_file(config_lib.default_config_path()))
   config.resnet.update(dict(stem_features=8, stage_widths=(8, 16), stage_sizes=(1, 1), stage_strides=(1, 2)))
   model = build_model(config, 10)
   schedule = optimization.make_schedule(config, 10)

@@ -47,14 +47,15 @@ def test_a_field_declared_twice_is_refused():
 
 def test_each_shipped_model_is_declared_in_its_own_file():
   assert models.MODELS == ("resnet", "resnet18", "resnet18_tv", "resnet50_tv", "vgg16", "convnext", "mnist_cnn",
-                           "attention", "focus", "corner")
+                           "attention", "focus", "corner", "reconstruction")
   for name, spec in models.REGISTRY.items():
     assert spec.name == name and spec.help
     home = getattr(spec.build, "func", spec.build).__module__  # the file that declares the model builds it
     assert home.startswith("overfocus_jax.models.") and all(group.validate for group in spec.groups)
   # the groups each model reads are the config's groups, each declared once
   group_names = [group.name for group in models.model_groups()]
-  assert group_names == ["resnet", "resnet_tv", "vgg", "convnext", "attention", "focus", "corner"]
+  assert group_names == ["resnet", "resnet_tv", "vgg", "convnext", "attention", "focus", "corner", "reconstruction"]
+  assert [name for name, spec in models.REGISTRY.items() if spec.task != "classify"] == ["reconstruction"]
   assert models.platform_of("my_pkg.nets:TinyNet") == Platform()
 
 

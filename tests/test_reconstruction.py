@@ -153,3 +153,97 @@ def test_the_experiment_writes_a_record_and_a_figure_per_selector(tmp_path, caps
   capsys.readouterr()
   assert script.main(argv) == 0  # resumable: nothing trains twice
   assert capsys.readouterr().out.count("done before") == 2 and len(out.read_text().splitlines()) == 2
+
+
+# ----------------------------------------------------------------------------- through the CLI: --config.model=reconstruction
+
+from tests.conftest import REPO_ROOT, run_cli  # noqa: E402
+
+CONFIG = REPO_ROOT / "experiments" / "configs" / "saliency_reconstruction.py"
+# Digits (8×8: a 2×2 heatmap) with 3 patches of 3×3 and a small decoder: seconds per run.
+SMALL = ("--config.dataset=digits", "--config.reconstruction.num_keypoints=3", "--config.reconstruction.patch_size=3",
+         "--config.reconstruction.hidden=32", "--config.reconstruction.saliency_widths=(8,8)", "--config.batch_size=64",
+         "--no-progress")
+
+
+def train(capsys, workdir, *extra):
+  code, out, err = run_cli(capsys, "train", "--workdir", workdir, "--config", CONFIG, *SMALL, *extra)
+  assert code == 0, err
+  return json.loads(out.strip().splitlines()[-1])
+
+
+def test_the_shipped_config_is_the_seeds_setting():
+  from overfocus_jax import config as config_lib
+  config = config_lib.build_config(str(CONFIG), [])
+  group = config.reconstruction
+  assert (config.model, config.dataset, config.batch_size, config.optimizer, config.learning_rate) == (
+      "reconstruction", "mnist5k", 16, "adam", 1e-3)
+  assert (group.num_keypoints, group.patch_size, group.hidden, group.dropout, group.select) == (5, 9, 1024, 0.5,
+                                                                                              "soft")
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+  """Two epochs in one go, and one epoch resumed to two: their records and summaries."""
+  from overfocus_jax import cli  # capsys is function-scoped: the module's runs print to the captured stdout
+  base = tmp_path_factory.mktemp("reconstruction")
+  runs = {}
+  for name, epochs in (("whole", (2,)), ("resumed", (1, 2))):
+    for n in epochs:
+      assert cli.main(["train", "--workdir", str(base / name), "--config", str(CONFIG), *SMALL,
+                       f"--config.num_epochs={n}"]) == 0
+    runs[name] = base / name
+  return runs
+
+
+def test_a_run_reports_the_test_mse_and_records_it_each_epoch(trained_run):
+  summary = json.loads((trained_run["whole"] / "summary.json").read_text())
+  assert summary["model"] == "reconstruction" and "test_accuracy" not in summary
+  assert 0 < summary["test_mse"] == summary["test_loss"] < 0.2, summary
+  records = [json.loads(line) for line in (trained_run["whole"] / "metrics.jsonl").read_text().splitlines()]
+  assert [r["epoch"] for r in records] == [1, 2]
+  assert all({"train_mse", "test_mse", "learning_rate"} <= set(r) for r in records), records[0]
+  assert records[1]["test_mse"] < records[0]["test_mse"] * 1.05, records
+  saved = json.loads((trained_run["whole"] / "config.json").read_text())
+  assert (saved["optimizer"], saved["learning_rate"], saved["reconstruction"]["num_keypoints"]) == ("adam", 1e-3, 3)
+
+
+def test_a_resumed_run_equals_one_trained_in_one_go(trained_run):
+  read = lambda run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+  drop = ("images_per_s", "epoch_time_s")
+  whole, resumed = ([{k: v for k, v in r.items() if k not in drop} for r in read(trained_run[n])]
+                    for n in ("whole", "resumed"))
+  assert whole == resumed
+
+
+def test_eval_reports_the_mse_of_the_test_split(trained_run, capsys):
+  code, out, err = run_cli(capsys, "eval", "--workdir", trained_run["whole"])
+  assert code == 0, err
+  result = json.loads(out.strip().splitlines()[-1])
+  summary = json.loads((trained_run["whole"] / "summary.json").read_text())
+  assert result["n"] == 359 and np.isclose(result["mse"], summary["test_mse"], rtol=1e-5), (result, summary)
+
+
+def test_explain_draws_the_heatmaps_patches_and_reconstructions(trained_run, capsys, tmp_path):
+  out_dir = tmp_path / "explain"
+  code, out, err = run_cli(capsys, "explain", "--workdir", trained_run["whole"], "--out", out_dir, "--n", "6",
+                           "--no-progress")
+  assert code == 0, err
+  summary = json.loads((out_dir / "explain.json").read_text())
+  assert (out_dir / "reconstructions.png").stat().st_size > 0 and (out_dir / "training_curves.png").is_file()
+  assert summary["images"] == 128 and 0 < summary["mse"] < 0.2
+  assert len(summary["keypoints"]["spread_px"]) == 3 and len(summary["keypoints"]["moved_px"]) == 3
+  code, _, err = run_cli(capsys, "explain", "--workdir", trained_run["whole"], "--methods", "latent")
+  assert code == 2 and "reconstructs its input" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--config.reconstruction.num_keypoints=5"], "num_keypoints=5 is more than the 4 heatmap cells of 8x8"),
+    (["--config.reconstruction.patch_size=9"], "patch_size=9 is larger than the 8x8 images"),
+    (["--config.reconstruction.select=top"], "unknown reconstruction.select 'top'"),
+    (["--config.regularizer.name=sgdrop"], "masks a classifier's latent"),
+])
+def test_bad_settings_are_one_line_and_exit_2(tmp_path, capsys, flags, fragment):
+  code, out, err = run_cli(capsys, "train", "--workdir", tmp_path / "wd", "--config", CONFIG, *SMALL, *flags)
+  assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1, err
+  assert not (tmp_path / "wd" / "checkpoints").exists()

@@ -94,6 +94,34 @@ def keypoint_overlays(path: pathlib.Path, images: np.ndarray, keypoints_px: np.n
   return _save(fig, path)
 
 
+def reconstructions(path: pathlib.Path, images: np.ndarray, keypoints_px: np.ndarray, patch_px: np.ndarray,
+                    heatmaps: np.ndarray, rebuilt: np.ndarray, labels: np.ndarray, title: str = "") -> pathlib.Path:
+  """One column per image: the image with its K patches outlined (``keypoints_px`` (N, K, 2) (column, row) pixels,
+  ``patch_px`` (N, K, 2) (width, height) pixels), the saliency heatmap (N, h, w) and the reconstruction (N, H, W, C)."""
+  n = len(images)
+  fig, axes = plt.subplots(3, n, figsize=(1.6 * n, 5.0), squeeze=False)
+  colors = plt.get_cmap("tab10")
+  for i in range(n):
+    height, width = images[i].shape[:2]
+    _show_image(axes[0, i], images[i])
+    for k, (col, row) in enumerate(keypoints_px[i]):
+      patch_w, patch_h = patch_px[i][k]
+      axes[0, i].add_patch(plt.Rectangle((col - patch_w / 2, row - patch_h / 2), patch_w, patch_h, fill=False,
+                                         edgecolor=colors(k % 10), linewidth=1.0))
+    axes[0, i].set_xlim(-0.5, width - 0.5)
+    axes[0, i].set_ylim(height - 0.5, -0.5)
+    axes[0, i].set_title(f"y={int(labels[i])}", fontsize=8)
+    axes[1, i].imshow(heatmaps[i], cmap=HEATMAP, interpolation="nearest")
+    axes[1, i].set_xticks([])
+    axes[1, i].set_yticks([])
+    _show_image(axes[2, i], np.clip(rebuilt[i], 0, 1))
+  for row, name in enumerate(("image and patches", "heatmap", "reconstruction")):
+    axes[row, 0].set_ylabel(name, fontsize=8)
+  if title:
+    fig.suptitle(title, fontsize=9)
+  return _save(fig, path)
+
+
 def training_curves(path: pathlib.Path, runs: Mapping[str, Sequence[dict]]) -> pathlib.Path:
   """The SGDrop paper's Fig. 1 for each run: attribution ratio and generalization gap per epoch."""
   fig, (ax_ratio, ax_gap) = plt.subplots(1, 2, figsize=(9, 3.4))
@@ -140,5 +168,20 @@ def feature_usage(path: pathlib.Path, usages: Mapping[str, dict]) -> pathlib.Pat
   for ax in (ax_share, ax_act):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
+def reconstruction_curves(path: pathlib.Path, runs: Mapping[str, Sequence[dict]]) -> pathlib.Path:
+  """Train and test reconstruction MSE per epoch for each run."""
+  fig, ax = plt.subplots(figsize=(4.8, 3.4))
+  for name, records in runs.items():
+    for split, style in (("train", "--"), ("test", "-")):
+      points = [(r["epoch"], r[f"{split}_mse"]) for r in records if f"{split}_mse" in r]
+      if points:
+        ax.plot(*zip(*points), style, marker="o", markersize=3, label=f"{name}: {split}")
+  ax.set(xlabel="epoch", ylabel="reconstruction MSE", yscale="log", title="reconstruction error")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
   fig.tight_layout()
   return _save(fig, path)

@@ -37,8 +37,8 @@ from overfocus_jax.challenge.attribution import TARGETS, target_classes
 from overfocus_jax.data import pipeline
 from overfocus_jax.errors import UserError
 from overfocus_jax.explain import attributions, figures, latent, layers, metrics
-from overfocus_jax.models import NNXModel, patches
-from overfocus_jax.train import evaluation
+from overfocus_jax.models import NNXModel, patches, reconstruction
+from overfocus_jax.train import evaluation, reconstruction_step
 from overfocus_jax.train import state as state_lib
 from overfocus_jax.train import workdir as workdir_lib
 from overfocus_jax.train.lock import WorkdirLock
@@ -260,6 +260,14 @@ def patch_scale_summary(run, source, count: int) -> dict | None:
           for stat, fn in (("mean", np.mean), ("std", np.std), ("min", np.min), ("max", np.max))}
 
 
+def model_inputs(run, images):
+  """What the run's model reads of normalized ``images``: the images themselves, or a reconstruction's pixels in
+  [0, 1] (:func:`overfocus_jax.train.reconstruction_step.pixels`)."""
+  if run.exp.task == "reconstruct":
+    return reconstruction_step.pixels(jnp.asarray(images), run.exp.dataset.mean, run.exp.dataset.std)
+  return images
+
+
 def keypoint_summary(run, source, count: int) -> dict | None:
   """Where the keypoints sit, how much they follow the image and how far training moved them (module docstring),
   over the first ``count`` images; None for a model without keypoints."""
@@ -278,8 +286,9 @@ def keypoint_summary(run, source, count: int) -> dict | None:
   trained, start = [], []
   for batch in _batches(source, count, dataset):
     kept = np.asarray(batch["mask"]) > 0
-    trained.append(to_pixels(points_fn(run.state.variables, batch["image"]))[kept])
-    start.append(to_pixels(points_fn(initial, batch["image"]))[kept])
+    inputs = model_inputs(run, batch["image"])
+    trained.append(to_pixels(points_fn(run.state.variables, inputs))[kept])
+    start.append(to_pixels(points_fn(initial, inputs))[kept])
   trained, start = np.concatenate(trained), np.concatenate(start)  # (N, K, 2)
   mean = trained.mean(axis=0)
   spread = np.sqrt(np.mean(np.sum((trained - mean) ** 2, axis=-1), axis=0))
@@ -329,6 +338,15 @@ def explain(workdir, *, dataset: str | None = None, out=None, compare=None, opti
   check_options(options)
   run = workdir_lib.load_trained(workdir)
   source, name = evaluation.evaluation_split(run.exp, dataset)
+  if run.exp.task == "reconstruct":
+    if compare or options.methods:
+      raise UserError(f"run {str(run.workdir)!r} reconstructs its input: it has no classes to attribute",
+                      "drop --methods and --compare")
+    out = pathlib.Path(out or run.workdir / "explain").expanduser().resolve()
+    with contextlib.ExitStack() as held:
+      if out.is_relative_to(run.workdir):
+        held.enter_context(WorkdirLock(run.workdir, "overfocus explain"))
+      return explain_reconstruction(run, source, name, options, workdir_lib.prepare_workdir(out))
   model = run.exp.model
   methods = resolve_methods(options.methods, model)
   if "grad_cam" in methods:
@@ -383,5 +401,44 @@ def _explain(run, other, source, name, model, methods, options: Options, out: pa
     summary["patch_scales"] = scales
   if keypoints is not None:
     summary["keypoints"] = keypoints
+  (out / "explain.json").write_text(json.dumps(summary, indent=2))
+  return summary
+
+
+def explain_reconstruction(run, source, name: str, options: Options, out: pathlib.Path) -> dict:
+  """A reconstructing run's explanation: its test MSE over the first ``images`` test images, its keypoints
+  (:func:`keypoint_summary`), the figure of the first ``n`` (image and patches, heatmap, reconstruction) and the
+  training curves; written to ``OUT/explain.json``."""
+  model, variables, dataset = run.exp.model, run.state.variables, run.exp.dataset
+  count = min(max(options.images, options.n), len(source))
+  apply = jax.jit(lambda v, x: model.apply(v, x, train=False)[0])
+  errors, first = [], None
+  for batch in _batches(source, count, dataset):
+    images = model_inputs(run, batch["image"])
+    rebuilt, points, heatmap = apply(variables, images)
+    kept = np.asarray(batch["mask"]) > 0
+    errors.append(np.asarray(reconstruction.reconstruction_mse(rebuilt, images))[kept])
+    if first is None:
+      first = {"image": np.asarray(images)[:options.n], "label": np.asarray(batch["label"])[:options.n],
+               "points": np.asarray(points)[:options.n], "heatmap": np.asarray(heatmap)[:options.n],
+               "rebuilt": np.asarray(rebuilt)[:options.n],
+               "scales": np.asarray(model.patch_scales(variables, images))[:options.n]}
+  height, width = dataset.image_shape[:2]
+  pixels = np.stack([patches.normalized_to_pixel(first["points"][..., 0], width),
+                     patches.normalized_to_pixel(first["points"][..., 1], height)], -1)
+  patch_px = np.stack([first["scales"] * width, first["scales"] * height], -1)
+  group = run.config.reconstruction
+  written = {"reconstructions": figures.reconstructions(
+      out / "reconstructions.png", first["image"], pixels, patch_px, first["heatmap"], first["rebuilt"],
+      first["label"], title=f"{run.workdir.name}: K={group.num_keypoints} patches of {group.patch_size}x"
+      f"{group.patch_size} ({group.select})")}
+  records = workdir_lib.read_metrics(run.workdir)
+  if records:
+    written["training_curves"] = figures.reconstruction_curves(out / "training_curves.png",
+                                                               {run.workdir.name: records})
+  summary = {"workdir": str(run.workdir), "dataset": name, "step": run.step, "model": run.config.model,
+             "images": count, "mse": float(np.concatenate(errors).mean()),
+             "keypoints": keypoint_summary(run, source, count),
+             "figures": {k: str(v) for k, v in written.items()}, "out": str(out)}
   (out / "explain.json").write_text(json.dumps(summary, indent=2))
   return summary

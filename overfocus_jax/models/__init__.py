@@ -41,7 +41,7 @@ import jax.numpy as jnp
 
 from overfocus_jax import fields, plugins
 from overfocus_jax.errors import UserError
-from overfocus_jax.models import attention, convnext, focus, mnist_cnn, resnet, resnet_tv, vgg, weights
+from overfocus_jax.models import attention, convnext, focus, mnist_cnn, reconstruction, resnet, resnet_tv, vgg, weights
 from overfocus_jax.models.adapters import NNXModel, takes_train  # noqa: F401  (NNXModel: part of this package's API)
 from overfocus_jax.models.spec import ModelSpec, Platform
 
@@ -104,7 +104,9 @@ class Model:
     return callable(getattr(self.module, name, None))
 
   def _inspect(self, name: str, variables: Variables, x: jax.Array):
-    return self.module.apply(variables, x, train=False, method=name) if self.has(name) else None
+    if not self.has(name):
+      return None
+    return self.module.apply(variables, x, method=name, **self._train_kwargs(getattr(type(self.module), name), False))
 
   def attention_maps(self, variables: Variables, x: jax.Array):
     """The attention maps (a tuple of (B, h, w) arrays) in inference mode, or None for a model without attention."""
@@ -157,6 +159,7 @@ REGISTRY: dict[str, ModelSpec] = {spec.name: spec for spec in (
     *mnist_cnn.SPECS,
     *attention.SPECS,
     *focus.SPECS,
+    *reconstruction.SPECS,
 )}
 MODELS = tuple(REGISTRY)
 # A model given by import path: no limits the library knows, no platform preferences.
@@ -176,6 +179,19 @@ def platform_of(name: str) -> Platform:
   """The platform preferences of model ``name`` (a plugin's: none)."""
   spec = REGISTRY.get(name)
   return spec.platform if spec else PLUGIN_PLATFORM
+
+
+def task_of(name: str) -> str:
+  """What model ``name`` learns (:data:`~overfocus_jax.models.spec.TASKS`); a plugin classifies."""
+  spec = REGISTRY.get(name)
+  return spec.task if spec else "classify"
+
+
+def recipe_of(name: str) -> dict:
+  """The training recipe of model ``name`` (:attr:`ModelSpec.recipe`; a plugin's and most models': none, so the
+  defaults of :mod:`overfocus_jax.optimization`)."""
+  spec = REGISTRY.get(name)
+  return dict(spec.recipe) if spec else {}
 
 
 def check_fits_images(config, image_shape: tuple[int, ...]) -> None:

@@ -412,5 +412,9 @@ def build_convnext(config, **common) -> nn.Module:
 
 # Its depthwise convolutions as shifted sums on a CPU (platform_tuning.py); no oneDNN for its dense ones: python -m
 # benchmarks.onednn_models finds its step no faster with them.
+# Its recipe: the paper's optimizer and regularization (AdamW at 4e-3, weight decay 0.05, label smoothing 0.1, a
+# warm-up), which it needs named alone: SGD at 0.1 makes its loss diverge.
+RECIPE = {"optimizer": "adamw", "learning_rate": 4e-3, "weight_decay": 0.05, "warmup_epochs": 1,
+          "label_smoothing": 0.1}
 SPECS = (ModelSpec("convnext", "ConvNeXt (Liu et al.) in timm's small sizes, sized by config.convnext", build_convnext,
-                   (GROUP,), platform=Platform(cpu_convolution="depthwise")),)
+                   (GROUP,), platform=Platform(cpu_convolution="depthwise"), recipe=RECIPE),)

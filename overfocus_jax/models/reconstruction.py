@@ -30,7 +30,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from overfocus_jax import fields
 from overfocus_jax.models.patches import extract_patches
+from overfocus_jax.models.spec import ModelSpec
 
 SELECT_RULES = ("soft", "hard")
 SUPPRESSION = 6.0  # β: a chosen cell's standardised score drops by this many standard deviations
@@ -115,36 +117,40 @@ class SaliencyNet(nn.Module):
 
 
 class PatchDecoder(nn.Module):
-  """K patches (B, K, P, P, C) [and their positions (B, K, 2)] → the image (B, H, W, C) in [0, 1]: the seed's MLP."""
+  """K patches (B, K, P, P, C) [and their positions (B, K, 2)] → an image (B, H, W, C) in [0, 1]: the seed's MLP."""
 
-  image_shape: tuple[int, int, int]
   hidden: int = 1024
   dropout: float = 0.5
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, patches, positions, train: bool):
+  def __call__(self, patches, positions, image_shape: tuple[int, int, int], train: bool):
     x = patches.reshape(patches.shape[0], -1)
     if positions is not None:
       x = jnp.concatenate([x, positions.reshape(positions.shape[0], -1).astype(x.dtype)], axis=-1)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, name="hidden")(x))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    x = nn.Dense(math.prod(self.image_shape), dtype=self.dtype, name="out")(x)
-    return jax.nn.sigmoid(x.astype(jnp.float32)).reshape(x.shape[0], *self.image_shape)
+    x = nn.Dense(math.prod(image_shape), dtype=self.dtype, name="out")(x)
+    return jax.nn.sigmoid(x.astype(jnp.float32)).reshape(x.shape[0], *image_shape)
 
 
 class SaliencyReconstructor(nn.Module):
   """Saliency → K keypoints → K patches → decoder → image (the module docstring). ``__call__`` returns
-  ``(reconstruction, keypoints, heatmap)``; dropout needs a ``"dropout"`` rng in training."""
+  ``(reconstruction, keypoints, heatmap)``; dropout needs a ``"dropout"`` rng in training.
 
-  image_shape: tuple[int, int, int]
+  ``image_shape``: the images it rebuilds (None: those it is first called on). ``patch_scale`` (a patch's side over
+  the image's; None: ``patch_size`` pixels) and ``suppression_radius`` (normalised units; None: one heatmap cell)
+  follow the image size when left None.
+  """
+
+  image_shape: tuple[int, int, int] | None = None
   num_keypoints: int = 5
   patch_size: int = 9
-  patch_scale: float = 9 / 28
+  patch_scale: float | None = None
   select: str = "soft"
   temperature: float = 0.2
-  suppression_radius: float = 2 / 7  # one cell of a 7×7 heatmap, in normalised units
+  suppression_radius: float | None = None
   decoder_positions: bool = False
   saliency_widths: tuple[int, ...] = (32, 64)
   hidden: int = 1024
@@ -152,11 +158,18 @@ class SaliencyReconstructor(nn.Module):
   dtype: Any = jnp.float32
 
   def setup(self):
-    height, width, _ = self.image_shape
-    check_reconstruction(self.num_keypoints, self.patch_size, self.patch_scale, self.select, height, width,
-                         heatmap_side(height) * heatmap_side(width))
+    if self.image_shape is not None:
+      self._check(tuple(self.image_shape))
     self.saliency = SaliencyNet(tuple(self.saliency_widths), dtype=self.dtype)
-    self.decoder = PatchDecoder(tuple(self.image_shape), self.hidden, self.dropout, dtype=self.dtype)
+    self.decoder = PatchDecoder(self.hidden, self.dropout, dtype=self.dtype)
+
+  def _check(self, image_shape) -> None:
+    height, width = image_shape[:2]
+    check_reconstruction(self.num_keypoints, self.patch_size, self._scale(image_shape), self.select, height, width,
+                         heatmap_side(height) * heatmap_side(width))
+
+  def _scale(self, image_shape) -> float:
+    return self.patch_scale if self.patch_scale is not None else self.patch_size / min(image_shape[:2])
 
   def heatmap(self, x):
     return self.saliency(x)
@@ -165,18 +178,26 @@ class SaliencyReconstructor(nn.Module):
     """(B, K, 2) = (x, y) in [-1, 1] from (B, h, w) heatmaps by this model's ``select`` rule."""
     if self.select == "hard":
       return hard_top_k_points(heatmap, self.num_keypoints)
-    return soft_top_k_points(heatmap, self.num_keypoints, self.temperature, self.suppression_radius)
+    radius = self.suppression_radius if self.suppression_radius is not None else 2.0 / min(heatmap.shape[1:3])
+    return soft_top_k_points(heatmap, self.num_keypoints, self.temperature, radius)
 
   def keypoints(self, x):
     """The saliency network's K keypoints of images x."""
     return self.select_points(self.saliency(x))
 
+  def patch_scales(self, x):
+    """(B, K): every patch spans its keypoint ± this, in [-1, 1] units (as the focus models' ``patch_scales``)."""
+    return jnp.full((x.shape[0], self.num_keypoints), self._scale(x.shape[1:]), jnp.float32)
+
   def reconstruct(self, x, keypoints, train: bool = False):
-    patches = extract_patches(x, keypoints.astype(x.dtype), self.patch_size, self.patch_scale)
-    return self.decoder(patches, keypoints if self.decoder_positions else None, train)
+    image_shape = tuple(self.image_shape) if self.image_shape is not None else tuple(x.shape[1:])
+    patches = extract_patches(x, keypoints.astype(x.dtype), self.patch_size, self._scale(image_shape))
+    return self.decoder(patches, keypoints if self.decoder_positions else None, image_shape, train)
 
   def __call__(self, x, train: bool = False, keypoints=None):
     """``keypoints`` (B, K, 2): given positions (random cells, Harris corners) instead of the saliency's."""
+    if self.image_shape is None:
+      self._check(tuple(x.shape[1:]))
     heatmap = self.saliency(x)
     if keypoints is None:
       keypoints = self.select_points(heatmap)
@@ -186,3 +207,59 @@ class SaliencyReconstructor(nn.Module):
 def reconstruction_mse(reconstruction: jax.Array, images: jax.Array) -> jax.Array:
   """Mean squared error per image (B,) between a reconstruction and images, both in [0, 1]."""
   return jnp.mean((reconstruction - images) ** 2, axis=tuple(range(1, images.ndim)))
+
+
+# ------------------------------------------------------------------------------------- the config and the registry
+
+
+def check_config(config) -> None:
+  group = config.reconstruction
+  fields.require_positive_int(group.num_keypoints, "reconstruction.num_keypoints", 5)
+  fields.require_positive_int(group.patch_size, "reconstruction.patch_size", 9)
+  fields.require_choice(group.select, SELECT_RULES, "reconstruction.select")
+  fields.require_positive_number(group.temperature, "reconstruction.temperature", 0.2)
+  fields.require_bool(group.decoder_positions, "reconstruction.decoder_positions")
+  fields.require_positive_ints(group.saliency_widths, "reconstruction.saliency_widths")
+  fields.require_positive_int(group.hidden, "reconstruction.hidden", 1024)
+  fields.require_fraction(group.dropout, "reconstruction.dropout")
+
+
+def check_images(config, height: int, width: int) -> None:
+  """K fits the heatmap's cells and a patch fits the image."""
+  group, cells = config.reconstruction, heatmap_side(height) * heatmap_side(width)
+  fields.require(group.num_keypoints <= cells, f"config.reconstruction.num_keypoints={group.num_keypoints} is more "
+                 f"than the {cells} heatmap cells of {height}x{width} images",
+                 f"set --config.reconstruction.num_keypoints to at most {cells}")
+  fields.require(group.patch_size <= min(height, width), f"config.reconstruction.patch_size={group.patch_size} is "
+                 f"larger than the {height}x{width} images",
+                 f"set --config.reconstruction.patch_size to at most {min(height, width)}")
+
+
+GROUP = fields.Group("reconstruction", "saliency by reconstruction (model=reconstruction): no labels, test MSE", {
+    "num_keypoints": fields.Field(5, "K, the patches the decoder rebuilds the image from"),
+    "patch_size": fields.Field(9, "P, each patch's side in pixels"),
+    "select": fields.Field("soft", "soft: K soft-argmaxes, trained end to end | hard: the K highest cells, as the "
+                           "seed's code (no gradient reaches the saliency)"),
+    "temperature": fields.Field(0.2, "the soft-argmax's temperature over the standardised heatmap"),
+    "decoder_positions": fields.Field(False, "the decoder also sees each patch's (x, y)"),
+    "saliency_widths": fields.Field((32, 64), "the saliency CNN's convolutions, each then a 2x2 max-pool"),
+    "hidden": fields.Field(1024, "the decoder MLP's hidden units"),
+    "dropout": fields.Field(0.5, "the decoder's dropout, before and after its hidden layer"),
+}, validate=check_config)
+
+
+def build_reconstruction(config, *, num_classes, dtype, conv) -> nn.Module:
+  """The reconstructor of ``config.reconstruction`` (labels and the convolution module unused: its own nn.Conv)."""
+  del num_classes, conv
+  group = config.reconstruction
+  return SaliencyReconstructor(num_keypoints=group.num_keypoints, patch_size=group.patch_size, select=group.select,
+                               temperature=group.temperature, decoder_positions=group.decoder_positions,
+                               saliency_widths=tuple(group.saliency_widths), hidden=group.hidden,
+                               dropout=group.dropout, dtype=dtype)
+
+
+# The seed's optimizer: Adam at 1e-3, no decay, no warm-up.
+RECIPE = {"optimizer": "adam", "learning_rate": 1e-3, "weight_decay": 0.0, "warmup_epochs": 0, "label_smoothing": 0.0}
+SPECS = (ModelSpec("reconstruction", "saliency learned by rebuilding the image from K patches (no labels; reports "
+                   "the test MSE)", build_reconstruction, (GROUP,), fits=check_images, recipe=RECIPE,
+                   task="reconstruct"),)

@@ -6,15 +6,19 @@
 ``build(config, *, num_classes, dtype, conv)`` returns the flax module from the config's groups; ``groups`` are the
 config groups it reads (declared with their defaults, help and checks, :mod:`overfocus_jax.fields`); ``fits(config,
 height, width)`` raises :class:`~overfocus_jax.errors.UserError` when the model cannot take such images;
-``platform`` says what the model prefers on a CPU. Adding a model is its file and one line in ``models/__init__``.
+``platform`` says what the model prefers on a CPU; ``recipe`` the training fields it needs where a run leaves them
+``auto`` (:mod:`overfocus_jax.optimization`: optimizer, learning_rate, weight_decay, warmup_epochs, label_smoothing),
+so that the model named alone trains; ``task`` what it learns (:data:`TASKS`). Adding a model is its file and one line in ``models/__init__``.
 """
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from overfocus_jax.fields import Group
 
 CPU_CONVOLUTIONS = ("xla", "sliced", "depthwise")
+# What a model learns: classify (logits; cross-entropy, accuracy) or reconstruct (its input; MSE, no labels).
+TASKS = ("classify", "reconstruct")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +45,7 @@ class Platform:
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
   """A shipped model: its ``config.model`` name, one line of help, how it is built, the config groups it reads,
-  its image limits and its platform preferences."""
+  its image limits, its platform preferences and its training recipe."""
 
   name: str
   help: str
@@ -49,3 +53,9 @@ class ModelSpec:
   groups: tuple[Group, ...] = ()
   fits: Callable[[Any, int, int], None] | None = None
   platform: Platform = Platform()
+  recipe: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  task: str = "classify"
+
+  def __post_init__(self):
+    if self.task not in TASKS:
+      raise ValueError(f"unknown task={self.task!r} for model {self.name!r}; use one of {TASKS}")

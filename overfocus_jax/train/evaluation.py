@@ -15,9 +15,8 @@ from overfocus_jax.challenge.concentration import latent_concentration
 from overfocus_jax.data import on_device, pipeline
 from overfocus_jax.data.sources import load_dataset
 from overfocus_jax.errors import UserError
-from overfocus_jax.train.experiment import Experiment, jit, jit_eval_step
+from overfocus_jax.train.experiment import Experiment, eval_step, jit, jit_eval_step
 from overfocus_jax.train.state import TrainState
-from overfocus_jax.train.step import make_eval_step
 
 ATTRIBUTION_IMAGES = 64
 
@@ -25,35 +24,45 @@ ATTRIBUTION_IMAGES = 64
 def evaluate(exp: Experiment, state: TrainState, source, eval_step=None) -> dict:
   """Loss and accuracy of ``state`` on every example of ``source`` (padded batches, masked)."""
   eval_step = eval_step or jit_eval_step(exp)
-  totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+  totals = None
   for batch in pipeline.eval_batches(source, batch_size=exp.config.eval_batch_size, mean=exp.dataset.mean,
                                      std=exp.dataset.std):
     sums = eval_step(state, parallel.shard_batch(batch, exp.mesh))
-    totals = jax.tree.map(lambda a, b: a + b, totals, sums)
+    totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
   return _totals_to_metrics(totals)
 
 
 def _totals_to_metrics(totals: dict) -> dict:
+  """The eval step's sums over a split as means: ``loss``, ``accuracy`` (from ``correct``) for a classifier, ``mse``
+  (from ``mse_sum``) for a reconstruction, and ``n``."""
   totals = jax.device_get(totals)
   n = float(totals["count"])
-  return {"loss": float(totals["loss_sum"]) / n, "accuracy": float(totals["correct"]) / n, "n": int(n)}
+  means = {"loss": float(totals["loss_sum"]) / n}
+  if "correct" in totals:
+    means["accuracy"] = float(totals["correct"]) / n
+  means.update({name[:-len("_sum")]: float(value) / n for name, value in totals.items()
+                if name.endswith("_sum") and name != "loss_sum"})
+  return {**means, "n": int(n)}
 
 
 def jit_resident_evaluation(exp: Experiment):
   """``(state, batches, mask) -> sums`` over a split already on the device, cut into padded batches
   (:func:`on_device.padded_eval_batches`): one compiled pass, a ``lax.scan`` over the batches, normalized there."""
-  eval_step = make_eval_step(exp.model)
+  step = eval_step(exp)
   rep, data = parallel.replicated(exp.mesh), parallel.data_sharded(exp.mesh)
   mean, std = exp.dataset.mean, exp.dataset.std
 
   def evaluate_split(state, batches, mask):
-    def add_batch(totals, xs):
+    def batch_sums(xs):
       images, labels, valid = xs
       batch = {"image": on_device.normalize(images, mean, std), "label": labels, "mask": valid}
-      sums = eval_step(state, jax.lax.with_sharding_constraint(batch, data))
-      return jax.tree.map(jnp.add, totals, sums), None
+      return step(state, jax.lax.with_sharding_constraint(batch, data))
 
-    zeros = {"loss_sum": jnp.float32(0), "correct": jnp.float32(0), "count": jnp.float32(0)}
+    def add_batch(totals, xs):
+      return jax.tree.map(jnp.add, totals, batch_sums(xs)), None
+
+    first = jax.tree.map(lambda a: a[0], (batches.images, batches.labels, mask))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(batch_sums, first))
     return jax.lax.scan(add_batch, zeros, (batches.images, batches.labels, mask))[0]
 
   return jit(exp, evaluate_split, in_shardings=(rep, rep, rep), out_shardings=rep)

@@ -12,13 +12,15 @@ from typing import Any, Callable
 import jax
 import ml_collections
 
+from overfocus_jax import config as config_lib
 from overfocus_jax import optimization, parallel, platform_tuning
 from overfocus_jax.challenge import Regularizer
 from overfocus_jax.challenge import invariance
 from overfocus_jax.data import balanced, pipeline
 from overfocus_jax.data.sources import ImageDataset, load_dataset, normalized_as
 from overfocus_jax.errors import SettingError, UserError
-from overfocus_jax.models import Model, build_model, check_fits_images, platform_of, weights
+from overfocus_jax.models import Model, build_model, check_fits_images, platform_of, task_of, weights
+from overfocus_jax.train import reconstruction_step
 from overfocus_jax.train import state as state_lib
 from overfocus_jax.train.dispatch import Feed, make_train_chunk
 from overfocus_jax.regularizers import build_regularizer
@@ -41,6 +43,11 @@ class Experiment:
   layout: balanced.Layout | None = None  # environment-balanced batches (data/balanced.py), else None
   objective: invariance.Objective = invariance.ERM
 
+  @property
+  def task(self) -> str:
+    """What the model learns: ``classify`` or ``reconstruct`` (:data:`overfocus_jax.models.spec.TASKS`)."""
+    return task_of(self.config.model)
+
 
 def build_experiment(config: ml_collections.ConfigDict, *, dataset: ImageDataset | None = None,
                      mesh: jax.sharding.Mesh | None = None, regularizer: Regularizer | None = None,
@@ -50,6 +57,7 @@ def build_experiment(config: ml_collections.ConfigDict, *, dataset: ImageDataset
   ``pretrained``: the state starts from ``config.init_from``'s weights, when it names a file (a new run; a resumed
   run or a finished one restores its checkpoint instead, and so never reads the file).
   """
+  config = config_lib.resolved(config)  # the model's training recipe where the config leaves it "auto"
   dataset = dataset or load_dataset(config.dataset, data_dir=config.data_dir or None,
                                     skip_bad_images=config.skip_bad_images, trial_seed=config.environments.trial_seed,
                                     image_size=config.image_size)
@@ -68,8 +76,11 @@ def build_experiment(config: ml_collections.ConfigDict, *, dataset: ImageDataset
   model = build_model(config, dataset.num_classes, conv=conv)
   check_input_shape(model, dataset.image_shape)
   steps = layout.steps_per_epoch if layout else pipeline.steps_per_epoch(dataset, config.batch_size)
+  if task_of(config.model) == "reconstruct":
+    check_reconstruction_run(config, regularizer)
   regularizer = regularizer or build_regularizer(config, steps)
-  check_regularizer_fits(model, regularizer, config.regularizer.name)
+  if task_of(config.model) == "classify":
+    check_regularizer_fits(model, regularizer, config.regularizer.name)
   objective = invariance.build_objective(config.objective.name, config.objective.get(config.objective.name),
                                          len(layout.ids) if layout else 0, layout.ids if layout else None)
   schedule = optimization.make_schedule(config, steps)
@@ -156,6 +167,17 @@ def check_regularizer_fits(model: Model, regularizer: Regularizer, name: str) ->
                     "--config.regularizer.name=none")
 
 
+def check_reconstruction_run(config: ml_collections.ConfigDict, regularizer: Regularizer | None) -> None:
+  """A model that reconstructs its input has no classes: no regularizer (they mask a classifier's latent with the
+  head's gradients) and no environment objective (it weighs classification risks)."""
+  if regularizer is not None or config.regularizer.name != "none":
+    raise UserError(f"regularizer {config.regularizer.name!r} masks a classifier's latent, and model "
+                    f"{config.model!r} reconstructs its input", "use --config.regularizer.name=none")
+  if config.objective.name != "erm":
+    raise UserError(f"objective {config.objective.name!r} weighs the environments' classification risks, and "
+                    f"model {config.model!r} reconstructs its input", "use --config.objective.name=erm")
+
+
 def jit(exp: Experiment, fun, **jit_kwargs):
   """``jax.jit`` with the config's platform tuning for the experiment's mesh."""
   return platform_tuning.jit(fun, exp.mesh, exp.config.platform_tuning, **jit_kwargs)
@@ -164,6 +186,9 @@ def jit(exp: Experiment, fun, **jit_kwargs):
 def _train_step(exp: Experiment, regularizer: Regularizer | None = None):
   """The experiment's :func:`make_train_step`, with ``regularizer`` in place of its own when given; with
   ``config.batch_norm = local``, run per device (:func:`local_batch_norm_step`)."""
+  if exp.task == "reconstruct":  # no batch norm: batch_norm=local is the same step
+    return reconstruction_step.make_train_step(exp.model, exp.tx, mean=exp.dataset.mean, std=exp.dataset.std,
+                                               schedule=exp.schedule)
   local = exp.config.batch_norm == "local"
   step = make_train_step(exp.model, exp.tx, schedule=exp.schedule, regularizer=regularizer or exp.regularizer,
                          label_smoothing=exp.config.label_smoothing,
@@ -195,4 +220,12 @@ def jit_train_chunk(exp: Experiment, feed: Feed, data_sharding: jax.sharding.Sha
 def jit_eval_step(exp: Experiment):
   """The eval step compiled once for the mesh: state replicated, batch sharded, sums replicated."""
   rep, data = parallel.replicated(exp.mesh), parallel.data_sharded(exp.mesh)
-  return jit(exp, make_eval_step(exp.model), in_shardings=(rep, data), out_shardings=rep)
+  return jit(exp, eval_step(exp), in_shardings=(rep, data), out_shardings=rep)
+
+
+def eval_step(exp: Experiment):
+  """The experiment's ``eval_step(state, batch) -> sums`` (``loss_sum``, ``count`` and the task's own: ``correct``
+  for a classifier, ``mse_sum`` for a reconstruction), not compiled."""
+  if exp.task == "reconstruct":
+    return reconstruction_step.make_eval_step(exp.model, mean=exp.dataset.mean, std=exp.dataset.std)
+  return make_eval_step(exp.model)

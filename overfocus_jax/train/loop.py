@@ -76,9 +76,13 @@ def idle_warning(config: ml_collections.ConfigDict, regularized_share: float | N
 def report_epoch(config: ml_collections.ConfigDict, record: dict, num_classes: int) -> None:
   """The epoch's line on stdout, and the regularizer's warnings on stderr."""
   epoch = record["epoch"]
+  measure = "accuracy" if "test_accuracy" in record else "mse"  # a classifier's, or a reconstruction's
+  short = {"accuracy": "acc", "mse": "mse"}[measure]
   print(f"epoch {epoch}/{config.num_epochs}: train loss {record['train_loss']:.4f} "
-        f"acc {record['train_accuracy']:.4f} | test loss {record['test_loss']:.4f} acc {record['test_accuracy']:.4f} "
-        f"| {record['images_per_s']:.0f} img/s", flush=True)
+        f"{short} {record[f'train_{measure}']:.4f} | test loss {record['test_loss']:.4f} "
+        f"{short} {record[f'test_{measure}']:.4f} | {record['images_per_s']:.0f} img/s", flush=True)
+  if measure != "accuracy":
+    return
   warning = collapse_warning(config, record.get("train_regularized_accuracy", record["train_accuracy"]),
                              num_classes, epoch)
   idle = idle_warning(config, record.get("train_regularized_share"), epoch)
@@ -138,7 +142,9 @@ def _train(config, workdir: pathlib.Path, regularizer, progress, handle_signals)
 def environment_evaluators(exp, *, resident: bool):
   """``evaluate(state) -> {"env0_in_acc": ..., "env0_out_acc": ..., ...}``: the accuracy on every environment's in-
   and out-split (held-out ones included), DomainBed's record of each evaluation; ``{}`` for a dataset without
-  environments."""
+  environments, and for a model that does not classify."""
+  if exp.task != "classify":
+    return lambda state: {}
   evaluators = [(name, make_evaluator(exp, source, resident=resident))
                 for name, source in exp.dataset.environment_splits]
   return lambda state: {f"{name}_acc": evaluate(state)["accuracy"] for name, evaluate in evaluators}
@@ -220,10 +226,11 @@ def _run_epochs(exp, state, stream, saver, workdir, progress, resume) -> dict:
       step = int(jax.device_get(state.step))
       record = {"epoch": epoch + 1, "step": step,
                 **{f"train_{k}": v for k, v in train_metrics.items()},
-                "test_loss": test["loss"], "test_accuracy": test["accuracy"],
+                **{f"test_{k}": v for k, v in test.items() if k != "n"},
                 "images_per_s": steps * config.batch_size / max(epoch_time, 1e-9), "epoch_time_s": epoch_time}
       record["learning_rate"] = record.pop("train_learning_rate")
-      record["generalization_gap"] = record["train_accuracy"] - test["accuracy"]
+      if "accuracy" in test:
+        record["generalization_gap"] = record["train_accuracy"] - test["accuracy"]
       if record.get("train_regularized_share"):  # accuracy on the samples the regularizer changed, this epoch
         record["train_regularized_accuracy"] = record["train_regularized_hits"] / record["train_regularized_share"]
       record.update(evaluate_environments(state))
@@ -242,15 +249,17 @@ def _run_epochs(exp, state, stream, saver, workdir, progress, resume) -> dict:
       writer.close()
   if not record:  # nothing left to train: report the checkpoint as it is
     test = evaluate_test(state)
-    record = {"epoch": start_epoch, "step": int(jax.device_get(state.step)), "test_loss": test["loss"],
-              "test_accuracy": test["accuracy"], **evaluate_environments(state)}
+    record = {"epoch": start_epoch, "step": int(jax.device_get(state.step)),
+              **{f"test_{k}": v for k, v in test.items() if k != "n"}, **evaluate_environments(state)}
   summary = {
       "dataset": config.dataset, "model": config.model, "regularizer": config.regularizer.name,
       "epochs": record["epoch"], "steps": record["step"], "devices": exp.mesh.devices.size,
       "processes": jax.process_count(), "process_index": jax.process_index(),
       "data_on_device": stream.resident, "steps_per_dispatch": chunk_size,
-      "test_accuracy": record["test_accuracy"], "test_loss": record["test_loss"],
-      "train_accuracy": record.get("train_accuracy"), "train_loss": record.get("train_loss"),
+      **{k: v for k, v in record.items() if k.startswith("test_")},
+      **({"train_accuracy": record.get("train_accuracy")} if exp.task == "classify" else
+         {"train_mse": record.get("train_mse")}),
+      "train_loss": record.get("train_loss"),
       "images_per_s": trained_images / trained_time if trained_time else None,
       "wall_time_s": time.perf_counter() - run_start,
   }
@@ -293,7 +302,8 @@ def train_epoch(exp, state, stream, train_chunks, chunk_size, epoch, progress, *
     done += count
     means = _mean_metrics(sums, done)
     elapsed = time.perf_counter() - start
-    bar.set_postfix(loss=f"{means['loss']:.3f}", acc=f"{means['accuracy']:.3f}",
+    measure = {"acc": means["accuracy"]} if "accuracy" in means else {"mse": means.get("mse", math.nan)}
+    bar.set_postfix(loss=f"{means['loss']:.3f}", **{k: f"{v:.3f}" for k, v in measure.items()},
                     img_s=f"{done * config.batch_size / elapsed:.0f}" if elapsed > 0 else "-")
     bar.update(count)
 
