@@ -1,6 +1,6 @@
 r"""The results pages (docs/results/*.md), generated from the records in experiments/results and benchmarks/results.
 
-    python experiments/results_pages.py            # writes every page
+    python experiments/results_pages.py            # writes every page, and README.md's tables of results
     python experiments/results_pages.py --check    # exit 1 if a page on disk differs from what it would write
 
 ``SECTIONS`` below is the whole content: for each result, its page, its title, the record files it reads, how to
@@ -669,8 +669,11 @@ class GPUProtocol:
 @dataclasses.dataclass(frozen=True)
 class Alone:
   """experiments/efficiency.py --alone: each model named alone (``--config.model=NAME``), test accuracy (epochs) and
-  the training loop's time per dataset."""
+  the training loop's time per dataset, and the code each ran (its record's ``commit``; for records written before
+  they carried one, ``code_commits``: model → commit, else ``code_commit``)."""
   datasets: tuple = ("mnist5k", "digits")
+  code_commit: str = ""
+  code_commits: tuple = ()
   caption: str = ""
 
   def render(self, files: dict) -> str:
@@ -678,10 +681,12 @@ class Alone:
     lines = []
     for model in dict.fromkeys(r["model"] for r in results):
       rows = {r["dataset"]: r for r in results if r["model"] == model}
+      code = dict(self.code_commits).get(model, self.code_commit)
+      commits = dict.fromkeys(rows[d].get("commit", code) for d in self.datasets if d in rows)
       lines.append([f"`{model}`", *(f"{100 * rows[d]['test_accuracy']:.1f} ({rows[d]['epochs']}), "
                                     f"{rows[d]['train_wall_time_s']:.0f} s" if d in rows else "–"
-                                    for d in self.datasets)])
-    return markdown(["model", *(f"{d}: test acc. % (epochs), train time" for d in self.datasets)], lines)
+                                    for d in self.datasets), ", ".join(commits)])
+    return markdown(["model", *(f"{d}: test acc. % (epochs), train time" for d in self.datasets), "code"], lines)
 
 
 def _mean_of_means(rows: list, key: str) -> float:
@@ -1694,17 +1699,43 @@ def render_all(root: pathlib.Path = ROOT) -> dict[str, str]:
   return pages
 
 
+# Blocks of README.md written from the records as the pages are: block name → the title of the section whose
+# tables, command and records line the block holds (between ``<!-- results_pages: NAME -->`` and
+# ``<!-- /results_pages: NAME -->``).
+README_BLOCKS = {"models-alone": "Every model named alone"}
+
+
+def readme_block(section: Section, root: pathlib.Path) -> str:
+  """A section's tables, command and records line, without its title and text (the README words them)."""
+  body = render_section(dataclasses.replace(section, text=""), root)
+  return body.split("\n\n", 1)[1]
+
+
+def render_readme(text: str, root: pathlib.Path = ROOT) -> str:
+  """``text`` (README.md) with each of :data:`README_BLOCKS` rewritten from its records."""
+  for name, title in README_BLOCKS.items():
+    start, end = f"<!-- results_pages: {name} -->", f"<!-- /results_pages: {name} -->"
+    if start not in text or end not in text:
+      raise ValueError(f"README.md has no block {start} ... {end}")
+    section = next(s for s in SECTIONS if s.title == title)
+    head, rest = text.split(start, 1)
+    text = head + start + "\n\n" + readme_block(section, root) + "\n\n" + end + rest.split(end, 1)[1]
+  return text
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a page differs from its records")
   parser.add_argument("--out", default=str(PAGES_DIR), help="the pages' folder (default: docs/results)")
   args = parser.parse_args(argv)
   out = pathlib.Path(args.out)
-  pages = render_all()
+  pages = {out / name: text for name, text in render_all().items()}
+  readme = ROOT / "README.md"
+  pages[readme] = render_readme(readme.read_text())
   if args.check:
     stale = []
-    for name, text in pages.items():
-      path = out / name
+    for path, text in pages.items():
+      name = path.name
       current = path.read_text() if path.is_file() else ""
       if current != text:
         stale.append(name)
@@ -1715,9 +1746,9 @@ def main(argv=None) -> int:
       return 1
     return 0
   out.mkdir(parents=True, exist_ok=True)
-  for name, text in pages.items():
-    (out / name).write_text(text)
-  print(f"wrote {len(pages)} pages to {out}")
+  for path, text in pages.items():
+    path.write_text(text)
+  print(f"wrote {len(pages) - 1} pages to {out} and README.md's tables")
   return 0
 
 

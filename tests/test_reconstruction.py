@@ -247,3 +247,41 @@ def test_bad_settings_are_one_line_and_exit_2(tmp_path, capsys, flags, fragment)
   code, out, err = run_cli(capsys, "train", "--workdir", tmp_path / "wd", "--config", CONFIG, *SMALL, *flags)
   assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1, err
   assert not (tmp_path / "wd" / "checkpoints").exists()
+
+
+# ----------------------------------------------------------------------------- the variational decoder
+
+
+def test_the_gaussian_kl_is_zero_at_the_prior_and_half_a_squared_mean_per_unit():
+  zeros = jnp.zeros((2, 3))
+  np.testing.assert_allclose(reconstruction.gaussian_kl(zeros, zeros), [0.0, 0.0])
+  np.testing.assert_allclose(reconstruction.gaussian_kl(jnp.ones((1, 3)), jnp.zeros((1, 3))), [1.5])
+  # σ² = e: ½(e − 1 − 1) per unit
+  np.testing.assert_allclose(reconstruction.gaussian_kl(jnp.zeros((1, 1)), jnp.ones((1, 1))), [0.5 * (np.e - 2)],
+                             rtol=1e-6)
+
+
+def test_the_variational_decoder_samples_in_training_and_uses_the_mean_in_inference(digits):
+  model = reconstruction.SaliencyReconstructor((28, 28, 1), hidden=64, latent=8)
+  x = digits[:4]
+  variables = model.init(jax.random.PRNGKey(0), x)
+  assert variables["params"]["decoder"]["latent_mean"]["kernel"].shape[-1] == 8
+  infer = lambda: model.apply(variables, x, False, method="forward")
+  np.testing.assert_array_equal(infer()["reconstruction"], infer()["reconstruction"])
+  train = lambda seed: model.apply(variables, x, True, rngs={"dropout": jax.random.PRNGKey(seed)}, method="forward")
+  assert not np.allclose(train(1)["reconstruction"], train(2)["reconstruction"])
+  kl = np.asarray(infer()["kl"])
+  assert kl.shape == (4,) and np.all(np.isfinite(kl)) and np.all(kl >= 0)
+  plain = reconstruction.SaliencyReconstructor((28, 28, 1), hidden=64)
+  plain_variables = plain.init(jax.random.PRNGKey(0), x)
+  assert np.all(np.asarray(plain.apply(plain_variables, x, False, method="forward")["kl"]) == 0)
+
+
+def test_a_variational_run_logs_its_kl(tmp_path, capsys):
+  summary = train(capsys, tmp_path / "vae", "--config.num_epochs=1", "--config.reconstruction.latent=4",
+                  "--config.reconstruction.kl_weight=2")
+  record = json.loads((tmp_path / "vae" / "metrics.jsonl").read_text().splitlines()[-1])
+  assert record["train_kl"] > 0 and np.isfinite(record["train_kl"])
+  # the loss is the MSE plus β·KL per image value (64 values of an 8×8 digit)
+  assert np.isclose(record["train_loss"], record["train_mse"] + 2 * record["train_kl"] / 64, rtol=1e-4), record
+  assert 0 < summary["test_mse"] == summary["test_loss"]

@@ -100,3 +100,22 @@ def test_the_commit_is_the_one_that_recorded_the_file(tmp_path):
     f.write(json.dumps({"method": "erm", "seed": 3, "decorrelated_accuracy": 0.7}) + "\n")
   pages.commit_of.cache_clear()
   assert f"Records: `{relpath}` (commit uncommitted)." in pages.render_section(tiny_section(pages, relpath), tmp_path)
+
+
+def test_a_readme_block_is_rewritten_from_its_records_and_the_rest_kept(tmp_path):
+  pages = load_pages_module()
+  relpath = write_records(tmp_path)
+  section = tiny_section(pages, relpath)
+  text = "# Title\n\nbefore\n\n<!-- results_pages: tiny -->\nstale table\n<!-- /results_pages: tiny -->\n\nafter\n"
+  original = (pages.SECTIONS, pages.README_BLOCKS)
+  pages.SECTIONS, pages.README_BLOCKS = (section,), {"tiny": "A tiny result"}
+  try:
+    written = pages.render_readme(text, tmp_path)
+    with pytest.raises(ValueError, match="README.md has no block"):
+      pages.render_readme("# no block\n", tmp_path)
+  finally:
+    pages.SECTIONS, pages.README_BLOCKS = original
+  assert written.startswith("# Title\n\nbefore\n\n<!-- results_pages: tiny -->\n\n| method |")
+  assert written.endswith("<!-- /results_pages: tiny -->\n\nafter\n")
+  assert "stale table" not in written and "## A tiny result" not in written and "What the cells are." not in written
+  assert "python make_tiny.py --seeds 0 1 2" in written

@@ -21,6 +21,14 @@ The focus-and-attention seed's ``Saliency_Reconstruction_Training`` experiment, 
 
 Keypoints may also be given (``keypoints=``): K random cells or K Harris corners, the baselines at the same K, patch
 size and decoder. With ``decoder_positions`` the decoder also receives each patch's (x, y); the seed's does not.
+
+The variational decoder (``latent`` = d > 0; the "VAE" of the seed's notes) puts a Gaussian latent between the
+patches and the MLP, with its KL term to N(0, I) per image over the image's D = H·W·C values:
+
+    μ, log σ² = dense(patches)                (B, d) each
+    u         = μ + σ ⊙ ε,  ε ~ N(0, I)       in training; u = μ in inference
+    x̂         = MLP(u)
+    loss      = mean (x̂ − x)² + β · KL(N(μ, σ²) ‖ N(0, I)) / D,   KL = ½ Σ_j (μ_j² + σ_j² − log σ_j² − 1)
 """
 
 import math
@@ -116,11 +124,19 @@ class SaliencyNet(nn.Module):
     return nn.Conv(1, (1, 1), dtype=self.dtype, name="score")(x)[..., 0].astype(jnp.float32)
 
 
+def gaussian_kl(mean: jax.Array, log_variance: jax.Array) -> jax.Array:
+  """KL(N(mean, exp(log_variance)) ‖ N(0, I)) per row (B,) of (B, d) parameters."""
+  return 0.5 * jnp.sum(mean ** 2 + jnp.exp(log_variance) - log_variance - 1.0, axis=-1)
+
+
 class PatchDecoder(nn.Module):
-  """K patches (B, K, P, P, C) [and their positions (B, K, 2)] → an image (B, H, W, C) in [0, 1]: the seed's MLP."""
+  """K patches (B, K, P, P, C) [and their positions (B, K, 2)] → ``(image (B, H, W, C) in [0, 1], KL (B,))``: the
+  seed's MLP, through a Gaussian latent of ``latent`` units when it is above 0 (its KL to N(0, I); else 0). The
+  latent's noise is drawn from the ``"dropout"`` rng in training."""
 
   hidden: int = 1024
   dropout: float = 0.5
+  latent: int = 0
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -128,11 +144,20 @@ class PatchDecoder(nn.Module):
     x = patches.reshape(patches.shape[0], -1)
     if positions is not None:
       x = jnp.concatenate([x, positions.reshape(positions.shape[0], -1).astype(x.dtype)], axis=-1)
+    kl = jnp.zeros((x.shape[0],), jnp.float32)
+    if self.latent:
+      mean = nn.Dense(self.latent, dtype=self.dtype, name="latent_mean")(x).astype(jnp.float32)
+      log_variance = nn.Dense(self.latent, dtype=self.dtype, name="latent_log_variance")(x).astype(jnp.float32)
+      kl = gaussian_kl(mean, log_variance)
+      x = mean
+      if train:
+        x = mean + jnp.exp(0.5 * log_variance) * jax.random.normal(self.make_rng("dropout"), mean.shape)
+      x = x.astype(patches.dtype)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, name="hidden")(x))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     x = nn.Dense(math.prod(image_shape), dtype=self.dtype, name="out")(x)
-    return jax.nn.sigmoid(x.astype(jnp.float32)).reshape(x.shape[0], *image_shape)
+    return jax.nn.sigmoid(x.astype(jnp.float32)).reshape(x.shape[0], *image_shape), kl
 
 
 class SaliencyReconstructor(nn.Module):
@@ -155,13 +180,14 @@ class SaliencyReconstructor(nn.Module):
   saliency_widths: tuple[int, ...] = (32, 64)
   hidden: int = 1024
   dropout: float = 0.5
+  latent: int = 0
   dtype: Any = jnp.float32
 
   def setup(self):
     if self.image_shape is not None:
       self._check(tuple(self.image_shape))
     self.saliency = SaliencyNet(tuple(self.saliency_widths), dtype=self.dtype)
-    self.decoder = PatchDecoder(self.hidden, self.dropout, dtype=self.dtype)
+    self.decoder = PatchDecoder(self.hidden, self.dropout, self.latent, dtype=self.dtype)
 
   def _check(self, image_shape) -> None:
     height, width = image_shape[:2]
@@ -190,18 +216,27 @@ class SaliencyReconstructor(nn.Module):
     return jnp.full((x.shape[0], self.num_keypoints), self._scale(x.shape[1:]), jnp.float32)
 
   def reconstruct(self, x, keypoints, train: bool = False):
+    """``(reconstruction, KL per image)`` from the patches of x at ``keypoints``."""
     image_shape = tuple(self.image_shape) if self.image_shape is not None else tuple(x.shape[1:])
     patches = extract_patches(x, keypoints.astype(x.dtype), self.patch_size, self._scale(image_shape))
     return self.decoder(patches, keypoints if self.decoder_positions else None, image_shape, train)
 
-  def __call__(self, x, train: bool = False, keypoints=None):
-    """``keypoints`` (B, K, 2): given positions (random cells, Harris corners) instead of the saliency's."""
+  def forward(self, x, train: bool = False, keypoints=None) -> dict:
+    """Everything one pass computes: ``reconstruction``, ``keypoints``, ``heatmap`` and the variational decoder's
+    ``kl`` per image (0 without one). ``keypoints`` (B, K, 2): given positions (random cells, Harris corners)
+    instead of the saliency's."""
     if self.image_shape is None:
       self._check(tuple(x.shape[1:]))
     heatmap = self.saliency(x)
     if keypoints is None:
       keypoints = self.select_points(heatmap)
-    return self.reconstruct(x, keypoints, train), keypoints, heatmap
+    reconstruction, kl = self.reconstruct(x, keypoints, train)
+    return {"reconstruction": reconstruction, "keypoints": keypoints, "heatmap": heatmap, "kl": kl}
+
+  def __call__(self, x, train: bool = False, keypoints=None):
+    """``(reconstruction, keypoints, heatmap)`` (:meth:`forward`)."""
+    out = self.forward(x, train, keypoints)
+    return out["reconstruction"], out["keypoints"], out["heatmap"]
 
 
 def reconstruction_mse(reconstruction: jax.Array, images: jax.Array) -> jax.Array:
@@ -222,6 +257,12 @@ def check_config(config) -> None:
   fields.require_positive_ints(group.saliency_widths, "reconstruction.saliency_widths")
   fields.require_positive_int(group.hidden, "reconstruction.hidden", 1024)
   fields.require_fraction(group.dropout, "reconstruction.dropout")
+  fields.require(isinstance(group.latent, int) and not isinstance(group.latent, bool) and group.latent >= 0,
+                 f"config.reconstruction.latent={group.latent!r} must be an integer of at least 0",
+                 "set --config.reconstruction.latent to 0 (the seed's decoder) or d >= 1 (a variational one)")
+  fields.require(fields.is_number(group.kl_weight) and group.kl_weight >= 0,
+                 f"config.reconstruction.kl_weight={group.kl_weight!r} must be a number >= 0",
+                 "set --config.reconstruction.kl_weight, e.g. 1")
 
 
 def check_images(config, height: int, width: int) -> None:
@@ -245,6 +286,8 @@ GROUP = fields.Group("reconstruction", "saliency by reconstruction (model=recons
     "saliency_widths": fields.Field((32, 64), "the saliency CNN's convolutions, each then a 2x2 max-pool"),
     "hidden": fields.Field(1024, "the decoder MLP's hidden units"),
     "dropout": fields.Field(0.5, "the decoder's dropout, before and after its hidden layer"),
+    "latent": fields.Field(0, "0: the seed's decoder | d: a variational one, through a Gaussian latent of d units"),
+    "kl_weight": fields.Field(1.0, "latent > 0: β, the KL term's weight per image value"),
 }, validate=check_config)
 
 
@@ -255,7 +298,7 @@ def build_reconstruction(config, *, num_classes, dtype, conv) -> nn.Module:
   return SaliencyReconstructor(num_keypoints=group.num_keypoints, patch_size=group.patch_size, select=group.select,
                                temperature=group.temperature, decoder_positions=group.decoder_positions,
                                saliency_widths=tuple(group.saliency_widths), hidden=group.hidden,
-                               dropout=group.dropout, dtype=dtype)
+                               dropout=group.dropout, latent=group.latent, dtype=dtype)
 
 
 # The seed's optimizer: Adam at 1e-3, no decay, no warm-up.

@@ -188,7 +188,7 @@ def _train_step(exp: Experiment, regularizer: Regularizer | None = None):
   ``config.batch_norm = local``, run per device (:func:`local_batch_norm_step`)."""
   if exp.task == "reconstruct":  # no batch norm: batch_norm=local is the same step
     return reconstruction_step.make_train_step(exp.model, exp.tx, mean=exp.dataset.mean, std=exp.dataset.std,
-                                               schedule=exp.schedule)
+                                               schedule=exp.schedule, kl_weight=exp.config.reconstruction.kl_weight)
   local = exp.config.batch_norm == "local"
   step = make_train_step(exp.model, exp.tx, schedule=exp.schedule, regularizer=regularizer or exp.regularizer,
                          label_smoothing=exp.config.label_smoothing,
