@@ -135,16 +135,17 @@ def table(results: list[dict], models, datasets) -> str:
 
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  from overfocus_jax.models import MODELS
-  parser.add_argument("--models", nargs="+", choices=sorted({*CONFIGS, *MODELS}),
-                      help="default: every config's model (with --alone: every shipped model)")
+  from overfocus_jax.models import MODELS, task_of
+  classifiers = [name for name in MODELS if task_of(name) == "classify"]  # the reconstruction model has no accuracy
+  parser.add_argument("--models", nargs="+", choices=sorted({*CONFIGS, *classifiers}),
+                      help="default: every config's model (with --alone: every shipped classifier)")
   parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
   parser.add_argument("--alone", action="store_true", help="each model with its defaults only (no config file)")
   parser.add_argument("--out", help="default: experiments/results/efficiency.jsonl (models_alone.jsonl with --alone)")
   parser.add_argument("--runs-dir", help="default: runs/efficiency (runs/alone with --alone)")
   parser.add_argument("--table-only", action="store_true")
   args = parser.parse_args()
-  args.models = args.models or list(MODELS if args.alone else CONFIGS)
+  args.models = args.models or list(classifiers if args.alone else CONFIGS)
   if not args.alone and set(args.models) - set(CONFIGS):
     parser.error(f"no config for {sorted(set(args.models) - set(CONFIGS))}; use --alone")
   args.out = args.out or str(HERE / "results" / ("models_alone.jsonl" if args.alone else "efficiency.jsonl"))

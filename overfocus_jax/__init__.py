@@ -25,7 +25,7 @@ and compiles nothing; names are imported when first used.
 
 import importlib
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 # public name -> the module that defines it
 _SOURCES = {
