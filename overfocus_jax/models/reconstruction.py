@@ -25,7 +25,7 @@ size and decoder. With ``decoder_positions`` the decoder also receives each patc
 The variational decoder (``latent`` = d > 0; the "VAE" of the seed's notes) puts a Gaussian latent between the
 patches and the MLP, with its KL term to N(0, I) per image over the image's D = H·W·C values:
 
-    μ, log σ² = dense(patches)                (B, d) each
+    μ, log σ² = dense(dropout(patches))       (B, d) each
     u         = μ + σ ⊙ ε,  ε ~ N(0, I)       in training; u = μ in inference
     x̂         = MLP(u)
     loss      = mean (x̂ − x)² + β · KL(N(μ, σ²) ‖ N(0, I)) / D,   KL = ½ Σ_j (μ_j² + σ_j² − log σ_j² − 1)
@@ -144,8 +144,9 @@ class PatchDecoder(nn.Module):
     x = patches.reshape(patches.shape[0], -1)
     if positions is not None:
       x = jnp.concatenate([x, positions.reshape(positions.shape[0], -1).astype(x.dtype)], axis=-1)
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
     kl = jnp.zeros((x.shape[0],), jnp.float32)
-    if self.latent:
+    if self.latent:  # after the input's dropout: the latent's own noise is its only one
       mean = nn.Dense(self.latent, dtype=self.dtype, name="latent_mean")(x).astype(jnp.float32)
       log_variance = nn.Dense(self.latent, dtype=self.dtype, name="latent_log_variance")(x).astype(jnp.float32)
       kl = gaussian_kl(mean, log_variance)
@@ -153,7 +154,6 @@ class PatchDecoder(nn.Module):
       if train:
         x = mean + jnp.exp(0.5 * log_variance) * jax.random.normal(self.make_rng("dropout"), mean.shape)
       x = x.astype(patches.dtype)
-    x = nn.Dropout(self.dropout, deterministic=not train)(x)
     x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, name="hidden")(x))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     x = nn.Dense(math.prod(image_shape), dtype=self.dtype, name="out")(x)
