@@ -1408,6 +1408,7 @@ SECTIONS = (
         "the 1,000 held-out digits, pixels in [0, 1]. The variational decoder adds a Gaussian latent between the "
         "patches and the MLP and its KL term (`reconstruction.latent=64`, `kl_weight=1`); its test MSE is that of "
         "the latent's mean.",
+        code_commit="6632ccb (the variational decoder: 37343ca)",
         missing="Not run yet; this command measures it:"),
     Section(
         "focus", "The focus models at the reconstruction experiment's setting",
