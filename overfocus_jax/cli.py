@@ -215,15 +215,15 @@ def cmd_sweep(args, overrides) -> int:
   from overfocus_jax import config as config_lib
   from overfocus_jax.sweeps import grid
   config_path = str(pathlib.Path(args.config).expanduser().resolve())
-  all_jobs = grid.jobs_from_sweep(config_lib.load_sweep_file(config_path), config_path, overrides)
-  if args.only:
-    all_jobs = grid.matching(all_jobs, args.only)
-  for job in all_jobs:  # every run's config is checked before the first one starts
+  sweep = grid.jobs_from_sweep(config_lib.load_sweep_file(config_path), config_path, overrides)
+  chosen = grid.matching(sweep, args.only) if args.only else sweep
+  for job in chosen:  # every run's config is checked before the first one starts
     try:
       config_lib.build_config(job.config, list(job.overrides))
     except UserError as e:
       raise UserError(f"run {job.name}: {e}") from None
-  return command.launch(all_jobs, pathlib.Path(args.out).expanduser().resolve(), args)
+  # sweep.json lists the whole sweep, so status and the results see every run, whichever part this launch runs.
+  return command.launch(chosen, pathlib.Path(args.out).expanduser().resolve(), args, listed=sweep)
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "explain": cmd_explain, "bench": cmd_bench, "sweep": cmd_sweep}

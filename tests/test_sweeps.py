@@ -195,6 +195,19 @@ def test_only_runs_the_matching_runs(tmp_path, capsys):
   assert code == 0 and out.count("-m overfocus_jax train --workdir") == 2 and "seed=0" not in out
 
 
+def test_a_launch_of_part_of_a_sweep_lists_the_whole_sweep(tmp_path, capsys, monkeypatch):
+  """--only runs part of the sweep; sweep.json still lists every run, so status and the results see them all."""
+  writes_summary = "import pathlib, sys; (pathlib.Path(sys.argv[1]) / 'summary.json').write_text('{}')"
+  monkeypatch.setattr(jobs.Job, "command", lambda self, out: [sys.executable, "-c", writes_summary, str(out / self.name)])
+  config, out = tiny_sweep(tmp_path, seeds=3), tmp_path / "sweep"
+  code, _, _ = run_cli(capsys, "sweep", "run", "--config", config, "--out", out, "--only", "seed=1")
+  assert code == 0
+  assert [job["name"] for job in json.loads((out / "sweep.json").read_text())["jobs"]] == ["seed=0", "seed=1",
+                                                                                          "seed=2"]
+  code, text, _ = run_cli(capsys, "sweep", "status", out)
+  assert code == 0 and "seed=1  done" in text and "2 pending" in text, text
+
+
 def test_status_of_no_sweep_and_a_config_without_get_sweep(tmp_path, capsys):
   code, _, err = run_cli(capsys, "sweep", "status", tmp_path / "nothing")
   assert_one_line_error(code, err, "no sweep folder")

@@ -82,9 +82,11 @@ def write_listing(all_jobs: Sequence[Job], out: pathlib.Path) -> None:
   partial.replace(out / results.SWEEP_FILE)
 
 
-def launch(all_jobs: Sequence[Job], out: pathlib.Path, args, name: str = "overfocus-sweep") -> int:
+def launch(all_jobs: Sequence[Job], out: pathlib.Path, args, name: str = "overfocus-sweep",
+           listed: Sequence[Job] | None = None) -> int:
   """Runs ``all_jobs`` not done with the launcher ``args`` name; one status line per job and a last line. 1 if any
-  run failed or was stopped before its end, else 0. ``--dry-run`` prints what would run and runs nothing."""
+  run failed or was stopped before its end, else 0. ``--dry-run`` prints what would run and runs nothing.
+  ``listed``: the whole sweep that ``OUT/sweep.json`` lists, when ``all_jobs`` is a part of it (``--only``)."""
   check_launcher_arguments(args)
   tally = launchers.Tally()
   report = lambda line: print(line, flush=True)  # noqa: E731
@@ -105,7 +107,7 @@ def launch(all_jobs: Sequence[Job], out: pathlib.Path, args, name: str = "overfo
   except OSError as e:
     raise UserError(f"cannot create --out {str(out)!r} ({e.strerror or type(e).__name__})",
                     "pass a folder you can write to") from None
-  write_listing(all_jobs, out)
+  write_listing(listed or all_jobs, out)
   done_before = sum(jobs_lib.state(out / job.name) == "done" for job in all_jobs)
   report(f"sweep: {len(all_jobs)} runs in {out} ({done_before} done, {len(all_jobs) - done_before} to run)")
   chosen = launchers.to_run(all_jobs, out, args.retry_failed, report, tally)
