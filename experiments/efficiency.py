@@ -93,10 +93,11 @@ def measure(model: str, dataset: str, runs_dir: pathlib.Path) -> dict:
 def measure_alone(model: str, dataset: str, runs_dir: pathlib.Path) -> dict:
   """``model`` with nothing but its name and the dataset: what ``--config.model=NAME`` trains to."""
   workdir = runs_dir / f"{model}_{dataset}"
+  code = _commit()  # the code the run starts from
   summary = _overfocus("train", "--workdir", str(workdir), f"--config.model={model}", f"--config.dataset={dataset}",
                        "--no-progress")
   return {"model": model, "dataset": dataset, "test_accuracy": summary["test_accuracy"], "epochs": summary["epochs"],
-          "train_wall_time_s": summary["wall_time_s"], "workdir": str(workdir), "commit": _commit()}
+          "train_wall_time_s": summary["wall_time_s"], "workdir": str(workdir), "commit": code}
 
 
 def _commit() -> str:
