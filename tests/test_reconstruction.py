@@ -285,3 +285,10 @@ def test_a_variational_run_logs_its_kl(tmp_path, capsys):
   # the loss is the MSE plus β·KL per image value (64 values of an 8×8 digit)
   assert np.isclose(record["train_loss"], record["train_mse"] + 2 * record["train_kl"] / 64, rtol=1e-4), record
   assert 0 < summary["test_mse"] == summary["test_loss"]
+
+
+def test_bench_times_the_reconstruction_step(capsys):
+  code, out, err = run_cli(capsys, "bench", "--config", CONFIG, *SMALL[:-1], "--steps", "3", "--repeats", "1")
+  assert code == 0, err
+  result = json.loads(out.strip().splitlines()[-1])
+  assert result["model"] == "reconstruction" and result["images_per_s"] > 0 and result["params"] > 0
