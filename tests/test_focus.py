@@ -290,7 +290,7 @@ def test_keypoint_gradient_is_scaled_in_training_only():
     return make(scale).apply(variables, images, train=False)
 
   def input_gradient(scale, train):
-    return jax.grad(lambda images: jnp.sum(logits(scale, train, images)[:, 1]))(x)
+    return jax.jit(jax.grad(lambda images: jnp.sum(logits(scale, train, images)[:, 1])))(x)
 
   np.testing.assert_allclose(input_gradient(0.01, False), input_gradient(1.0, False), rtol=1e-5, atol=1e-7)
   assert not np.allclose(input_gradient(0.01, True), input_gradient(1.0, True), rtol=1e-3)

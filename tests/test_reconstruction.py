@@ -34,12 +34,12 @@ def saliency_grads(model, x, params):
     rebuilt, _, _ = model.apply({"params": params}, x, False)
     return jnp.mean(reconstruction.reconstruction_mse(rebuilt, x))
 
-  return jax.grad(loss)(params)["saliency"]
+  return jax.jit(jax.grad(loss))(params)["saliency"]
 
 
 def test_gradients_reach_the_saliency_network_only_when_soft(digits):
   x = jnp.asarray(digits[:16])
-  params = make().init(jax.random.PRNGKey(0), x)["params"]  # the same parameters for both rules
+  params = jax.jit(make().init)(jax.random.PRNGKey(0), x)["params"]  # the same parameters for both rules
   soft = jax.tree_util.tree_leaves(saliency_grads(make("soft"), x, params))
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in soft)
   assert sum(float(jnp.abs(g).sum()) for g in soft) > 0
