@@ -1303,8 +1303,10 @@ SECTIONS = (
         "recipe (ConvNeXt: AdamW at 4e-3, weight decay 0.05, label smoothing 0.1; the reconstruction model is not a "
         "classifier and is not here; every other model: SGD at 0.1) and each model's `auto` fields sized from the "
         "images. Test accuracy on the 1,000 held-out mnist5k digits and the 359 held-out scikit-learn digits, the "
-        "training loop's time on a shared 2-core CPU (other runs sharing it), and the code each row ran. The first "
-        "command skips what the file holds; `resnet50_tv` on mnist5k is measured by the second.",
+        "training loop's time on a shared 2-core CPU (other runs sharing it), and the code each row ran (a `+`: the "
+        "checkout also held uncommitted edits when the run started, to documents and other models' files; the "
+        "row's model and training code were the commit's). The first command skips what the file holds; "
+        "`resnet50_tv` on mnist5k is measured by the second.",
         missing="Not run yet; this command measures it:"),
     Section(
         "performance", "Sweep launchers: parallel against local",
