@@ -1304,7 +1304,7 @@ SECTIONS = (
         "classifier and is not here; every other model: SGD at 0.1) and each model's `auto` fields sized from the "
         "images. Test accuracy on the 1,000 held-out mnist5k digits and the 359 held-out scikit-learn digits, the "
         "training loop's time on a shared 2-core CPU (other runs sharing it), and the code each row ran (a `+`: the "
-        "checkout also held uncommitted edits when the run started, to documents and other models' files; the "
+        "checkout also held uncommitted edits when the run started, to documents, tests or other models' files; the "
         "row's model and training code were the commit's). The first command skips what the file holds; "
         "`resnet50_tv` on mnist5k is measured by the second.",
         missing="Not run yet; this command measures it:"),
