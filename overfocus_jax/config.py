@@ -207,7 +207,7 @@ def parts() -> tuple[fields.Group, ...]:
           regularizers.REGULARIZER, regularizers.OBJECTIVE, optimization.FIELDS)
 
 
-AUTO = "auto"
+AUTO = fields.AUTO
 
 
 def _auto_fields_take_any_type(values: dict) -> dict:

@@ -17,6 +17,8 @@ from typing import Any, Callable
 
 from overfocus_jax.errors import UserError
 
+AUTO = "auto"  # a field's value chosen by the library (from the images, the model, the platform) until one is set
+
 
 @dataclasses.dataclass(frozen=True)
 class Field:

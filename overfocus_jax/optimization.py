@@ -20,7 +20,7 @@ from overfocus_jax import fields
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 
-AUTO = "auto"
+AUTO = fields.AUTO
 RECIPE_FIELDS = ("optimizer", "learning_rate", "weight_decay", "warmup_epochs", "label_smoothing")
 # A model that declares no recipe: SGD with momentum 0.9 and coupled weight decay, a warm-up epoch, no smoothing.
 DEFAULT_RECIPE = {"optimizer": "sgd", "learning_rate": 0.1, "weight_decay": 5e-4, "warmup_epochs": 1,
@@ -43,8 +43,7 @@ def recipe_values(config: ml_collections.ConfigDict, recipe: Mapping[str, object
   optimizer = full["optimizer"] if config.optimizer == AUTO else config.optimizer
   if optimizer != full["optimizer"] and optimizer in OPTIMIZER_DEFAULTS:
     full = {**full, **OPTIMIZER_DEFAULTS[optimizer]}
-  return {name: full[name] if config[name] == AUTO else config[name] for name in RECIPE_FIELDS} | \
-      {"optimizer": optimizer}
+  return {name: full[name] if config[name] == AUTO else config[name] for name in RECIPE_FIELDS}
 
 
 def resolve_recipe(config: ml_collections.ConfigDict,
@@ -125,8 +124,7 @@ def head_only(tx: optax.GradientTransformation) -> optax.GradientTransformation:
 
 
 def check_config(config) -> None:
-  if any(config[name] == AUTO for name in RECIPE_FIELDS):  # "auto" where left so; the rest as set
-    config = resolve_recipe(config)
+  config = resolve_recipe(config)  # "auto" where left so checks as the default recipe; the rest as set
   fields.require_choice(config.optimizer, OPTIMIZERS, "optimizer")
   fields.require_choice(config.schedule, SCHEDULES, "schedule")
   fields.require(fields.is_number(config.learning_rate) and math.isfinite(config.learning_rate)

@@ -260,6 +260,13 @@ def patch_scale_summary(run, source, count: int) -> dict | None:
           for stat, fn in (("mean", np.mean), ("std", np.std), ("min", np.min), ("max", np.max))}
 
 
+def keypoints_in_pixels(points, height: int, width: int) -> np.ndarray:
+  """Keypoints (..., 2) = (x, y) in [-1, 1] as (column, row) pixels of (height, width) images, in float64."""
+  points = np.asarray(points, np.float64)
+  return np.stack([patches.normalized_to_pixel(points[..., 0], width),     # x: the column
+                   patches.normalized_to_pixel(points[..., 1], height)], -1)  # y: the row
+
+
 def model_inputs(run, images):
   """What the run's model reads of normalized ``images``: the images themselves, or a reconstruction's pixels in
   [0, 1] (:func:`overfocus_jax.train.reconstruction_step.pixels`)."""
@@ -278,17 +285,12 @@ def keypoint_summary(run, source, count: int) -> dict | None:
   initial = state_lib.initial_variables(model, run.config.seed, dataset.image_shape)
   points_fn = jax.jit(lambda v, x: model.keypoints(v, x))
 
-  def to_pixels(points):
-    points = np.asarray(points, np.float64)
-    return np.stack([patches.normalized_to_pixel(points[..., 0], width),
-                     patches.normalized_to_pixel(points[..., 1], height)], -1)
-
   trained, start = [], []
   for batch in _batches(source, count, dataset):
     kept = np.asarray(batch["mask"]) > 0
     inputs = model_inputs(run, batch["image"])
-    trained.append(to_pixels(points_fn(run.state.variables, inputs))[kept])
-    start.append(to_pixels(points_fn(initial, inputs))[kept])
+    trained.append(keypoints_in_pixels(points_fn(run.state.variables, inputs), height, width)[kept])
+    start.append(keypoints_in_pixels(points_fn(initial, inputs), height, width)[kept])
   trained, start = np.concatenate(trained), np.concatenate(start)  # (N, K, 2)
   mean = trained.mean(axis=0)
   spread = np.sqrt(np.mean(np.sum((trained - mean) ** 2, axis=-1), axis=0))
@@ -321,8 +323,7 @@ def _model_figures(run, first, out: pathlib.Path, predictions) -> dict:
   keypoints = model.keypoints(variables, jnp.asarray(first["image"]))
   if keypoints is not None:
     keypoints = np.asarray(keypoints)
-    pixels = np.stack([patches.normalized_to_pixel(keypoints[..., 0], width),     # x: the column
-                       patches.normalized_to_pixel(keypoints[..., 1], height)], -1)  # y: the row
+    pixels = keypoints_in_pixels(keypoints, height, width)
     # Each patch spans its centre ± its scale in [-1, 1] units on each axis: scale·W by scale·H pixels.
     scales = np.asarray(model.patch_scales(variables, jnp.asarray(first["image"])))
     patch_px = np.stack([scales * width, scales * height], -1)
@@ -342,27 +343,25 @@ def explain(workdir, *, dataset: str | None = None, out=None, compare=None, opti
     if compare or options.methods:
       raise UserError(f"run {str(run.workdir)!r} reconstructs its input: it has no classes to attribute",
                       "drop --methods and --compare")
-    out = pathlib.Path(out or run.workdir / "explain").expanduser().resolve()
-    with contextlib.ExitStack() as held:
-      if out.is_relative_to(run.workdir):
-        held.enter_context(WorkdirLock(run.workdir, "overfocus explain"))
-      return explain_reconstruction(run, source, name, options, workdir_lib.prepare_workdir(out))
-  model = run.exp.model
-  methods = resolve_methods(options.methods, model)
-  if "grad_cam" in methods:
-    check_layer(options.layer, model, run.state.variables, run.exp.dataset.image_shape)
-  try:
-    other = workdir_lib.load_trained(compare) if compare else None
-  except UserError as e:
-    raise UserError(f"--compare: {e}") from None
-  if other is not None and other.exp.dataset.image_shape != run.exp.dataset.image_shape:
-    raise UserError(f"--compare run {str(other.workdir)!r} was trained on {other.exp.dataset.image_shape} images, "
-                    f"this one on {run.exp.dataset.image_shape}", "compare two runs on the same data")
+    write = lambda out: explain_reconstruction(run, source, name, options, out)  # noqa: E731
+  else:
+    model = run.exp.model
+    methods = resolve_methods(options.methods, model)
+    if "grad_cam" in methods:
+      check_layer(options.layer, model, run.state.variables, run.exp.dataset.image_shape)
+    try:
+      other = workdir_lib.load_trained(compare) if compare else None
+    except UserError as e:
+      raise UserError(f"--compare: {e}") from None
+    if other is not None and other.exp.dataset.image_shape != run.exp.dataset.image_shape:
+      raise UserError(f"--compare run {str(other.workdir)!r} was trained on {other.exp.dataset.image_shape} "
+                      f"images, this one on {run.exp.dataset.image_shape}", "compare two runs on the same data")
+    write = lambda out: _explain(run, other, source, name, model, methods, options, out, progress)  # noqa: E731
   out = pathlib.Path(out or run.workdir / "explain").expanduser().resolve()
   with contextlib.ExitStack() as held:
     if out.is_relative_to(run.workdir):  # it writes into the run's workdir: one writer at a time
       held.enter_context(WorkdirLock(run.workdir, "overfocus explain"))
-    return _explain(run, other, source, name, model, methods, options, workdir_lib.prepare_workdir(out), progress)
+    return write(workdir_lib.prepare_workdir(out))
 
 
 def _explain(run, other, source, name, model, methods, options: Options, out: pathlib.Path, progress) -> dict:
@@ -424,8 +423,7 @@ def explain_reconstruction(run, source, name: str, options: Options, out: pathli
                "rebuilt": np.asarray(rebuilt)[:options.n],
                "scales": np.asarray(model.patch_scales(variables, images))[:options.n]}
   height, width = dataset.image_shape[:2]
-  pixels = np.stack([patches.normalized_to_pixel(first["points"][..., 0], width),
-                     patches.normalized_to_pixel(first["points"][..., 1], height)], -1)
+  pixels = keypoints_in_pixels(first["points"], height, width)
   patch_px = np.stack([first["scales"] * width, first["scales"] * height], -1)
   group = run.config.reconstruction
   written = {"reconstructions": figures.reconstructions(

@@ -78,8 +78,9 @@ def build_experiment(config: ml_collections.ConfigDict, *, dataset: ImageDataset
   steps = layout.steps_per_epoch if layout else pipeline.steps_per_epoch(dataset, config.batch_size)
   if task_of(config.model) == "reconstruct":
     check_reconstruction_run(config, regularizer)
-  regularizer = regularizer or build_regularizer(config, steps)
-  if task_of(config.model) == "classify":
+    regularizer = build_regularizer(config, steps)  # none: the state keeps the regularizer's slot
+  else:
+    regularizer = regularizer or build_regularizer(config, steps)
     check_regularizer_fits(model, regularizer, config.regularizer.name)
   objective = invariance.build_objective(config.objective.name, config.objective.get(config.objective.name),
                                          len(layout.ids) if layout else 0, layout.ids if layout else None)
