@@ -1296,7 +1296,7 @@ SECTIONS = (
         (Alone(code_commit="5939059", code_commits=(("convnext", "be3391f"),)),),
         sh(r"""
     python experiments/efficiency.py --alone --out experiments/results/models_alone.jsonl --runs-dir sweeps/alone
-    python experiments/efficiency.py --alone --models resnet50_tv --datasets mnist5k   # about two hours on 2 CPU cores
+    python experiments/efficiency.py --alone --models resnet50_tv --datasets mnist5k --runs-dir sweeps/alone   # about an hour on 2 CPU cores
 """),
         "Each model as a new user names it, `overfocus train --config.model=NAME --config.dataset=DATASET` and "
         "nothing else: the default run's batch of 128 and 10 epochs with a cosine schedule, the model's training "
